@@ -1,0 +1,68 @@
+"""The step registry, standard library only (the Makefile runs it before any install).
+
+    python3 -m shared.steps list          each step and its one-line lesson
+    python3 -m shared.steps resolve 7     -> 07_decoder_only (also 07, 07_decoder_only)
+    python3 -m shared.steps prev 08_gpt2  -> 07_decoder_only
+    python3 -m shared.steps deps          the pinned dependencies from pyproject.toml
+"""
+import ast
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS_DIR = ROOT / "steps"
+
+
+def all_steps() -> list[str]:
+    """Step directory names in order: ['01_embedding', '02_attention', ...]."""
+    return sorted(p.name for p in STEPS_DIR.iterdir() if p.is_dir() and re.fullmatch(r"\d\d_\w+", p.name))
+
+
+def lesson(step: str) -> str:
+    """First line of the step's package docstring."""
+    doc = ast.get_docstring(ast.parse((STEPS_DIR / step / "__init__.py").read_text())) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def resolve(n: str) -> str:
+    """'7', '07' or '07_decoder_only' -> '07_decoder_only'; anything else raises ValueError."""
+    n = n.strip()
+    for step in all_steps():
+        if n == step or (n.isdigit() and int(n) == int(step[:2])):
+            return step
+    raise ValueError(f"unknown step {n!r}" if n else "no step given (use N=08)")
+
+
+def listing() -> str:
+    return "\n".join(f"  {s[:2]}  {s:<20} {lesson(s)}" for s in all_steps())
+
+
+def main(argv: list[str]) -> int:
+    cmd, *rest = argv or ["list"]
+    if cmd == "list":
+        print(listing())
+    elif cmd == "deps":
+        print(" ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]))
+    elif cmd in ("resolve", "prev"):
+        try:
+            step = resolve(rest[0] if rest else "")
+        except ValueError as e:
+            print(f"error: {e}. The steps are:\n{listing()}", file=sys.stderr)
+            return 2
+        if cmd == "prev":
+            i = all_steps().index(step)
+            if i == 0:
+                print(f"error: {step} is the first step: there is no step before it to diff against", file=sys.stderr)
+                return 2
+            step = all_steps()[i - 1]
+        print(step)
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,73 @@
+"""Step 01: embeddings and a linear head learn which character follows which in tiny shakespeare."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from shared import cli, data, device, runlog, shapes
+
+from .model import Embedder
+
+STEP = "01_embedding"
+
+
+class CharLM(nn.Module):
+    """Embedder -> linear head: the logits at position t see the character at t (and t itself) only."""
+
+    def __init__(self, vocab_size: int, d_model: int, max_len: int, dropout: float):
+        super().__init__()
+        self.embed = Embedder(vocab_size, d_model, max_len, dropout)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, idx):
+        x = self.embed(idx)  # (B, T) -> (B, T, d_model)
+        return self.head(x)  # (B, T, vocab_size) logits for the next character
+
+
+@torch.no_grad()
+def evaluate(model, ids, args, gen, batches: int = 20) -> float:
+    model.eval()
+    losses = []
+    for _ in range(batches):
+        x, y = (t.to(args.device) for t in data.random_windows(ids, args.batch_size, args.block_size, gen))
+        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def main(argv=None):
+    p = cli.parser(__doc__, STEP, max_steps=300)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
+    p.add_argument("--block-size", type=cli.positive_int, default=64, help="characters per window")
+    p.add_argument("--d-model", type=cli.positive_int, default=64)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    args = p.parse_args(argv)
+    args.device = device.pick(args.device)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    text = data.shakespeare()
+    tok = data.CharTokenizer(text)
+    train_ids, val_ids = data.split(torch.tensor(tok.encode(text)))
+    model = CharLM(tok.vocab_size, args.d_model, args.block_size, args.dropout).to(args.device)
+    print(f"step {STEP} on {args.device}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"vocabulary of {tok.vocab_size} characters")
+    shapes.show(model, data.random_windows(train_ids, 4, args.block_size, gen)[0].to(args.device), depth=3)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    log = runlog.RunLog(args.out)
+    for it in range(args.max_steps):
+        x, y = (t.to(args.device) for t in data.random_windows(train_ids, args.batch_size, args.block_size, gen))
+        logits = model(x)  # (B, T, vocab_size)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.log(it, loss.item(), tokens=x.numel())
+    log.close(val_loss=evaluate(model, val_ids, args, gen), uniform_guess=math.log(tok.vocab_size))
+
+
+if __name__ == "__main__":
+    main()

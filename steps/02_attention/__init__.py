@@ -1,0 +1,1 @@
+"""Scaled dot-product attention, multi-head attention, padding and causal masks."""

@@ -1,0 +1,1 @@
+"""Position-wise feed-forward net, residual connections, post-LayerNorm: one full block."""

@@ -1,0 +1,1 @@
+"""The decoder layer: masked self-attention, cross-attention over a memory, FFN; the causal mask."""

@@ -1,0 +1,104 @@
+"""Step 06: the full Transformer learns to write words backwards, and decodes them greedily."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from shared import cli, data, device, runlog, shapes
+
+from .model import Transformer
+
+STEP = "06_transformer"
+
+PAD, BOS, EOS = 0, 1, 2  # special ids, before the letters
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def reversal_batch(batch_size: int, max_letters: int, gen):
+    """Made-up, deterministic task: src = random letters + EOS, tgt = BOS + the letters reversed + EOS.
+
+    Returns src (B, max_letters + 1) and tgt (B, max_letters + 2), PAD after the end of each row.
+    """
+    lengths = torch.randint(3, max_letters + 1, (batch_size,), generator=gen)  # (B,)
+    letters = torch.randint(3, 3 + len(LETTERS), (batch_size, max_letters), generator=gen)  # (B, L)
+    src = torch.full((batch_size, max_letters + 1), PAD)
+    tgt = torch.full((batch_size, max_letters + 2), PAD)
+    for i, n in enumerate(lengths.tolist()):
+        word = letters[i, :n]
+        src[i, : n + 1] = torch.cat([word, torch.tensor([EOS])])
+        tgt[i, : n + 2] = torch.cat([torch.tensor([BOS]), word.flip(0), torch.tensor([EOS])])
+    return src, tgt
+
+
+def loss_of(model, src, tgt):
+    logits = model(src, tgt[:, :-1])  # (B, T, vocab_size): teacher forcing, the target shifted right
+    return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD)
+
+
+@torch.no_grad()
+def evaluate(model, args, gen, batches: int = 20) -> float:
+    model.eval()
+    losses = []
+    for _ in range(batches):
+        src, tgt = (t.to(args.device) for t in reversal_batch(args.batch_size, args.max_letters, gen))
+        losses.append(loss_of(model, src, tgt).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def main(argv=None):
+    p = cli.parser(__doc__, STEP, max_steps=600)
+    p.add_argument("--batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--max-letters", type=cli.positive_int, default=10, help="longest word")
+    p.add_argument("--d-model", type=cli.positive_int, default=64)
+    p.add_argument("--n-heads", type=cli.positive_int, default=4)
+    p.add_argument("--n-layers", type=cli.positive_int, default=2)
+    p.add_argument("--d-ff", type=cli.positive_int, default=256)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--size", choices=["small", "base"], help="base = the paper's base model, which the sizes "
+                   "above then do not change (default: base on a GPU, small elsewhere)")
+    args = p.parse_args(argv)
+    args.device = device.pick(args.device)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    tok = data.CharTokenizer(LETTERS, specials=("_", "<", ">"))  # PAD shows as _, BOS as <, EOS as >
+    if (args.size or ("base" if args.device.type == "cuda" else "small")) == "base":
+        model = Transformer(tok.vocab_size, max_len=args.max_letters + 2, dropout=args.dropout, pad_id=PAD)
+    else:
+        model = Transformer(tok.vocab_size, args.d_model, args.n_heads, args.n_layers, args.d_ff,
+                            args.max_letters + 2, args.dropout, pad_id=PAD)
+    model.to(args.device)
+    print(f"step {STEP} on {args.device}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"vocabulary of {tok.vocab_size} tokens")
+    src, tgt = reversal_batch(4, args.max_letters, gen)
+    shapes.show(model, src.to(args.device), tgt[:, :-1].to(args.device), depth=3)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    log = runlog.RunLog(args.out)
+    for it in range(args.max_steps):
+        src, tgt = (t.to(args.device) for t in reversal_batch(args.batch_size, args.max_letters, gen))
+        loss = loss_of(model, src, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.log(it, loss.item(), tokens=tgt.numel())
+    log.close(val_loss=evaluate(model, args, gen), uniform_guess=math.log(tok.vocab_size))
+    show_predictions(model, tok, args, gen)
+
+
+@torch.no_grad()
+def show_predictions(model, tok, args, gen, n: int = 200):
+    """Greedy decoding from the source alone: each output token is fed back in to get the next."""
+    model.eval()
+    src, tgt = reversal_batch(n, args.max_letters, gen)
+    out = model.greedy_decode(src.to(args.device), BOS, EOS, max_new_tokens=args.max_letters + 1).cpu()
+    words = lambda ids: [tok.decode(row).partition(">")[0] for row in ids.tolist()]  # up to EOS
+    sources, targets, outputs = words(src), words(tgt[:, 1:]), words(out)
+    for s, t, o in list(zip(sources, targets, outputs))[:4]:
+        print(f"input {s!r:14} target {t!r:14} output {o!r}")
+    print(f"exactly right: {sum(t == o for t, o in zip(targets, outputs))}/{n}")
+
+if __name__ == "__main__":
+    main()

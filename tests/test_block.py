@@ -1,0 +1,66 @@
+"""Step 03's lesson: the position-wise feed-forward net, residuals and post-LayerNorm: one full block."""
+import pytest
+import torch
+from transformers.models.marian.modeling_marian import MarianEncoderLayer
+
+from tests.refs import additive_mask, load_into_marian, load_layer_into_torch, marian_config, marian_state, \
+    torch_encoder_layer
+
+ATOL = 1e-5  # fp32; the references add the same products in another order (see test_attention.py)
+
+
+def layer_params(d, d_ff, n_attn):
+    """n_attn attention sub-layers (4 (d^2 + d) each), one FFN, one LayerNorm (2 d) per sub-layer."""
+    return n_attn * 4 * (d * d + d) + (2 * d * d_ff + d_ff + d) + (n_attn + 1) * 2 * d
+
+
+@pytest.mark.needs("FeedForward")
+def test_feed_forward_is_one_mlp_applied_at_every_position(step):
+    ffn = step.model.FeedForward(d_model=16, d_ff=32)
+    x = torch.randn(2, 7, 16)
+    one_at_a_time = torch.cat([ffn(x[:, t : t + 1]) for t in range(7)], dim=1)
+    torch.testing.assert_close(ffn(x), one_at_a_time)
+    assert ffn.fc1.weight.shape == (32, 16)  # no position axis: one weight matrix for all positions
+
+
+@pytest.mark.needs("FeedForward")
+def test_feed_forward_parameter_count(step):
+    assert sum(p.numel() for p in step.model.FeedForward(16, 64).parameters()) == 2 * 16 * 64 + 64 + 16
+
+
+@pytest.mark.needs("EncoderLayer", "padding_mask")
+def test_encoder_layer_matches_torch_transformer_encoder_layer(step):
+    layer = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
+    ref = torch_encoder_layer(32, 4, 64)
+    load_layer_into_torch(layer, ref)
+    idx = torch.tensor([[3, 4, 5, 6], [3, 4, 0, 0]])
+    x = torch.randn(2, 4, 32)
+    ours = layer(x, step.model.padding_mask(idx, 0))
+    expected = ref(x, src_key_padding_mask=idx == 0)
+    real = idx != 0  # torch's fast path may zero the pad positions; only real ones are compared
+    torch.testing.assert_close(ours[real], expected[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("EncoderLayer", "padding_mask")
+def test_encoder_layer_matches_marian_encoder_layer(step):
+    layer = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
+    ref = MarianEncoderLayer(marian_config(d_model=32, n_heads=4, d_ff=64))
+    load_into_marian(ref, marian_state(layer, decoder=False))
+    idx = torch.tensor([[3, 4, 5, 6], [3, 4, 0, 0]])
+    x = torch.randn(2, 4, 32)
+    mask = step.model.padding_mask(idx, 0)
+    torch.testing.assert_close(layer(x, mask), ref(x, additive_mask(mask)), atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("EncoderLayer")
+def test_encoder_layer_parameter_count(step):
+    layer = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.1)
+    assert sum(p.numel() for p in layer.parameters()) == layer_params(32, 64, n_attn=1)
+
+
+@pytest.mark.needs("EncoderLayer")
+def test_encoder_layer_is_post_layer_norm(step):
+    """Add & Norm: the output is a LayerNorm's, so every position has mean 0 and variance 1 (at init)."""
+    out = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)(torch.randn(2, 5, 32) * 10)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-3, rtol=0)  # LN's eps 1e-5

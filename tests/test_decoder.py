@@ -1,0 +1,91 @@
+"""Step 05's lesson: the decoder layer (masked self-attention, cross-attention, FFN) and the causal mask."""
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers.models.marian.modeling_marian import MarianDecoder
+
+from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state, \
+    torch_decoder_layer
+from tests.test_block import layer_params
+
+ATOL = 1e-5  # fp32, d_model 32: the same sums in another order
+
+TGT = torch.tensor([[1, 5, 6, 7, 8], [1, 5, 6, 0, 0]])  # (B=2, T=5), pad id 0
+SRC = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]])  # (B=2, S=6)
+
+
+def small_decoder(step):
+    return step.model.Decoder(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=64, dropout=0.0)
+
+
+def masks(step):
+    tgt_mask = step.model.padding_mask(TGT, 0) & step.model.causal_mask(TGT.size(1))  # (B, 1, T, T)
+    return tgt_mask, step.model.padding_mask(SRC, 0)  # (B, 1, 1, S)
+
+
+@pytest.mark.needs("DecoderLayer", "padding_mask", "causal_mask")
+def test_decoder_layer_matches_torch_transformer_decoder_layer(step):
+    layer = step.model.DecoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
+    ref = torch_decoder_layer(32, 4, 64)
+    load_layer_into_torch(layer, ref)
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 6, 32)
+    expected = ref(x, memory, tgt_mask=~step.model.causal_mask(5)[0, 0], tgt_key_padding_mask=TGT == 0,
+                   memory_key_padding_mask=SRC == 0)  # torch: True = may NOT attend
+    torch.testing.assert_close(layer(x, memory, *masks(step)), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("Decoder", "padding_mask", "causal_mask")
+def test_decoder_matches_torch_transformer_decoder(step):
+    dec = small_decoder(step)
+    ref = nn.TransformerDecoder(torch_decoder_layer(32, 4, 64), num_layers=2)
+    for ours, theirs in zip(dec.layers, ref.layers):
+        load_layer_into_torch(ours, theirs)
+    memory = torch.randn(2, 6, 32)
+    expected = ref(dec.embed(TGT), memory, tgt_mask=~step.model.causal_mask(5)[0, 0], tgt_key_padding_mask=TGT == 0,
+                   memory_key_padding_mask=SRC == 0)
+    torch.testing.assert_close(dec(TGT, memory, *masks(step)), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("Decoder", "padding_mask", "causal_mask")
+def test_decoder_matches_marian_decoder_with_embeddings(step):
+    dec = small_decoder(step)
+    ref = MarianDecoder(marian_config(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=64))
+    load_into_marian(ref, marian_state(dec, decoder=True), allowed_missing=("embed_positions",))
+    with torch.no_grad():
+        ref.embed_positions.weight.copy_(dec.embed.pe)  # our channel order (Marian's differs, see test_embedding)
+    memory = torch.randn(2, 6, 32)
+    expected = ref(input_ids=TGT, attention_mask=(TGT != 0).long(), encoder_hidden_states=memory,
+                   encoder_attention_mask=(SRC != 0).long(), use_cache=False).last_hidden_state
+    torch.testing.assert_close(dec(TGT, memory, *masks(step)), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("Decoder", "causal_mask")
+@given(T=st.integers(2, 10), t=st.integers(0, 8))
+def test_decoder_output_at_t_ignores_later_targets(step, T, t):
+    t = min(t, T - 2)
+    dec = small_decoder(step).eval()
+    tgt = torch.randint(1, 50, (2, T))
+    changed = tgt.clone()
+    changed[:, t + 1 :] = (changed[:, t + 1 :] % 49) + 1  # every later token differs, none is pad
+    memory, mask = torch.randn(2, 6, 32), step.model.causal_mask(T)
+    memory_mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    torch.testing.assert_close(dec(tgt, memory, mask, memory_mask)[:, : t + 1],
+                               dec(changed, memory, mask, memory_mask)[:, : t + 1])
+
+
+@pytest.mark.needs("Decoder")
+def test_decoder_reads_the_memory(step):
+    """Cross-attention: a different memory gives a different output at every position."""
+    dec = small_decoder(step).eval()
+    ones = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    a = dec(TGT[:1], torch.randn(1, 6, 32), causal, ones)
+    b = dec(TGT[:1], torch.randn(1, 6, 32), causal, ones)
+    assert not torch.isclose(a, b).all(-1).any()
+
+
+@pytest.mark.needs("Decoder")
+def test_decoder_parameter_count(step):
+    assert sum(p.numel() for p in small_decoder(step).parameters()) == 50 * 32 + 2 * layer_params(32, 64, 2)

@@ -1,0 +1,68 @@
+"""Step 01's lesson: token embeddings scaled by sqrt(d_model), sinusoidal positions, dropout."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers.models.distilbert.modeling_distilbert import create_sinusoidal_embeddings
+from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
+from tests.refs import marian_positions
+
+# The table is computed in float64 and stored in float32: entries lie in [-1, 1], where float32's
+# rounding step is at most 6e-8, so 1e-6 leaves room for nothing but rounding.
+ATOL = 1e-6
+
+
+@pytest.mark.needs("sinusoidal_table")
+def test_sinusoid_matches_the_closed_form(step):
+    table = step.model.sinusoidal_table(100, 16)
+    for pos in (0, 1, 7, 99):
+        for i in range(8):
+            angle = pos / 10000 ** (2 * i / 16)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=ATOL)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=ATOL)
+
+
+@pytest.mark.needs("sinusoidal_table")
+def test_sinusoid_matches_distilbert(step):
+    ref = torch.empty(512, 64)
+    create_sinusoidal_embeddings(512, 64, ref)  # the same interleaved layout as the paper
+    torch.testing.assert_close(step.model.sinusoidal_table(512, 64), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("sinusoidal_table")
+def test_sinusoid_is_marians_table_with_the_channels_reordered(step):
+    marian = MarianSinusoidalPositionalEmbedding(512, 64)
+    ref = marian.create_weight()  # Marian: all 32 sines first, then all 32 cosines
+    torch.testing.assert_close(marian_positions(step.model.sinusoidal_table(512, 64)), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("Embedder")
+@given(batch=st.integers(1, 4), length=st.integers(1, 32))
+def test_embedder_shape(step, batch, length):
+    embed = step.model.Embedder(vocab_size=11, d_model=8, max_len=32, dropout=0.1)
+    assert embed(torch.randint(11, (batch, length))).shape == (batch, length, 8)
+
+
+@pytest.mark.needs("Embedder")
+def test_embedder_scales_tokens_by_sqrt_d_model_and_adds_positions(step):
+    embed = step.model.Embedder(vocab_size=11, d_model=16, max_len=32, dropout=0.1).eval()
+    idx = torch.randint(11, (2, 5))
+    expected = embed.tok.weight[idx] * 4.0 + step.model.sinusoidal_table(32, 16)[:5]  # sqrt(16) = 4
+    torch.testing.assert_close(embed(idx), expected)
+
+
+@pytest.mark.needs("Embedder")
+def test_embedder_learns_only_the_token_table(step):
+    embed = step.model.Embedder(vocab_size=11, d_model=16, max_len=32, dropout=0.1)
+    assert sum(p.numel() for p in embed.parameters()) == 11 * 16  # the sinusoid is a fixed buffer
+
+
+@pytest.mark.needs("Embedder")
+def test_embedder_drops_out_only_in_training(step):
+    embed = step.model.Embedder(vocab_size=11, d_model=64, max_len=32, dropout=0.5)
+    idx = torch.randint(11, (2, 32))
+    assert (embed.train()(idx) == 0).any()
+    assert not (embed.eval()(idx) == 0).any()

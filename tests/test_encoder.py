@@ -1,0 +1,65 @@
+"""Step 04's lesson: the encoder, N stacked layers over a padded batch with a source padding mask."""
+import pytest
+import torch
+import torch.nn as nn
+from transformers.models.marian.modeling_marian import MarianEncoder
+
+from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state, \
+    torch_encoder_layer
+from tests.test_block import layer_params
+
+ATOL = 1e-5  # fp32, two layers of d_model 32: the same sums in another order
+
+
+def small_encoder(step):
+    return step.model.Encoder(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=64, dropout=0.0)
+
+
+SRC = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]])  # (B=2, S=6), pad id 0
+
+
+@pytest.mark.needs("Encoder", "padding_mask")
+def test_encoder_matches_torch_transformer_encoder(step):
+    enc = small_encoder(step)
+    ref = nn.TransformerEncoder(torch_encoder_layer(32, 4, 64), num_layers=2, enable_nested_tensor=False)
+    for ours, theirs in zip(enc.layers, ref.layers):
+        load_layer_into_torch(ours, theirs)
+    expected = ref(enc.embed(SRC), src_key_padding_mask=SRC == 0)  # torch.nn has no embedding: feed ours
+    ours = enc(SRC, step.model.padding_mask(SRC, 0))
+    real = SRC != 0
+    torch.testing.assert_close(ours[real], expected[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("Encoder", "padding_mask")
+def test_encoder_matches_marian_encoder_with_embeddings(step):
+    enc = small_encoder(step)
+    ref = MarianEncoder(marian_config(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=64))
+    load_into_marian(ref, marian_state(enc, decoder=False), allowed_missing=("embed_positions",))
+    with torch.no_grad():
+        ref.embed_positions.weight.copy_(enc.embed.pe)  # our channel order (Marian's differs, see test_embedding)
+    expected = ref(input_ids=SRC, attention_mask=(SRC != 0).long()).last_hidden_state
+    torch.testing.assert_close(enc(SRC, step.model.padding_mask(SRC, 0)), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("Encoder", "padding_mask")
+def test_padding_does_not_change_the_real_positions(step):
+    enc = small_encoder(step).eval()
+    alone = torch.tensor([[5, 6, 7]])
+    padded = torch.tensor([[5, 6, 7, 0, 0, 0, 0]])
+    out_alone = enc(alone, step.model.padding_mask(alone, 0))
+    out_padded = enc(padded, step.model.padding_mask(padded, 0))
+    torch.testing.assert_close(out_padded[:, :3], out_alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("Encoder")
+def test_encoder_sees_both_directions(step):
+    """No causal mask: changing the last token changes the output at the first position."""
+    enc = small_encoder(step).eval()
+    a, b = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[5, 6, 7, 9]])
+    mask = torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    assert not torch.allclose(enc(a, mask)[:, 0], enc(b, mask)[:, 0])
+
+
+@pytest.mark.needs("Encoder")
+def test_encoder_parameter_count(step):
+    assert sum(p.numel() for p in small_encoder(step).parameters()) == 50 * 32 + 2 * layer_params(32, 64, 1)
