@@ -14,6 +14,26 @@ def positive_int(s: str) -> int:
     return v
 
 
+def positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = 0.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def probability(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {s!r}")
+    return v
+
+
 def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m steps.{step}", description=doc,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,6 +1,8 @@
 """Step 03's lesson: the position-wise feed-forward net, residuals and post-LayerNorm: one full block."""
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers.models.marian.modeling_marian import MarianEncoderLayer
 
 from tests.refs import additive_mask, load_into_marian, load_layer_into_torch, marian_config, marian_state, \
@@ -26,6 +28,13 @@ def test_feed_forward_is_one_mlp_applied_at_every_position(step):
 @pytest.mark.needs("FeedForward")
 def test_feed_forward_parameter_count(step):
     assert sum(p.numel() for p in step.model.FeedForward(16, 64).parameters()) == 2 * 16 * 64 + 64 + 16
+
+
+@pytest.mark.needs("EncoderLayer")
+@given(batch=st.integers(1, 4), length=st.integers(1, 16))
+def test_encoder_layer_keeps_the_shape(step, batch, length):
+    layer = step.model.EncoderLayer(d_model=16, n_heads=4, d_ff=32, dropout=0.1)
+    assert layer(torch.randn(batch, length, 16)).shape == (batch, length, 16)
 
 
 @pytest.mark.needs("EncoderLayer", "padding_mask")

@@ -25,6 +25,14 @@ def masks(step):
     return tgt_mask, step.model.padding_mask(SRC, 0)  # (B, 1, 1, S)
 
 
+@pytest.mark.needs("Decoder", "causal_mask")
+@given(batch=st.integers(1, 4), t=st.integers(1, 12), s=st.integers(1, 12))
+def test_decoder_shape_follows_the_target_not_the_memory(step, batch, t, s):
+    tgt, memory = torch.randint(50, (batch, t)), torch.randn(batch, s, 32)
+    memory_mask = torch.ones(batch, 1, 1, s, dtype=torch.bool)
+    assert small_decoder(step)(tgt, memory, step.model.causal_mask(t), memory_mask).shape == (batch, t, 32)
+
+
 @pytest.mark.needs("DecoderLayer", "padding_mask", "causal_mask")
 def test_decoder_layer_matches_torch_transformer_decoder_layer(step):
     layer = step.model.DecoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)

@@ -2,6 +2,8 @@
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers.models.marian.modeling_marian import MarianEncoder
 
 from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state, \
@@ -16,6 +18,13 @@ def small_encoder(step):
 
 
 SRC = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]])  # (B=2, S=6), pad id 0
+
+
+@pytest.mark.needs("Encoder", "padding_mask")
+@given(batch=st.integers(1, 4), length=st.integers(1, 16))
+def test_encoder_shape(step, batch, length):
+    src = torch.randint(50, (batch, length))
+    assert small_encoder(step)(src, step.model.padding_mask(src, 0)).shape == (batch, length, 32)
 
 
 @pytest.mark.needs("Encoder", "padding_mask")

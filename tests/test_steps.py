@@ -39,10 +39,26 @@ def test_same_seed_gives_the_same_losses(step, tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
-@pytest.mark.main_needs("main")
-@pytest.mark.parametrize("bad", [["--max-steps", "0"], ["--device", "tpu"], ["--seed", "x"]])
-def test_bad_flags_exit_with_a_message(step, bad, capsys):
+def exits_with_message(step, argv, capsys, text="error:"):
     with pytest.raises(SystemExit) as exit:
-        step.main.main(bad)
-    assert exit.value.code == 2
-    assert "error:" in capsys.readouterr().err
+        step.main.main(argv)
+    assert exit.value.code == 2  # argparse's exit code for bad usage
+    assert text in capsys.readouterr().err
+
+
+@pytest.mark.main_needs("main")
+@pytest.mark.parametrize("bad", [["--device", "tpu"], ["--seed", "x"]])
+def test_bad_flags_exit_with_a_message(step, bad, capsys):
+    exits_with_message(step, bad, capsys)
+
+
+@pytest.mark.main_needs("evaluate")
+@pytest.mark.parametrize("bad", [["--max-steps", "0"], ["--dropout", "1.5"], ["--lr", "-1"]])
+def test_bad_training_flags_exit_with_a_message(step, bad, capsys):
+    exits_with_message(step, bad, capsys, text=f"argument {bad[0]}")
+
+
+@pytest.mark.needs("MultiHeadAttention")
+@pytest.mark.main_needs("evaluate")
+def test_heads_that_do_not_divide_d_model_are_refused(step, capsys):
+    exits_with_message(step, ["--d-model", "30", "--n-heads", "4"], capsys, text="not divisible by --n-heads")

@@ -2,6 +2,8 @@
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import MarianMTModel
 
 from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state
@@ -39,8 +41,10 @@ def test_one_embedding_is_shared_by_source_target_and_output(step):
 
 
 @pytest.mark.needs("Transformer")
-def test_logits_shape(step):
-    assert small(step)(SRC, TGT).shape == (2, 6, 50)
+@given(batch=st.integers(1, 3), s=st.integers(1, 12), t=st.integers(1, 12))
+def test_logits_shape(step, batch, s, t):
+    src, tgt = torch.randint(1, 50, (batch, s)), torch.randint(1, 50, (batch, t))
+    assert small(step)(src, tgt).shape == (batch, t, 50)
 
 
 @pytest.mark.needs("Transformer")

@@ -11,7 +11,6 @@ from .model import Encoder, padding_mask
 
 STEP = "04_encoder"
 
-
 PAD, MASK = 0, 1  # special ids, before the characters
 
 
@@ -61,9 +60,11 @@ def main(argv=None):
     p.add_argument("--n-heads", type=cli.positive_int, default=4)
     p.add_argument("--n-layers", type=cli.positive_int, default=2)
     p.add_argument("--d-ff", type=cli.positive_int, default=256)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dropout", type=cli.probability, default=0.1)
+    p.add_argument("--lr", type=cli.positive_float, default=1e-3)
     args = p.parse_args(argv)
+    if args.d_model % args.n_heads:
+        p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
     args.device = device.pick(args.device)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)

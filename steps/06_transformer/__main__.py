@@ -15,11 +15,11 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def reversal_batch(batch_size: int, max_letters: int, gen):
-    """Made-up, deterministic task: src = random letters + EOS, tgt = BOS + the letters reversed + EOS.
+    """Made-up, deterministic task: src = 1 to max_letters random letters + EOS, tgt = BOS + reversed + EOS.
 
     Returns src (B, max_letters + 1) and tgt (B, max_letters + 2), PAD after the end of each row.
     """
-    lengths = torch.randint(3, max_letters + 1, (batch_size,), generator=gen)  # (B,)
+    lengths = torch.randint(1, max_letters + 1, (batch_size,), generator=gen)  # (B,)
     letters = torch.randint(3, 3 + len(LETTERS), (batch_size, max_letters), generator=gen)  # (B, L)
     src = torch.full((batch_size, max_letters + 1), PAD)
     tgt = torch.full((batch_size, max_letters + 2), PAD)
@@ -54,11 +54,13 @@ def main(argv=None):
     p.add_argument("--n-heads", type=cli.positive_int, default=4)
     p.add_argument("--n-layers", type=cli.positive_int, default=2)
     p.add_argument("--d-ff", type=cli.positive_int, default=256)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dropout", type=cli.probability, default=0.1)
+    p.add_argument("--lr", type=cli.positive_float, default=1e-3)
     p.add_argument("--size", choices=["small", "base"], help="base = the paper's base model, which the sizes "
                    "above then do not change (default: base on a GPU, small elsewhere)")
     args = p.parse_args(argv)
+    if args.d_model % args.n_heads:
+        p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
     args.device = device.pick(args.device)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
