@@ -1,37 +1,24 @@
 """The flags every step accepts. A step adds its own with `parser.add_argument` before `parse`."""
 import argparse
-import sys
 from pathlib import Path
 
 
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def checked(convert, ok, what: str):
+    """An argparse type: convert the text, then check it, or say what was expected."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        v = 0.0
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def probability(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        v = -1.0
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {s!r}")
-    return v
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+positive_float = checked(float, lambda v: v > 0, "a positive number")
+probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 
 
 def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
