@@ -1,7 +1,8 @@
 """The shared test suite runs over every directory in steps/.
 
 A test names the parts of a step it needs with `@pytest.mark.needs("MultiHeadAttention", ...)` and takes a
-`step` argument: it then runs once for every step whose model.py defines those names. A new step is
+`step` argument: it then runs once for every step whose model.py defines those names (dotted names, such as
+"GPT.from_pretrained", reach into a class). A new step is
 covered without editing a list; a part that a later step drops stops being tested there.
 `@pytest.mark.main_needs(...)` does the same with the names in the step's __main__.py (what `make step`
 runs): the run tests use `main_needs("evaluate")`, the steps whose run trains and reports a validation loss.
@@ -44,6 +45,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "main_needs(*names): run on every step whose __main__.py defines these")
 
 
+def has(obj, dotted: str) -> bool:
+    for name in dotted.split("."):
+        if not hasattr(obj, name):
+            return False
+        obj = getattr(obj, name)
+    return True
+
+
 def pytest_generate_tests(metafunc):
     if "step" not in metafunc.fixturenames:
         return
@@ -51,8 +60,8 @@ def pytest_generate_tests(metafunc):
     main_needs = [m.args for m in metafunc.definition.iter_markers("main_needs")]
     only = metafunc.config.getoption("--step")
     steps = [Step(s, importlib.import_module(f"steps.{s}.model")) for s in all_steps() if only in (None, s)]
-    chosen = [s for s in steps if all(hasattr(s.model, n) for names in needs for n in names)
-              and all(hasattr(s.main, n) for names in main_needs for n in names)]
+    chosen = [s for s in steps if all(has(s.model, n) for names in needs for n in names)
+              and all(has(s.main, n) for names in main_needs for n in names)]
     metafunc.parametrize("step", chosen, ids=[s.name for s in chosen])
 
 

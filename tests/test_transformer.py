@@ -54,7 +54,8 @@ def test_transformer_matches_torch_transformer(step):
     ref.encoder.norm = ref.decoder.norm = nn.Identity()  # torch adds a final LayerNorm; the post-LN paper has none
     for ours, theirs in zip([*model.encoder.layers, *model.decoder.layers], [*ref.encoder.layers, *ref.decoder.layers]):
         load_layer_into_torch(ours, theirs)
-    hidden = ref(model.encoder.embed(SRC), model.decoder.embed(TGT), tgt_mask=~torch.ones(6, 6, dtype=torch.bool).tril(),
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    hidden = ref(model.encoder.embed(SRC), model.decoder.embed(TGT), tgt_mask=~causal,
                  src_key_padding_mask=SRC == 0, tgt_key_padding_mask=TGT == 0, memory_key_padding_mask=SRC == 0)
     torch.testing.assert_close(model(SRC, TGT), model.out_proj(hidden), atol=ATOL, rtol=0)
 

@@ -1,0 +1,159 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), built up step by step."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d_model)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d_model))."""
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]  # (max_len, 1)
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (d_model/2,)
+    angle = pos * inv_freq  # (max_len, d_model/2)
+    table = torch.stack([angle.sin(), angle.cos()], dim=-1)  # (max_len, d_model/2, 2): sin, cos side by side
+    return rearrange(table, "pos i two -> pos (i two)").float()  # (max_len, d_model), channels interleaved
+
+
+class Embedder(nn.Module):
+    """Token embedding * sqrt(d_model) + sinusoidal position, then dropout."""
+
+    def __init__(self, vocab_size: int, d_model: int, max_len: int, dropout: float):
+        super().__init__()
+        self.d_model = d_model
+        self.tok = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.tok.weight, std=d_model**-0.5)  # so that tok * sqrt(d_model) has unit scale
+        self.register_buffer("pe", sinusoidal_table(max_len, d_model), persistent=False)  # (max_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        T = idx.size(1)  # idx: (B, T) token ids; pos: (B, T) positions, 0..T-1 in every row when not given
+        pe = self.pe[:T] if pos is None else self.pe[pos]  # (T, d_model) or (B, T, d_model)
+        x = self.tok(idx) * math.sqrt(self.d_model) + pe  # (B, T, d_model)
+        return self.dropout(x)
+
+
+def attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(d_k)) v.  q: (B, H, T, d_k), k and v: (B, H, S, d_k).
+
+    mask: bool, broadcastable to (B, H, T, S), True where query t may look at key s.
+    Returns the output (B, H, T, d_k) and the attention weights (B, H, T, S).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)  # (B, H, T, S), each row sums to 1
+    return weights @ v, weights
+
+
+def causal_mask(T: int, device=None) -> torch.Tensor:
+    """(1, 1, T, T): True on and below the diagonal, so position t sees positions 0..t only."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+
+
+def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) attention mask, 1 at real tokens and 0 at padding -> (B, 1, T, T) bool.
+
+    Causal, and no query looks at a pad. A pad looks at itself, so that no row of the softmax is all -inf.
+    """
+    T = attention_mask.size(1)
+    real = rearrange(attention_mask.bool(), "b s -> b 1 1 s")  # (B, 1, 1, T): keys that are real tokens
+    itself = torch.eye(T, dtype=torch.bool, device=attention_mask.device)  # (T, T)
+    return causal_mask(T, attention_mask.device) & (real | itself)  # (B, 1, T, T)
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        assert d_model % n_heads == 0, f"d_model {d_model} is not divisible by n_heads {n_heads}"
+        self.n_heads = n_heads
+        self.q_proj = nn.Linear(d_model, d_model)  # all heads' W^Q side by side
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)  # W^O
+
+    def forward(self, query, key, value, mask=None):
+        """query: (B, T, d_model); key, value: (B, S, d_model) -> (B, T, d_model)."""
+        q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=self.n_heads)  # (B, H, T, d_k)
+        k = rearrange(self.k_proj(key), "b s (h d) -> b h s d", h=self.n_heads)  # (B, H, S, d_k)
+        v = rearrange(self.v_proj(value), "b s (h d) -> b h s d", h=self.n_heads)  # (B, H, S, d_k)
+        out, _ = attention(q, k, v, mask)  # (B, H, T, d_k)
+        return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))  # heads side by side again
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2: one MLP, applied at every position with the same weights."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))  # (B, T, d_model) -> (B, T, d_ff) -> (B, T, d_model)
+
+
+class DecoderOnlyLayer(nn.Module):
+    """Masked self-attention, then FFN; each post-LN. A decoder layer with no encoder memory to cross-attend to."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, n_heads)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ff)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask):
+        """x: (B, T, d_model), mask: (B, 1, T, T)."""
+        x = self.norm1(x + self.dropout(self.self_attn(x, x, x, mask)))  # queries, keys: the text so far
+        return self.norm2(x + self.dropout(self.ffn(x)))  # (B, T, d_model)
+
+
+class DecoderOnlyLM(nn.Module):
+    """The decoder alone as a language model: at every position, the logits of the next token.
+
+    The defaults are the paper's base sizes (6 layers, d_model 512, 8 heads, d_ff 2048, dropout 0.1) over
+    GPT-2's 50257 BPE tokens and 1024 positions.
+    """
+
+    def __init__(self, vocab_size: int = 50257, d_model: int = 512, n_heads: int = 8, n_layers: int = 6,
+                 d_ff: int = 2048, max_len: int = 1024, dropout: float = 0.1):
+        super().__init__()
+        self.max_len = max_len
+        self.embed = Embedder(vocab_size, d_model, max_len, dropout)
+        self.layers = nn.ModuleList(DecoderOnlyLayer(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
+        self.out_proj = nn.Linear(d_model, vocab_size, bias=False)  # the pre-softmax linear transformation
+        self.out_proj.weight = self.embed.tok.weight  # ... shares the embedding matrix, as in step 06
+
+    def forward(self, idx, attention_mask=None):
+        """idx: (B, T) token ids; attention_mask: (B, T), 0 at padding -> logits (B, T, vocab_size).
+
+        With padding on the left, positions count from each row's first real token, so a prompt gets the
+        same logits padded or not.
+        """
+        if attention_mask is None:
+            mask, pos = causal_mask(idx.size(1), idx.device), None  # (1, 1, T, T)
+        else:
+            mask = padded_causal_mask(attention_mask)  # (B, 1, T, T)
+            pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at the first real token
+        x = self.embed(idx, pos)  # (B, T, d_model)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.out_proj(x)  # (B, T, vocab_size)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, attention_mask=None, temperature: float = 1.0, generator=None):
+        """Sample a token from softmax(logits / temperature), append it, repeat. -> (B, T + max_new_tokens) ids."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        for _ in range(max_new_tokens):
+            crop = -self.max_len  # the model sees the last max_len tokens at most
+            logits = self(idx[:, crop:], attention_mask[:, crop:])[:, -1]  # (B, vocab_size)
+            nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)  # (B, t + 1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)  # the new token is real
+        return idx

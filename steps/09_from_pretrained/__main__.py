@@ -1,0 +1,82 @@
+"""Step 09: GPT-2 writes: pretrained weights from the HF hub or a saved directory, sampled among the top k tokens."""
+import argparse
+import codecs
+import sys
+
+import torch
+
+from shared import cli, data, device
+
+from .model import GPT, HUB_NAMES, GPTConfig
+
+STEP = "09_from_pretrained"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog=f"python -m steps.{STEP}", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help=f"{', '.join(HUB_NAMES)} (from the hub), a directory written by "
+                   "GPT2LMHeadModel.save_pretrained, or random (an untrained GPT-2 124M). Default: gpt2, or random "
+                   "with a warning when gpt2 cannot be downloaded")
+    p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text to continue ('' starts a "
+                   "new document, as <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=30, help="tokens to write per sample")
+    p.add_argument("--num-samples", type=cli.positive_int, default=3, help="samples, one after the other")
+    p.add_argument("--top-k", type=cli.positive_int, default=50, help="sample among the k most likely tokens; 1 is "
+                   "greedy decoding")
+    p.add_argument("--temperature", type=cli.positive_float, default=1.0, help="divides the logits: below 1 sharpens, "
+                   "above 1 flattens")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same text on the CPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
+    args = p.parse_args(argv)
+    args.device = device.pick(args.device)
+    torch.manual_seed(args.seed)
+
+    if args.model == "random":
+        model = GPT(GPTConfig()).eval()
+    else:
+        try:
+            model = GPT.from_pretrained(args.model or "gpt2")
+        except OSError as e:
+            if args.model:  # asked for by name: stop
+                sys.exit(f"error: {e}\n(--model random runs an untrained GPT-2 without any download)")
+            print(f"warning: {e}\nwriting with an untrained GPT-2 instead (--model random): expect noise",
+                  file=sys.stderr)
+            args.model, model = "random", GPT(GPTConfig()).eval()
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    model.to(args.device)
+    config = model.config
+    print(f"step {STEP} on {args.device}: {args.model or 'gpt2'}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{config.n_layer} layers, a context of {config.block_size} tokens")
+    if args.top_k > config.vocab_size:
+        sys.exit(f"error: --top-k {args.top_k} is more than the {config.vocab_size} tokens of the vocabulary")
+
+    tok = data.gpt2_tokenizer()
+    ids = tok.encode(args.prompt, allowed_special="all") or [tok.eot_token]  # an empty prompt: a new document
+    if max(ids) >= config.vocab_size:
+        sys.exit(f"error: the prompt has token {max(ids)}, but this model knows only {config.vocab_size} tokens")
+    if len(ids) > config.block_size:
+        print(f"warning: the prompt has {len(ids)} tokens; the model sees the last {config.block_size} of them",
+              file=sys.stderr)
+        ids = ids[-config.block_size :]
+    gen = torch.Generator(args.device).manual_seed(args.seed)  # sampling draws on the model's device
+    for i in range(args.num_samples):
+        print(f"--- sample {i + 1} of {args.num_samples}")
+        stream(model, tok, torch.tensor([ids], device=args.device), args, gen)
+
+
+def stream(model, tok, idx, args, gen) -> None:
+    """Print each token as soon as it is sampled. A token may end inside a multi-byte character: the
+    incremental decoder keeps those bytes until the character is complete."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    print(tok.decode(idx[0].tolist()), end="", flush=True)
+    for _ in range(args.max_new_tokens):
+        idx = model.generate(idx, 1, temperature=args.temperature, top_k=args.top_k, generator=gen)  # (1, t + 1)
+        print(utf8.decode(tok.decode_single_token_bytes(idx[0, -1].item())), end="", flush=True)
+    print(utf8.decode(b"", final=True))
+
+
+if __name__ == "__main__":
+    main()

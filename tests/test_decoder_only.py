@@ -1,0 +1,122 @@
+"""Step 07's lesson: the decoder alone as a language model over GPT-2 BPE tokens, with a padding (attention) mask."""
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import MarianForCausalLM
+
+from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state, torch_encoder_layer
+from tests.test_block import layer_params
+
+ATOL = 1e-5  # fp32, two layers of d_model 32: the references add the same products in another order
+
+IDX = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])  # (B=2, T=6)
+
+
+def small(step):
+    return step.model.DecoderOnlyLM(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=64, dropout=0.0)
+
+
+def pad(rows, left=True, pad_id=0):
+    """Rows of different length -> idx (B, T) and attention_mask (B, T), 0 at the padding."""
+    T = max(len(r) for r in rows)
+    side = lambda filler, real: [filler] * (T - len(real)) + real if left else real + [filler] * (T - len(real))
+    return torch.tensor([side(pad_id, r) for r in rows]), torch.tensor([side(0, [1] * len(r)) for r in rows])
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+@given(batch=st.integers(1, 3), length=st.integers(1, 16))
+def test_logits_shape(step, batch, length):
+    assert small(step)(torch.randint(50, (batch, length))).shape == (batch, length, 50)
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+def test_default_config_is_the_papers_base_decoder_over_gpt2_tokens(step):
+    with torch.device("meta"):  # shapes only, no memory
+        model = step.model.DecoderOnlyLM()
+    # One 50257 x 512 table (tied), 6 layers with one attention each: no cross-attention left.
+    assert sum(p.numel() for p in model.parameters()) == 50257 * 512 + 6 * layer_params(512, 2048, 1) == 44_645_888
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+def test_output_projection_is_the_token_embedding(step):
+    model = small(step)
+    assert model.out_proj.weight is model.embed.tok.weight
+    assert sum(p.numel() for p in model.parameters()) == 50 * 32 + 2 * layer_params(32, 64, 1)
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+def test_matches_marian_for_causal_lm_logits(step):
+    """Marian's decoder without an encoder: its cross-attention weights exist but are never used."""
+    model = small(step)
+    ref = MarianForCausalLM(marian_config(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=64))
+    state = {f"model.decoder.{k}": v for k, v in marian_state(model, decoder=False).items() if k != "out_proj.weight"}
+    state["lm_head.weight"] = model.out_proj.weight
+    load_into_marian(ref, state, allowed_missing=("embed_positions", "encoder_attn"))
+    with torch.no_grad():
+        ref.model.decoder.embed_positions.weight.copy_(model.embed.pe)  # our channel order (see test_embedding)
+    expected = ref(input_ids=IDX, use_cache=False).logits
+    torch.testing.assert_close(model(IDX), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+def test_matches_torch_transformer_encoder_with_a_causal_mask(step):
+    """Without cross-attention, a decoder layer is an encoder layer that may not look ahead."""
+    model = small(step)
+    ref = nn.TransformerEncoder(torch_encoder_layer(32, 4, 64), num_layers=2, enable_nested_tensor=False)
+    for ours, theirs in zip(model.layers, ref.layers):
+        load_layer_into_torch(ours, theirs)
+    T = IDX.size(1)
+    hidden = ref(model.embed(IDX), mask=nn.Transformer.generate_square_subsequent_mask(T), is_causal=True)
+    torch.testing.assert_close(model(IDX), model.out_proj(hidden), atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+@given(T=st.integers(2, 12), t=st.integers(0, 10))
+def test_logits_at_t_ignore_later_tokens(step, T, t):
+    t = min(t, T - 2)
+    model = small(step).eval()
+    idx = torch.randint(50, (2, T))
+    changed = idx.clone()
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % 50  # every later token differs
+    torch.testing.assert_close(model(idx)[:, : t + 1], model(changed)[:, : t + 1])
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+@given(lengths=st.lists(st.integers(1, 10), min_size=2, max_size=4), left=st.booleans())
+def test_padding_does_not_change_the_logits_of_real_tokens(step, lengths, left):
+    """A batch of prompts of different length, padded on either side, against each prompt alone."""
+    model = small(step).eval()
+    rows = [torch.randint(1, 50, (n,)).tolist() for n in lengths]
+    idx, mask = pad(rows, left)
+    logits = model(idx, mask)  # (B, T, vocab_size)
+    assert torch.isfinite(logits).all()  # a pad that sees only pads must not turn into nan and spread
+    for b, row in enumerate(rows):
+        real = mask[b].bool()
+        torch.testing.assert_close(logits[b, real], model(torch.tensor([row]))[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("padded_causal_mask")
+def test_padded_causal_mask_hides_pads_and_the_future(step):
+    mask = step.model.padded_causal_mask(torch.tensor([[0, 0, 1, 1]]))  # two pads on the left
+    expected = torch.tensor([[1, 0, 0, 0],  # a pad sees itself only, so its softmax row is never empty
+                             [0, 1, 0, 0],
+                             [0, 0, 1, 0],  # real tokens see real tokens up to themselves
+                             [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask[0, 0], expected)
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+def test_generate_keeps_the_prompt_and_appends_max_new_tokens(step):
+    model = small(step).eval()
+    out = model.generate(IDX, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 11) and torch.equal(out[:, :6], IDX)
+    assert ((0 <= out) & (out < 50)).all()
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+def test_generate_crops_the_context_to_max_len(step):
+    model = step.model.DecoderOnlyLM(50, 32, 4, 2, 64, max_len=8, dropout=0.0).eval()
+    out = model.generate(torch.randint(50, (1, 8)), max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 12)  # no position past the sinusoid table of 8 rows was asked for

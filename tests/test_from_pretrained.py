@@ -1,0 +1,246 @@
+"""Step 09's lesson: GPT.from_pretrained (HF's GPT-2 weights, Conv1D transposed), top-k sampling, the generation
+command. All offline: the checkpoints are randomly initialised GPT2LMHeadModels saved to a temporary directory."""
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from tests.test_gpt2 import gpt2_params
+
+# fp32: HF computes the same products, summed in another order. 1e-5 at n_embd 32; at 124M size the sums run
+# over 768 and 3072 terms through 12 layers (3e-6 measured here), and 1e-4 is still a few hundred float32
+# rounding steps at the size of these logits (up to about 3).
+ATOL, ATOL_124M = 1e-5, 1e-4
+
+IDX = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11], [464, 2068, 7586, 21831, 18045, 625, 262, 16931]])
+
+
+def hf_small():
+    """A randomly initialised GPT2LMHeadModel over GPT-2's 50257 tokens, 2 layers of n_embd 32."""
+    return GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One small random GPT2LMHeadModel, written by save_pretrained, shared by the tests of this file."""
+    path = tmp_path_factory.mktemp("gpt2-small-random")
+    torch.manual_seed(0)  # fixed weights: greedy decoding then never meets a near-tie between two tokens
+    hf = hf_small()
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def hub_layout(hf, path):
+    """The files as the hub has them for gpt2: keys without "transformer.", the causal mask kept as attn.bias."""
+    path.mkdir()
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items()
+             if k != "lm_head.weight"}  # tied: stored once, as wte
+    n = hf.config.n_positions
+    for i in range(hf.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, n, n).tril()
+    save_file(state, path / "model.safetensors")
+    hf.config.to_json_file(path / "config.json")
+    return path
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_from_pretrained_gives_hf_logits(step, saved):
+    hf, path = saved
+    model = step.model.GPT.from_pretrained(str(path))
+    torch.testing.assert_close(model(IDX)[0], hf(IDX).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_from_pretrained_gives_hf_logits_at_the_full_124m_size(step, tmp_path):
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config()).eval()
+    hf.save_pretrained(tmp_path)
+    model = step.model.GPT.from_pretrained(str(tmp_path))
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDX)[0], hf(IDX).logits, atol=ATOL_124M, rtol=0)
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_greedy_decoding_gives_hfs_generate_tokens_for_20_steps(step, saved):
+    hf, path = saved
+    model = step.model.GPT.from_pretrained(str(path))
+    ours = model.generate(IDX, max_new_tokens=20, top_k=1)  # sampling among the top 1 is greedy
+    theirs = hf.generate(IDX, attention_mask=torch.ones_like(IDX), do_sample=False, max_new_tokens=20,
+                         min_new_tokens=20, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_files_laid_out_as_on_the_hub_load_too(step, saved, tmp_path):
+    hf, _ = saved
+    model = step.model.GPT.from_pretrained(str(hub_layout(hf, tmp_path / "hub")))
+    torch.testing.assert_close(model(IDX)[0], hf(IDX).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_a_checkpoint_in_several_shards_loads(step, saved, tmp_path):
+    hf, _ = saved
+    hf.save_pretrained(tmp_path, max_shard_size="500KB")  # what save_pretrained does with a big model
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = step.model.GPT.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(model(IDX)[0], hf(IDX).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_a_pytorch_model_bin_loads_with_weights_only(step, saved, tmp_path):
+    hf, _ = saved
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # the format before safetensors
+    hf.config.to_json_file(tmp_path / "config.json")
+    model = step.model.GPT.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(model(IDX)[0], hf(IDX).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_conv1d_weights_loaded_without_transposing_give_wrong_logits(step, saved):
+    """The classic mistake. c_attn (32 -> 96) would not even fit; the square c_proj fits, and only the logits tell."""
+    hf, path = saved
+    model = step.model.GPT.from_pretrained(str(path))
+    with torch.no_grad():
+        for i, block in enumerate(model.transformer.h):
+            block.attn.c_proj.weight.copy_(hf.transformer.h[i].attn.c_proj.weight)  # (in, out) as if it were (out, in)
+    assert not torch.allclose(model(IDX)[0], hf(IDX).logits, atol=ATOL)
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_a_weight_of_the_wrong_shape_is_named(step, saved, tmp_path):
+    hf, _ = saved
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state["transformer.h.1.attn.c_attn.weight"] = state["transformer.h.1.attn.c_attn.weight"].t().contiguous()
+    save_file(state, tmp_path / "model.safetensors")  # c_attn stored as nn.Linear would have it: (96, 32)
+    hf.config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.attn\.c_attn\.weight is \(32, 96\)"):
+        step.model.GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_a_missing_weight_is_named(step, saved, tmp_path):
+    hf, _ = saved
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()
+             if k not in ("lm_head.weight", "transformer.ln_f.bias")}
+    save_file(state, tmp_path / "model.safetensors")
+    hf.config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"no transformer\.ln_f\.bias"):
+        step.model.GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+@pytest.mark.parametrize("damage", ["truncated weights", "config without sizes"])
+def test_a_corrupt_checkpoint_is_refused_with_a_message(step, saved, tmp_path, damage):
+    hf, _ = saved
+    hf.save_pretrained(tmp_path)
+    if damage == "truncated weights":  # a download that stopped half-way
+        blob = (tmp_path / "model.safetensors").read_bytes()
+        (tmp_path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    else:
+        (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="does not hold a readable GPT-2 checkpoint"):
+        step.model.GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_a_config_this_gpt_does_not_compute_is_refused(step, tmp_path):
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, activation_function="relu"))
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="activation_function"):
+        step.model.GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+@pytest.mark.parametrize("name, n_layer, n_head, n_embd, expected", [
+    ("gpt2", 12, 12, 768, 124_439_808),
+    ("gpt2-medium", 24, 16, 1024, 354_823_168),
+    ("gpt2-large", 36, 20, 1280, 774_030_080),
+    ("gpt2-xl", 48, 25, 1600, 1_557_611_200),
+])
+def test_parameter_counts_of_the_four_sizes(step, name, n_layer, n_head, n_embd, expected):
+    assert name in step.model.HUB_NAMES
+    with torch.device("meta"):  # 1.5 billion parameters of shape only: no memory, no time
+        model = step.model.GPT(step.model.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    assert sum(p.numel() for p in model.parameters()) == gpt2_params(50257, 1024, n_layer, n_embd) == expected
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_top_k_samples_only_among_the_k_most_likely_tokens(step, saved):
+    model = step.model.GPT.from_pretrained(str(saved[1]))
+    prompt = IDX[:1, :3].repeat(200, 1)  # 200 draws of the next token after the same prompt
+    top5 = set(model(IDX[:1, :3])[0][0, -1].topk(5).indices.tolist())
+    drawn = model.generate(prompt, 1, top_k=5, generator=torch.Generator().manual_seed(0))[:, -1]
+    assert set(drawn.tolist()) == top5  # all five turn up in 200 draws, nothing else does
+
+
+# The generation command (`make step N=09 ARGS="..."`).
+
+def run(step, capsys, *args):
+    step.main.main([*args, "--device", "cpu", "--seed", "0"])
+    return capsys.readouterr()
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_command_streams_the_prompt_and_its_continuation(step, saved, capsys):
+    out = run(step, capsys, "--model", str(saved[1]), "--prompt", "Hello", "--max-new-tokens", "5",
+              "--num-samples", "2").out
+    assert out.count("--- sample") == 2 and out.count("Hello") >= 2
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_command_with_the_same_seed_writes_the_same_text(step, saved, capsys):
+    a = run(step, capsys, "--model", str(saved[1]), "--max-new-tokens", "8").out
+    b = run(step, capsys, "--model", str(saved[1]), "--max-new-tokens", "8").out
+    assert a == b
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_command_crops_a_prompt_longer_than_the_context_with_a_warning(step, saved, capsys):
+    err = run(step, capsys, "--model", str(saved[1]), "--prompt", "to be or not " * 40, "--max-new-tokens", "2").err
+    assert "warning:" in err and "the last 64" in err
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_command_offline_with_a_hub_name_says_so_and_exits_nonzero(step, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no network, whatever the environment
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # and nothing cached
+    with pytest.raises(SystemExit) as exit:
+        run(step, capsys, "--model", "gpt2")
+    assert str(exit.value.code).startswith("error: could not download gpt2")  # sys.exit(text): status 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_command_without_a_model_falls_back_to_an_untrained_one_when_offline(step, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    out = run(step, capsys, "--prompt", "Hello", "--max-new-tokens", "2", "--num-samples", "1")
+    assert "warning: could not download gpt2" in out.err and "untrained GPT-2" in out.err
+    assert "random, 124,439,808 parameters" in out.out and "Hello" in out.out
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+def test_command_with_a_corrupt_checkpoint_exits_with_a_message(step, saved, capsys, tmp_path):
+    saved[0].save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit:
+        run(step, capsys, "--model", str(tmp_path))
+    assert str(exit.value.code).startswith("error: ") and "readable GPT-2 checkpoint" in str(exit.value.code)
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+@pytest.mark.parametrize("bad", [["--model", "no-such-model"], ["--top-k", "60000", "--model", "SAVED"]])
+def test_command_refuses_a_bad_model_or_top_k_with_a_message(step, saved, capsys, bad):
+    with pytest.raises(SystemExit) as exit:
+        run(step, capsys, *[str(saved[1]) if a == "SAVED" else a for a in bad])
+    assert str(exit.value.code).startswith("error: ")
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+@pytest.mark.parametrize("bad", [["--top-k", "0"], ["--temperature", "0"], ["--temperature", "nan"],
+                                 ["--max-new-tokens", "-3"], ["--num-samples", "x"]])
+def test_command_refuses_invalid_values_with_a_message(step, capsys, bad):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--model", "random", *bad])
+    assert exit.value.code == 2 and "error:" in capsys.readouterr().err

@@ -1,0 +1,231 @@
+"""Step 08's lesson: GPT-2's architecture (pre-LN, learned positions, GELU, fused qkv, tied lm_head) in HF's names."""
+import einops
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from shared import data
+
+# fp32, n_embd 32, two layers: HF computes the same products, summed in another order; 1e-5 is a few hundred
+# float32 rounding steps at the size of these logits.
+ATOL = 1e-5
+
+# HF's GPT-2 computes these with Conv1D, whose weight is stored (in, out): nn.Linear's (out, in), transposed.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+IDX = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])  # (B=2, T=6)
+
+
+def gpt2_params(vocab_size, block_size, n_layer, n_embd):
+    """wte + wpe + per block (qkv 3d^2 + 3d, proj d^2 + d, MLP 8d^2 + 5d, two LayerNorms 4d) + ln_f; lm_head is wte."""
+    d = n_embd
+    return vocab_size * d + block_size * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def small(step):
+    config = step.model.GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    return step.model.GPT(config).eval()
+
+
+def hf_small():
+    config = GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=None,
+                        eos_token_id=None, attn_implementation="eager")
+    return GPT2LMHeadModel(config).eval()
+
+
+@torch.no_grad()
+def copy_from_hf(model, hf):
+    """HF's weights into ours: the same names, Conv1D weights transposed. lm_head is wte in both."""
+    ours = model.state_dict()
+    for key, w in hf.state_dict().items():
+        ours[key].copy_(w.t() if key.endswith(CONV1D) else w)
+    return model
+
+
+def pad_left(rows, pad_id=0):
+    T = max(len(r) for r in rows)
+    idx = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows])
+    return idx, torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_default_config_is_gpt2_small(step):
+    c = step.model.GPTConfig()
+    assert (c.block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd) == (1024, 50257, 12, 12, 768)
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_gpt2_small_has_124_439_808_parameters(step):
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = step.model.GPT(step.model.GPTConfig())
+    assert sum(p.numel() for p in model.parameters()) == gpt2_params(50257, 1024, 12, 768) == 124_439_808
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_forgetting_to_tie_gives_163_037_184_parameters(step):
+    """The classic mistake: a separate lm_head adds another 50257 x 768 matrix."""
+    with torch.device("meta"):
+        model = step.model.GPT(step.model.GPTConfig())
+        model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight))  # untied
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808 + 50257 * 768 == 163_037_184
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_lm_head_is_the_token_embedding(step):
+    model = small(step)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_parameter_names_and_shapes_are_gpt2lmheadmodels(step):
+    ours, theirs = small(step).state_dict(), hf_small().state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, w in theirs.items():
+        assert ours[key].shape == (w.t().shape if key.endswith(CONV1D) else w.shape), key
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_fused_qkv_is_one_matrix_of_three_n_embd_outputs(step):
+    attn = small(step).transformer.h[0].attn
+    assert attn.c_attn.weight.shape == (3 * 32, 32)  # [W^Q | W^K | W^V], all heads side by side
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_positions_are_a_learned_table_not_a_sinusoid(step):
+    model = small(step)
+    assert model.transformer.wpe.weight.shape == (64, 32) and model.transformer.wpe.weight.requires_grad
+    assert not list(model.buffers())  # no fixed table left
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_blocks_are_pre_layer_norm(step):
+    """Pre-LN: x + f(LN(x)). With both sub-layers' output projections zero, a block passes x through unchanged;
+    a post-LN block would return LN(x)."""
+    block = small(step).transformer.h[0]
+    with torch.no_grad():
+        for proj in (block.attn.c_proj, block.mlp.c_proj):
+            proj.weight.zero_(), proj.bias.zero_()
+    x = torch.randn(2, 5, 32) * 10
+    torch.testing.assert_close(block(x, torch.ones(5, 5, dtype=torch.bool).tril()), x)
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_logits_match_gpt2lmheadmodel(step):
+    hf = hf_small()
+    model = copy_from_hf(small(step), hf)
+    logits, loss = model(IDX)
+    torch.testing.assert_close(logits, hf(IDX).logits, atol=ATOL, rtol=0)
+    assert loss is None
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_left_padded_logits_match_gpt2lmheadmodel_with_the_same_positions(step):
+    hf = hf_small()
+    model = copy_from_hf(small(step), hf)
+    idx, mask = pad_left([[5, 6, 7, 8, 9], [11, 12]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # HF takes them as an argument; we derive them from the mask
+    expected = hf(idx, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()  # a pad's own output is of no use to anyone; only real tokens are compared
+    torch.testing.assert_close(model(idx, attention_mask=mask)[0][real], expected[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_loss_is_the_cross_entropy_of_the_logits_against_the_targets(step):
+    model = small(step)
+    targets = torch.randint(100, IDX.shape)
+    logits, loss = model(IDX, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 100), targets.reshape(-1)))
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_reassembling_heads_wrongly_is_caught_by_the_reference(step, monkeypatch):
+    """The classic mistake: merge the heads as (d h) instead of (h d). Shapes still fit; only HF's logits tell."""
+    calls = []
+
+    def wrong_rearrange(tensor, pattern, **kw):
+        if pattern == "b h t d -> b t (h d)":
+            calls.append(pattern)
+            pattern = "b h t d -> b t (d h)"
+        return einops.rearrange(tensor, pattern, **kw)
+
+    hf = hf_small()
+    model = copy_from_hf(small(step), hf)
+    monkeypatch.setattr(step.model, "rearrange", wrong_rearrange)
+    wrong, _ = model(IDX)
+    if not calls:
+        pytest.skip("this step merges the heads without rearrange")
+    assert wrong.shape == (2, 6, 100)
+    assert not torch.allclose(wrong, hf(IDX).logits, atol=ATOL)
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+@given(T=st.integers(2, 12), t=st.integers(0, 10))
+def test_logits_at_t_ignore_later_tokens(step, T, t):
+    t = min(t, T - 2)
+    model = small(step)
+    idx = torch.randint(100, (2, T))
+    changed = idx.clone()
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % 100  # every later token differs
+    torch.testing.assert_close(model(idx)[0][:, : t + 1], model(changed)[0][:, : t + 1])
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+@given(lengths=st.lists(st.integers(1, 10), min_size=2, max_size=4))
+def test_left_padding_does_not_change_the_logits_of_real_tokens(step, lengths):
+    model = small(step)
+    rows = [torch.randint(1, 100, (n,)).tolist() for n in lengths]
+    idx, mask = pad_left(rows)
+    logits, _ = model(idx, attention_mask=mask)
+    assert torch.isfinite(logits).all()
+    for b, row in enumerate(rows):
+        # Logits reach about 30 here (untrained, wte tied to lm_head), and the padded rows sum their attention in
+        # another order: float32 keeps about 7 digits, so 1e-5 relative on top of the absolute tolerance.
+        torch.testing.assert_close(logits[b, mask[b].bool()], model(torch.tensor([row]))[0][0], atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_generate_keeps_the_prompt_and_crops_the_context_to_block_size(step):
+    config = step.model.GPTConfig(block_size=8, vocab_size=100, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    model = step.model.GPT(config).eval()
+    prompt = torch.randint(100, (2, 8))
+    out = model.generate(prompt, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 12) and torch.equal(out[:, :8], prompt)  # no position past wpe's 8 rows was asked for
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_loss_falls_on_real_data_at_a_small_config(step):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    train, val = data.split(torch.tensor(data.gpt2_tokenizer().encode(data.shakespeare())))
+    config = step.model.GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    model = step.model.GPT(config)
+    x_val, y_val = data.random_windows(val, 8, 32, gen)
+    before = model(x_val, y_val)[1].item()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        _, loss = model(*data.random_windows(train, 4, 32, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    after = model(x_val, y_val)[1].item()
+    assert after < 0.9 * before, f"validation loss went from {before:.3f} to {after:.3f} in 30 iterations"
+
+
+@pytest.mark.main_needs("summary")
+def test_summary_counts_gpt2_small_part_by_part_with_and_without_tying(step, capsys):
+    step.main.summary(step.model.GPTConfig())
+    out = capsys.readouterr().out
+    for part, n in [("transformer.wte", "38,597,376"), ("transformer.wpe", "786,432"), ("attn.c_attn", "1,771,776"),
+                    ("mlp.c_fc", "2,362,368"), ("total", "124,439,808"), ("not tied", "163,037,184")]:
+        assert part in out and n in out, part
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+@pytest.mark.main_needs("evaluate")
+def test_heads_that_do_not_divide_n_embd_are_refused(step, capsys):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--n-embd", "30", "--n-head", "4"])
+    assert exit.value.code == 2 and "not divisible by --n-head" in capsys.readouterr().err
