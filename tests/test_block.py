@@ -72,4 +72,5 @@ def test_encoder_layer_is_post_layer_norm(step):
     """Add & Norm: the output is a LayerNorm's, so every position has mean 0 and variance 1 (at init)."""
     out = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)(torch.randn(2, 5, 32) * 10)
     torch.testing.assert_close(out.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-3, rtol=0)  # LN's eps 1e-5
+    # var / (var + eps): LayerNorm's eps 1e-5 against a variance of order 1 leaves it within 1e-4 of 1.
+    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-4, rtol=0)

@@ -102,5 +102,6 @@ def show_predictions(model, tok, args, gen, n: int = 200):
         print(f"input {s!r:14} target {t!r:14} output {o!r}")
     print(f"exactly right: {sum(t == o for t, o in zip(targets, outputs))}/{n}")
 
+
 if __name__ == "__main__":
     main()
