@@ -1,5 +1,12 @@
-"""The flags every step accepts. A step adds its own with `parser.add_argument` before `parse`."""
+"""The flags every step accepts. A step adds its own with `parser.add_argument` before `parse_args`.
+
+Every value is checked when it is parsed: a bad one stops the run with `error: argument --flag: ...` and
+exit code 2, before any data is read or any model is built.
+"""
 import argparse
+import math
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -8,7 +15,7 @@ def checked(convert, ok, what: str):
     def parse(text: str):
         try:
             value = convert(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             value = None
         if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
@@ -16,16 +23,38 @@ def checked(convert, ok, what: str):
     return parse
 
 
+MAX_SEED = 2**32 - 1
 positive_int = checked(int, lambda v: v > 0, "a positive integer")
-positive_float = checked(float, lambda v: v > 0, "a positive number")
-probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive, finite number")
+probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")  # nan and inf fail the test
+seed = checked(int, lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}")
+
+
+def out_dir(text: str) -> Path:
+    """An argparse type: a directory we can write to, made now, so that a bad --out fails before any work."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write to {text} ({os.strerror(e.errno) if e.errno else e})")
+    return path
 
 
 def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m steps.{step}", description=doc,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--max-steps", type=positive_int, default=max_steps, help="training iterations")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
-    p.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same losses on the CPU)")
-    p.add_argument("--out", type=Path, default=Path("runs") / step, help="where metrics.jsonl and loss.svg go")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to run; auto = cuda, else mps, else cpu")
+    p.add_argument("--seed", type=seed, default=1337,
+                   help="random seed: the same seed gives the same losses on the same machine and thread count")
+    p.add_argument("--out", type=out_dir, default=str(Path("runs") / step),
+                   help="directory for metrics.jsonl, summary.json and loss.svg")
+    p.add_argument("--log-every", type=non_negative_int, default=0,
+                   help="print every n-th iteration, 0 = about 25 lines a run; metrics.jsonl keeps every iteration")
     return p

@@ -2,7 +2,9 @@
 
 Files live in a data directory: `data/` by default, or $GPT2STEPS_DATA. A missing file is
 downloaded from its canonical URL; when that fails we say which file to put where, and exit.
+Every use checks the file's sha256, so a damaged copy is named instead of silently used.
 """
+import base64
 import hashlib
 import os
 import sys
@@ -27,12 +29,27 @@ def data_dir() -> Path:
     return Path(os.environ.get("GPT2STEPS_DATA", "data"))
 
 
-def fetch(name: str) -> Path:
-    """Path of a data file, downloading it on first use. Exits with a clear message when it cannot."""
+def fetch(name: str) -> bytes:
+    """The contents of a data file, downloaded on first use and checked against its sha256 on every use.
+
+    Exits with a message that names the file and says what to do when it is missing, cannot be
+    downloaded, or is damaged (a truncated download, an edited copy).
+    """
     url, sha256 = FILES[name]
     path = data_dir() / name
-    if path.exists():
-        return path
+    if not path.exists():
+        download(name, url, sha256, path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        sys.exit(f"error: cannot read {path} ({e.strerror})")
+    if (got := hashlib.sha256(blob).hexdigest()) != sha256:
+        sys.exit(f"error: {path} is damaged: its sha256 is {got}, not {sha256}.\n"
+                 f"Delete it and run again to download a good copy, or save {url} there yourself.")
+    return blob
+
+
+def download(name: str, url: str, sha256: str, path: Path) -> None:
     print(f"downloading {name} from {url}", file=sys.stderr)
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
@@ -48,17 +65,18 @@ def fetch(name: str) -> Path:
             f"error: {name} is not in {data_dir()}/ and could not be downloaded ({e}).\n"
             f"Download {url}\nand save it as {path}, or set GPT2STEPS_DATA to a directory that holds {name}."
         )
-    return path
 
 
 def shakespeare() -> str:
-    return fetch("tinyshakespeare.txt").read_text(encoding="utf-8")
+    return fetch("tinyshakespeare.txt").decode("utf-8")
 
 
 class CharTokenizer:
     """One id per character of the corpus (65 for tiny shakespeare), after any special tokens."""
 
     def __init__(self, text: str, specials: tuple[str, ...] = ()):
+        if clash := sorted(set(specials) & set(text)):
+            raise ValueError(f"special symbols {clash} also occur in the text: the decoded text would be ambiguous")
         self.itos = list(specials) + sorted(set(text))
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         self.vocab_size = len(self.itos)
@@ -73,25 +91,39 @@ class CharTokenizer:
 def gpt2_tokenizer():
     """GPT-2's BPE (tiktoken's r50k_base, same ids as "gpt2"), built from the local ranks file."""
     import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    url, sha256 = FILES["r50k_base.tiktoken"]
-    ranks = load_tiktoken_bpe(str(fetch("r50k_base.tiktoken")), expected_hash=sha256)
+    # One line per token: the token's bytes in base64, then its rank (= its id).
+    ranks = {base64.b64decode(token): int(rank) for token, rank in
+             (line.split() for line in fetch("r50k_base.tiktoken").splitlines() if line)}
     return tiktoken.Encoding(
         name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
     )
 
 
-def split(ids: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """First 90% for training, last 10% for validation."""
+def split(ids: torch.Tensor, block_size: int, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """First 90% for training, last 10% for validation. Exits when a window of block_size + 1 ids does not fit."""
     n = int(len(ids) * (1 - val_fraction))
-    return ids[:n], ids[n:]
+    train, val = ids[:n], ids[n:]
+    for name, part in ("training", train), ("validation", val):
+        if len(part) <= block_size:
+            sys.exit(f"error: --block-size {block_size} does not fit the {name} split: a window needs "
+                     f"{block_size + 1} ids and the split has {len(part):,} (use --block-size {len(part) - 1} or less)")
+    return train, val
 
 
 def random_windows(ids: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator):
     """x, y: (batch_size, block_size) windows of ids at random offsets, y = x shifted left by one."""
-    starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen)
+    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=gen)  # the last window ends at ids[-1]
     x = torch.stack([ids[s : s + block_size] for s in starts])  # (B, T)
     y = torch.stack([ids[s + 1 : s + block_size + 1] for s in starts])  # (B, T)
     return x, y
+
+
+def sequential_windows(ids: torch.Tensor, batch_size: int, block_size: int):
+    """Every full window of ids in order, batch_size windows at a time: x, y (<= batch_size, block_size)."""
+    n = (len(ids) - 1) // block_size  # windows; y needs one id more than x
+    x = ids[: n * block_size].view(n, block_size)  # (n, T)
+    y = ids[1 : n * block_size + 1].view(n, block_size)  # (n, T), x shifted left by one
+    for i in range(0, n, batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]

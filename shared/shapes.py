@@ -3,16 +3,27 @@ import torch
 
 
 def show(model: torch.nn.Module, *inputs: torch.Tensor, depth: int = 2) -> None:
-    """Output shape of each module down to `depth` levels, in the order they finish."""
+    """Output shape of each module down to `depth` levels, in the order they finish.
+
+    A module shared by two parents (step 06's embedding, used by the encoder and the decoder) is
+    named after the parent that is running it.
+    """
     rows = [(f"input {i}", "", tuple(x.shape)) for i, x in enumerate(inputs)]
+    names: dict[torch.nn.Module, list[str]] = {}  # module -> every name it has
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name and name.count(".") < depth:
+            names.setdefault(m, []).append(name)
+    running: list[str] = []  # names of the modules whose forward has started and not finished
 
-    def hook(name):
-        def record(module, args, out):
-            out = out[0] if isinstance(out, tuple) else out
-            rows.append((name, type(module).__name__, tuple(out.shape)))
-        return record
+    def enter(module, args):
+        parent = running[-1] + "." if running else ""
+        running.append(next((n for n in names[module] if n.startswith(parent)), names[module][0]))
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and n.count(".") < depth]
+    def leave(module, args, out):
+        out = out[0] if isinstance(out, tuple) else out
+        rows.append((running.pop(), type(module).__name__, tuple(out.shape)))
+
+    handles = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
         with torch.no_grad():
             model(*inputs)

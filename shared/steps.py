@@ -3,7 +3,7 @@
     python3 -m shared.steps list          each step and its one-line lesson
     python3 -m shared.steps resolve 7     -> 07_decoder_only (also 07, 07_decoder_only)
     python3 -m shared.steps prev 08_gpt2  -> 07_decoder_only
-    python3 -m shared.steps deps          the pinned dependencies from pyproject.toml
+    python3 -m shared.steps deps [NAME]   the pinned dependencies from pyproject.toml (or only those named)
 """
 import ast
 import re
@@ -43,8 +43,9 @@ def main(argv: list[str]) -> int:
     cmd, *rest = argv or ["list"]
     if cmd == "list":
         print(listing())
-    elif cmd == "deps":
-        print(" ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]))
+    elif cmd == "deps":  # all of them, or those named: deps torch
+        deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        print(" ".join(d for d in deps if not rest or re.split(r"[=<>~ ]", d)[0] in rest))
     elif cmd in ("resolve", "prev"):
         try:
             step = resolve(rest[0] if rest else "")

@@ -6,9 +6,12 @@ A test names the parts of a step it needs with `@pytest.mark.needs("MultiHeadAtt
 covered without editing a list; a part that a later step drops stops being tested there.
 `@pytest.mark.main_needs(...)` does the same with the names in the step's __main__.py (what `make step`
 runs): the run tests use `main_needs("evaluate")`, the steps whose run trains and reports a validation loss.
-`pytest --step 03_feedforward` (or `make test N=03`) keeps one step's tests.
+`@pytest.mark.main_mentions("--block-size")` picks the steps whose __main__.py has that text (a flag, a call).
+`@pytest.mark.check("shapes")` marks one of the four checks every step must have; test_coverage.py fails when a
+step has none of a kind. `pytest --step 03_feedforward` (or `make test N=03`) keeps one step's tests.
 """
 import importlib
+import inspect
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -40,9 +43,14 @@ def pytest_addoption(parser):
     parser.addoption("--step", default=None, help="only this step's tests, e.g. 03_feedforward")
 
 
+CHECKS = ("shapes", "parameters", "reference", "loss")  # the four checks every step must have (see test_coverage)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs(*names): run on every step whose model.py defines these names")
     config.addinivalue_line("markers", "main_needs(*names): run on every step whose __main__.py defines these")
+    config.addinivalue_line("markers", "main_mentions(*texts): run on every step whose __main__.py has these texts")
+    config.addinivalue_line("markers", f"check(kind): this test is one of the shared checks, kind in {CHECKS}")
 
 
 def has(obj, dotted: str) -> bool:
@@ -53,15 +61,25 @@ def has(obj, dotted: str) -> bool:
     return True
 
 
+def mentions(step: Step, text: str) -> bool:
+    return text in inspect.getsource(step.main)
+
+
+def steps_for(marks, only: str | None = None) -> list[Step]:
+    """The steps a test with these marks runs on: those with every name and text its marks ask for."""
+    def wanted(kind):
+        return [name for m in marks if m.name == kind for name in m.args]
+
+    steps = [Step(s, importlib.import_module(f"steps.{s}.model")) for s in all_steps() if only in (None, s)]
+    return [s for s in steps if all(has(s.model, n) for n in wanted("needs"))
+            and all(has(s.main, n) for n in wanted("main_needs"))
+            and all(mentions(s, t) for t in wanted("main_mentions"))]
+
+
 def pytest_generate_tests(metafunc):
     if "step" not in metafunc.fixturenames:
         return
-    needs = [m.args for m in metafunc.definition.iter_markers("needs")]
-    main_needs = [m.args for m in metafunc.definition.iter_markers("main_needs")]
-    only = metafunc.config.getoption("--step")
-    steps = [Step(s, importlib.import_module(f"steps.{s}.model")) for s in all_steps() if only in (None, s)]
-    chosen = [s for s in steps if all(has(s.model, n) for names in needs for n in names)
-              and all(has(s.main, n) for names in main_needs for n in names)]
+    chosen = steps_for(list(metafunc.definition.iter_markers()), metafunc.config.getoption("--step"))
     metafunc.parametrize("step", chosen, ids=[s.name for s in chosen])
 
 

@@ -56,6 +56,7 @@ def test_causal_output_at_t_ignores_later_inputs(step, T, t):
     torch.testing.assert_close(mha(x, x, x, mask)[:, : t + 1], mha(changed, changed, changed, mask)[:, : t + 1])
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("attention", "causal_mask")
 def test_attention_matches_torch_scaled_dot_product_attention(step):
     q, k, v = qkv(2, 4, 7, 7)
@@ -69,6 +70,7 @@ def _padded_batch():
     return idx, torch.randn(2, 5, 32)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("MultiHeadAttention", "padding_mask", "causal_mask")
 def test_multi_head_attention_matches_torch_multihead_attention(step):
     mha = step.model.MultiHeadAttention(d_model=32, n_heads=4)
@@ -81,6 +83,7 @@ def test_multi_head_attention_matches_torch_multihead_attention(step):
     torch.testing.assert_close(mha(x, x, x, mask), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("MultiHeadAttention", "padding_mask")
 def test_multi_head_attention_matches_marian_attention(step):
     mha = step.model.MultiHeadAttention(d_model=32, n_heads=4)
@@ -92,6 +95,7 @@ def test_multi_head_attention_matches_marian_attention(step):
     torch.testing.assert_close(mha(x, x, x, mask), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("parameters")
 @pytest.mark.needs("MultiHeadAttention")
 def test_multi_head_attention_parameter_count(step):
     d = 32

@@ -25,11 +25,13 @@ def test_feed_forward_is_one_mlp_applied_at_every_position(step):
     assert ffn.fc1.weight.shape == (32, 16)  # no position axis: one weight matrix for all positions
 
 
+@pytest.mark.check("parameters")
 @pytest.mark.needs("FeedForward")
 def test_feed_forward_parameter_count(step):
     assert sum(p.numel() for p in step.model.FeedForward(16, 64).parameters()) == 2 * 16 * 64 + 64 + 16
 
 
+@pytest.mark.check("shapes")
 @pytest.mark.needs("EncoderLayer")
 @given(batch=st.integers(1, 4), length=st.integers(1, 16))
 def test_encoder_layer_keeps_the_shape(step, batch, length):
@@ -37,6 +39,7 @@ def test_encoder_layer_keeps_the_shape(step, batch, length):
     assert layer(torch.randn(batch, length, 16)).shape == (batch, length, 16)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("EncoderLayer", "padding_mask")
 def test_encoder_layer_matches_torch_transformer_encoder_layer(step):
     layer = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
@@ -50,6 +53,7 @@ def test_encoder_layer_matches_torch_transformer_encoder_layer(step):
     torch.testing.assert_close(ours[real], expected[real], atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("EncoderLayer", "padding_mask")
 def test_encoder_layer_matches_marian_encoder_layer(step):
     layer = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
@@ -61,6 +65,7 @@ def test_encoder_layer_matches_marian_encoder_layer(step):
     torch.testing.assert_close(layer(x, mask), ref(x, additive_mask(mask)), atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("parameters")
 @pytest.mark.needs("EncoderLayer")
 def test_encoder_layer_parameter_count(step):
     layer = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.1)

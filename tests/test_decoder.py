@@ -25,6 +25,7 @@ def masks(step):
     return tgt_mask, step.model.padding_mask(SRC, 0)  # (B, 1, 1, S)
 
 
+@pytest.mark.check("shapes")
 @pytest.mark.needs("Decoder", "causal_mask")
 @given(batch=st.integers(1, 4), t=st.integers(1, 12), s=st.integers(1, 12))
 def test_decoder_shape_follows_the_target_not_the_memory(step, batch, t, s):
@@ -33,6 +34,7 @@ def test_decoder_shape_follows_the_target_not_the_memory(step, batch, t, s):
     assert small_decoder(step)(tgt, memory, step.model.causal_mask(t), memory_mask).shape == (batch, t, 32)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("DecoderLayer", "padding_mask", "causal_mask")
 def test_decoder_layer_matches_torch_transformer_decoder_layer(step):
     layer = step.model.DecoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
@@ -44,6 +46,7 @@ def test_decoder_layer_matches_torch_transformer_decoder_layer(step):
     torch.testing.assert_close(layer(x, memory, *masks(step)), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("Decoder", "padding_mask", "causal_mask")
 def test_decoder_matches_torch_transformer_decoder(step):
     dec = small_decoder(step)
@@ -56,6 +59,7 @@ def test_decoder_matches_torch_transformer_decoder(step):
     torch.testing.assert_close(dec(TGT, memory, *masks(step)), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("Decoder", "padding_mask", "causal_mask")
 def test_decoder_matches_marian_decoder_with_embeddings(step):
     dec = small_decoder(step)
@@ -94,6 +98,7 @@ def test_decoder_reads_the_memory(step):
     assert not torch.isclose(a, b).all(-1).any()
 
 
+@pytest.mark.check("parameters")
 @pytest.mark.needs("Decoder")
 def test_decoder_parameter_count(step):
     assert sum(p.numel() for p in small_decoder(step).parameters()) == 50 * 32 + 2 * layer_params(32, 64, 2)

@@ -25,12 +25,14 @@ def pad(rows, left=True, pad_id=0):
     return torch.tensor([side(pad_id, r) for r in rows]), torch.tensor([side(0, [1] * len(r)) for r in rows])
 
 
+@pytest.mark.check("shapes")
 @pytest.mark.needs("DecoderOnlyLM")
 @given(batch=st.integers(1, 3), length=st.integers(1, 16))
 def test_logits_shape(step, batch, length):
     assert small(step)(torch.randint(50, (batch, length))).shape == (batch, length, 50)
 
 
+@pytest.mark.check("parameters")
 @pytest.mark.needs("DecoderOnlyLM")
 def test_default_config_is_the_papers_base_decoder_over_gpt2_tokens(step):
     with torch.device("meta"):  # shapes only, no memory
@@ -46,6 +48,7 @@ def test_output_projection_is_the_token_embedding(step):
     assert sum(p.numel() for p in model.parameters()) == 50 * 32 + 2 * layer_params(32, 64, 1)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("DecoderOnlyLM")
 def test_matches_marian_for_causal_lm_logits(step):
     """Marian's decoder without an encoder: its cross-attention weights exist but are never used."""
@@ -60,6 +63,7 @@ def test_matches_marian_for_causal_lm_logits(step):
     torch.testing.assert_close(model(IDX), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("DecoderOnlyLM")
 def test_matches_torch_transformer_encoder_with_a_causal_mask(step):
     """Without cross-attention, a decoder layer is an encoder layer that may not look ahead."""

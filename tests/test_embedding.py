@@ -25,6 +25,7 @@ def test_sinusoid_matches_the_closed_form(step):
             assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=ATOL)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("sinusoidal_table")
 def test_sinusoid_matches_distilbert(step):
     ref = torch.empty(512, 64)
@@ -32,6 +33,7 @@ def test_sinusoid_matches_distilbert(step):
     torch.testing.assert_close(step.model.sinusoidal_table(512, 64), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("sinusoidal_table")
 def test_sinusoid_is_marians_table_with_the_channels_reordered(step):
     marian = MarianSinusoidalPositionalEmbedding(512, 64)
@@ -39,6 +41,7 @@ def test_sinusoid_is_marians_table_with_the_channels_reordered(step):
     torch.testing.assert_close(marian_positions(step.model.sinusoidal_table(512, 64)), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("shapes")
 @pytest.mark.needs("Embedder")
 @given(batch=st.integers(1, 4), length=st.integers(1, 32))
 def test_embedder_shape(step, batch, length):
@@ -54,6 +57,7 @@ def test_embedder_scales_tokens_by_sqrt_d_model_and_adds_positions(step):
     torch.testing.assert_close(embed(idx), expected)
 
 
+@pytest.mark.check("parameters")
 @pytest.mark.needs("Embedder")
 def test_embedder_learns_only_the_token_table(step):
     embed = step.model.Embedder(vocab_size=11, d_model=16, max_len=32, dropout=0.1)

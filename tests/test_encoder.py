@@ -20,6 +20,7 @@ def small_encoder(step):
 SRC = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]])  # (B=2, S=6), pad id 0
 
 
+@pytest.mark.check("shapes")
 @pytest.mark.needs("Encoder", "padding_mask")
 @given(batch=st.integers(1, 4), length=st.integers(1, 16))
 def test_encoder_shape(step, batch, length):
@@ -27,6 +28,7 @@ def test_encoder_shape(step, batch, length):
     assert small_encoder(step)(src, step.model.padding_mask(src, 0)).shape == (batch, length, 32)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("Encoder", "padding_mask")
 def test_encoder_matches_torch_transformer_encoder(step):
     enc = small_encoder(step)
@@ -39,6 +41,7 @@ def test_encoder_matches_torch_transformer_encoder(step):
     torch.testing.assert_close(ours[real], expected[real], atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("Encoder", "padding_mask")
 def test_encoder_matches_marian_encoder_with_embeddings(step):
     enc = small_encoder(step)
@@ -69,6 +72,7 @@ def test_encoder_sees_both_directions(step):
     assert not torch.allclose(enc(a, mask)[:, 0], enc(b, mask)[:, 0])
 
 
+@pytest.mark.check("parameters")
 @pytest.mark.needs("Encoder")
 def test_encoder_parameter_count(step):
     assert sum(p.numel() for p in small_encoder(step).parameters()) == 50 * 32 + 2 * layer_params(32, 64, 1)

@@ -1,4 +1,5 @@
 """The project's helpers: the step registry behind the Makefile, data files, tokenizers, device, run log."""
+import argparse
 import json
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import urllib.error
 import pytest
 import torch
 
-from shared import data, device, runlog
+from shared import cli, data, device, runlog, shapes
 from shared.steps import all_steps, resolve
 
 
@@ -23,11 +24,6 @@ def test_unknown_step_prints_the_list_and_exits_nonzero():
     for n in ("99", "", "embedding"):
         r = sh(sys.executable, "-m", "shared.steps", "resolve", n)
         assert r.returncode == 2 and "01_embedding" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_make_step_with_an_unknown_step_fails_without_a_traceback():
-    r = sh("make", "-s", "step", "N=99")
-    assert r.returncode != 0 and "unknown step '99'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_make_list_shows_every_step_with_its_lesson():
@@ -83,15 +79,61 @@ def test_gpt2_tokenizer_works_offline_with_gpt2_ids():
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
 
 
+def damaged_copy(tmp_path, monkeypatch, name):
+    """The data directory with every file intact except `name`, which has lost its second half."""
+    for f in data.FILES:
+        blob = (data.data_dir() / f).read_bytes()
+        (tmp_path / f).write_bytes(blob[: len(blob) // 2] if f == name else blob)
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+
+
+@pytest.mark.parametrize("name, load", [("tinyshakespeare.txt", data.shakespeare),
+                                        ("r50k_base.tiktoken", data.gpt2_tokenizer)])
+def test_a_damaged_data_file_is_named_with_what_to_do(tmp_path, monkeypatch, name, load):
+    damaged_copy(tmp_path, monkeypatch, name)
+    with pytest.raises(SystemExit) as exit:
+        load()
+    message = str(exit.value.code)
+    assert message.startswith("error:") and str(tmp_path / name) in message and "damaged" in message
+    assert "Delete it" in message and data.FILES[name][0] in message  # how to get a good copy
+
+
 def test_char_tokenizer_round_trips_with_specials_first():
     tok = data.CharTokenizer("hello", specials=("_",))
     assert tok.itos == ["_", "e", "h", "l", "o"] and tok.decode(tok.encode("hello")) == "hello"
+
+
+def test_char_tokenizer_refuses_a_special_symbol_that_occurs_in_the_text():
+    with pytest.raises(ValueError, match="also occur in the text"):
+        data.CharTokenizer("why?", specials=("_", "?"))
 
 
 def test_random_windows_targets_are_the_inputs_shifted_by_one():
     ids = torch.arange(100)
     x, y = data.random_windows(ids, 4, 8, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 8) and torch.equal(y, x + 1)
+
+
+def test_random_windows_can_reach_the_last_id():
+    x, y = data.random_windows(torch.arange(9), 64, 8, torch.Generator().manual_seed(0))  # one window fits
+    assert torch.equal(x, torch.arange(8).expand(64, 8)) and torch.equal(y, x + 1)
+
+
+def test_sequential_windows_walk_every_full_window_in_order():
+    batches = list(data.sequential_windows(torch.arange(30), batch_size=2, block_size=4))  # 7 windows of 4 + 1 id
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert [len(b[0]) for b in batches] == [2, 2, 2, 1]
+    assert torch.equal(x.flatten(), torch.arange(28)) and torch.equal(y, x + 1)
+
+
+def test_a_window_longer_than_a_split_is_refused_with_the_longest_that_fits():
+    with pytest.raises(SystemExit) as exit:
+        data.split(torch.arange(100), block_size=10)  # the validation split has 10 ids: 9 at most
+    assert "--block-size 10 does not fit the validation split" in str(exit.value.code)
+    assert "--block-size 9 or less" in str(exit.value.code)
+    train, val = data.split(torch.arange(100), block_size=9)
+    assert len(train) == 90 and len(val) == 10
 
 
 def test_unavailable_device_exits_with_a_message():
@@ -104,12 +146,72 @@ def test_unavailable_device_exits_with_a_message():
 
 
 def test_run_log_writes_metrics_summary_and_a_loss_curve(tmp_path, capsys):
-    log = runlog.RunLog(tmp_path)
-    log.log(0, 2.5, tokens=100)
-    log.log(1, 2.0, tokens=100, lr=0.1)
+    log = runlog.RunLog(tmp_path, total=2)
+    log.log(0, 2.5, 0.1, tokens=100)
+    log.log(1, 2.0, 0.1, tokens=100, grad_norm=0.5)
     log.close(val_loss=2.1)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["iter"], r["loss"]) for r in rows] == [(0, 2.5), (1, 2.0)] and rows[1]["lr"] == 0.1
+    assert [(r["iter"], r["loss"], r["lr"]) for r in rows] == [(0, 2.5, 0.1), (1, 2.0, 0.1)]
+    assert rows[1]["grad_norm"] == 0.5
     assert json.loads((tmp_path / "summary.json").read_text()) == {"val_loss": 2.1}
     assert (tmp_path / "loss.svg").read_text().startswith("<svg")
-    assert "iter     1 | loss 2.0000" in capsys.readouterr().out
+    assert "iter     1 | loss 2.0000 | lr 1.00e-01" in capsys.readouterr().out
+
+
+def test_run_log_prints_every_nth_iteration_and_the_last_with_an_eta(tmp_path, capsys):
+    log = runlog.RunLog(tmp_path, total=100)  # no --log-every: about 25 lines
+    for it in range(100):
+        log.log(it, 1.0, 0.1)
+    log.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter")]
+    assert [int(line.split()[1]) for line in lines] == [*range(0, 100, 4), 99]
+    assert all("elapsed, eta" in line for line in lines)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 100  # the file keeps every iteration
+
+
+def test_run_log_stops_at_a_nan_loss_naming_the_iteration_and_the_lr(tmp_path):
+    log = runlog.RunLog(tmp_path, total=10)
+    log.log(0, 2.5, 0.5)
+    with pytest.raises(SystemExit) as exit:
+        log.log(1, float("nan"), 0.5)
+    assert str(exit.value.code).startswith("error: the loss is nan at iteration 1 (lr 0.5)")
+    summary = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no NaN in it
+    assert summary == {"diverged": {"iter": 1, "loss": "nan", "lr": 0.5}}
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["loss"] is None
+
+
+def test_run_log_summary_is_valid_json_whatever_the_values(tmp_path):
+    log = runlog.RunLog(tmp_path, total=1)
+    log.close(val_loss=float("inf"), ok=1.0)
+    text = (tmp_path / "summary.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {"val_loss": None, "ok": 1.0}
+
+
+@pytest.mark.parametrize("text, message", [("inf", "finite"), ("nan", "finite"), ("-1", "finite"), ("x", "finite")])
+def test_positive_float_refuses_what_is_not_a_positive_finite_number(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        cli.positive_float(text)
+
+
+@pytest.mark.parametrize("text", ["-1", str(2**32), "99999999999999999999999", "1.5"])
+def test_seed_refuses_what_torch_cannot_take(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="a seed from 0 to 4294967295"):
+        cli.seed(text)
+
+
+def test_out_dir_is_made_and_checked_when_parsed(tmp_path):
+    assert cli.out_dir(str(tmp_path / "a" / "b")).is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file, not a directory"):
+        cli.out_dir(str(tmp_path / "file"))
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write to /proc/forbidden"):
+        cli.out_dir("/proc/forbidden")
+
+
+def test_shapes_name_a_shared_module_after_the_parent_running_it(capsys):
+    shared = torch.nn.Linear(2, 2)
+    model = torch.nn.Sequential(torch.nn.Sequential(shared), torch.nn.Sequential(shared))
+    shapes.show(model, torch.zeros(1, 2))
+    out = capsys.readouterr().out
+    assert "0.0 " in out and "1.0 " in out  # not 0.0 twice

@@ -25,6 +25,7 @@ def transformer_params(V, d, n_layers, d_ff):
     return V * d + n_layers * layer_params(d, d_ff, 1) + n_layers * layer_params(d, d_ff, 2)
 
 
+@pytest.mark.check("parameters")
 @pytest.mark.needs("Transformer")
 def test_default_config_is_the_papers_base_model(step):
     with torch.device("meta"):  # shapes only, no memory
@@ -40,6 +41,7 @@ def test_one_embedding_is_shared_by_source_target_and_output(step):
     assert sum(p.numel() for p in model.parameters()) == transformer_params(50, 32, 2, 64)
 
 
+@pytest.mark.check("shapes")
 @pytest.mark.needs("Transformer")
 @given(batch=st.integers(1, 3), s=st.integers(1, 12), t=st.integers(1, 12))
 def test_logits_shape(step, batch, s, t):
@@ -47,6 +49,7 @@ def test_logits_shape(step, batch, s, t):
     assert small(step)(src, tgt).shape == (batch, t, 50)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("Transformer")
 def test_transformer_matches_torch_transformer(step):
     model = small(step)
@@ -60,6 +63,7 @@ def test_transformer_matches_torch_transformer(step):
     torch.testing.assert_close(model(SRC, TGT), model.out_proj(hidden), atol=ATOL, rtol=0)
 
 
+@pytest.mark.check("reference")
 @pytest.mark.needs("Transformer")
 def test_transformer_matches_marian_mt_model_logits(step):
     model = small(step)

@@ -26,23 +26,25 @@ class CharLM(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model, ids, args, gen, batches: int = 20) -> float:
+def evaluate(model, ids, args) -> float:
+    """Mean loss over every window of ids, in order: the same number every time for the same weights."""
     model.eval()
-    losses = []
-    for _ in range(batches):
-        x, y = (t.to(args.device) for t in data.random_windows(ids, args.batch_size, args.block_size, gen))
-        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    total, count = 0.0, 0
+    for x, y in data.sequential_windows(ids, args.batch_size, args.block_size):
+        x, y = x.to(args.device), y.to(args.device)
+        total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() * y.numel()
+        count += y.numel()
     model.train()
-    return sum(losses) / len(losses)
+    return total / count
 
 
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=300)
-    p.add_argument("--batch-size", type=cli.positive_int, default=32)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="windows per batch")
     p.add_argument("--block-size", type=cli.positive_int, default=64, help="characters per window")
-    p.add_argument("--d-model", type=cli.positive_int, default=64)
-    p.add_argument("--dropout", type=cli.probability, default=0.1)
-    p.add_argument("--lr", type=cli.positive_float, default=3e-3)
+    p.add_argument("--d-model", type=cli.positive_int, default=64, help="width of every vector")
+    p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
+    p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="AdamW learning rate")
     args = p.parse_args(argv)
     args.device = device.pick(args.device)
     torch.manual_seed(args.seed)
@@ -50,14 +52,14 @@ def main(argv=None):
 
     text = data.shakespeare()
     tok = data.CharTokenizer(text)
-    train_ids, val_ids = data.split(torch.tensor(tok.encode(text)))
+    train_ids, val_ids = data.split(torch.tensor(tok.encode(text)), args.block_size)
     model = CharLM(tok.vocab_size, args.d_model, args.block_size, args.dropout).to(args.device)
     print(f"step {STEP} on {args.device}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"vocabulary of {tok.vocab_size} characters")
     shapes.show(model, data.random_windows(train_ids, 4, args.block_size, gen)[0].to(args.device), depth=3)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    log = runlog.RunLog(args.out)
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every)
     for it in range(args.max_steps):
         x, y = (t.to(args.device) for t in data.random_windows(train_ids, args.batch_size, args.block_size, gen))
         logits = model(x)  # (B, T, vocab_size)
@@ -65,8 +67,8 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.log(it, loss.item(), tokens=x.numel())
-    log.close(val_loss=evaluate(model, val_ids, args, gen), uniform_guess=math.log(tok.vocab_size))
+        log.log(it, loss.item(), args.lr, tokens=x.numel())
+    log.close(val_loss=evaluate(model, val_ids, args), uniform_guess=math.log(tok.vocab_size))
 
 
 if __name__ == "__main__":

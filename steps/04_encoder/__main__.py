@@ -28,40 +28,44 @@ class MaskedCharLM(nn.Module):
         return self.head(x)  # (B, S, vocab_size) logits for the character at each position
 
 
-def masked_batch(ids, batch_size: int, block_size: int, gen, hide: float = 0.15):
-    """Windows of random length, padded to block_size; 15% of real characters replaced by MASK.
+def hide(x, gen, fraction: float = 0.15):
+    """Windows x (B, S) -> random lengths, padded to S, and 15% of the real characters replaced by MASK.
 
     Returns x (B, S) with PAD and MASK ids, and y (B, S): the hidden character, -100 (ignored) elsewhere.
     """
-    x, _ = data.random_windows(ids, batch_size, block_size, gen)  # (B, S)
-    lengths = torch.randint(block_size // 2, block_size + 1, (batch_size, 1), generator=gen)  # (B, 1)
-    pad = torch.arange(block_size) >= lengths  # (B, S), True past each row's length
-    hidden = (torch.rand(x.shape, generator=gen) < hide) & ~pad  # (B, S), the positions to fill in
+    B, S = x.shape
+    lengths = torch.randint(S // 2, S + 1, (B, 1), generator=gen)  # (B, 1)
+    pad = torch.arange(S) >= lengths  # (B, S), True past each row's length
+    hidden = (torch.rand(x.shape, generator=gen) < fraction) & ~pad  # (B, S), the positions to fill in
     y = x.masked_fill(~hidden, -100)
     return x.masked_fill(hidden, MASK).masked_fill(pad, PAD), y
 
 
 @torch.no_grad()
-def evaluate(model, ids, args, gen, batches: int = 20) -> float:
+def evaluate(model, ids, args) -> float:
+    """Mean loss over the hidden characters of every window of ids, in order, hidden by a generator of its own:
+    the same number every time for the same weights."""
     model.eval()
-    losses = []
-    for _ in range(batches):
-        x, y = (t.to(args.device) for t in masked_batch(ids, args.batch_size, args.block_size, gen))
-        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    gen = torch.Generator().manual_seed(0)
+    total, count = 0.0, 0
+    for x, _ in data.sequential_windows(ids, args.batch_size, args.block_size):
+        x, y = (t.to(args.device) for t in hide(x, gen))
+        total += F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += (y >= 0).sum().item()
     model.train()
-    return sum(losses) / len(losses)
+    return total / count
 
 
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=1000)
-    p.add_argument("--batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="windows per batch")
     p.add_argument("--block-size", type=cli.positive_int, default=64, help="characters per window, at most")
-    p.add_argument("--d-model", type=cli.positive_int, default=64)
-    p.add_argument("--n-heads", type=cli.positive_int, default=4)
-    p.add_argument("--n-layers", type=cli.positive_int, default=2)
-    p.add_argument("--d-ff", type=cli.positive_int, default=256)
-    p.add_argument("--dropout", type=cli.probability, default=0.1)
-    p.add_argument("--lr", type=cli.positive_float, default=1e-3)
+    p.add_argument("--d-model", type=cli.positive_int, default=64, help="width of every vector")
+    p.add_argument("--n-heads", type=cli.positive_int, default=4, help="attention heads; must divide --d-model")
+    p.add_argument("--n-layers", type=cli.positive_int, default=2, help="stacked layers")
+    p.add_argument("--d-ff", type=cli.positive_int, default=256, help="width of the feed-forward hidden layer")
+    p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="AdamW learning rate")
     args = p.parse_args(argv)
     if args.d_model % args.n_heads:
         p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
@@ -70,32 +74,34 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
 
     text = data.shakespeare()
-    tok = data.CharTokenizer(text, specials=("_", "?"))  # PAD shows as _, MASK as ?
-    train_ids, val_ids = data.split(torch.tensor(tok.encode(text)))
+    tok = data.CharTokenizer(text, specials=("_", "#"))  # PAD shows as _, MASK as #: neither is in the corpus
+    train_ids, val_ids = data.split(torch.tensor(tok.encode(text)), args.block_size)
     model = MaskedCharLM(tok.vocab_size, args.d_model, args.n_heads, args.n_layers, args.d_ff, args.block_size,
                          args.dropout).to(args.device)
     print(f"step {STEP} on {args.device}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"vocabulary of {tok.vocab_size} characters")
-    shapes.show(model, masked_batch(train_ids, 4, args.block_size, gen)[0].to(args.device), depth=3)
+    shapes.show(model, hide(data.random_windows(train_ids, 4, args.block_size, gen)[0], gen)[0].to(args.device),
+                depth=3)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    log = runlog.RunLog(args.out)
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every)
     for it in range(args.max_steps):
-        x, y = (t.to(args.device) for t in masked_batch(train_ids, args.batch_size, args.block_size, gen))
+        x, _ = data.random_windows(train_ids, args.batch_size, args.block_size, gen)  # (B, S)
+        x, y = (t.to(args.device) for t in hide(x, gen))
         logits = model(x)  # (B, S, vocab_size)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.log(it, loss.item(), tokens=x.numel())
-    log.close(val_loss=evaluate(model, val_ids, args, gen), uniform_guess=math.log(tok.vocab_size))
+        log.log(it, loss.item(), args.lr, tokens=x.numel())
+    log.close(val_loss=evaluate(model, val_ids, args), uniform_guess=math.log(tok.vocab_size))
     show_fill_in(model, tok, val_ids, args, gen)
 
 
 @torch.no_grad()
 def show_fill_in(model, tok, ids, args, gen):
     model.eval()
-    x, y = masked_batch(ids, 1, args.block_size, gen)  # (1, S)
+    x, y = hide(data.random_windows(ids, 1, args.block_size, gen)[0], gen)  # (1, S)
     guess = model(x.to(args.device)).argmax(-1).cpu()  # (1, S)
     filled = torch.where(y >= 0, guess, x)  # model's guess at the hidden positions
     for label, row in ("input ", x), ("filled", filled), ("truth ", torch.where(y >= 0, y, x)):

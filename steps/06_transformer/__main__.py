@@ -36,28 +36,34 @@ def loss_of(model, src, tgt):
 
 
 @torch.no_grad()
-def evaluate(model, args, gen, batches: int = 20) -> float:
+def evaluate(model, args, words: int = 1000) -> float:
+    """Mean loss over one fixed set of words, drawn by a generator of its own: the same number every time for
+    the same weights."""
     model.eval()
-    losses = []
-    for _ in range(batches):
-        src, tgt = (t.to(args.device) for t in reversal_batch(args.batch_size, args.max_letters, gen))
-        losses.append(loss_of(model, src, tgt).item())
+    src, tgt = reversal_batch(words, args.max_letters, torch.Generator().manual_seed(0))
+    total, count = 0.0, 0
+    for i in range(0, words, args.batch_size):
+        s, t = src[i : i + args.batch_size].to(args.device), tgt[i : i + args.batch_size].to(args.device)
+        n = (t[:, 1:] != PAD).sum().item()  # the targets that count
+        total += loss_of(model, s, t).item() * n
+        count += n
     model.train()
-    return sum(losses) / len(losses)
+    return total / count
 
 
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=600)
-    p.add_argument("--batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="words per batch")
     p.add_argument("--max-letters", type=cli.positive_int, default=10, help="longest word")
-    p.add_argument("--d-model", type=cli.positive_int, default=64)
-    p.add_argument("--n-heads", type=cli.positive_int, default=4)
-    p.add_argument("--n-layers", type=cli.positive_int, default=2)
-    p.add_argument("--d-ff", type=cli.positive_int, default=256)
-    p.add_argument("--dropout", type=cli.probability, default=0.1)
-    p.add_argument("--lr", type=cli.positive_float, default=1e-3)
-    p.add_argument("--size", choices=["small", "base"], help="base = the paper's base model, which the sizes "
-                   "above then do not change (default: base on a GPU, small elsewhere)")
+    p.add_argument("--d-model", type=cli.positive_int, default=64, help="width of every vector")
+    p.add_argument("--n-heads", type=cli.positive_int, default=4, help="attention heads; must divide --d-model")
+    p.add_argument("--n-layers", type=cli.positive_int, default=2, help="stacked layers")
+    p.add_argument("--d-ff", type=cli.positive_int, default=256, help="width of the feed-forward hidden layer")
+    p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--size", default="auto", choices=["auto", "small", "base"],
+                   help="base = the paper's base model (the sizes above are then ignored); auto = base on a "
+                   "GPU, small elsewhere")
     args = p.parse_args(argv)
     if args.d_model % args.n_heads:
         p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
@@ -66,7 +72,9 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
 
     tok = data.CharTokenizer(LETTERS, specials=("_", "<", ">"))  # PAD shows as _, BOS as <, EOS as >
-    if (args.size or ("base" if args.device.type == "cuda" else "small")) == "base":
+    if args.size == "auto":
+        args.size = "base" if args.device.type == "cuda" else "small"
+    if args.size == "base":
         model = Transformer(tok.vocab_size, max_len=args.max_letters + 2, dropout=args.dropout, pad_id=PAD)
     else:
         model = Transformer(tok.vocab_size, args.d_model, args.n_heads, args.n_layers, args.d_ff,
@@ -78,15 +86,15 @@ def main(argv=None):
     shapes.show(model, src.to(args.device), tgt[:, :-1].to(args.device), depth=3)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    log = runlog.RunLog(args.out)
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every)
     for it in range(args.max_steps):
         src, tgt = (t.to(args.device) for t in reversal_batch(args.batch_size, args.max_letters, gen))
         loss = loss_of(model, src, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.log(it, loss.item(), tokens=tgt.numel())
-    log.close(val_loss=evaluate(model, args, gen), uniform_guess=math.log(tok.vocab_size))
+        log.log(it, loss.item(), args.lr, tokens=tgt.numel())
+    log.close(val_loss=evaluate(model, args), uniform_guess=math.log(tok.vocab_size))
     show_predictions(model, tok, args, gen)
 
 

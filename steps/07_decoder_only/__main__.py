@@ -19,29 +19,32 @@ def loss_of(model, x, y):
 
 
 @torch.no_grad()
-def evaluate(model, ids, args, gen, batches: int = 20) -> float:
+def evaluate(model, ids, args) -> float:
+    """Mean loss over every window of ids, in order: the same number every time for the same weights."""
     model.eval()
-    losses = []
-    for _ in range(batches):
-        x, y = (t.to(args.device) for t in data.random_windows(ids, args.batch_size, args.block_size, gen))
-        losses.append(loss_of(model, x, y).item())
+    total, count = 0.0, 0
+    for x, y in data.sequential_windows(ids, args.batch_size, args.block_size):
+        x, y = x.to(args.device), y.to(args.device)
+        total += loss_of(model, x, y).item() * y.numel()
+        count += y.numel()
     model.train()
-    return sum(losses) / len(losses)
+    return total / count
 
 
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=1000)
-    p.add_argument("--batch-size", type=cli.positive_int, default=4)
+    p.add_argument("--batch-size", type=cli.positive_int, default=4, help="windows per batch")
     p.add_argument("--block-size", type=cli.positive_int, default=32, help="tokens per window")
-    p.add_argument("--d-model", type=cli.positive_int, default=64)
-    p.add_argument("--n-heads", type=cli.positive_int, default=4)
-    p.add_argument("--n-layers", type=cli.positive_int, default=2)
-    p.add_argument("--d-ff", type=cli.positive_int, default=256)
-    p.add_argument("--dropout", type=cli.probability, default=0.1)
-    p.add_argument("--lr", type=cli.positive_float, default=3e-3)
+    p.add_argument("--d-model", type=cli.positive_int, default=64, help="width of every vector")
+    p.add_argument("--n-heads", type=cli.positive_int, default=4, help="attention heads; must divide --d-model")
+    p.add_argument("--n-layers", type=cli.positive_int, default=2, help="stacked layers")
+    p.add_argument("--d-ff", type=cli.positive_int, default=256, help="width of the feed-forward hidden layer")
+    p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
+    p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=40, help="tokens to write after each prompt")
-    p.add_argument("--size", choices=["small", "base"], help="base = the paper's base sizes, which the sizes "
-                   "above then do not change (default: base on a GPU, small elsewhere)")
+    p.add_argument("--size", default="auto", choices=["auto", "small", "base"],
+                   help="base = the paper's base sizes (the sizes above are then ignored); auto = base on a "
+                   "GPU, small elsewhere")
     args = p.parse_args(argv)
     if args.d_model % args.n_heads:
         p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
@@ -50,8 +53,10 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
 
     tok = data.gpt2_tokenizer()  # GPT-2's BPE: 50257 tokens
-    train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())))
-    if (args.size or ("base" if args.device.type == "cuda" else "small")) == "base":
+    train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())), args.block_size)
+    if args.size == "auto":
+        args.size = "base" if args.device.type == "cuda" else "small"
+    if args.size == "base":
         model = DecoderOnlyLM(tok.n_vocab, max_len=args.block_size, dropout=args.dropout)
     else:
         model = DecoderOnlyLM(tok.n_vocab, args.d_model, args.n_heads, args.n_layers, args.d_ff, args.block_size,
@@ -62,15 +67,15 @@ def main(argv=None):
     shapes.show(model, data.random_windows(train_ids, 4, args.block_size, gen)[0].to(args.device), depth=3)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    log = runlog.RunLog(args.out)
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every)
     for it in range(args.max_steps):
         x, y = (t.to(args.device) for t in data.random_windows(train_ids, args.batch_size, args.block_size, gen))
         loss = loss_of(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.log(it, loss.item(), tokens=x.numel())
-    log.close(val_loss=evaluate(model, val_ids, args, gen), uniform_guess=math.log(tok.n_vocab))
+        log.log(it, loss.item(), args.lr, tokens=x.numel())
+    log.close(val_loss=evaluate(model, val_ids, args), uniform_guess=math.log(tok.n_vocab))
     show_samples(model, tok, args)
 
 

@@ -18,28 +18,31 @@ def loss_of(model, x, y):
 
 
 @torch.no_grad()
-def evaluate(model, ids, args, gen, batches: int = 20) -> float:
+def evaluate(model, ids, args) -> float:
+    """Mean loss over every window of ids, in order: the same number every time for the same weights."""
     model.eval()
-    losses = []
-    for _ in range(batches):
-        x, y = (t.to(args.device) for t in data.random_windows(ids, args.batch_size, args.block_size, gen))
-        losses.append(loss_of(model, x, y).item())
+    total, count = 0.0, 0
+    for x, y in data.sequential_windows(ids, args.batch_size, args.block_size):
+        x, y = x.to(args.device), y.to(args.device)
+        total += loss_of(model, x, y).item() * y.numel()
+        count += y.numel()
     model.train()
-    return sum(losses) / len(losses)
+    return total / count
 
 
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=1000)
-    p.add_argument("--batch-size", type=cli.positive_int, default=4)
+    p.add_argument("--batch-size", type=cli.positive_int, default=4, help="windows per batch")
     p.add_argument("--block-size", type=cli.positive_int, default=32, help="tokens per window")
     p.add_argument("--n-embd", type=cli.positive_int, default=64, help="d_model; the MLP is 4 times as wide")
-    p.add_argument("--n-head", type=cli.positive_int, default=4)
-    p.add_argument("--n-layer", type=cli.positive_int, default=2)
-    p.add_argument("--dropout", type=cli.probability, default=0.1)
-    p.add_argument("--lr", type=cli.positive_float, default=3e-3)
+    p.add_argument("--n-head", type=cli.positive_int, default=4, help="attention heads; must divide --n-embd")
+    p.add_argument("--n-layer", type=cli.positive_int, default=2, help="blocks")
+    p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
+    p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=40, help="tokens to write after each prompt")
-    p.add_argument("--size", choices=["small", "124M"], help="124M = GPT-2 small, which the sizes above then "
-                   "do not change (default: 124M on a GPU, small elsewhere)")
+    p.add_argument("--size", default="auto", choices=["auto", "small", "124M"],
+                   help="124M = GPT-2 small (the sizes above are then ignored); auto = 124M on a "
+                   "GPU, small elsewhere")
     args = p.parse_args(argv)
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
@@ -49,8 +52,10 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
 
     tok = data.gpt2_tokenizer()  # GPT-2's BPE: 50257 tokens
-    train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())))
-    if (args.size or ("124M" if args.device.type == "cuda" else "small")) == "124M":
+    train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())), args.block_size)
+    if args.size == "auto":
+        args.size = "124M" if args.device.type == "cuda" else "small"
+    if args.size == "124M":
         model = GPT(GPTConfig(dropout=args.dropout))
     else:
         model = GPT(GPTConfig(args.block_size, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout))
@@ -60,15 +65,15 @@ def main(argv=None):
     shapes.show(model, data.random_windows(train_ids, 4, args.block_size, gen)[0].to(args.device), depth=3)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    log = runlog.RunLog(args.out)
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every)
     for it in range(args.max_steps):
         x, y = (t.to(args.device) for t in data.random_windows(train_ids, args.batch_size, args.block_size, gen))
         loss = loss_of(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.log(it, loss.item(), tokens=x.numel())
-    log.close(val_loss=evaluate(model, val_ids, args, gen), uniform_guess=math.log(tok.n_vocab))
+        log.log(it, loss.item(), args.lr, tokens=x.numel())
+    log.close(val_loss=evaluate(model, val_ids, args), uniform_guess=math.log(tok.n_vocab))
     show_samples(model, tok, args)
 
 

@@ -20,6 +20,10 @@ class GPTConfig:
     n_embd: int = 768  # d_model; the MLP is 4 * n_embd wide
     dropout: float = 0.1
 
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
 
 def attention(q, k, v, mask=None):
     """softmax(q k^T / sqrt(d_k)) v.  q: (B, H, T, d_k), k and v: (B, H, S, d_k).
@@ -55,7 +59,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}"
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # [W^Q | W^K | W^V], all heads side by side
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # W^O
@@ -115,6 +118,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one (vocab_size, n_embd) matrix, used twice
+        for table in (self.transformer.wte, self.transformer.wpe):  # as in step 07: rows of norm about 1, so the
+            nn.init.normal_(table.weight, std=config.n_embd**-0.5)  # tied logits start of order 1, not sqrt(n_embd)
 
     def forward(self, idx, targets=None, attention_mask=None):
         """idx: (B, T) token ids; targets: (B, T), idx shifted left by one; attention_mask: (B, T), 0 at padding.

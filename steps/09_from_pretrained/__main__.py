@@ -12,22 +12,29 @@ from .model import GPT, HUB_NAMES, GPTConfig
 STEP = "09_from_pretrained"
 
 
+# The logits are divided by it: a tiny temperature overflows float32 (1e-45 gives inf, then a nan softmax),
+# and 0.01 already samples all but greedily.
+temperature = cli.checked(float, lambda v: 0.01 <= v <= 100, "a temperature from 0.01 to 100")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog=f"python -m steps.{STEP}", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help=f"{', '.join(HUB_NAMES)} (from the hub), a directory written by "
-                   "GPT2LMHeadModel.save_pretrained, or random (an untrained GPT-2 124M). Default: gpt2, or random "
-                   "with a warning when gpt2 cannot be downloaded")
+    p.add_argument("--model", default="auto", help=f"{', '.join(HUB_NAMES)} (from the hub), a directory written by "
+                   "GPT2LMHeadModel.save_pretrained, random (an untrained GPT-2 124M), or auto: gpt2, or random with "
+                   "a warning when gpt2 cannot be downloaded")
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text to continue ('' starts a "
                    "new document, as <|endoftext|>)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=30, help="tokens to write per sample")
     p.add_argument("--num-samples", type=cli.positive_int, default=3, help="samples, one after the other")
     p.add_argument("--top-k", type=cli.positive_int, default=50, help="sample among the k most likely tokens; 1 is "
                    "greedy decoding")
-    p.add_argument("--temperature", type=cli.positive_float, default=1.0, help="divides the logits: below 1 sharpens, "
-                   "above 1 flattens")
-    p.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same text on the CPU)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
+    p.add_argument("--temperature", type=temperature, default=1.0, help="divides the logits: below 1 sharpens, "
+                   "above 1 flattens (use --top-k 1 for greedy decoding)")
+    p.add_argument("--seed", type=cli.seed, default=1337, help="random seed: the same seed gives the same text on the "
+                   "same machine")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to run; auto = cuda, else mps, else cpu")
     args = p.parse_args(argv)
     args.device = device.pick(args.device)
     torch.manual_seed(args.seed)
@@ -36,9 +43,9 @@ def main(argv=None):
         model = GPT(GPTConfig()).eval()
     else:
         try:
-            model = GPT.from_pretrained(args.model or "gpt2")
+            model = GPT.from_pretrained("gpt2" if args.model == "auto" else args.model)
         except OSError as e:
-            if args.model:  # asked for by name: stop
+            if args.model != "auto":  # asked for by name: stop
                 sys.exit(f"error: {e}\n(--model random runs an untrained GPT-2 without any download)")
             print(f"warning: {e}\nwriting with an untrained GPT-2 instead (--model random): expect noise",
                   file=sys.stderr)
@@ -47,7 +54,7 @@ def main(argv=None):
             sys.exit(f"error: {e}")
     model.to(args.device)
     config = model.config
-    print(f"step {STEP} on {args.device}: {args.model or 'gpt2'}, "
+    print(f"step {STEP} on {args.device}: {'gpt2' if args.model == 'auto' else args.model}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{config.n_layer} layers, a context of {config.block_size} tokens")
     if args.top_k > config.vocab_size:

@@ -23,6 +23,10 @@ class GPTConfig:
     n_embd: int = 768  # d_model; the MLP is 4 * n_embd wide
     dropout: float = 0.1
 
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # openai-community/<name> on the HF hub
 # HF's GPT-2 computes these with Conv1D, whose weight is (in, out): nn.Linear's (out, in), transposed.
@@ -58,7 +62,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             shards = sorted({path / f for f in json.loads(weights.read_text())["weight_map"].values()})
         state = {}
         for f in shards:  # tensors only: safetensors, or a pickle read with weights_only=True
-            state |= load_file(f) if f.suffix == ".safetensors" else torch.load(f, "cpu", weights_only=True)
+            state |= load_file(f) if f.suffix == ".safetensors" else torch.load(f, "cpu", weights_only=True, mmap=True)
         config = json.loads((path / "config.json").read_text())
         GPTConfig(config["n_positions"], config["vocab_size"], config["n_layer"], config["n_head"], config["n_embd"])
     except Exception as e:  # truncated, corrupt or not a GPT-2 checkpoint: say so, without a traceback
@@ -100,7 +104,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}"
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # [W^Q | W^K | W^V], all heads side by side
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # W^O
@@ -160,6 +163,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one (vocab_size, n_embd) matrix, used twice
+        for table in (self.transformer.wte, self.transformer.wpe):  # as in step 07: rows of norm about 1, so the
+            nn.init.normal_(table.weight, std=config.n_embd**-0.5)  # tied logits start of order 1, not sqrt(n_embd)
 
     def forward(self, idx, targets=None, attention_mask=None):
         """idx: (B, T) token ids; targets: (B, T), idx shifted left by one; attention_mask: (B, T), 0 at padding.
@@ -192,7 +197,8 @@ class GPT(nn.Module):
         hf, theirs = load_checkpoint(path)
         if unlike := {k: hf[k] for k, v in GPT2_FIXED.items() if hf.get(k, v) != v}:
             raise ValueError(f"{name_or_dir}: config.json has {unlike}; this GPT is {GPT2_FIXED}")
-        model = cls(GPTConfig(hf["n_positions"], hf["vocab_size"], hf["n_layer"], hf["n_head"], hf["n_embd"]))
+        with torch.device("meta"):  # shapes only, no memory: the checkpoint's tensors become the parameters
+            model = cls(GPTConfig(hf["n_positions"], hf["vocab_size"], hf["n_layer"], hf["n_head"], hf["n_embd"]))
         ours = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: wte's tensor again
         # The hub's files have no "transformer." in their keys, and keep the causal mask as a buffer (attn.bias).
         theirs = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in theirs.items()
@@ -201,13 +207,13 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_dir}: no {missing[0]} in the checkpoint ({len(missing)} keys missing)")
         if unknown := sorted(theirs.keys() - ours.keys()):
             raise ValueError(f"{name_or_dir}: the checkpoint has {unknown[0]}, which GPT has not ({len(unknown)} keys)")
-        with torch.no_grad():
-            for key, w in theirs.items():
-                w = w.t() if key.endswith(CONV1D) else w  # (in, out) -> (out, in)
-                if w.shape != ours[key].shape:
-                    raise ValueError(f"{name_or_dir}: {key} is {tuple(w.shape)} (after any Conv1D transpose), "
-                                     f"GPT needs {tuple(ours[key].shape)}")
-                ours[key].copy_(w)
+        for key, w in theirs.items():  # memory-mapped from the file: read on first use, copied only when written to
+            w = (w.t() if key.endswith(CONV1D) else w).float()  # Conv1D's (in, out) -> (out, in): a view, no copy
+            if w.shape != ours[key].shape:
+                raise ValueError(f"{name_or_dir}: {key} is {tuple(w.shape)} (after any Conv1D transpose), "
+                                 f"GPT needs {tuple(ours[key].shape)}")
+            model.load_state_dict({key: w}, strict=False, assign=True)  # the parameter is now w itself
+        model.lm_head.weight = model.transformer.wte.weight  # assign replaced wte's parameter: tie it again
         return model.eval()  # as HF's from_pretrained: no dropout until .train()
 
     @torch.no_grad()

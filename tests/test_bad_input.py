@@ -1,0 +1,193 @@
+"""Bad input a learner will type, for every step's command: each gets a one-line `error:` that names the problem
+and a non-zero exit, never a traceback. Steps join by the same discovery as every other test: the training
+commands by `main_needs("evaluate")`, the generation command by `main_needs("stream")`.
+
+Most cases run the command in this process (an exception other than SystemExit is what prints a traceback);
+the last few run `make step` as a learner does and read what the terminal shows.
+"""
+import json
+import subprocess
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from shared import data
+
+FAST = ["--max-steps", "2", "--device", "cpu", "--seed", "0"]
+
+
+def refuses(step, argv, capsys, *words):
+    """The command exits non-zero with `error:` and every one of `words` in what it prints, and no traceback."""
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(argv)
+    code = exit.value.code
+    said = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    assert code not in (0, None), "the command exited 0"
+    assert "error:" in said and all(w in said for w in words), said
+    assert "Traceback" not in said
+    return said
+
+
+# ---- the training commands (01-08 and every later step that trains)
+
+@pytest.mark.main_needs("evaluate")
+@pytest.mark.parametrize("flag, value", [
+    ("--device", "tpu"), ("--seed", "x"), ("--seed", "-1"), ("--seed", "99999999999999999999999"),
+    ("--max-steps", "0"), ("--max-steps", "1.5"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"),
+    ("--dropout", "1.5"), ("--dropout", "nan"), ("--batch-size", "0"), ("--log-every", "-1"),
+])
+def test_a_bad_value_is_refused_naming_the_flag(step, flag, value, capsys):
+    refuses(step, [flag, value], capsys, f"argument {flag}", repr(value))
+
+
+@pytest.mark.main_needs("evaluate")
+def test_out_naming_a_file_is_refused(step, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("my notes")
+    refuses(step, ["--out", str(tmp_path / "notes.txt")], capsys, "argument --out", "is a file")
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
+
+
+@pytest.mark.main_needs("evaluate")
+def test_out_that_cannot_be_written_is_refused(step, capsys):
+    refuses(step, ["--out", "/proc/forbidden"], capsys, "argument --out", "cannot write to /proc/forbidden")
+
+
+@pytest.mark.main_needs("evaluate")
+@pytest.mark.main_mentions("--n-heads")
+def test_heads_that_do_not_divide_d_model_are_refused(step, capsys):
+    refuses(step, ["--d-model", "30", "--n-heads", "4"], capsys, "not divisible by --n-heads")
+
+
+@pytest.mark.main_needs("evaluate")
+@pytest.mark.main_mentions("--n-embd")
+def test_heads_that_do_not_divide_n_embd_are_refused(step, capsys):
+    refuses(step, ["--n-embd", "30", "--n-head", "4"], capsys, "not divisible by --n-head")
+
+
+@pytest.mark.main_needs("evaluate")
+@pytest.mark.main_mentions("--block-size")
+def test_a_window_longer_than_the_data_is_refused_before_training(step, tmp_path, capsys):
+    said = refuses(step, [*FAST, "--out", str(tmp_path), "--block-size", "200000", "--batch-size", "1"], capsys,
+                   "--block-size 200000 does not fit")
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused up front, not after a first iteration
+    assert "or less" in said
+
+
+@pytest.mark.main_needs("evaluate")
+def test_a_diverging_run_stops_at_the_first_nan_naming_the_iteration_and_lr(step, tmp_path, capsys):
+    refuses(step, ["--lr", "1e9", "--max-steps", "20", "--device", "cpu", "--seed", "0", "--out", str(tmp_path)],
+            capsys, "training diverged", "at iteration", "(lr 1e+09)")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] is None and len(rows) < 20  # stopped at the first non-finite loss
+    assert json.loads((tmp_path / "summary.json").read_text())["diverged"]["iter"] == rows[-1]["iter"]
+
+
+def with_data(tmp_path, monkeypatch, damaged=None, missing=None):
+    """A data directory with the real files, one of them cut in half or left out; the network is down."""
+    for name in data.FILES:
+        blob = (data.data_dir() / name).read_bytes()
+        if name != missing:
+            (tmp_path / name).write_bytes(blob[: len(blob) // 2] if name == damaged else blob)
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+
+
+def offline(*args, **kwargs):
+    raise OSError("no network")
+
+
+@pytest.mark.main_needs("evaluate")
+@pytest.mark.main_mentions("data.shakespeare()")
+def test_a_damaged_corpus_is_named_not_used(step, tmp_path, monkeypatch, capsys):
+    with_data(tmp_path, monkeypatch, damaged="tinyshakespeare.txt")
+    refuses(step, [*FAST, "--out", str(tmp_path / "run")], capsys, "tinyshakespeare.txt is damaged")
+
+
+@pytest.mark.main_needs("evaluate")
+@pytest.mark.main_mentions("data.gpt2_tokenizer()")
+def test_a_damaged_tokenizer_file_is_named(step, tmp_path, monkeypatch, capsys):
+    with_data(tmp_path, monkeypatch, damaged="r50k_base.tiktoken")
+    refuses(step, [*FAST, "--out", str(tmp_path / "run")], capsys, "r50k_base.tiktoken is damaged")
+
+
+@pytest.mark.main_needs("evaluate")
+@pytest.mark.main_mentions("data.shakespeare()")
+def test_a_missing_corpus_offline_says_where_to_put_it(step, tmp_path, monkeypatch, capsys):
+    with_data(tmp_path, monkeypatch, missing="tinyshakespeare.txt")
+    refuses(step, [*FAST, "--out", str(tmp_path / "run")], capsys, "tinyshakespeare.txt is not in", "GPT2STEPS_DATA")
+
+
+# ---- the generation command (step 09)
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2-random")
+    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.main_needs("stream")
+@pytest.mark.parametrize("flag, value", [
+    ("--temperature", "0"), ("--temperature", "inf"), ("--temperature", "nan"), ("--temperature", "1e-45"),
+    ("--top-k", "0"), ("--max-new-tokens", "-3"), ("--num-samples", "x"), ("--seed", "99999999999999999999999"),
+    ("--device", "tpu"),
+])
+def test_a_bad_generation_value_is_refused_naming_the_flag(step, flag, value, capsys):
+    refuses(step, ["--model", "random", flag, value], capsys, f"argument {flag}", repr(value))
+
+
+@pytest.mark.main_needs("stream")
+def test_top_k_beyond_the_vocabulary_is_refused(step, saved, capsys):
+    refuses(step, ["--model", str(saved), "--top-k", "60000"], capsys, "--top-k 60000", "50257")
+
+
+@pytest.mark.main_needs("stream")
+def test_a_model_that_is_neither_a_directory_nor_a_hub_name_is_refused(step, capsys):
+    refuses(step, ["--model", "no-such-model"], capsys, "'no-such-model' is neither a directory nor", "gpt2-xl")
+
+
+@pytest.mark.main_needs("stream")
+def test_a_hub_name_offline_says_so(step, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no network, whatever the environment
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # and nothing cached
+    refuses(step, ["--model", "gpt2"], capsys, "could not download gpt2", "are you offline?")
+
+
+@pytest.mark.main_needs("stream")
+def test_a_truncated_checkpoint_is_refused(step, saved, tmp_path, capsys):
+    for f in saved.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    blob = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    refuses(step, ["--model", str(tmp_path)], capsys, "does not hold a readable GPT-2 checkpoint")
+
+
+@pytest.mark.main_needs("stream")
+def test_a_config_whose_heads_do_not_divide_n_embd_is_refused(step, saved, tmp_path, capsys):
+    for f in saved.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"n_head": 5}))
+    refuses(step, ["--model", str(tmp_path)], capsys, "n_embd 32 is not divisible by n_head 5")
+
+
+# ---- as a learner types it: through make, in a terminal
+
+def make_step(*args):
+    return subprocess.run(["make", "-s", "step", *args], capture_output=True, text=True)
+
+
+def test_make_step_with_an_unknown_step_lists_the_steps():
+    r = make_step("N=99")
+    assert r.returncode != 0 and "unknown step '99'" in r.stderr and "01_embedding" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_make_step_of_a_diverging_run_stops_nonzero_without_a_traceback(tmp_path):
+    r = make_step("N=03", f"ARGS=--lr 1e9 --max-steps 20 --out {tmp_path}")
+    assert r.returncode != 0 and "error: the loss is nan at iteration" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_make_step_with_a_bad_flag_stops_nonzero_without_a_traceback():
+    r = make_step("N=09", "ARGS=--temperature 1e-45")
+    assert r.returncode != 0 and "argument --temperature" in r.stderr and "Traceback" not in r.stderr

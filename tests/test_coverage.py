@@ -1,0 +1,36 @@
+"""Every step keeps the four shared checks. Tests pick their steps by the names a step defines, so a rename
+would quietly deselect a step's tests; this test fails instead, naming the step and the missing kind."""
+import importlib
+from pathlib import Path
+
+import pytest
+
+from shared.steps import all_steps
+from tests.conftest import CHECKS, steps_for
+
+
+def shared_checks() -> dict[str, set[str]]:
+    """kind -> the steps that some test marked @pytest.mark.check(kind) runs on."""
+    covered = {kind: set() for kind in CHECKS}
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        module = importlib.import_module(f"tests.{path.stem}")
+        for name, fn in vars(module).items():
+            marks = getattr(fn, "pytestmark", [])
+            if name.startswith("test_") and (kinds := [m.args[0] for m in marks if m.name == "check"]):
+                for kind in kinds:
+                    covered[kind] |= {s.name for s in steps_for(marks)}
+    return covered
+
+
+@pytest.mark.parametrize("kind", CHECKS)
+def test_every_step_has_each_shared_check(kind):
+    missing = [s for s in all_steps() if s not in shared_checks()[kind]]
+    assert not missing, f"no {kind!r} check runs on {', '.join(missing)}: a rename may have deselected it"
+
+
+def test_renaming_a_part_of_a_step_is_reported(monkeypatch):
+    """The check above can fail: rename step 01's Embedder, and step 01 has no shapes check left."""
+    model = importlib.import_module("steps.01_embedding.model")
+    monkeypatch.setattr(model, "TokenEmbedder", model.Embedder, raising=False)
+    monkeypatch.delattr(model, "Embedder")
+    assert "01_embedding" not in shared_checks()["shapes"]
