@@ -6,6 +6,7 @@ exit code 2, before any data is read or any model is built.
 import argparse
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,3 +59,16 @@ def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=non_negative_int, default=0,
                    help="print every n-th iteration, 0 = about 25 lines a run; metrics.jsonl keeps every iteration")
     return p
+
+
+def parse_with_preset(p: argparse.ArgumentParser, argv, presets: dict[str, dict], pick) -> argparse.Namespace:
+    """Parse twice: first to learn the preset (--preset, or pick(args) when it is auto), then with that preset's
+    values as the defaults, so that a flag given on the command line overrides its preset's value and --help
+    shows the values in force. args.preset is the name of the preset used."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first, _ = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    name = pick(first) if first.preset == "auto" else first.preset
+    p.set_defaults(**presets[name])
+    args = p.parse_args(argv)
+    args.preset = name
+    return args

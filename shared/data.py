@@ -5,6 +5,7 @@ downloaded from its canonical URL; when that fails we say which file to put wher
 Every use checks the file's sha256, so a damaged copy is named instead of silently used.
 """
 import base64
+import functools
 import hashlib
 import os
 import sys
@@ -90,25 +91,32 @@ class CharTokenizer:
 
 def gpt2_tokenizer():
     """GPT-2's BPE (tiktoken's r50k_base, same ids as "gpt2"), built from the local ranks file."""
+    return bpe(fetch("r50k_base.tiktoken"))  # checked on every call, parsed once
+
+
+@functools.lru_cache(maxsize=1)
+def bpe(ranks_file: bytes):
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
 
     # One line per token: the token's bytes in base64, then its rank (= its id).
     ranks = {base64.b64decode(token): int(rank) for token, rank in
-             (line.split() for line in fetch("r50k_base.tiktoken").splitlines() if line)}
+             (line.split() for line in ranks_file.splitlines() if line)}
     return tiktoken.Encoding(
         name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
     )
 
 
-def split(ids: torch.Tensor, block_size: int, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """First 90% for training, last 10% for validation. Exits when a window of block_size + 1 ids does not fit."""
+def split(ids: torch.Tensor, block_size: int, flag: str = "--block-size",
+          val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """First 90% for training, last 10% for validation. Exits, naming `flag`, when a window of block_size + 1 ids
+    does not fit in one of them."""
     n = int(len(ids) * (1 - val_fraction))
     train, val = ids[:n], ids[n:]
     for name, part in ("training", train), ("validation", val):
         if len(part) <= block_size:
-            sys.exit(f"error: --block-size {block_size} does not fit the {name} split: a window needs "
-                     f"{block_size + 1} ids and the split has {len(part):,} (use --block-size {len(part) - 1} or less)")
+            sys.exit(f"error: {flag} {block_size} does not fit the {name} split: a window needs "
+                     f"{block_size + 1} ids and the split has {len(part):,} (use {flag} {len(part) - 1} or less)")
     return train, val
 
 

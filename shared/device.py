@@ -1,5 +1,7 @@
-"""Pick the device: auto = cuda, else mps, else cpu. An unavailable choice exits with a message."""
+"""Pick the device: auto = cuda, else mps, else cpu. An unavailable choice exits with a message.
+Also: whether the device computes in bf16 natively, which decides what `--dtype auto` means."""
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,3 +18,23 @@ def pick(name: str = "auto") -> torch.device:
         sys.exit(f"error: --device {name} is not available on this machine (available: "
                  f"{', '.join(d for d, ok in available.items() if ok)})")
     return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags, as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+def bf16_native(device: torch.device) -> tuple[bool, str]:
+    """Does this device run bf16 matmuls in hardware? And why, in words for the log."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return True, f"{torch.cuda.get_device_name(device)} computes in bf16"
+        return False, f"{torch.cuda.get_device_name(device)} has no bf16"
+    if device.type == "cpu":
+        if found := sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}):
+            return True, f"this CPU has {' and '.join(found)}"
+        return False, "this CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated, and slower than fp32"
+    return False, f"bf16 autocast is not chosen automatically on {device.type}"

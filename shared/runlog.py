@@ -9,12 +9,15 @@ from pathlib import Path
 class RunLog:
     """Log of one training run of `total` iterations, printing every `every`-th (0: about 25 lines a run)."""
 
-    def __init__(self, out: Path, total: int, every: int = 0):
+    def __init__(self, out: Path, total: int, every: int = 0, start: int = 0):
+        """start > 0 continues a resumed run: metrics.jsonl keeps its rows of the iterations before `start`."""
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        old = (self.out / "metrics.jsonl").read_text().splitlines() if start else []
+        self.rows: list[dict] = [r for r in map(json.loads, old) if r["iter"] < start]
         self.file = open(self.out / "metrics.jsonl", "w")
-        self.rows: list[dict] = []
-        self.total, self.every = total, every or max(1, math.ceil(total / 25))
+        self.file.writelines(json.dumps(r) + "\n" for r in self.rows)
+        self.total, self.every, self.first = total, every or max(1, math.ceil(total / 25)), start
         self.start = self.t0 = time.perf_counter()
 
     def log(self, it: int, loss: float, lr: float, tokens: int | None = None, **extra) -> None:
@@ -37,9 +40,18 @@ class RunLog:
             sys.exit(f"error: the loss is {loss} at iteration {it} (lr {lr:g}): training diverged. "
                      "A smaller --lr may help.")
 
+    def log_val(self, it: int, val_loss: float) -> None:
+        """The validation loss after iteration `it`: a row of its own in metrics.jsonl, and a line."""
+        row = {"iter": it, "val_loss": finite(round(val_loss, 6))}
+        self.rows.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        print(f"iter {it:5d} | val loss {val_loss:.4f}", flush=True)
+        self.t0 = time.perf_counter()  # evaluating is not the next iteration's time
+
     def print_line(self, row: dict, loss: float) -> None:
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / (row["iter"] + 1) * (self.total - row["iter"] - 1)
+        eta = elapsed / (row["iter"] + 1 - self.first) * (self.total - row["iter"] - 1)
         line = f"iter {row['iter']:5d} | loss {loss:.4f} | lr {row['lr']:.2e} | {row['ms']:8.2f} ms"
         if "tok_per_s" in row:
             line += f" | {row['tok_per_s']:>9,} tok/s"
@@ -54,9 +66,10 @@ class RunLog:
             (self.out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
             print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
                             if not isinstance(v, dict)))
-        points = [(r["iter"], r["loss"]) for r in self.rows if r["loss"] is not None]
-        if len(points) > 1:
-            (self.out / "loss.svg").write_text(loss_svg(*zip(*points)))
+        curves = {name: [(r["iter"], r[key]) for r in self.rows if r.get(key) is not None]
+                  for name, key in (("train", "loss"), ("validation", "val_loss"))}
+        if len(curves["train"]) > 1:
+            (self.out / "loss.svg").write_text(loss_svg(curves))
             print(f"metrics: {self.out / 'metrics.jsonl'}   loss curve: {self.out / 'loss.svg'}")
 
 
@@ -77,15 +90,28 @@ def clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
-def loss_svg(iters: list[int], losses: list[float], w: int = 640, h: int = 360, pad: int = 48) -> str:
-    """A loss curve as a self-contained SVG (open it in a browser); no plotting library needed."""
-    x0, x1, y0, y1 = min(iters), max(iters), min(losses), max(losses)
+COLOURS = {"train": "#1f77b4", "validation": "#d62728"}
+
+
+def loss_svg(curves: dict[str, list[tuple[int, float]]], w: int = 640, h: int = 360, pad: int = 48) -> str:
+    """Loss curves as a self-contained SVG (open it in a browser); no plotting library needed.
+    curves: name -> [(iter, loss), ...]; a curve of one point is drawn as a dot."""
+    points = [p for curve in curves.values() for p in curve]
+    x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
+    y0, y1 = min(y for _, y in points), max(y for _, y in points)
     sx = lambda x: pad + (x - x0) / max(x1 - x0, 1e-9) * (w - 2 * pad)
     sy = lambda y: h - pad - (y - y0) / max(y1 - y0, 1e-9) * (h - 2 * pad)
-    points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(iters, losses))
+    lines = []
+    for i, (name, curve) in enumerate(c for c in curves.items() if c[1]):
+        colour = COLOURS.get(name, "black")
+        xy = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in curve)
+        lines.append(f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="1.5"/>' if len(curve) > 1
+                     else f'<circle cx="{sx(curve[0][0]):.1f}" cy="{sy(curve[0][1]):.1f}" r="3" fill="{colour}"/>')
+        lines.append(f'<text x="{w - pad}" y="{pad + 16 * i}" text-anchor="end" fill="{colour}">{name}</text>')
+    body = "\n".join(lines)
     return f"""<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="{w}" height="{h}" fill="white"/>
-<polyline points="{points}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>
+{body}
 <line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>
 <line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>
 <text x="{pad}" y="{pad - 8}">loss {y1:.3f}</text>

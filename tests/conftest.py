@@ -6,7 +6,11 @@ A test names the parts of a step it needs with `@pytest.mark.needs("MultiHeadAtt
 covered without editing a list; a part that a later step drops stops being tested there.
 `@pytest.mark.main_needs(...)` does the same with the names in the step's __main__.py (what `make step`
 runs): the run tests use `main_needs("evaluate")`, the steps whose run trains and reports a validation loss.
-`@pytest.mark.main_mentions("--block-size")` picks the steps whose __main__.py has that text (a flag, a call).
+`@pytest.mark.main_mentions("--block-size")` picks the steps whose __main__.py has that text (a flag, a call);
+`@pytest.mark.lacks("GPTConfig.padded_vocab_size")` leaves out the steps that define the name.
+`@pytest.mark.per_model_file` marks a test of model.py alone: it runs once per distinct model.py, leaving out a
+step whose model.py is byte for byte the step before's (steps 11, 14 and 15 change only __main__.py). With
+--step it runs on the step asked for.
 `@pytest.mark.check("shapes")` marks one of the four checks every step must have; test_coverage.py fails when a
 step has none of a kind. `pytest --step 03_feedforward` (or `make test N=03`) keeps one step's tests.
 """
@@ -19,7 +23,7 @@ from types import ModuleType
 import pytest
 from hypothesis import settings
 
-from shared.steps import all_steps
+from shared.steps import STEPS_DIR, all_steps
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never need the hub
 settings.register_profile("steps", max_examples=20, deadline=None)  # keeps `make test` in minutes on 2 cores
@@ -50,6 +54,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "needs(*names): run on every step whose model.py defines these names")
     config.addinivalue_line("markers", "main_needs(*names): run on every step whose __main__.py defines these")
     config.addinivalue_line("markers", "main_mentions(*texts): run on every step whose __main__.py has these texts")
+    config.addinivalue_line("markers", "lacks(*names): leave out the steps whose model.py defines these names")
+    config.addinivalue_line("markers", "per_model_file: a test of model.py alone; it leaves out a step whose "
+                            "model.py is byte for byte the step before's (that step's run covers it)")
     config.addinivalue_line("markers", f"check(kind): this test is one of the shared checks, kind in {CHECKS}")
 
 
@@ -65,6 +72,29 @@ def mentions(step: Step, text: str) -> bool:
     return text in inspect.getsource(step.main)
 
 
+# A trainer step (one with --preset) at a size that runs 40 iterations in a few seconds, for the shared run tests.
+SMALL_TRAINER = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",
+                 "--lr", "3e-3", "--eval-every", "20", "--save-every", "20", "--max-new-tokens", "5"]
+
+
+def small_run_flags(step: Step) -> list[str]:
+    """The flags that make a step's run small enough for a test: SMALL_TRAINER for trainers (with two micro-batches
+    an optimizer step from step 15 on), none before them."""
+    if not mentions(step, '"--preset"'):
+        return []
+    return SMALL_TRAINER + (["--total-batch-size", "256"] if mentions(step, '"--total-batch-size"') else [])
+
+
+@pytest.fixture
+def first_tenth_of_the_corpus(monkeypatch):
+    """Runs read the first 10% of tiny shakespeare: evaluating the whole validation split at 50257 logits a token
+    is most of a short run's time, and a split a tenth as long keeps `make test` in minutes."""
+    from shared import data
+
+    corpus = data.shakespeare()
+    monkeypatch.setattr(data, "shakespeare", lambda: corpus[: len(corpus) // 10])
+
+
 def steps_for(marks, only: str | None = None) -> list[Step]:
     """The steps a test with these marks runs on: those with every name and text its marks ask for."""
     def wanted(kind):
@@ -73,13 +103,22 @@ def steps_for(marks, only: str | None = None) -> list[Step]:
     steps = [Step(s, importlib.import_module(f"steps.{s}.model")) for s in all_steps() if only in (None, s)]
     return [s for s in steps if all(has(s.model, n) for n in wanted("needs"))
             and all(has(s.main, n) for n in wanted("main_needs"))
-            and all(mentions(s, t) for t in wanted("main_mentions"))]
+            and all(mentions(s, t) for t in wanted("main_mentions"))
+            and not any(has(s.model, n) for n in wanted("lacks"))]
+
+
+def same_model_as_the_step_before(step: Step) -> bool:
+    i = all_steps().index(step.name)
+    model_py = lambda s: (STEPS_DIR / s / "model.py").read_bytes()
+    return i > 0 and model_py(all_steps()[i - 1]) == model_py(step.name)
 
 
 def pytest_generate_tests(metafunc):
     if "step" not in metafunc.fixturenames:
         return
     chosen = steps_for(list(metafunc.definition.iter_markers()), metafunc.config.getoption("--step"))
+    if metafunc.definition.get_closest_marker("per_model_file") and metafunc.config.getoption("--step") is None:
+        chosen = [s for s in chosen if not same_model_as_the_step_before(s)]
     metafunc.parametrize("step", chosen, ids=[s.name for s in chosen])
 
 

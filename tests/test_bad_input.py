@@ -12,6 +12,7 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from shared import data
+from tests.conftest import small_run_flags
 
 FAST = ["--max-steps", "2", "--device", "cpu", "--seed", "0"]
 
@@ -75,10 +76,11 @@ def test_a_window_longer_than_the_data_is_refused_before_training(step, tmp_path
 
 @pytest.mark.main_needs("evaluate")
 def test_a_diverging_run_stops_at_the_first_nan_naming_the_iteration_and_lr(step, tmp_path, capsys):
-    refuses(step, ["--lr", "1e9", "--max-steps", "20", "--device", "cpu", "--seed", "0", "--out", str(tmp_path)],
-            capsys, "training diverged", "at iteration", "(lr 1e+09)")
+    said = refuses(step, [*small_run_flags(step), "--lr", "1e9", "--max-steps", "20", "--device", "cpu", "--seed",
+                          "0", "--out", str(tmp_path)], capsys, "training diverged")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] is None and len(rows) < 20  # stopped at the first non-finite loss
+    assert f"at iteration {rows[-1]['iter']} (lr {rows[-1]['lr']:g})" in said  # the lr of that iteration
     assert json.loads((tmp_path / "summary.json").read_text())["diverged"]["iter"] == rows[-1]["iter"]
 
 

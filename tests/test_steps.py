@@ -6,22 +6,16 @@ import json
 
 import pytest
 
-from shared import data
+from tests.conftest import small_run_flags
 
 RUN = ["--max-steps", "40", "--device", "cpu", "--seed", "0"]
-CORPUS = data.shakespeare()
-
-
-@pytest.fixture(autouse=True)
-def first_tenth_of_the_corpus(monkeypatch):
-    """The runs here read the first 10% of tiny shakespeare: evaluating the whole validation split at 50257 logits
-    a token is most of a short run's time, and a split a tenth as long keeps `make test` in minutes."""
-    monkeypatch.setattr(data, "shakespeare", lambda: CORPUS[: len(CORPUS) // 10])
+pytestmark = pytest.mark.usefixtures("first_tenth_of_the_corpus")
 
 
 def run(step, tmp_path, *extra):
-    step.main.main([*RUN, "--out", str(tmp_path), *extra])
-    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    step.main.main([*RUN, *small_run_flags(step), "--out", str(tmp_path), *extra])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]  # the training rows, not the trainers' validation rows
 
 
 @pytest.mark.main_needs("evaluate")
@@ -72,7 +66,7 @@ def test_validation_loss_is_the_same_number_every_time_for_the_same_weights(step
 @pytest.mark.main_needs("evaluate")
 def test_log_every_prints_every_nth_iteration_and_the_last(step, tmp_path, capsys):
     rows = run(step, tmp_path, "--max-steps", "6", "--log-every", "2")
-    printed = [int(line.split()[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    printed = [int(line.split()[1]) for line in capsys.readouterr().out.splitlines() if "| loss " in line]
     assert printed == [0, 2, 4, 5] and len(rows) == 6  # metrics.jsonl keeps every iteration
 
 

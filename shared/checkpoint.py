@@ -1,0 +1,51 @@
+"""Training checkpoints: written atomically, read as tensors only, refused with a message when they do not fit.
+
+A checkpoint is one file, DIR/checkpoint.pt: a dict of the run's config, the model's and the optimizer's
+state, the next iteration, the data loader's position and the random number generators' states.
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+NAME = "checkpoint.pt"
+
+
+def save(out: Path, state: dict) -> Path:
+    """Write DIR/checkpoint.pt whole under a temporary name, then rename it: a crash mid-write leaves the last
+    good checkpoint in place, never a broken file under the real name."""
+    path, tmp = Path(out) / NAME, Path(out) / f"{NAME}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic on one file system
+    return path
+
+
+def load(out: Path) -> dict:
+    """Read DIR/checkpoint.pt with weights_only=True (tensors and plain data only: loading runs no code).
+    Exits with one line when it is missing, truncated or not a checkpoint."""
+    path = Path(out) / NAME
+    if not path.exists():
+        sys.exit(f"error: no checkpoint to resume from: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or pickled objects other than tensors
+        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if not isinstance(state, dict) or "config" not in state:
+        sys.exit(f"error: {path} is not a checkpoint of this project (no run config in it)")
+    return state
+
+
+def check_config(path: Path, theirs: dict, ours: dict) -> None:
+    """Exit with the differences when a checkpoint was written by another step or with another config."""
+    if diff := [f"{k}: {theirs.get(k)!r} in the checkpoint, {ours.get(k)!r} now" for k in sorted(theirs.keys() |
+                ours.keys()) if theirs.get(k) != ours.get(k)]:
+        sys.exit(f"error: {path / NAME} is from another run; resume it with the command that started it.\n  "
+                 + "\n  ".join(diff))
+
+
+def refuse_to_overwrite(out: Path) -> None:
+    """A new run never destroys an earlier run's checkpoint: it stops and says what to do instead."""
+    if (Path(out) / NAME).exists():
+        sys.exit(f"error: {out} already holds a checkpoint of an earlier run. Continue it with --resume {out}, "
+                 f"start the new run elsewhere with --out, or delete {Path(out) / NAME} yourself.")

@@ -1,0 +1,268 @@
+"""Step 14: the same model, optimised as GPT-3 was: AdamW (0.9, 0.95), clipping, warmup and cosine decay, decay."""
+import argparse
+import contextlib
+import dataclasses
+import math
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from shared import checkpoint, cli, data, device, runlog, shapes
+
+from .model import GPT, GPTConfig
+
+STEP = "14_gpt3_hparams"
+
+# --preset sets these; a flag given on the command line overrides its preset's value.
+PRESETS = {
+    # A small GPT over GPT-2's 50257 tokens: a default run of a few minutes on a 2-core CPU.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, batch_size=8, seq_len=64, lr=1e-3, max_steps=250,
+                 eval_every=125, save_every=125),
+    # GPT-2 small (124M) with its context of 1024 tokens, as build-nanogpt trains it on one GPU.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, batch_size=16, seq_len=1024, lr=6e-4, max_steps=50,
+                 eval_every=25, save_every=25),
+}
+# GPT-3's optimisation (Brown et al., 2020, appendix B), as build-nanogpt uses it for GPT-2.
+BETAS, EPS = (0.9, 0.95), 1e-8  # beta2 0.95: the second moment forgets faster, steadier with large batches
+CLIP = 1.0  # the gradient's global norm is clipped to this
+WEIGHT_DECAY = 0.1  # on the 2-D parameters only
+MIN_LR = 0.1  # the cosine decays to 10% of --lr
+PROMPT = "ROMEO:"
+
+
+class Loader:
+    """Consecutive windows of the training tokens. A batch is the next B*T + 1 tokens, cut into B rows of T;
+    the next batch starts B*T tokens later; past the end of the split it starts again at 0. The position is
+    its whole state, so a checkpoint that saves it resumes on exactly the next batch."""
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, pos: int = 0):
+        self.ids, self.B, self.T, self.pos = ids, batch_size, seq_len, pos  # ids on the device: batches are views
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.B, self.T
+        if self.pos + B * T + 1 > len(self.ids):
+            self.pos = 0  # the next epoch
+        buf = self.ids[self.pos : self.pos + B * T + 1]  # (B*T + 1,)
+        self.pos += B * T
+        return buf[:-1].view(B, T), buf[1:].view(B, T)  # x, y: (B, T), y is x shifted left by one
+
+
+@torch.no_grad()
+def evaluate(model, ids, args) -> float:
+    """Mean loss over every window of ids, in order: the same number every time for the same weights."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data.sequential_windows(ids, args.batch_size, args.seq_len):  # views of ids, on the device
+        with autocast(args):
+            total += model(x, y)[1].item() * y.numel()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def lr_at(it: int, args) -> float:
+    """Linear warmup to --lr over the first warmup_steps iterations, then a cosine down to MIN_LR * lr at
+    max_steps, and MIN_LR * lr after that. (A run no longer than its warmup only warms up.)"""
+    if it < args.warmup_steps:
+        return args.lr * (it + 1) / args.warmup_steps
+    progress = min(1.0, (it - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))  # 0 -> 1
+    return args.lr * (MIN_LR + (1 - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model) -> list[dict]:
+    """Weight decay pulls weights toward 0: right for the matrices and embeddings (2-D), which multiply; wrong for
+    biases and LayerNorm gains (1-D), which shift and scale, and whose right value is not near 0."""
+    params = list(model.parameters())  # each once: lm_head's weight is wte's
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def autocast(args):
+    """Inside it, matmuls run in bf16 (8 bits of mantissa) and what needs the range, softmax and the loss among
+    them, stays in fp32. The weights, their gradients and AdamW's state stay fp32 throughout."""
+    return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+
+def choose_dtype(args) -> str:
+    """--dtype auto: bf16 where the device computes in it natively, fp32 elsewhere. Says which, and why."""
+    native, why = device.bf16_native(args.device)
+    if args.dtype == "auto":
+        args.dtype = "bf16" if native else "fp32"
+    if args.device.type == "cuda":  # fp32 matmuls on tensor cores, with 10 bits of mantissa: TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        why += "; fp32 matmuls in TF32"
+    return f"{args.dtype} ({why})"
+
+
+def compiled(model, args, x, y):
+    """torch.compile(model), tried on one batch (forward and backward, the graphs training needs). Where compiling
+    fails (no C++ compiler, a device it does not support), the eager model, and why."""
+    if args.compile == "auto":
+        args.compile = args.device.type == "cuda"  # on a CPU it compiled for a minute and then ran no faster
+    if not args.compile:
+        return model, "compile off" + (" (on by default on CUDA only; --compile forces it)" if args.device.type !=
+                                       "cuda" else "")
+    start = time.perf_counter()
+    try:
+        fast = torch.compile(model)
+        with autocast(args):
+            fast(x, y)[1].backward()
+        model.zero_grad(set_to_none=True)
+        return fast, f"compiled in {time.perf_counter() - start:.0f} s"
+    except Exception as e:  # torch.compile reports its failures at the first call, as any exception
+        model.zero_grad(set_to_none=True)
+        return model, f"compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); running eager"
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_between_iterations():
+    """Ctrl-C sets a flag that the loop reads before each iteration, so a checkpoint never holds half of one.
+    A second Ctrl-C stops at once."""
+    stop = {"requested": False}
+
+    def handler(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nCtrl-C: stopping after this iteration (again to stop now)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def resume_command(argv: list[str], out: Path) -> str:
+    """The command that started this run, with --resume OUT in place of any --resume it had."""
+    keep = [a for i, a in enumerate(argv) if not a.startswith("--resume") and (i == 0 or argv[i - 1] != "--resume")]
+    return f'make step N={STEP[:2]} ARGS="{shlex.join([*keep, "--resume", str(out)])}"'
+
+
+def rng_states() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def main(argv=None):
+    p = cli.parser(__doc__, STEP, max_steps=PRESETS["tiny"]["max_steps"])
+    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="sizes and batch: tiny (minutes on a "
+                   "laptop CPU) or gpt2 (GPT-2 124M, T=1024); auto = gpt2 on CUDA, tiny elsewhere. The flags "
+                   "below override it, and --help shows the preset's values as their defaults")
+    p.add_argument("--n-layer", type=cli.positive_int, help="blocks")
+    p.add_argument("--n-head", type=cli.positive_int, help="attention heads; must divide --n-embd")
+    p.add_argument("--n-embd", type=cli.positive_int, help="width of the residual stream; the MLP is 4 times as wide")
+    p.add_argument("--batch-size", type=cli.positive_int, help="windows per batch (B)")
+    p.add_argument("--seq-len", type=cli.positive_int, help="tokens per window (T), also the model's context")
+    p.add_argument("--lr", type=cli.positive_float, help="AdamW learning rate")
+    p.add_argument("--warmup-steps", type=cli.non_negative_int, default=0, help="iterations of linear warmup to "
+                   "--lr, then a cosine decay to 10%% of it; 0 = 10%% of --max-steps")
+    p.add_argument("--dropout", type=cli.probability, default=0.0, help="dropout probability")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocasts the forward "
+                   "pass; auto = bf16 where the device computes in bf16 natively, fp32 elsewhere")
+    p.add_argument("--compile", default="auto", action=argparse.BooleanOptionalAction, help="torch.compile the "
+                   "model for training; auto = on CUDA only")
+    p.add_argument("--eval-every", type=cli.positive_int, help="iterations between validation losses")
+    p.add_argument("--save-every", type=cli.positive_int, help="iterations between checkpoints")
+    p.add_argument("--resume", type=cli.out_dir, help="continue the run whose checkpoint.pt is in this directory, "
+                   "with the command that started it; the run goes on writing there (--out is ignored)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=60, help="tokens of the sample written "
+                   "at the end")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = cli.parse_with_preset(p, argv, PRESETS, lambda a: "gpt2" if device.pick(a.device).type == "cuda" else "tiny")
+    if args.n_embd % args.n_head:
+        p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    args.warmup_steps = args.warmup_steps or max(1, args.max_steps // 10)
+    args.device = device.pick(args.device)
+    precision = choose_dtype(args)
+    if args.resume:
+        args.out = args.resume
+    else:
+        checkpoint.refuse_to_overwrite(args.out)
+    torch.manual_seed(args.seed)
+
+    tok = data.gpt2_tokenizer()  # GPT-2's BPE: 50257 tokens
+    train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())), args.seq_len, "--seq-len")
+    train_ids, val_ids = train_ids.to(args.device), val_ids.to(args.device)  # once: 8 bytes a token, 2.7 MB
+    config = GPTConfig(args.seq_len, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout)
+    model = GPT(config).to(args.device)
+    loader = Loader(train_ids, args.batch_size, args.seq_len)
+    print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.batch_size} x {args.seq_len} tokens, "
+          f"{len(train_ids):,} training tokens, dtype {precision}")
+    shapes.show(model, loader.next_batch()[0][:4], depth=2)
+    loader.pos = 0
+    fast, compile_note = compiled(model, args, *loader.next_batch())  # fast: the model to train, compiled or not
+    loader.pos = 0
+    print(f"attention: F.scaled_dot_product_attention (flash where the device has it); {compile_note}")
+
+    fused = args.device.type in ("cpu", "cuda")  # one kernel updates every parameter, where torch has one
+    opt = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=BETAS, eps=EPS, fused=fused)
+    run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size, "lr": args.lr,
+           "max_steps": args.max_steps, "seed": args.seed, "dtype": args.dtype,
+           "warmup_steps": args.warmup_steps}  # what must match for --resume
+    start = 0
+    if args.resume:
+        state = checkpoint.load(args.out)
+        checkpoint.check_config(args.out, state["config"], run)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, loader.pos = state["iter"], state["loader"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        print(f"resumed from {args.out / checkpoint.NAME} at iteration {start}")
+
+    def save(it: int) -> None:  # `it` iterations are done
+        checkpoint.save(args.out, {"config": run, "iter": it, "model": model.state_dict(),
+                                   "optimizer": opt.state_dict(), "loader": loader.pos, "rng": rng_states()})
+
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start)
+    val_loss = math.nan
+    with ctrl_c_stops_between_iterations() as stop:
+        for it in range(start, args.max_steps):
+            if stop["requested"]:
+                save(it)
+                sys.exit(f"interrupted: {it} iterations done, checkpoint in {args.out / checkpoint.NAME}. To go on:\n"
+                         f"  {resume_command(argv, args.out)}")
+            x, y = loader.next_batch()  # views of the tokens already on the device: nothing is copied
+            with autocast(args):
+                _, loss = fast(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # the norm before clipping
+            lr = lr_at(it, args)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            log.log(it, loss.item(), lr, tokens=x.numel(), grad_norm=norm.item())  # stops at a nan loss
+            if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:
+                val_loss = evaluate(model, val_ids, args)
+                log.log_val(it, val_loss)
+            if (it + 1) % args.save_every == 0 or it + 1 == args.max_steps:
+                save(it + 1)
+    log.close(val_loss=val_loss, uniform_guess=math.log(tok.n_vocab))
+    model.save_pretrained(args.out / "model")
+    print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "
+          f"make step N=09 ARGS=\"--model {args.out / 'model'}\")")
+    show_sample(model, tok, args)
+
+
+@torch.no_grad()
+def show_sample(model, tok, args):
+    model.eval()
+    idx = torch.tensor([tok.encode(PROMPT)], device=args.device)  # (1, T)
+    gen = torch.Generator(args.device).manual_seed(args.seed)  # sampling draws on the model's device
+    out = model.generate(idx, args.max_new_tokens, generator=gen, top_k=50)
+    print("-" * 60)
+    print(tok.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: nothing half-written
+        sys.exit("interrupted")

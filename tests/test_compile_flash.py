@@ -1,0 +1,79 @@
+"""Step 12's lesson and every trainer after it: F.scaled_dot_product_attention in place of the written-out
+attention, torch.compile with a fallback to eager, and batches that are views of tokens already on the device."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+CPU = torch.device("cpu")
+# fp32 throughout. SDPA and torch.compile compute the same sums as the eager code in another order (fused, blocked):
+# a few float32 rounding steps (1.2e-7 relative) at values of order 1, so 1e-5 absolute is ample and still tight.
+ATOL = 1e-5
+
+
+@pytest.mark.main_needs("compiled")
+@pytest.mark.per_model_file
+def test_sdpa_is_causal_gives_the_written_out_attention_with_a_causal_mask(step):
+    module = step.model.CausalSelfAttention(step.model.GPTConfig(n_embd=24, n_head=3))
+    x = torch.randn(2, 7, 24)
+    q, k, v = (t.transpose(1, 2) for t in module.c_attn(x).view(2, 7, 3, 3, 8).unbind(2))  # (B, H, T, d) each
+    explicit, _ = step.model.attention(q, k, v, step.model.causal_mask(7))
+    expected = module.c_proj(explicit.transpose(1, 2).reshape(2, 7, 24))
+    torch.testing.assert_close(module(x), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.main_needs("compiled")
+@pytest.mark.per_model_file
+def test_sdpa_with_a_padding_mask_gives_the_written_out_attention(step):
+    module = step.model.CausalSelfAttention(step.model.GPTConfig(n_embd=24, n_head=3))
+    x = torch.randn(2, 7, 24)
+    mask = step.model.padded_causal_mask(torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]))
+    q, k, v = (t.transpose(1, 2) for t in module.c_attn(x).view(2, 7, 3, 3, 8).unbind(2))
+    explicit, _ = step.model.attention(q, k, v, mask)
+    expected = module.c_proj(explicit.transpose(1, 2).reshape(2, 7, 24))
+    torch.testing.assert_close(module(x, mask), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.main_needs("compiled")
+@pytest.mark.per_model_file
+def test_a_compiled_model_gives_the_eager_models_logits(step):
+    torch.manual_seed(0)
+    model = step.model.GPT(step.model.GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16,
+                                                dropout=0.0)).eval()
+    idx = torch.randint(100, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(idx)[0], model(idx)[0], atol=ATOL, rtol=0)
+
+
+def small_batch(step):
+    model = step.model.GPT(step.model.GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(100, (2, 8))
+    return model, x, x
+
+
+@pytest.mark.main_needs("compiled")
+def test_compile_is_off_by_default_on_a_cpu_and_says_how_to_force_it(step):
+    model, x, y = small_batch(step)
+    fast, note = step.main.compiled(model, SimpleNamespace(compile="auto", device=CPU, dtype="fp32"), x, y)
+    assert fast is model and "--compile forces it" in note
+
+
+@pytest.mark.main_needs("compiled")
+def test_a_failing_compile_falls_back_to_eager_and_says_why(step, monkeypatch):
+    def broken(model):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model, x, y = small_batch(step)
+    fast, note = step.main.compiled(model, SimpleNamespace(compile=True, device=CPU, dtype="fp32"), x, y)
+    assert fast is model and note == "compile failed (RuntimeError: no C++ compiler found); running eager"
+    assert all(p.grad is None for p in model.parameters())  # the failed try leaves no gradients behind
+
+
+@pytest.mark.main_needs("Loader")
+def test_the_loaders_batches_are_views_of_its_tokens_not_copies(step):
+    ids = torch.arange(100)
+    x, y = step.main.Loader(ids, batch_size=2, seq_len=8).next_batch()
+    assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr()

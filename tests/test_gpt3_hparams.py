@@ -1,0 +1,77 @@
+"""Step 14's lesson and every step after it: GPT-3's optimisation. The learning-rate schedule and the parameter
+groups are checked exactly; the run logs the lr it used."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.conftest import small_run_flags
+
+ARGS = SimpleNamespace(lr=6e-4, warmup_steps=10, max_steps=110)
+
+
+@pytest.mark.main_needs("lr_at")
+@pytest.mark.parametrize("it, expected", [
+    (0, 6e-4 / 10),  # the first iteration: one tenth of the way up
+    (4, 6e-4 * 5 / 10),
+    (9, 6e-4),  # the last warmup iteration reaches --lr
+    (10, 6e-4),  # the decay starts at the top of the cosine
+    (60, 6e-4 * (0.1 + 0.9 * 0.5)),  # half way down: cos(pi / 2) = 0
+    (110, 6e-5),  # the end of the decay: 10% of --lr
+    (500, 6e-5),  # and after it
+])
+def test_the_learning_rate_at_each_phase_of_the_schedule(step, it, expected):
+    assert step.main.lr_at(it, ARGS) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.main_needs("lr_at")
+def test_the_decay_never_goes_up(step):
+    lrs = [step.main.lr_at(it, ARGS) for it in range(10, 200)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def model_of(step):
+    return step.model.GPT(step.model.GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=16))
+
+
+@pytest.mark.main_needs("param_groups")
+def test_exactly_the_matrices_and_embeddings_are_decayed(step):
+    model = model_of(step)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, not_decayed = step.main.param_groups(model)
+    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in decayed["params"]) == sorted(
+        ["transformer.wte.weight", "transformer.wpe.weight"] +
+        [f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                      "mlp.c_proj")])
+    assert all(n.endswith(".bias") or ".ln_" in n for n in (names[id(p)] for p in not_decayed["params"]))
+
+
+@pytest.mark.main_needs("param_groups")
+def test_every_parameter_is_in_one_group_once(step):
+    model = model_of(step)
+    grouped = [id(p) for g in step.main.param_groups(model) for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # the tied lm_head is wte: once
+
+
+@pytest.mark.main_needs("lr_at")
+def test_adamw_is_gpt3s_and_fused_on_the_cpu(step):
+    assert step.main.BETAS == (0.9, 0.95) and step.main.EPS == 1e-8 and step.main.CLIP == 1.0
+
+
+@pytest.mark.main_needs("lr_at")
+@pytest.mark.usefixtures("first_tenth_of_the_corpus")
+def test_a_run_logs_the_scheduled_lr_and_a_clipped_step(step, tmp_path):
+    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "6", "--warmup-steps", "2",
+                    "--lr", "1e-3", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    args = SimpleNamespace(lr=1e-3, warmup_steps=2, max_steps=6)
+    assert [r["lr"] for r in rows if "loss" in r] == [step.main.lr_at(it, args) for it in range(6)]
+
+
+@pytest.mark.main_needs("lr_at")
+def test_a_run_shorter_than_its_warmup_only_warms_up(step):
+    args = SimpleNamespace(lr=1e-3, warmup_steps=30, max_steps=20)
+    assert [step.main.lr_at(it, args) for it in (0, 19)] == [1e-3 / 30, 1e-3 * 20 / 30]

@@ -1,0 +1,251 @@
+"""Step 10's lesson and every trainer after it (the steps whose __main__.py has a Loader): GPT-2's init, the data
+loader, checkpoints that resume exactly, Ctrl-C, and the trained model written as a GPT2LMHeadModel directory.
+The shared run tests (loss falls, same seed, the log) are in test_steps.py; bad input in test_bad_input.py."""
+import importlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from shared import checkpoint, runlog
+from tests.conftest import small_run_flags, steps_for
+
+RUN = ["--device", "cpu", "--seed", "0"]
+pytestmark = pytest.mark.usefixtures("first_tenth_of_the_corpus")
+
+
+def run(step, out, *extra):
+    """A small trainer run into `out`; returns the training losses and the validation losses by iteration."""
+    step.main.main([*RUN, *small_run_flags(step), "--out", str(out), *extra])
+    return metrics(out)
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """finished(step, tmp_path): a copy, in tmp_path, of one finished 3-iteration run of the step (made once)."""
+    runs = {}
+
+    def copy_of(step, tmp_path):
+        if step.name not in runs:
+            runs[step.name] = tmp_path_factory.mktemp(f"run-{step.name}")
+            run(step, runs[step.name], "--max-steps", "3", "--eval-every", "2", "--lr", "1e-3")
+        shutil.copytree(runs[step.name], tmp_path, dirs_exist_ok=True)
+        return tmp_path
+
+    return copy_of
+
+
+def metrics(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["iter"], r["loss"]) for r in rows if "loss" in r], [(r["iter"], r["val_loss"]) for r in rows
+                                                                   if "val_loss" in r]
+
+
+# ---- GPT-2's init
+
+@pytest.mark.needs("GPT.save_pretrained")
+@pytest.mark.per_model_file
+def test_gpt2_init_statistics_per_parameter_group(step):
+    torch.manual_seed(0)
+    n_layer = 4
+    model = step.model.GPT(step.model.GPTConfig(block_size=256, vocab_size=1000, n_layer=n_layer, n_head=4,
+                                                n_embd=256))
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            assert torch.all(p == 0), name
+        elif "ln_" in name:
+            assert torch.all(p == 1), name  # LayerNorm gains start at 1
+        else:  # matrices and embeddings: normal, std 0.02, or 0.02 / sqrt(2 n_layer) for the residual projections
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02
+            # The std of n normal samples is off by about std / sqrt(2n) (n >= 65,536 here, so 0.3%); the mean by
+            # std / sqrt(n). Five times these leave a 1-in-a-million chance of a false alarm per parameter.
+            n = p.numel()
+            assert abs(p.std().item() - std) < 5 * std / math.sqrt(2 * n), (name, p.std().item(), std)
+            assert abs(p.mean().item()) < 5 * std / math.sqrt(n), name
+
+
+# ---- the data loader
+
+@pytest.mark.main_needs("Loader")
+def test_loader_walks_consecutive_windows_and_wraps_around(step):
+    loader = step.main.Loader(torch.arange(40), batch_size=2, seq_len=8)
+    x, y = loader.next_batch()
+    assert torch.equal(x, torch.tensor([list(range(0, 8)), list(range(8, 16))])) and torch.equal(y, x + 1)
+    x, _ = loader.next_batch()
+    assert x[0, 0] == 16  # the next batch starts where this one ended
+    x, _ = loader.next_batch()  # 32 + 17 > 40 ids: the split is used up, start again
+    assert x[0, 0] == 0
+
+
+@pytest.mark.main_needs("Loader")
+def test_loader_is_determined_by_its_position(step):
+    a = step.main.Loader(torch.arange(1000), batch_size=3, seq_len=16)
+    for _ in range(5):
+        a.next_batch()
+    b = step.main.Loader(torch.arange(1000), batch_size=3, seq_len=16, pos=a.pos)
+    assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
+
+
+# ---- checkpoints and resuming
+
+def interrupt_after(iteration, monkeypatch):
+    """Ctrl-C, as a terminal sends it, right after the given iteration is logged."""
+    log = runlog.RunLog.log
+
+    def log_then_ctrl_c(self, it, *args, **kwargs):
+        log(self, it, *args, **kwargs)
+        if it == iteration:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(runlog.RunLog, "log", log_then_ctrl_c)
+
+
+@pytest.mark.main_needs("Loader")
+def test_a_run_stopped_by_ctrl_c_and_resumed_logs_the_losses_of_one_run(step, tmp_path, monkeypatch):
+    args = ["--max-steps", "8", "--eval-every", "3"]
+    whole = run(step, tmp_path / "whole", *args)
+    with monkeypatch.context() as m:
+        interrupt_after(3, m)
+        with pytest.raises(SystemExit) as exit:
+            run(step, tmp_path / "split", *args)
+    assert "interrupted: 4 iterations done" in str(exit.value.code) and "--resume" in str(exit.value.code)
+    assert len(metrics(tmp_path / "split")[0]) == 4
+    resumed = run(step, tmp_path / "split", *args, "--resume", str(tmp_path / "split"))
+    assert resumed == whole  # every training loss and every validation loss, digit for digit
+
+
+def first_and_last_trainer():
+    trainers = steps_for([pytest.mark.main_needs("Loader").mark])
+    return sorted({trainers[0].name, trainers[-1].name}) if trainers else []
+
+
+# A real terminal, a real process: run on the first trainer and the newest (the signal handling is the same code in
+# every trainer, as make diff shows; the in-process test above runs on each of them).
+@pytest.mark.parametrize("name", first_and_last_trainer())
+def test_ctrl_c_in_a_terminal_saves_a_checkpoint_and_prints_how_to_resume(name, tmp_path):
+    step = next(s for s in steps_for([pytest.mark.main_needs("Loader").mark]) if s.name == name)
+    cmd = [sys.executable, "-m", f"steps.{step.name}", *RUN, *small_run_flags(step), "--max-steps", "100000",
+           "--log-every", "1", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait for the first logged iteration
+        if line.startswith("iter "):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert f"--resume {tmp_path}" in err
+    state = torch.load(tmp_path / checkpoint.NAME, weights_only=True)
+    assert state["iter"] >= 1 and state["config"]["step"] == step.name
+
+
+@pytest.mark.main_needs("Loader")
+def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoint(step, tmp_path, finished):
+    finished(step, tmp_path)
+    before = (tmp_path / checkpoint.NAME).read_bytes()
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "2")
+    assert "already holds a checkpoint" in str(exit.value.code) and f"--resume {tmp_path}" in str(exit.value.code)
+    assert (tmp_path / checkpoint.NAME).read_bytes() == before
+
+
+@pytest.mark.main_needs("Loader")
+def test_resuming_with_another_config_says_what_differs(step, tmp_path, finished):
+    finished(step, tmp_path)  # --lr 1e-3
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "3", "--lr", "2e-3", "--resume", str(tmp_path))
+    message = str(exit.value.code)
+    assert "from another run" in message and "lr: 0.001 in the checkpoint, 0.002 now" in message
+
+
+@pytest.mark.main_needs("Loader")
+def test_resuming_another_steps_checkpoint_is_refused(step, tmp_path, finished):
+    finished(step, tmp_path)
+    state = torch.load(tmp_path / checkpoint.NAME, weights_only=True)
+    state["config"]["step"] = "00_elsewhere"
+    torch.save(state, tmp_path / checkpoint.NAME)
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "3", "--lr", "1e-3", "--resume", str(tmp_path))
+    assert f"step: '00_elsewhere' in the checkpoint, '{step.name}' now" in str(exit.value.code)
+
+
+@pytest.mark.main_needs("Loader")
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "no checkpoint", "a pickled object"])
+def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, damage, finished):
+    finished(step, tmp_path)
+    path = tmp_path / checkpoint.NAME
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "not a checkpoint":
+        path.write_text("hello")
+    elif damage == "no checkpoint":
+        path.unlink()
+    else:  # weights_only=True refuses to build objects: loading a checkpoint cannot run its code
+        torch.save({"config": {}, "hook": subprocess.Popen}, path)
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "2", "--resume", str(tmp_path))
+    assert str(exit.value.code).startswith("error: ") and str(path) in str(exit.value.code)
+    assert "\n" not in str(exit.value.code)
+
+
+def test_a_checkpoint_is_never_left_half_written(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, {"config": {"n": 1}})
+
+    def crash(obj, f):  # a full disk, or the power going, halfway through the write
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path, {"config": {"n": 2}})
+    assert checkpoint.load(tmp_path)["config"] == {"n": 1}
+
+
+@pytest.mark.main_needs("Loader")
+def test_a_diverging_run_keeps_its_last_good_checkpoint(step, tmp_path):
+    with pytest.raises(SystemExit):
+        run(step, tmp_path, "--max-steps", "20", "--lr", "1e9", "--save-every", "1")
+    losses, _ = metrics(tmp_path)
+    state = torch.load(tmp_path / checkpoint.NAME, weights_only=True)
+    assert losses[-1][1] is None and state["iter"] == len(losses) - 1  # saved after the last finite loss
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+# ---- the trained model, for everyone else
+
+@pytest.mark.needs("GPT.save_pretrained")
+@pytest.mark.per_model_file
+def test_save_pretrained_gives_a_directory_transformers_loads_with_the_same_logits(step, tmp_path):
+    torch.manual_seed(0)
+    model = step.model.GPT(step.model.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
+    model.save_pretrained(tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(50257, (2, 16))
+    with torch.no_grad():  # fp32, the same weights: only the order of float sums differs
+        torch.testing.assert_close(hf(idx).logits[..., :50257], model(idx)[0][..., :50257], atol=1e-5, rtol=0)
+
+
+@pytest.mark.main_needs("Loader")
+def test_a_finished_run_leaves_metrics_a_checkpoint_and_the_model(step, tmp_path, capsys):
+    losses, vals = run(step, tmp_path, "--max-steps", "3", "--eval-every", "2")
+    assert [i for i, _ in losses] == [0, 1, 2] and [i for i, _ in vals] == [1, 2]
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"metrics.jsonl", "summary.json", "loss.svg", checkpoint.NAME, "model"} <= written
+    assert "validation" in (tmp_path / "loss.svg").read_text()  # both curves in the picture
+    out = capsys.readouterr().out
+    assert "preset tiny" in out and "ROMEO:" in out  # the header, and a sample at the end
+
+
+@pytest.mark.main_needs("Loader")
+def test_step_09_writes_with_the_trained_model(step, tmp_path, capsys, finished):
+    finished(step, tmp_path)
+    generate = importlib.import_module("steps.09_from_pretrained.__main__")
+    generate.main(["--model", str(tmp_path / "model"), "--prompt", "ROMEO:", "--max-new-tokens", "3",
+                   "--num-samples", "1", "--device", "cpu"])
+    assert f"step 09_from_pretrained on cpu: {tmp_path / 'model'}" in capsys.readouterr().out
