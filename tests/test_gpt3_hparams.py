@@ -57,7 +57,7 @@ def test_every_parameter_is_in_one_group_once(step):
 
 
 @pytest.mark.main_needs("lr_at")
-def test_adamw_is_gpt3s_and_fused_on_the_cpu(step):
+def test_adamw_and_clipping_are_gpt3s(step):
     assert step.main.BETAS == (0.9, 0.95) and step.main.EPS == 1e-8 and step.main.CLIP == 1.0
 
 
