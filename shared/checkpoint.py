@@ -30,7 +30,8 @@ def load(out: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled objects other than tensors
-        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}): truncated, damaged or not a "
+                 f"checkpoint. Delete it, or start the run afresh with another --out.")
     if not isinstance(state, dict) or "config" not in state:
         sys.exit(f"error: {path} is not a checkpoint of this project (no run config in it)")
     return state
@@ -38,8 +39,9 @@ def load(out: Path) -> dict:
 
 def check_config(path: Path, theirs: dict, ours: dict) -> None:
     """Exit with the differences when a checkpoint was written by another step or with another config."""
-    if diff := [f"{k}: {theirs.get(k)!r} in the checkpoint, {ours.get(k)!r} now" for k in sorted(theirs.keys() |
-                ours.keys()) if theirs.get(k) != ours.get(k)]:
+    keys = sorted(theirs.keys() | ours.keys(), key=lambda k: (k != "step", k))  # another step first: the cause
+    if diff := [f"{k}: {theirs.get(k, 'not set')!r} in the checkpoint, {ours.get(k, 'not set')!r} now" for k in keys
+                if theirs.get(k) != ours.get(k)]:
         sys.exit(f"error: {path / NAME} is from another run; resume it with the command that started it.\n  "
                  + "\n  ".join(diff))
 

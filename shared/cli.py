@@ -46,6 +46,13 @@ def out_dir(text: str) -> Path:
     return path
 
 
+def existing_dir(text: str) -> Path:
+    """An argparse type: a directory that is there already (a typo must not make a new, empty one)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    return Path(text)
+
+
 def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m steps.{step}", description=doc,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -54,8 +61,9 @@ def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
                    help="where to run; auto = cuda, else mps, else cpu")
     p.add_argument("--seed", type=seed, default=1337,
                    help="random seed: the same seed gives the same losses on the same machine and thread count")
-    p.add_argument("--out", type=out_dir, default=str(Path("runs") / step),
-                   help="directory for metrics.jsonl, summary.json and loss.svg")
+    p.add_argument("--out", type=out_dir, default=Path("runs") / step,
+                   help="directory for metrics.jsonl, summary.json and loss.svg (from step 10 on, also "
+                   "checkpoint.pt and model/)")
     p.add_argument("--log-every", type=non_negative_int, default=0,
                    help="print every n-th iteration, 0 = about 25 lines a run; metrics.jsonl keeps every iteration")
     return p

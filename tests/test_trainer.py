@@ -249,3 +249,19 @@ def test_step_09_writes_with_the_trained_model(step, tmp_path, capsys, finished)
     generate.main(["--model", str(tmp_path / "model"), "--prompt", "ROMEO:", "--max-new-tokens", "3",
                    "--num-samples", "1", "--device", "cpu"])
     assert f"step 09_from_pretrained on cpu: {tmp_path / 'model'}" in capsys.readouterr().out
+
+
+@pytest.mark.main_needs("Loader")
+def test_resuming_a_finished_run_changes_nothing(step, tmp_path, finished, capsys):
+    finished(step, tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in ("summary.json", checkpoint.NAME, "metrics.jsonl")}
+    run(step, tmp_path, "--max-steps", "3", "--lr", "1e-3", "--resume", str(tmp_path))
+    assert "holds a finished run (3 of 3 iterations): nothing to resume" in capsys.readouterr().out
+    assert all((tmp_path / f).read_bytes() == b for f, b in before.items())
+
+
+@pytest.mark.main_needs("Loader")
+def test_resume_from_a_directory_that_is_not_there_makes_none(step, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(step, tmp_path / "run", "--resume", str(tmp_path / "typo"))
+    assert "typo is not a directory" in capsys.readouterr().err and not (tmp_path / "typo").exists()

@@ -143,7 +143,7 @@ def main(argv=None):
                    "model for training; auto = on CUDA only")
     p.add_argument("--eval-every", type=cli.positive_int, help="iterations between validation losses")
     p.add_argument("--save-every", type=cli.positive_int, help="iterations between checkpoints")
-    p.add_argument("--resume", type=cli.out_dir, help="continue the run whose checkpoint.pt is in this directory, "
+    p.add_argument("--resume", type=cli.existing_dir, help="continue the run whose checkpoint.pt is in this directory, "
                    "with the command that started it; the run goes on writing there (--out is ignored)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=60, help="tokens of the sample written "
                    "at the end")
@@ -168,7 +168,7 @@ def main(argv=None):
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.batch_size} x {args.seq_len} tokens, "
           f"{len(train_ids):,} training tokens, dtype {precision}")
-    shapes.show(model, loader.next_batch()[0][:4], depth=2)
+    shapes.show(model, loader.next_batch()[0][:4], depth=3)
     loader.pos = 0
     fast, compile_note = compiled(model, args, *loader.next_batch())  # fast: the model to train, compiled or not
     loader.pos = 0
@@ -184,6 +184,9 @@ def main(argv=None):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, loader.pos = state["iter"], state["loader"]
+        if start >= args.max_steps:  # nothing to do: leave its summary, model and loss curve as they are
+            print(f"{args.out} holds a finished run ({start} of {args.max_steps} iterations): nothing to resume")
+            return
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

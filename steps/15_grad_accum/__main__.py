@@ -170,7 +170,7 @@ def main(argv=None):
     p.add_argument("--n-layer", type=cli.positive_int, help="blocks")
     p.add_argument("--n-head", type=cli.positive_int, help="attention heads; must divide --n-embd")
     p.add_argument("--n-embd", type=cli.positive_int, help="width of the residual stream; the MLP is 4 times as wide")
-    p.add_argument("--batch-size", type=cli.positive_int, help="windows per batch (B)")
+    p.add_argument("--batch-size", type=cli.positive_int, help="windows per micro-batch (B)")
     p.add_argument("--seq-len", type=cli.positive_int, help="tokens per window (T), also the model's context")
     p.add_argument("--total-batch-size", type=cli.positive_int, help="tokens per optimizer step, gathered in "
                    "micro-batches of B x T; a multiple of B x T")
@@ -184,7 +184,7 @@ def main(argv=None):
                    "model for training; auto = on CUDA only")
     p.add_argument("--eval-every", type=cli.positive_int, help="iterations between validation losses")
     p.add_argument("--save-every", type=cli.positive_int, help="iterations between checkpoints")
-    p.add_argument("--resume", type=cli.out_dir, help="continue the run whose checkpoint.pt is in this directory, "
+    p.add_argument("--resume", type=cli.existing_dir, help="continue the run whose checkpoint.pt is in this directory, "
                    "with the command that started it; the run goes on writing there (--out is ignored)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=60, help="tokens of the sample written "
                    "at the end")
@@ -215,7 +215,7 @@ def main(argv=None):
           f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.total_batch_size:,} tokens = "
           f"{micro_steps} micro-batches of {args.batch_size} x {args.seq_len}, "
           f"{len(train_ids):,} training tokens, dtype {precision}")
-    shapes.show(model, loader.next_batch()[0][:4], depth=2)
+    shapes.show(model, loader.next_batch()[0][:4], depth=3)
     loader.pos = 0
     fast, compile_note = compiled(model, args, *loader.next_batch())  # fast: the model to train, compiled or not
     loader.pos = 0
@@ -234,6 +234,9 @@ def main(argv=None):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, loader.pos = state["iter"], state["loader"]
+        if start >= args.max_steps:  # nothing to do: leave its summary, model and loss curve as they are
+            print(f"{args.out} holds a finished run ({start} of {args.max_steps} iterations): nothing to resume")
+            return
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
