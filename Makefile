@@ -1,7 +1,9 @@
 # gpt2-steps. Every target works as the first command on a fresh clone: it makes .venv when missing.
 #   make list              the steps and their lessons
 #   make step N=08         run a stage (ARGS="--max-steps 60 --device cpu" passes flags to it)
+#   make step N=16 NPROC=2 a stage on 2 processes (torchrun), from step 16 on
 #   make test [N=08]       the whole test suite, or one stage's tests
+#   make bench             the speed ladder of the trainer steps (ARGS="--steps 10,15" for some of them)
 #   make diff N=08         what step 08 adds to step 07
 #   make setup [CPU=1]     create .venv and install the pinned dependencies (CPU=1: torch's CPU build)
 SHELL := /bin/bash
@@ -11,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REGISTRY := $(PYTHON) -m shared.steps
 
-.PHONY: list setup step test diff clean
+.PHONY: list setup step test bench diff clean
 .DEFAULT_GOAL := list
 
 list:
@@ -30,12 +32,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet $$($(REGISTRY) deps)
 	@touch $@
 
+# NPROC=4: four processes under torchrun (shared/launch.py), for the steps that share the work (16 on).
 step: $(STAMP)
-	@s=$$($(REGISTRY) resolve "$(N)") && $(PY) -m steps.$$s $(ARGS)
+	@s=$$($(REGISTRY) resolve "$(N)") && if [ -z "$(NPROC)" ]; then $(PY) -m steps.$$s $(ARGS); \
+	elif ! grep -q init_process_group steps/$$s/__main__.py; then \
+	echo "error: step $$s runs as one process; NPROC is for step 16 (16_ddp) and later" >&2; exit 2; \
+	elif ! [[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]]; then echo "error: NPROC=$(NPROC) is not a number of processes" >&2; exit 2; \
+	else $(PY) -m shared.launch $(NPROC) steps.$$s $(ARGS); fi
 
 test: $(STAMP)
 	@if [ -n "$(N)" ]; then s=$$($(REGISTRY) resolve "$(N)") && $(PY) -m pytest --step $$s $(ARGS); \
 	else $(PY) -m pytest $(ARGS); fi
+
+bench: $(STAMP)
+	@$(PY) -m shared.bench $(ARGS)
 
 diff:
 	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) && \

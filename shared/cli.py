@@ -53,9 +53,12 @@ def existing_dir(text: str) -> Path:
     return Path(text)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the step's docstring line for line (a command in it stays one line) and every default."""
+
+
 def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m steps.{step}", description=doc,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"python -m steps.{step}", description=doc, formatter_class=HelpFormatter)
     p.add_argument("--max-steps", type=positive_int, default=max_steps, help="training iterations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run; auto = cuda, else mps, else cpu")

@@ -73,7 +73,7 @@ def mentions(step: Step, text: str) -> bool:
 
 
 # A trainer step (one with --preset) at a size that runs 40 iterations in a few seconds, for the shared run tests.
-SMALL_TRAINER = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--seq-len", "32",
+SMALL_TRAINER = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "2", "--seq-len", "32",
                  "--lr", "3e-3", "--eval-every", "20", "--save-every", "20", "--max-new-tokens", "5"]
 
 
@@ -82,17 +82,17 @@ def small_run_flags(step: Step) -> list[str]:
     an optimizer step from step 15 on), none before them."""
     if not mentions(step, '"--preset"'):
         return []
-    return SMALL_TRAINER + (["--total-batch-size", "256"] if mentions(step, '"--total-batch-size"') else [])
+    return SMALL_TRAINER + (["--total-batch-size", "128"] if mentions(step, '"--total-batch-size"') else [])
 
 
 @pytest.fixture
-def first_tenth_of_the_corpus(monkeypatch):
-    """Runs read the first 10% of tiny shakespeare: evaluating the whole validation split at 50257 logits a token
-    is most of a short run's time, and a split a tenth as long keeps `make test` in minutes."""
+def first_twentieth_of_the_corpus(monkeypatch):
+    """Runs read the first 5% of tiny shakespeare: evaluating the whole validation split at 50257 logits a token
+    is most of a short run's time, and a split a twentieth as long keeps `make test` in minutes."""
     from shared import data
 
     corpus = data.shakespeare()
-    monkeypatch.setattr(data, "shakespeare", lambda: corpus[: len(corpus) // 10])
+    monkeypatch.setattr(data, "shakespeare", lambda: corpus[: len(corpus) // 20])
 
 
 def steps_for(marks, only: str | None = None) -> list[Step]:

@@ -62,7 +62,7 @@ def test_adamw_and_clipping_are_gpt3s(step):
 
 
 @pytest.mark.main_needs("lr_at")
-@pytest.mark.usefixtures("first_tenth_of_the_corpus")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_a_run_logs_the_scheduled_lr_and_a_clipped_step(step, tmp_path):
     step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "6", "--warmup-steps", "2",
                     "--lr", "1e-3", "--out", str(tmp_path)])

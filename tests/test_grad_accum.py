@@ -18,7 +18,7 @@ def model_and_tokens(step):
 @pytest.mark.parametrize("k", [1, 4])
 def test_k_micro_batches_give_the_gradient_and_loss_of_one_batch_k_times_as_large(step, k):
     model, ids = model_and_tokens(step)
-    args = SimpleNamespace(device=CPU, dtype="fp32")
+    args = SimpleNamespace(device=CPU, dtype="fp32", rank=0, world=1)  # one process
     loss = step.main.accumulate(model, step.main.Loader(ids, batch_size=2, seq_len=16), k, args)
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()

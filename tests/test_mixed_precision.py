@@ -67,7 +67,7 @@ def test_bf16_is_native_on_a_cpu_with_avx512_bf16_or_amx(monkeypatch, flags, nat
 
 
 @pytest.mark.main_needs("autocast")
-@pytest.mark.usefixtures("first_tenth_of_the_corpus")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_the_log_says_the_dtype_and_why(step, tmp_path, capsys):
     step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "1",
                     "--out", str(tmp_path)])

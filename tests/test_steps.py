@@ -2,6 +2,8 @@
 the same seed gives the same losses, a validation loss that does not change between two evaluations.
 Bad input of every kind is in test_bad_input.py."""
 import argparse
+import contextlib
+import io
 import json
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from tests.conftest import small_run_flags
 
 RUN = ["--max-steps", "40", "--device", "cpu", "--seed", "0"]
-pytestmark = pytest.mark.usefixtures("first_tenth_of_the_corpus")
+pytestmark = pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 
 
 def run(step, tmp_path, *extra):
@@ -26,48 +28,63 @@ def test_help_lists_max_steps_device_seed_out(step, capsys):
     assert all(flag in out for flag in ("--max-steps", "--device", "--seed", "--out"))
 
 
+@pytest.fixture(scope="session")
+def forty(tmp_path_factory):
+    """forty(step): one 40-iteration run of the step, logging every 2nd iteration and evaluating each time twice
+    (made once a step, shared by the tests below): its training rows, what it printed, its --out directory and the
+    pairs of validation losses."""
+    made = {}
+
+    def run_of(step):
+        if step.name not in made:
+            out, printed, pairs = tmp_path_factory.mktemp(f"forty-{step.name}"), io.StringIO(), []
+            evaluate = step.main.evaluate
+
+            def twice(*args):
+                pairs.append((evaluate(*args), evaluate(*args)))
+                return pairs[-1][0]
+
+            with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(printed):
+                m.setattr(step.main, "evaluate", twice)
+                rows = run(step, out, "--log-every", "2")
+            made[step.name] = rows, printed.getvalue(), out, pairs
+        return made[step.name]
+
+    return run_of
+
+
 @pytest.mark.check("loss")
 @pytest.mark.main_needs("evaluate")
-def test_short_run_loss_falls_on_real_data(step, tmp_path, capsys):
-    rows = run(step, tmp_path)
+def test_short_run_loss_falls_on_real_data(step, forty):
+    rows, printed, out, _ = forty(step)
     losses = [r["loss"] for r in rows]
     assert [r["iter"] for r in rows] == list(range(40))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.9 * first, f"loss went from {first:.3f} to {last:.3f} in 40 iterations"
-    out = capsys.readouterr().out
-    assert "shapes through one forward pass" in out and "iter    39" in out  # shapes, then the live log
-    assert (tmp_path / "loss.svg").exists() and "val_loss" in json.loads((tmp_path / "summary.json").read_text())
+    assert "shapes through one forward pass" in printed and "iter    39" in printed  # shapes, then the live log
+    assert (out / "loss.svg").exists() and "val_loss" in json.loads((out / "summary.json").read_text())
 
 
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.main_mentions("gpt2_tokenizer")  # the language models over GPT-2's 50257 tokens: 07 on
-def test_first_loss_is_about_a_uniform_guess(step, tmp_path):
-    run(step, tmp_path, "--max-steps", "1")
-    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+def test_first_loss_is_about_a_uniform_guess(step, forty):
+    rows, _, out, _ = forty(step)
     # An untrained model's logits are about Gaussian with a std s, which costs about s^2 / 2 nats over ln(vocab):
     # 1 nat allows s up to 1.4. Step 08 with nn.Embedding's N(0, 1) init started at 42 (ln 50257 = 10.8).
-    assert abs(first - json.loads((tmp_path / "summary.json").read_text())["uniform_guess"]) < 1.0
+    assert abs(rows[0]["loss"] - json.loads((out / "summary.json").read_text())["uniform_guess"]) < 1.0
 
 
 @pytest.mark.main_needs("evaluate")
-def test_validation_loss_is_the_same_number_every_time_for_the_same_weights(step, tmp_path, monkeypatch):
-    values = []
-    evaluate = step.main.evaluate
-
-    def twice(*args):
-        values.extend([evaluate(*args), evaluate(*args)])
-        return values[0]
-
-    monkeypatch.setattr(step.main, "evaluate", twice)
-    run(step, tmp_path, "--max-steps", "2")
-    assert values[0] == values[1]
+def test_validation_loss_is_the_same_number_every_time_for_the_same_weights(step, forty):
+    *_, pairs = forty(step)  # each evaluation of the run, done twice in a row
+    assert pairs and all(first == second for first, second in pairs)
 
 
 @pytest.mark.main_needs("evaluate")
-def test_log_every_prints_every_nth_iteration_and_the_last(step, tmp_path, capsys):
-    rows = run(step, tmp_path, "--max-steps", "6", "--log-every", "2")
-    printed = [int(line.split()[1]) for line in capsys.readouterr().out.splitlines() if "| loss " in line]
-    assert printed == [0, 2, 4, 5] and len(rows) == 6  # metrics.jsonl keeps every iteration
+def test_log_every_prints_every_nth_iteration_and_the_last(step, forty):
+    rows, printed, _, _ = forty(step)  # 40 iterations, --log-every 2
+    logged = [int(line.split()[1]) for line in printed.splitlines() if "| loss " in line]
+    assert logged == [*range(0, 40, 2), 39] and len(rows) == 40  # metrics.jsonl keeps every iteration
 
 
 @pytest.mark.main_needs("main")

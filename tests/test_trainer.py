@@ -18,7 +18,7 @@ from shared import checkpoint, runlog
 from tests.conftest import small_run_flags, steps_for
 
 RUN = ["--device", "cpu", "--seed", "0"]
-pytestmark = pytest.mark.usefixtures("first_tenth_of_the_corpus")
+pytestmark = pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 
 
 def run(step, out, *extra):

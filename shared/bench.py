@@ -1,0 +1,356 @@
+"""make bench: the speed ladder of the trainer steps, beside transformers' GPT-2, against the machine's limit.
+
+    make bench                                   GPT-2 124M (the gpt2 preset); on a CPU B=1, T=1024
+    make bench ARGS="--steps 10,15 --iters 3"    two rows, fewer iterations
+
+Each row is one training iteration (forward, backward, the step's clipping if it has any, optimizer step) on one
+micro-batch, timed over --iters iterations after --warmup ones. A step's row runs that step's own training loop
+(its main(), with its own defaults on this device), with validation, checkpoints, export and the sample left out;
+each row runs in a process of its own, so that no setting (TF32, compile caches, threads) leaks into the next.
+The reference row, hf_gpt2, trains transformers.GPT2LMHeadModel the way the last step trains its own model.
+
+MFU (model FLOPs utilisation) = FLOPs per token x tokens/s / peak FLOP/s. FLOPs per token = 6N + 12 L H Q T:
+6 per parameter (2 forward, 4 backward) plus attention's scores and weighted sums; N counts the parameters
+without the position embeddings (GPT-2's 50257-token vocabulary: the padded ids of step 13 are not useful work),
+L layers, H heads of Q dimensions, T tokens of context. The peak is the datasheet's dense bf16 on the GPUs this
+knows, and on a CPU a large matmul measured in this run (bf16 where the CPU has it, fp32 elsewhere).
+"""
+import argparse
+import importlib
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shared import cli
+from shared.steps import ROOT, all_steps, resolve
+
+REFERENCE = "hf_gpt2"
+PRESETS = {"tiny": dict(n_layer=4, n_head=4, n_embd=128, batch_size=8, seq_len=64),  # as the steps' presets
+           "gpt2": dict(n_layer=12, n_head=12, n_embd=768, batch_size=16, seq_len=1024)}
+VOCAB = 50257
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, NVIDIA's datasheets
+RESULT = "bench-result: "  # a worker's last line: this, then its row as JSON
+
+
+def trainer_steps() -> list[str]:
+    """The steps with a training loop to time: those whose __main__.py has --preset (10 on)."""
+    return [s for s in all_steps() if '"--preset"' in (ROOT / "steps" / s / "__main__.py").read_text()]
+
+
+def step_list(text: str) -> list[str]:
+    """An argparse type: '10,15' -> ['10_training', '15_grad_accum'], each a trainer step."""
+    steps = []
+    for n in text.split(","):
+        try:
+            step = resolve(n)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e}; the trainer steps are {', '.join(trainer_steps())}")
+        if step not in trainer_steps():
+            raise argparse.ArgumentTypeError(f"step {step} has no training loop to time; the trainer steps are "
+                                             f"{', '.join(trainer_steps())}")
+        steps.append(step)
+    return steps
+
+
+def json_path(text: str) -> Path:
+    """An argparse type: a file whose directory can be written to (made now)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / 'bench.json'}")
+    cli.out_dir(str(path.parent))
+    return path
+
+
+def flops_per_token(n_layer: int, n_head: int, n_embd: int, seq_len: int) -> int:
+    """6N + 12 L H Q T, N without the position embeddings (GPT-2 small: N = 123,653,376)."""
+    n = VOCAB * n_embd + n_layer * (12 * n_embd**2 + 13 * n_embd) + 2 * n_embd  # wte (= lm_head), blocks, ln_f
+    return 6 * n + 12 * n_layer * n_head * (n_embd // n_head) * seq_len
+
+
+def peak_memory_mb(dev) -> float:
+    """CUDA: the most memory tensors held at once. CPU: the process's peak resident memory (VmHWM)."""
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    status = Path("/proc/self/status")
+    kb = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
+    return int(kb.group(1)) / 1024 if kb else math.nan
+
+
+# ---- the workers: each runs in a process of its own and prints its row as its last line ----
+
+def time_step(spec: dict) -> dict:
+    """One step's row: its main() with the bench's flags, validation, checkpoints, export and sample stubbed out;
+    the times are the per-iteration ms its own log writes to metrics.jsonl."""
+    import torch
+
+    from shared import checkpoint
+
+    main = importlib.import_module(f"steps.{spec['step']}.__main__")
+    row = {"dtype": "fp32", "compile": "no", "compile_s": None}
+    main.evaluate = lambda *a, **k: math.nan
+    main.show_sample = lambda *a, **k: None
+    main.GPT.save_pretrained = lambda *a, **k: None
+    checkpoint.save = lambda *a, **k: None
+    if hasattr(main, "choose_dtype"):
+        choose = main.choose_dtype
+
+        def choose_dtype(args):
+            said = choose(args)
+            row["dtype"] = args.dtype
+            return said
+        main.choose_dtype = choose_dtype
+    if hasattr(main, "compiled"):
+        compiled = main.compiled
+
+        def timed_compile(model, args, *batch):
+            start = time.perf_counter()
+            fast, note = compiled(model, args, *batch)
+            row["compile"] = "yes" if fast is not model else "no"
+            row["compile_s"] = round(time.perf_counter() - start, 1) if fast is not model else None
+            return fast, note
+        main.compiled = timed_compile
+    text = (ROOT / "steps" / spec["step"] / "__main__.py").read_text()
+    B, T = spec["batch_size"], spec["seq_len"]
+    with tempfile.TemporaryDirectory() as out:
+        flags = ["--preset", spec["preset"], "--batch-size", str(B), "--seq-len", str(T), "--device", spec["device"],
+                 "--max-steps", str(spec["warmup"] + spec["iters"]), "--eval-every", "1000000",
+                 "--save-every", "1000000", "--log-every", "1", "--seed", "0", "--out", str(Path(out) / "run")]
+        if '"--total-batch-size"' in text:
+            flags += ["--total-batch-size", str(B * T)]  # one micro-batch an iteration
+        main.main(flags)
+        rows = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
+    ms = [r["ms"] for r in rows if "loss" in r and r["iter"] >= spec["warmup"]]
+    row.update(ms_per_iter=statistics.median(ms), peak_mem_mb=peak_memory_mb(torch.device(spec["device_type"])))
+    return row
+
+
+def time_reference(spec: dict) -> dict:
+    """transformers.GPT2LMHeadModel (SDPA attention) trained as the last step trains: the same dtype, GPT-3's
+    fused AdamW, clipping at 1.0, compiled where the steps compile (CUDA), on the same micro-batches."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from shared import data, device
+
+    dev = device.pick(spec["device"])
+    bf16 = device.bf16_native(dev)[0]
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    p = spec["model"]
+    config = GPT2Config(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], n_positions=spec["seq_len"],
+                        vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(config).to(dev)
+    assert model.config._attn_implementation == "sdpa"
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                            fused=dev.type in ("cpu", "cuda"))
+    fast = torch.compile(model) if dev.type == "cuda" else model
+    B, T = spec["batch_size"], spec["seq_len"]
+    tok = data.gpt2_tokenizer()
+    ids = torch.tensor(tok.encode(data.shakespeare()[: 4 * B * T * 8]), device=dev)  # enough text for a few batches
+    row = {"dtype": "bf16" if bf16 else "fp32", "compile": "yes" if fast is not model else "no", "compile_s": None}
+    ms = []
+    for it in range(spec["warmup"] + spec["iters"]):
+        start = time.perf_counter()
+        pos = (it * B * T) % (len(ids) - B * T - 1)
+        x, y = ids[pos : pos + B * T].view(B, T), ids[pos + 1 : pos + B * T + 1].view(B, T)  # (B, T) each
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = fast(input_ids=x).logits  # (B, T, vocab)
+        loss = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss.item()  # waits for the device
+        elapsed = (time.perf_counter() - start) * 1000
+        if it == 0 and row["compile"] == "yes":
+            row["compile_s"] = round(elapsed / 1000, 1)  # the first call compiles
+        if it >= spec["warmup"]:
+            ms.append(elapsed)
+        print(f"iter {it:5d} | loss {loss.item():.4f} | {elapsed:8.2f} ms", flush=True)
+    row.update(ms_per_iter=statistics.median(ms), peak_mem_mb=peak_memory_mb(dev))
+    return row
+
+
+def measure_peak(spec: dict) -> dict:
+    """The FLOP/s of a large square matmul, the best of several: what this CPU can do at all, in the dtype the
+    steps train in here."""
+    import torch
+
+    from shared import device
+
+    dev = device.pick(spec["device"])
+    dtype = torch.bfloat16 if device.bf16_native(dev)[0] else torch.float32
+    n = 2048
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = math.inf
+    for _ in range(12):  # the first ones warm the caches and the thread pool
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return {"peak_tflops": 2 * n**3 / best / 1e12, "peak_source": f"measured: a {n} x {n} matmul in "
+            f"{str(dtype).removeprefix('torch.')}, the best of 12, {torch.get_num_threads()} threads"}
+
+
+def worker(spec: dict) -> None:
+    kind = spec["kind"]
+    row = measure_peak(spec) if kind == "peak" else time_reference(spec) if kind == REFERENCE else time_step(spec)
+    print(RESULT + json.dumps(row), flush=True)
+
+
+# ---- the parent: one worker process a row, the table, bench.json and the chart ----
+
+def run_worker(spec: dict, label: str) -> dict:
+    """Runs a worker, showing its iteration lines as they come; exits with its output when it fails."""
+    cmd = [sys.executable, "-m", "shared.bench", "--worker", json.dumps(spec)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, result = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(RESULT):
+            result = json.loads(line[len(RESULT):])
+        elif line.startswith("iter") and "| loss" in line:
+            print(f"  {label:<16} {line.rstrip()}", flush=True)
+    if proc.wait() != 0 or result is None:
+        sys.exit(f"error: the {label} row failed (exit {proc.returncode}). Its output ends:\n" + "".join(lines[-15:]))
+    return result
+
+
+def cuda_peak(name: str, given: float | None) -> tuple[float | None, str]:
+    if given:
+        return given, "--peak-tflops"
+    for key, tflops in PEAK_TFLOPS.items():  # "H100 PCIe" before "H100"
+        if key in name:
+            return float(tflops), f"datasheet, {key}, dense bf16"
+    return None, f"unknown GPU {name}: give --peak-tflops for an MFU"
+
+
+def table(rows: list[dict], flops: int) -> str:
+    head = f"{'step':<20} {'ms/iter':>9} {'tokens/s':>9} {'vs 10':>6} {'MFU':>6} {'peak MB':>8}  dtype compile  lesson"
+    base = next((r["tok_per_s"] for r in rows if r["step"].startswith("10_")), None)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        speedup = f"{r['tok_per_s'] / base:5.2f}x" if base else "     -"
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "     -"
+        lines.append(f"{r['step']:<20} {r['ms_per_iter']:9.1f} {r['tok_per_s']:9,.0f} {speedup:>6} {mfu:>6} "
+                     f"{r['peak_mem_mb']:8,.0f}  {r['dtype']:<5} {r['compile']:<7}  {r['lesson']}")
+    return "\n".join(lines) + f"\nFLOPs per token = 6N + 12 L H Q T = {flops:,}"
+
+
+def bar_chart(rows: list[dict], title: str) -> str:
+    """An SVG of tokens/s, one bar a row, with the MFU beside it."""
+    width, left, bar, gap = 760, 150, 22, 8
+    top = 40
+    height = top + len(rows) * (bar + gap) + 20
+    most = max(r["tok_per_s"] for r in rows)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="13">', f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="22" font-size="15">{title}</text>']
+    for i, r in enumerate(rows):
+        y = top + i * (bar + gap)
+        w = (width - left - 190) * r["tok_per_s"] / most
+        colour = "#999" if r["step"] == REFERENCE else "#3a6ea5"
+        mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+        out += [f'<text x="{left - 8}" y="{y + 16}" text-anchor="end">{r["step"]}</text>',
+                f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar}" fill="{colour}"/>',
+                f'<text x="{left + w + 6:.1f}" y="{y + 16}">{r["tok_per_s"]:,.0f} tokens/s{mfu}</text>']
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="make bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog='Flags go through ARGS: make bench ARGS="--steps 10,15 --iters 3"')
+    p.add_argument("--steps", type=step_list, default=None, help="the steps to time, e.g. 10,15 (default: every "
+                   "trainer step)")
+    p.add_argument("--preset", default="gpt2", choices=list(PRESETS), help="the model's sizes (tiny: 4 layers of "
+                   "128; gpt2: GPT-2 124M)")
+    p.add_argument("--batch-size", type=cli.positive_int, help="B; default: 1 on a CPU, the preset's on a GPU")
+    p.add_argument("--seq-len", type=cli.positive_int, help="T; default: the preset's (1024 for gpt2)")
+    p.add_argument("--iters", type=cli.positive_int, help="timed iterations a row (default: 3 on a CPU, 20 on a GPU)")
+    p.add_argument("--warmup", type=cli.non_negative_int, help="iterations a row before the timed ones "
+                   "(default: 2 on a CPU, 10 on a GPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run; auto = "
+                   "cuda, else mps, else cpu")
+    p.add_argument("--json", type=json_path, default=Path("runs/bench.json"), help="where the rows go; the chart "
+                   "goes beside it, as .svg")
+    p.add_argument("--no-reference", action="store_true", help="leave out the transformers GPT-2 row")
+    p.add_argument("--peak-tflops", type=cli.positive_float, help="the GPU's dense bf16 peak, for a GPU this "
+                   "does not know")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+
+    import torch
+
+    from shared import device
+    from shared.steps import lesson
+
+    dev = device.pick(args.device)
+    gpu = dev.type == "cuda"
+    model = {k: PRESETS[args.preset][k] for k in ("n_layer", "n_head", "n_embd")}
+    B = args.batch_size or (PRESETS[args.preset]["batch_size"] if gpu else 1)
+    T = args.seq_len or PRESETS[args.preset]["seq_len"]
+    iters, warmup = args.iters or (20 if gpu else 3), args.warmup if args.warmup is not None else (10 if gpu else 2)
+    steps = args.steps or trainer_steps()
+    common = dict(device=args.device, device_type=dev.type, preset=args.preset, model=model, batch_size=B,
+                  seq_len=T, iters=iters, warmup=warmup)
+    flops = flops_per_token(**model, seq_len=T)
+    name = torch.cuda.get_device_name(dev) if gpu else cpu_name()
+    print(f"make bench on {name} ({dev.type}, torch {torch.__version__}, {torch.get_num_threads()} threads): "
+          f"{args.preset} preset, B={B}, T={T}, {warmup} warm-up + {iters} timed iterations a row")
+    print(f"FLOPs per token = 6N + 12 L H Q T = {flops:,} (N without the position embeddings)")
+    if gpu:
+        peak, source = cuda_peak(name, args.peak_tflops)
+    elif args.peak_tflops:
+        peak, source = args.peak_tflops, "--peak-tflops"
+    else:
+        measured = run_worker({**common, "kind": "peak"}, "peak")
+        peak, source = measured["peak_tflops"], measured["peak_source"]
+    print(f"peak: {f'{peak:.3f} TFLOP/s' if peak else 'unknown'} ({source})")
+
+    rows = []
+    for label in steps + ([] if args.no_reference else [REFERENCE]):
+        row = run_worker({**common, "kind": label, "step": label}, label)
+        tok_per_s = B * T / (row["ms_per_iter"] / 1000)
+        rows.append({"step": label, "lesson": "transformers.GPT2LMHeadModel, SDPA" if label == REFERENCE
+                     else re.split(r"[:(,]", lesson(label))[0].strip(), "ms_per_iter": round(row["ms_per_iter"], 2), "tok_per_s": round(tok_per_s, 1),
+                     "mfu": round(flops * tok_per_s / (peak * 1e12), 4) if peak else None,
+                     "peak_mem_mb": round(row["peak_mem_mb"], 1), "dtype": row["dtype"], "compile": row["compile"],
+                     "compile_s": row["compile_s"]})
+        print(f"  {label:<16} {rows[-1]['ms_per_iter']:,.1f} ms/iter, {tok_per_s:,.0f} tokens/s", flush=True)
+
+    print()
+    print(table(rows, flops))
+    compiled = [f"{r['step']} {r['compile_s']} s" for r in rows if r["compile_s"] is not None]
+    if compiled:
+        print("compile time, not in ms/iter: " + ", ".join(compiled))
+    machine = {"device": name, "device_type": dev.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "peak_tflops": peak, "peak_source": source, "preset": args.preset, **model, "batch_size": B,
+               "seq_len": T, "warmup": warmup, "iters": iters, "flops_per_token": flops,
+               "command": "make bench" + (f' ARGS="{" ".join(sys.argv[1:])}"' if argv is None and sys.argv[1:] else "")}
+    args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    chart = args.json.with_suffix(".svg")
+    chart.write_text(bar_chart(rows, f"{args.preset}, B={B}, T={T} on {name}"))
+    print(f"rows: {args.json}   chart: {chart}")
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    found = re.search(r"model name\s*:\s*(.+)", info.read_text()) if info.exists() else None
+    return f"{found.group(1).strip() if found else 'a CPU'}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(json.loads(sys.argv[2]))
+    else:
+        main()

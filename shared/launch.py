@@ -1,0 +1,30 @@
+"""make step N=16 NPROC=4: torchrun, with its own messages kept short.
+
+    python -m shared.launch 4 steps.16_ddp --max-steps 20     is    torchrun --standalone --nproc-per-node=4 -m ...
+
+A failed run ends with the failing rank's own message (rank 0 speaks for all) and one line from here, instead of
+torchrun's report (a traceback of the launcher itself). Each process gets an equal share of the cores.
+"""
+import logging
+import os
+import sys
+
+
+def main(argv: list[str]) -> int:
+    nproc, module, *flags = argv
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))  # no oversubscribing
+    from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # torchrun's own log, its report among it
+    try:
+        run.main(["--standalone", f"--nproc-per-node={nproc}", "-m", module, *flags])
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"torchrun: rank {rank} exited with {failure.exitcode}; the others were stopped", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Data parallelism: N processes under torchrun, each its own slice of every batch; gradients averaged across them."""

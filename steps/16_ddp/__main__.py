@@ -1,0 +1,371 @@
+"""Step 16: the trainer on N processes (DistributedDataParallel). Alone it is step 15; under torchrun,
+  torchrun --standalone --nproc-per-node=4 -m steps.16_ddp [flags]     (or: make step N=16 NPROC=4)
+runs 4 processes (ranks) on this machine, each with a slice of every batch; gradients are averaged across them."""
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # torch.distributed's C++ log: pages of stack frames when a
+# connection fails, which join_process_group says in one line (TORCH_CPP_LOG_LEVEL=INFO brings them back)
+import torch  # after the line above: the C++ log reads it once, when torch loads
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from shared import checkpoint, cli, data, device, runlog, shapes
+
+from .model import GPT, GPTConfig
+
+STEP = "16_ddp"
+
+# --preset sets these; a flag given on the command line overrides its preset's value.
+PRESETS = {
+    # A small GPT over GPT-2's 50257 tokens: a default run of a few minutes on a 2-core CPU.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, batch_size=4, seq_len=64, total_batch_size=512, lr=1e-3,
+                 max_steps=250, eval_every=125, save_every=125),  # step 14's 8 x 64 tokens, in 2 micro-batches
+    # GPT-2 small (124M) with its context of 1024 tokens, as build-nanogpt trains it on one GPU.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, batch_size=16, seq_len=1024, total_batch_size=524_288,
+                 lr=6e-4, max_steps=50, eval_every=25, save_every=25),  # 2^19 tokens: GPT-3 small's 0.5M batch
+}
+# GPT-3's optimisation (Brown et al., 2020, appendix B), as build-nanogpt uses it for GPT-2.
+BETAS, EPS = (0.9, 0.95), 1e-8  # beta2 0.95: the second moment forgets in about 20 steps, not 1000
+CLIP = 1.0  # the gradient's global norm is clipped to this
+WEIGHT_DECAY = 0.1  # on the 2-D parameters only
+MIN_LR = 0.1  # the cosine decays to 10% of --lr
+PROMPT = "ROMEO:"
+
+
+class Loader:
+    """Consecutive windows of the training tokens. A batch is the next B*T + 1 tokens, cut into B rows of T;
+    the next batch starts B*T tokens later; past the end of the split it starts again at 0. The position is
+    its whole state, so a checkpoint that saves it resumes on exactly the next batch.
+    With `world` processes, the next world batches are read at once, rank r taking the r-th: together the ranks
+    read what one process reads in world micro-steps, and no two ranks read the same window."""
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, pos: int = 0, rank: int = 0, world: int = 1):
+        self.ids, self.B, self.T, self.pos = ids, batch_size, seq_len, pos  # ids on the device: batches are views
+        self.rank, self.world = rank, world  # pos is the same on every rank
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.B, self.T
+        if self.pos + B * T * self.world + 1 > len(self.ids):
+            self.pos = 0  # the next epoch
+        start = self.pos + B * T * self.rank  # this rank's batch
+        buf = self.ids[start : start + B * T + 1]  # (B*T + 1,)
+        self.pos += B * T * self.world
+        return buf[:-1].view(B, T), buf[1:].view(B, T)  # x, y: (B, T), y is x shifted left by one
+
+
+@torch.no_grad()
+def evaluate(model, ids, args) -> float:
+    """Mean loss over every window of ids, in order: the same number every time for the same weights.
+    Each rank takes every world-th batch of windows; the sums of all ranks are added (an all-reduce)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i, (x, y) in enumerate(data.sequential_windows(ids, args.batch_size, args.seq_len)):  # views, on the device
+        if i % args.world != args.rank:
+            continue  # another rank's
+        with autocast(args):
+            total += model(x, y)[1].item() * y.numel()
+        count += y.numel()
+    model.train()
+    sums = torch.tensor([total, count], dtype=torch.float64, device=args.device)  # (2,)
+    if args.world > 1:
+        dist.all_reduce(sums)  # every rank now holds the sums over all ranks
+    return (sums[0] / sums[1]).item()
+
+
+def lr_at(it: int, args) -> float:
+    """Linear warmup to --lr over the first warmup_steps iterations, then a cosine down to MIN_LR * lr at
+    max_steps, and MIN_LR * lr after that. (A run no longer than its warmup only warms up.)"""
+    if it < args.warmup_steps:
+        return args.lr * (it + 1) / args.warmup_steps
+    progress = min(1.0, (it - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))  # 0 -> 1
+    return args.lr * (MIN_LR + (1 - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model) -> list[dict]:
+    """Weight decay pulls weights toward 0: right for the matrices and embeddings (2-D), which multiply; wrong for
+    biases and LayerNorm gains (1-D), which shift and scale, and whose right value is not near 0."""
+    params = list(model.parameters())  # each once: lm_head's weight is wte's
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
+    """The gradient of one optimizer step, from micro_steps batches in turn. Each micro-batch's mean loss is divided
+    by micro_steps before backward, so the gradients add up to those of the mean loss over all of them: the
+    gradient of one batch micro_steps times as large. Returns that mean loss (what is logged).
+    Under DDP every rank does this on its own batches; the last backward averages the gradients over the ranks,
+    and the returned loss is averaged over them too: both are those of one process doing every rank's batches."""
+    mean = torch.zeros((), device=args.device)
+    for i in range(micro_steps):
+        x, y = loader.next_batch()
+        last = i == micro_steps - 1
+        with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():  # all-reduce once
+            with autocast(args):
+                _, loss = model(x, y)
+            loss = loss / micro_steps  # not the sum: a sum would scale the gradient by micro_steps
+            loss.backward()  # adds to .grad; in the last micro-step DDP also averages .grad over the ranks
+        mean += loss.detach()
+    if args.world > 1:
+        dist.all_reduce(mean)  # the sum over ranks: rank 0 logs the loss of every rank's batches, not its own
+        mean /= args.world
+    return mean
+
+
+def autocast(args):
+    """Inside it, matmuls run in bf16 (8 bits of mantissa) and what needs the range, softmax and the loss among
+    them, stays in fp32. The weights, their gradients and AdamW's state stay fp32 throughout."""
+    return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+
+def choose_dtype(args) -> str:
+    """--dtype auto: bf16 where the device computes in it natively, fp32 elsewhere. Says which, and why."""
+    native, why = device.bf16_native(args.device)
+    if args.dtype == "auto":
+        args.dtype = "bf16" if native else "fp32"
+    if args.device.type == "cuda":  # fp32 matmuls on tensor cores, with 10 bits of mantissa: TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        why += "; fp32 matmuls in TF32"
+    return f"{args.dtype} ({why})"
+
+
+def compiled(model, args, x, y):
+    """torch.compile(model), tried on one batch (forward and backward, the graphs training needs). Where compiling
+    fails (no C++ compiler, a device it does not support), the eager model, and why."""
+    if args.compile == "auto":
+        args.compile = args.device.type == "cuda"  # on a 2-core CPU: 34 s to compile, to save 12% an iteration
+    if not args.compile:
+        return model, "compile off" + (" (on by default on CUDA only; --compile forces it)" if args.device.type !=
+                                       "cuda" else "")
+    start = time.perf_counter()
+    try:
+        fast = torch.compile(model)
+        with autocast(args):
+            fast(x, y)[1].backward()
+        model.zero_grad(set_to_none=True)
+        return fast, f"compiled in {time.perf_counter() - start:.0f} s"
+    except Exception as e:  # torch.compile reports its failures at the first call, as any exception
+        model.zero_grad(set_to_none=True)
+        return model, f"compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); running eager"
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_between_iterations():
+    """Ctrl-C sets a flag that the loop reads before each iteration, so a checkpoint never holds half of one.
+    A second Ctrl-C stops at once."""
+    stop = {"requested": False}
+
+    def handler(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nCtrl-C: stopping after this iteration (again to stop now)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def resume_command(argv: list[str], out: Path) -> str:
+    """The command that started this run, with --resume OUT in place of any --resume it had."""
+    keep = [a for i, a in enumerate(argv) if not a.startswith("--resume") and (i == 0 or argv[i - 1] != "--resume")]
+    return f'make step N={STEP[:2]} ARGS="{shlex.join([*keep, "--resume", str(out)])}"'
+
+
+def join_process_group(args) -> None:
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR:MASTER_PORT in the environment), join the other
+    processes: NCCL between GPUs, one GPU per process on each machine; gloo between CPU processes. Alone, nothing."""
+    if "RANK" not in os.environ:
+        return
+    if args.device.type == "cuda":
+        args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # this machine's k-th GPU
+        torch.cuda.set_device(args.device)
+    backend = "nccl" if args.device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, rank=args.rank, world_size=args.world,
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+    except (RuntimeError, ValueError) as e:  # every rank says it: each fails on its own, on its own machine
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        print(f"error: rank {args.rank} of {args.world} could not join the process group at {where} within "
+              f"{args.dist_timeout:g} s (--dist-timeout): {str(e).splitlines()[0][:200]}", file=sys.__stderr__)
+        sys.exit(1)
+
+
+def only_rank_0_speaks(rank: int) -> None:
+    """The ranks run the same program on the same numbers: rank 0 prints for all of them (its log, its refusals).
+    The others print nothing, except a crash of their own."""
+    if rank != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=sys.__stderr__)
+
+
+def rng_states() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def main(argv=None):
+    p = cli.parser(__doc__, STEP, max_steps=PRESETS["tiny"]["max_steps"])
+    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="sizes and batch: tiny (minutes on a "
+                   "laptop CPU) or gpt2 (GPT-2 124M, T=1024); auto = gpt2 on CUDA, tiny elsewhere. The flags "
+                   "below override it, and --help shows the preset's values as their defaults")
+    p.add_argument("--n-layer", type=cli.positive_int, help="blocks")
+    p.add_argument("--n-head", type=cli.positive_int, help="attention heads; must divide --n-embd")
+    p.add_argument("--n-embd", type=cli.positive_int, help="width of the residual stream; the MLP is 4 times as wide")
+    p.add_argument("--batch-size", type=cli.positive_int, help="windows per micro-batch (B)")
+    p.add_argument("--seq-len", type=cli.positive_int, help="tokens per window (T), also the model's context")
+    p.add_argument("--total-batch-size", type=cli.positive_int, help="tokens per optimizer step, gathered in "
+                   "micro-batches of B x T; a multiple of B x T")
+    p.add_argument("--lr", type=cli.positive_float, help="AdamW learning rate")
+    p.add_argument("--warmup-steps", type=cli.non_negative_int, default=0, help="iterations of linear warmup to "
+                   "--lr, then a cosine decay to 10%% of it; 0 = 10%% of --max-steps")
+    p.add_argument("--dropout", type=cli.probability, default=0.0, help="dropout probability")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocasts the forward "
+                   "pass; auto = bf16 where the device computes in bf16 natively, fp32 elsewhere")
+    p.add_argument("--compile", default="auto", action=argparse.BooleanOptionalAction, help="torch.compile the "
+                   "model for training; auto = on CUDA only")
+    p.add_argument("--eval-every", type=cli.positive_int, help="iterations between validation losses")
+    p.add_argument("--save-every", type=cli.positive_int, help="iterations between checkpoints")
+    p.add_argument("--resume", type=cli.existing_dir, help="continue the run whose checkpoint.pt is in this directory, "
+                   "with the command that started it; the run goes on writing there (--out is ignored)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=60, help="tokens of the sample written "
+                   "at the end")
+    p.add_argument("--dist-timeout", type=cli.positive_float, default=300, help="seconds a process waits for the "
+                   "others (to start, and at each exchange) before it gives up; under torchrun only")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    only_rank_0_speaks(rank)
+    args = cli.parse_with_preset(p, argv, PRESETS, lambda a: "gpt2" if device.pick(a.device).type == "cuda" else "tiny")
+    if args.n_embd % args.n_head:
+        p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    args.rank, args.world = rank, world
+    if args.total_batch_size % (args.batch_size * args.seq_len * world):  # every rank refuses, rank 0 says so
+        p.error(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x --seq-len"
+                f"{' x processes' * (world > 1)} = {args.batch_size} x {args.seq_len}{f' x {world}' * (world > 1)} = "
+                f"{args.batch_size * args.seq_len * world} tokens")
+    micro_steps = args.total_batch_size // (args.batch_size * args.seq_len * world)  # on each rank
+    args.warmup_steps = args.warmup_steps or max(1, args.max_steps // 10)
+    args.device = device.pick(args.device)
+    precision = choose_dtype(args)
+    if args.resume:
+        args.out = args.resume
+    else:
+        checkpoint.refuse_to_overwrite(args.out)
+    join_process_group(args)
+    torch.manual_seed(args.seed)  # the same on every rank: the same initial weights
+
+    tok = data.gpt2_tokenizer()  # GPT-2's BPE: 50257 tokens
+    train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())), args.seq_len, "--seq-len")
+    train_ids, val_ids = train_ids.to(args.device), val_ids.to(args.device)  # once: 8 bytes a token, 2.7 MB
+    config = GPTConfig(args.seq_len, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout)
+    model = GPT(config).to(args.device)
+    loader = Loader(train_ids, args.batch_size, args.seq_len, rank=args.rank, world=args.world)
+    print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.total_batch_size:,} tokens = "
+          f"{micro_steps} micro-batches of {args.batch_size} x {args.seq_len} on each of {args.world} "
+          f"process{'es' * (args.world > 1)}, {len(train_ids):,} training tokens, dtype {precision}")
+    shapes.show(model, loader.next_batch()[0][:4], depth=3)
+    loader.pos = 0
+    fast, compile_note = compiled(model, args, *loader.next_batch())  # fast: the model to train, compiled or not
+    loader.pos = 0
+    print(f"attention: F.scaled_dot_product_attention (flash where the device has it); {compile_note}")
+    if args.world > 1:  # rank 0's weights are copied to every rank; backward then averages gradients over them
+        fast = DDP(fast, device_ids=[args.device.index] if args.device.type == "cuda" else None)
+        print(f"DistributedDataParallel: {args.world} processes, backend {dist.get_backend()}")
+
+    fused = args.device.type in ("cpu", "cuda")  # one kernel updates every parameter, where torch has one
+    opt = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=BETAS, eps=EPS, fused=fused)
+    run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size,
+           "total_batch_size": args.total_batch_size, "lr": args.lr,
+           "max_steps": args.max_steps, "seed": args.seed, "dtype": args.dtype,
+           "warmup_steps": args.warmup_steps}  # what must match for --resume
+    start = 0
+    if args.resume:
+        state = checkpoint.load(args.out)
+        checkpoint.check_config(args.out, state["config"], run)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, loader.pos = state["iter"], state["loader"]
+        if start >= args.max_steps:  # nothing to do: leave its summary, model and loss curve as they are
+            print(f"{args.out} holds a finished run ({start} of {args.max_steps} iterations): nothing to resume")
+            return
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        print(f"resumed from {args.out / checkpoint.NAME} at iteration {start}")
+
+    def save(it: int) -> None:  # `it` iterations are done; rank 0 writes, for every rank
+        if args.rank == 0:
+            checkpoint.save(args.out, {"config": run, "iter": it, "model": model.state_dict(),
+                                       "optimizer": opt.state_dict(), "loader": loader.pos, "rng": rng_states()})
+
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start) if args.rank == 0 else None
+    val_loss = math.nan
+    with ctrl_c_stops_between_iterations() as stop:
+        for it in range(start, args.max_steps):
+            if args.world > 1:  # all ranks stop at the same iteration, whichever saw the Ctrl-C
+                flag = torch.tensor(float(stop["requested"]), device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop["requested"] = bool(flag)
+            if stop["requested"]:
+                save(it)
+                sys.exit(f"interrupted: {it} iterations done, checkpoint in {args.out / checkpoint.NAME}. To go on:\n"
+                         f"  {resume_command(argv, args.out)}")
+            opt.zero_grad(set_to_none=True)
+            loss = accumulate(fast, loader, micro_steps, args)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # the norm before clipping
+            lr = lr_at(it, args)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            if log:
+                log.log(it, loss.item(), lr, tokens=args.total_batch_size, grad_norm=norm.item())  # stops at a nan
+            elif not math.isfinite(loss.item()):
+                sys.exit(1)  # the loss is all-reduced: rank 0 sees the same nan and says so
+            if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:
+                val_loss = evaluate(model, val_ids, args)
+                if log:
+                    log.log_val(it, val_loss)
+            if (it + 1) % args.save_every == 0 or it + 1 == args.max_steps:
+                save(it + 1)
+    if args.world > 1:
+        dist.destroy_process_group()
+    if args.rank != 0:
+        return
+    log.close(val_loss=val_loss, uniform_guess=math.log(tok.n_vocab))
+    model.save_pretrained(args.out / "model")
+    print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "
+          f"make step N=09 ARGS=\"--model {args.out / 'model'}\")")
+    show_sample(model, tok, args)
+
+
+@torch.no_grad()
+def show_sample(model, tok, args):
+    model.eval()
+    idx = torch.tensor([tok.encode(PROMPT)], device=args.device)  # (1, T)
+    gen = torch.Generator(args.device).manual_seed(args.seed)  # sampling draws on the model's device
+    out = model.generate(idx, args.max_new_tokens, generator=gen, top_k=50)
+    print("-" * 60)
+    print(tok.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: nothing half-written
+        sys.exit("interrupted")
+    except SystemExit as e:  # a refusal: every rank refuses the same input; rank 0 says why
+        if e.code and int(os.environ.get("RANK", 0)):
+            time.sleep(2)  # torchrun stops every rank at the first exit: let rank 0 speak first
+        raise

@@ -1,0 +1,194 @@
+"""Step 16's lesson and every step after it: data parallelism. N processes (ranks), each with its own slice of every
+batch, end each optimizer step with the gradients, parameters and logged loss of one process doing all the work.
+The ranks talk over gloo on the CPU: the processes here are real, started as torchrun starts them."""
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from shared.steps import ROOT
+from tests.conftest import SMALL_TRAINER
+
+CPU = torch.device("cpu")
+# 256 tokens an optimizer step in micro-batches of 2 x 32 = 64: 4 micro-steps on one process, 2 on each of two.
+ONE_STEP = [*SMALL_TRAINER, "--total-batch-size", "256", "--max-steps", "1", "--max-new-tokens", "1",
+            "--device", "cpu", "--seed", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# `python -m steps.NN_name`, reading the first 5% of the corpus as the in-process runs do (first_twentieth_of_the_corpus)
+ON_A_TWENTIETH = ("from shared import data; corpus = data.shakespeare(); "
+                  "data.shakespeare = lambda: corpus[: len(corpus) // 20]; "
+                  "import runpy; runpy.run_module('steps.{}', run_name='__main__')")
+
+
+def start_rank(step, rank: int, world: int, port: int, *flags, twentieth=False):
+    """One process of a run, with the environment torchrun gives it."""
+    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    command = ["-c", ON_A_TWENTIETH.format(step.name)] if twentieth else ["-m", f"steps.{step.name}"]
+    return subprocess.Popen([sys.executable, *command, *flags], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="session")
+def two_ranks_and_one(tmp_path_factory):
+    """runs(step): one optimizer step as 2 processes (rank 0 writes to rank0/, rank 1 is told to write to rank1/)
+    and as 1 process (one/), on the first 5% of the corpus; made once a step."""
+    made = {}
+
+    def runs(step):
+        if step.name not in made:
+            root = made[step.name] = tmp_path_factory.mktemp(f"ddp-{step.name}")
+            port = free_port()
+            procs = [start_rank(step, r, 2, port, *ONE_STEP, "--out", str(root / f"rank{r}"), twentieth=True)
+                     for r in (0, 1)]
+            outputs = [p.communicate(timeout=300) for p in procs]
+            for r, (p, (out, err)) in enumerate(zip(procs, outputs)):
+                assert p.returncode == 0, f"rank {r} failed:\n{err}"
+                (root / f"rank{r}.stdout").write_text(out)
+            step.main.main([*ONE_STEP, "--out", str(root / "one")])
+        return made[step.name]
+
+    return runs
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+
+
+@pytest.mark.main_needs("join_process_group")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_two_processes_log_the_loss_of_one_process_over_the_same_windows(step, two_ranks_and_one):
+    root = two_ranks_and_one(step)
+    (two,), (two_val,) = losses(root / "rank0")
+    (one,), (one_val,) = losses(root / "one")
+    # The same 4 micro-batch losses, averaged as (a + b)/2 + (c + d)/2 halves instead of in one sum: fp32 rounding
+    # at 10.8 is 1e-6, and metrics.jsonl rounds to 6 decimals.
+    assert abs(two - one) <= 3e-6
+    assert abs(two_val - one_val) <= 3e-6  # the validation windows split between the ranks, the sums all-reduced
+
+
+@pytest.mark.main_needs("join_process_group")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_two_processes_end_the_step_with_the_gradients_and_parameters_of_one_process(step, two_ranks_and_one):
+    root = two_ranks_and_one(step)
+    two, one = (torch.load(root / d / "checkpoint.pt", weights_only=True) for d in ("rank0", "one"))
+    # AdamW's first moment after one step is 0.1 x the (clipped) gradient: the gradients, compared in fp32. They
+    # are sums of the same terms in another order; 1e-9 is a few float32 rounding steps at gradients below 1e-2.
+    for (i, a), b in zip(two["optimizer"]["state"].items(), one["optimizer"]["state"].values()):
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"], atol=1e-9, rtol=1e-5, msg=f"parameter {i}")
+    # The first update is lr x g / (|g| + eps), about lr = 3e-3 x sign(g): a rounding-sized difference in g moves a
+    # parameter by far less than 1e-6 wherever |g| is well above eps = 1e-8.
+    for name, a in two["model"].items():
+        torch.testing.assert_close(a, one["model"][name], atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.main_needs("join_process_group")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_only_rank_0_prints_and_writes(step, two_ranks_and_one):
+    root = two_ranks_and_one(step)
+    assert sorted(p.name for p in (root / "rank0").iterdir()) == sorted(p.name for p in (root / "one").iterdir())
+    assert list((root / "rank1").iterdir()) == []  # its --out was made when the flags were read, and left empty
+    assert "iter     0 | loss" in (root / "rank0.stdout").read_text()
+    assert (root / "rank1.stdout").read_text() == ""
+
+
+@pytest.mark.main_needs("join_process_group")
+def test_each_rank_reads_its_own_windows_and_together_they_read_one_process_batches(step):
+    ids = torch.arange(1000)
+    one = step.main.Loader(ids, batch_size=2, seq_len=8)
+    ranks = [step.main.Loader(ids, batch_size=2, seq_len=8, rank=r, world=3) for r in range(3)]
+    for _ in range(4):
+        together = torch.cat([r.next_batch()[0] for r in ranks])  # (3 * 2, 8): this micro-step, all ranks
+        alone = torch.cat([one.next_batch()[0] for _ in range(3)])  # 3 micro-steps of one process
+        assert torch.equal(together, alone)
+        assert len({tuple(w.tolist()) for w in together}) == 6  # no window read twice
+
+
+@pytest.fixture
+def process_group_of_one():
+    """A real gloo process group with this test as its only rank."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.main_needs("join_process_group")
+def test_gradients_are_all_reduced_once_an_optimizer_step_not_once_a_micro_step(step, process_group_of_one):
+    torch.manual_seed(0)
+    config = step.model.GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    model = DDP(step.model.GPT(config))
+    all_reduces = []
+
+    def counting(state, bucket):  # a comm hook: DDP calls it for each bucket of gradients it all-reduces
+        all_reduces.append(bucket.index())
+        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+    model.register_comm_hook(None, counting)
+    args = SimpleNamespace(device=CPU, dtype="fp32", rank=0, world=1)
+    loader = step.main.Loader(torch.randint(100, (1000,)), batch_size=2, seq_len=16)
+    step.main.accumulate(model, loader, 1, args)
+    per_sync = len(all_reduces)
+    step.main.accumulate(model, loader, 4, args)
+    assert per_sync > 0 and len(all_reduces) == 2 * per_sync  # 4 micro-steps: one all-reduce of every bucket
+
+
+@pytest.mark.main_needs("join_process_group")
+def test_a_process_group_that_cannot_form_fails_within_its_timeout_with_one_line(step, tmp_path):
+    start = time.monotonic()
+    proc = start_rank(step, 1, 2, free_port(), "--device", "cpu", "--dist-timeout", "1", "--out", str(tmp_path))
+    out, err = proc.communicate(timeout=120)
+    # Rank 1 looks for rank 0's store at MASTER_ADDR:MASTER_PORT, where nothing listens. TCPStore tries to connect
+    # for the timeout, then once more; 20 s more is for starting Python and torch on a busy 2-core machine.
+    assert time.monotonic() - start < 2 * 1 + 20
+    assert proc.returncode == 1
+    assert "error: rank 1 of 2 could not join the process group at 127.0.0.1:" in err and "within 1 s" in err
+    assert "Traceback" not in err and "frame #" not in err
+
+
+@pytest.mark.main_needs("join_process_group")
+def test_a_total_batch_the_processes_do_not_divide_stops_every_rank_with_one_message(step):
+    start = time.monotonic()
+    # 384 is 3 micro-batches of 4 x 32 on one process, but not a whole number on each of two.
+    r = subprocess.run(["make", "-s", "step", f"N={step.name[:2]}", "NPROC=2", "ARGS=--device cpu --batch-size 4 "
+                        "--seq-len 32 --total-batch-size 384"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    message = "--total-batch-size 384 is not a multiple of --batch-size x --seq-len x processes = 4 x 32 x 2 = 256"
+    assert r.stderr.count(message) == 1, r.stderr  # rank 0's; rank 1 refuses silently
+    assert "Traceback" not in r.stderr
+    assert time.monotonic() - start < 60  # no rank waits for the other: all stop at once
+
+
+@pytest.mark.main_needs("join_process_group")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_alone_it_logs_the_losses_of_step_15(step, tmp_path):
+    flags = [*SMALL_TRAINER, "--total-batch-size", "128", "--max-steps", "3", "--device", "cpu", "--seed", "0"]
+    importlib.import_module("steps.15_grad_accum.__main__").main([*flags, "--out", str(tmp_path / "15")])
+    step.main.main([*flags, "--out", str(tmp_path / "16")])
+    assert losses(tmp_path / "16") == losses(tmp_path / "15")
+
+
+def test_make_step_refuses_nproc_for_a_step_that_runs_as_one_process():
+    r = subprocess.run(["make", "-s", "step", "N=08", "NPROC=2"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "error: step 08_gpt2 runs as one process" in r.stderr
+
+
+def test_make_step_refuses_an_nproc_that_is_not_a_number():
+    r = subprocess.run(["make", "-s", "step", "N=16", "NPROC=two"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "error: NPROC=two is not a number of processes" in r.stderr
