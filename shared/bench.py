@@ -48,6 +48,8 @@ def step_list(text: str) -> list[str]:
     """An argparse type: '10,15' -> ['10_training', '15_grad_accum'], each a trainer step."""
     steps = []
     for n in text.split(","):
+        if not n.strip():
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty step; give numbers such as 10,15")
         try:
             step = resolve(n)
         except ValueError as e:
@@ -269,24 +271,23 @@ def bar_chart(rows: list[dict], title: str) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="make bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog='Flags go through ARGS: make bench ARGS="--steps 10,15 --iters 3"')
     p.add_argument("--steps", type=step_list, default=None, help="the steps to time, e.g. 10,15 (default: every "
                    "trainer step)")
     p.add_argument("--preset", default="gpt2", choices=list(PRESETS), help="the model's sizes (tiny: 4 layers of "
-                   "128; gpt2: GPT-2 124M)")
+                   "128; gpt2: GPT-2 124M; default: gpt2)")
     p.add_argument("--batch-size", type=cli.positive_int, help="B; default: 1 on a CPU, the preset's on a GPU")
     p.add_argument("--seq-len", type=cli.positive_int, help="T; default: the preset's (1024 for gpt2)")
     p.add_argument("--iters", type=cli.positive_int, help="timed iterations a row (default: 3 on a CPU, 20 on a GPU)")
     p.add_argument("--warmup", type=cli.non_negative_int, help="iterations a row before the timed ones "
                    "(default: 2 on a CPU, 10 on a GPU)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run; auto = "
-                   "cuda, else mps, else cpu")
-    p.add_argument("--json", type=json_path, default=Path("runs/bench.json"), help="where the rows go; the chart "
-                   "goes beside it, as .svg")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run; auto (the "
+                   "default) = cuda, else mps, else cpu")
+    p.add_argument("--json", type=json_path, default=Path("runs/bench.json"), help="where the rows go (default: "
+                   "runs/bench.json); the chart goes beside it, as .svg")
     p.add_argument("--no-reference", action="store_true", help="leave out the transformers GPT-2 row")
-    p.add_argument("--peak-tflops", type=cli.positive_float, help="the GPU's dense bf16 peak, for a GPU this "
-                   "does not know")
+    p.add_argument("--peak-tflops", type=cli.positive_float, help="the peak TFLOP/s for the MFU column: for a GPU "
+                   "this does not know (A100, H100 and H200 it does); on a CPU it replaces the measured peak")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     import torch

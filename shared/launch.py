@@ -3,7 +3,8 @@
     python -m shared.launch 4 steps.16_ddp --max-steps 20     is    torchrun --standalone --nproc-per-node=4 -m ...
 
 A failed run ends with the failing rank's own message (rank 0 speaks for all) and one line from here, instead of
-torchrun's report (a traceback of the launcher itself). Each process gets an equal share of the cores.
+torchrun's report (a traceback of the launcher itself); Ctrl-C ends with rank 0's resume command. Each process gets
+an equal share of the cores.
 """
 import logging
 import os
@@ -13,7 +14,9 @@ import sys
 def main(argv: list[str]) -> int:
     nproc, module, *flags = argv
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))  # no oversubscribing
+    os.environ.setdefault("LOGLEVEL", "ERROR")  # torchrun's agent: no warning when Ctrl-C reaches it
     from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # torchrun's own log, its report among it
@@ -23,6 +26,8 @@ def main(argv: list[str]) -> int:
         rank, failure = e.get_first_failure()
         print(f"torchrun: rank {rank} exited with {failure.exitcode}; the others were stopped", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
+    except (SignalException, KeyboardInterrupt):  # Ctrl-C: torchrun passed it on; rank 0 has said how to go on
+        return 130
     return 0
 
 

@@ -48,11 +48,11 @@ def test_a_json_path_that_is_a_directory_is_refused(tmp_path):
     assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path):
-    r = make_bench("--preset", "tiny", "--seq-len", "16", "--steps", "15", "--iters", "1", "--warmup", "0",
-                   "--peak-tflops", "1", "--device", "cpu", "--no-reference", "--json", str(tmp_path / "b.json"))
-    assert r.returncode == 0, r.stderr
-    assert "15_grad_accum" in r.stdout and "6N + 12 L H Q T" in r.stdout
+def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys):
+    bench.main(["--preset", "tiny", "--seq-len", "16", "--steps", "15", "--iters", "1", "--warmup", "0",
+                "--peak-tflops", "1", "--device", "cpu", "--no-reference", "--json", str(tmp_path / "b.json")])
+    printed = capsys.readouterr().out
+    assert "15_grad_accum" in printed and "6N + 12 L H Q T" in printed
     result = json.loads((tmp_path / "b.json").read_text())
     (row,) = result["rows"]
     assert row["step"] == "15_grad_accum" and row["tok_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_mb"] > 0

@@ -108,6 +108,6 @@ def test_every_flag_has_a_line_of_help_that_shows_its_default(step, monkeypatch)
 
 @pytest.mark.main_needs("evaluate")
 def test_same_seed_gives_the_same_losses(step, tmp_path):
-    a = run(step, tmp_path / "a", "--max-steps", "5")
-    b = run(step, tmp_path / "b", "--max-steps", "5")
+    a = run(step, tmp_path / "a", "--max-steps", "3")
+    b = run(step, tmp_path / "b", "--max-steps", "3")
     assert [r["loss"] for r in a] == [r["loss"] for r in b]

@@ -109,7 +109,7 @@ def interrupt_after(iteration, monkeypatch):
 
 @pytest.mark.main_needs("Loader")
 def test_a_run_stopped_by_ctrl_c_and_resumed_logs_the_losses_of_one_run(step, tmp_path, monkeypatch):
-    args = ["--max-steps", "8", "--eval-every", "3"]
+    args = ["--max-steps", "6", "--eval-every", "3"]
     whole = run(step, tmp_path / "whole", *args)
     with monkeypatch.context() as m:
         interrupt_after(3, m)

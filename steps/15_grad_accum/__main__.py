@@ -213,7 +213,7 @@ def main(argv=None):
     loader = Loader(train_ids, args.batch_size, args.seq_len)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.total_batch_size:,} tokens = "
-          f"{micro_steps} micro-batches of {args.batch_size} x {args.seq_len}, "
+          f"{micro_steps} micro-batch{'es' * (micro_steps > 1)} of {args.batch_size} x {args.seq_len}, "
           f"{len(train_ids):,} training tokens, dtype {precision}")
     shapes.show(model, loader.next_batch()[0][:4], depth=3)
     loader.pos = 0

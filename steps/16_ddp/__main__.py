@@ -1,5 +1,5 @@
 """Step 16: the trainer on N processes (DistributedDataParallel). Alone it is step 15; under torchrun,
-  torchrun --standalone --nproc-per-node=4 -m steps.16_ddp [flags]     (or: make step N=16 NPROC=4)
+  .venv/bin/torchrun --standalone --nproc-per-node=4 -m steps.16_ddp [flags]     (or: make step N=16 NPROC=4)
 runs 4 processes (ranks) on this machine, each with a slice of every batch; gradients are averaged across them."""
 import argparse
 import contextlib
@@ -181,7 +181,8 @@ def ctrl_c_stops_between_iterations():
 def resume_command(argv: list[str], out: Path) -> str:
     """The command that started this run, with --resume OUT in place of any --resume it had."""
     keep = [a for i, a in enumerate(argv) if not a.startswith("--resume") and (i == 0 or argv[i - 1] != "--resume")]
-    return f'make step N={STEP[:2]} ARGS="{shlex.join([*keep, "--resume", str(out)])}"'
+    nproc = f" NPROC={os.environ['LOCAL_WORLD_SIZE']}" if "LOCAL_WORLD_SIZE" in os.environ else ""  # torchrun's
+    return f'make step N={STEP[:2]}{nproc} ARGS="{shlex.join([*keep, "--resume", str(out)])}"'
 
 
 def join_process_group(args) -> None:
@@ -226,7 +227,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=cli.positive_int, help="windows per micro-batch (B)")
     p.add_argument("--seq-len", type=cli.positive_int, help="tokens per window (T), also the model's context")
     p.add_argument("--total-batch-size", type=cli.positive_int, help="tokens per optimizer step, gathered in "
-                   "micro-batches of B x T; a multiple of B x T")
+                   "micro-batches of B x T on every process; a multiple of B x T x processes")
     p.add_argument("--lr", type=cli.positive_float, help="AdamW learning rate")
     p.add_argument("--warmup-steps", type=cli.non_negative_int, default=0, help="iterations of linear warmup to "
                    "--lr, then a cosine decay to 10%% of it; 0 = 10%% of --max-steps")
@@ -244,7 +245,10 @@ def main(argv=None):
     p.add_argument("--dist-timeout", type=cli.positive_float, default=300, help="seconds a process waits for the "
                    "others (to start, and at each exchange) before it gives up; under torchrun only")
     argv = sys.argv[1:] if argv is None else list(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    except ValueError:
+        sys.exit("error: RANK and WORLD_SIZE must be whole numbers (torchrun sets them; unset them to run alone)")
     only_rank_0_speaks(rank)
     args = cli.parse_with_preset(p, argv, PRESETS, lambda a: "gpt2" if device.pick(a.device).type == "cuda" else "tiny")
     if args.n_embd % args.n_head:
@@ -273,8 +277,9 @@ def main(argv=None):
     loader = Loader(train_ids, args.batch_size, args.seq_len, rank=args.rank, world=args.world)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.total_batch_size:,} tokens = "
-          f"{micro_steps} micro-batches of {args.batch_size} x {args.seq_len} on each of {args.world} "
-          f"process{'es' * (args.world > 1)}, {len(train_ids):,} training tokens, dtype {precision}")
+          f"{micro_steps} micro-batch{'es' * (micro_steps > 1)} of {args.batch_size} x {args.seq_len}"
+          f"{f' on each of {args.world} processes' * (args.world > 1)}, {len(train_ids):,} training tokens, "
+          f"dtype {precision}")
     shapes.show(model, loader.next_batch()[0][:4], depth=3)
     loader.pos = 0
     fast, compile_note = compiled(model, args, *loader.next_batch())  # fast: the model to train, compiled or not
