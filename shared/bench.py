@@ -32,8 +32,6 @@ from shared import cli
 from shared.steps import ROOT, all_steps, resolve
 
 REFERENCE = "hf_gpt2"
-PRESETS = {"tiny": dict(n_layer=4, n_head=4, n_embd=128, batch_size=8, seq_len=64),  # as the steps' presets
-           "gpt2": dict(n_layer=12, n_head=12, n_embd=768, batch_size=16, seq_len=1024)}
 VOCAB = 50257
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, NVIDIA's datasheets
 RESULT = "bench-result: "  # a worker's last line: this, then its row as JSON
@@ -274,7 +272,7 @@ def main(argv=None):
                                 epilog='Flags go through ARGS: make bench ARGS="--steps 10,15 --iters 3"')
     p.add_argument("--steps", type=step_list, default=None, help="the steps to time, e.g. 10,15 (default: every "
                    "trainer step)")
-    p.add_argument("--preset", default="gpt2", choices=list(PRESETS), help="the model's sizes (tiny: 4 layers of "
+    p.add_argument("--preset", default="gpt2", choices=["tiny", "gpt2"], help="the model's sizes (tiny: 4 layers of "
                    "128; gpt2: GPT-2 124M; default: gpt2)")
     p.add_argument("--batch-size", type=cli.positive_int, help="B; default: 1 on a CPU, the preset's on a GPU")
     p.add_argument("--seq-len", type=cli.positive_int, help="T; default: the preset's (1024 for gpt2)")
@@ -297,9 +295,10 @@ def main(argv=None):
 
     dev = device.pick(args.device)
     gpu = dev.type == "cuda"
-    model = {k: PRESETS[args.preset][k] for k in ("n_layer", "n_head", "n_embd")}
-    B = args.batch_size or (PRESETS[args.preset]["batch_size"] if gpu else 1)
-    T = args.seq_len or PRESETS[args.preset]["seq_len"]
+    preset = importlib.import_module(f"steps.{trainer_steps()[-1]}.__main__").PRESETS[args.preset]  # the steps' own
+    model = {k: preset[k] for k in ("n_layer", "n_head", "n_embd")}
+    B = args.batch_size or (preset["batch_size"] if gpu else 1)
+    T = args.seq_len or preset["seq_len"]
     iters, warmup = args.iters or (20 if gpu else 3), args.warmup if args.warmup is not None else (10 if gpu else 2)
     steps = args.steps or trainer_steps()
     common = dict(device=args.device, device_type=dev.type, preset=args.preset, model=model, batch_size=B,

@@ -192,3 +192,12 @@ def test_make_step_refuses_nproc_for_a_step_that_runs_as_one_process():
 def test_make_step_refuses_an_nproc_that_is_not_a_number():
     r = subprocess.run(["make", "-s", "step", "N=16", "NPROC=two"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "error: NPROC=two is not a number of processes" in r.stderr
+
+
+@pytest.mark.main_needs("join_process_group")
+def test_a_rank_that_is_not_a_number_gets_one_line(step, monkeypatch):
+    monkeypatch.setenv("RANK", "abc")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--device", "cpu"])
+    assert str(exit.value.code).startswith("error: RANK and WORLD_SIZE must be whole numbers")

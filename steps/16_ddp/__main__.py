@@ -373,6 +373,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: nothing half-written
         sys.exit("interrupted")
     except SystemExit as e:  # a refusal: every rank refuses the same input; rank 0 says why
-        if e.code and int(os.environ.get("RANK", 0)):
+        if e.code and os.environ.get("RANK", "0") != "0":
             time.sleep(2)  # torchrun stops every rank at the first exit: let rank 0 speak first
         raise
