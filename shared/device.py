@@ -29,10 +29,12 @@ def cpu_flags() -> set[str]:
 
 def bf16_native(device: torch.device) -> tuple[bool, str]:
     """Does this device run bf16 matmuls in hardware? And why, in words for the log."""
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return True, f"{torch.cuda.get_device_name(device)} computes in bf16"
-        return False, f"{torch.cuda.get_device_name(device)} has no bf16"
+    if device.type == "cuda":  # not torch.cuda.is_bf16_supported(): it also says yes where bf16 is only emulated
+        name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        if major >= 8:  # Ampere (A100, RTX 30xx) and later have bf16 tensor cores
+            return True, f"{name} (compute capability {major}.{minor}) computes in bf16"
+        return False, (f"{name} (compute capability {major}.{minor}) has no bf16 tensor cores: bf16 would be "
+                       f"emulated, and slower than fp32 (native bf16 needs 8.0, Ampere, or newer)")
     if device.type == "cpu":
         if found := sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}):
             return True, f"this CPU has {' and '.join(found)}"

@@ -7,7 +7,8 @@ covered without editing a list; a part that a later step drops stops being teste
 `@pytest.mark.main_needs(...)` does the same with the names in the step's __main__.py (what `make step`
 runs): the run tests use `main_needs("evaluate")`, the steps whose run trains and reports a validation loss.
 `@pytest.mark.main_mentions("--block-size")` picks the steps whose __main__.py has that text (a flag, a call);
-`@pytest.mark.lacks("GPTConfig.padded_vocab_size")` leaves out the steps that define the name.
+`@pytest.mark.lacks("GPTConfig.padded_vocab_size")` leaves out the steps that define the name;
+`@pytest.mark.main_lacks("param_groups")` those whose __main__.py defines it.
 `@pytest.mark.per_model_file` marks a test of model.py alone: it runs once per distinct model.py, leaving out a
 step whose model.py is byte for byte the step before's (steps 11, 14 and 15 change only __main__.py). With
 --step it runs on the step asked for.
@@ -55,6 +56,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "main_needs(*names): run on every step whose __main__.py defines these")
     config.addinivalue_line("markers", "main_mentions(*texts): run on every step whose __main__.py has these texts")
     config.addinivalue_line("markers", "lacks(*names): leave out the steps whose model.py defines these names")
+    config.addinivalue_line("markers", "main_lacks(*names): leave out the steps whose __main__.py defines these")
     config.addinivalue_line("markers", "per_model_file: a test of model.py alone; it leaves out a step whose "
                             "model.py is byte for byte the step before's (that step's run covers it)")
     config.addinivalue_line("markers", f"check(kind): this test is one of the shared checks, kind in {CHECKS}")
@@ -104,7 +106,8 @@ def steps_for(marks, only: str | None = None) -> list[Step]:
     return [s for s in steps if all(has(s.model, n) for n in wanted("needs"))
             and all(has(s.main, n) for n in wanted("main_needs"))
             and all(mentions(s, t) for t in wanted("main_mentions"))
-            and not any(has(s.model, n) for n in wanted("lacks"))]
+            and not any(has(s.model, n) for n in wanted("lacks"))
+            and not any(has(s.main, n) for n in wanted("main_lacks"))]
 
 
 def same_model_as_the_step_before(step: Step) -> bool:

@@ -119,3 +119,37 @@ def test_reassembling_heads_wrongly_is_caught_by_the_reference(step, monkeypatch
     wrong = mha(x, x, x)
     assert wrong.shape == (2, 5, 32)
     assert not torch.allclose(wrong, ref(x, x, x)[0], atol=ATOL)
+
+
+def merged_as(wrong_merge):
+    """einops.rearrange, with the heads' merge "b h t d -> b t (h d)" done by wrong_merge(tensor) instead."""
+    def rearrange(tensor, pattern, **kw):
+        return wrong_merge(tensor) if pattern == "b h t d -> b t (h d)" else einops.rearrange(tensor, pattern, **kw)
+    return rearrange
+
+
+@pytest.mark.needs("MultiHeadAttention")
+def test_merging_heads_as_d_h_is_the_right_merge_with_out_proj_inputs_permuted(step, monkeypatch):
+    """(d h) instead of (h d) lists the same numbers in another order: out_proj with its columns permuted undoes it.
+    From scratch it trains as well; what breaks is every reference and every pretrained weight."""
+    H, D = 4, 8
+    mha = step.model.MultiHeadAttention(d_model=H * D, n_heads=H)
+    x = torch.randn(2, 5, H * D)
+    right = mha(x, x, x)
+    monkeypatch.setattr(step.model, "rearrange", merged_as(lambda t: einops.rearrange(t, "b h t d -> b t (d h)")))
+    assert not torch.allclose(mha(x, x, x), right, atol=ATOL)
+    with torch.no_grad():  # channel d*H + h of the wrong merge is channel h*D + d of the right one
+        mha.out_proj.weight.copy_(mha.out_proj.weight[:, torch.arange(H * D).view(H, D).t().flatten()])
+    torch.testing.assert_close(mha(x, x, x), right, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("MultiHeadAttention", "causal_mask")
+def test_merging_heads_with_a_view_and_no_transpose_lets_a_position_see_the_future(step, monkeypatch):
+    """out.view(B, T, C) on (B, H, T, d): row t gathers head outputs of other time steps, later ones included."""
+    T = 8
+    mha, mask = step.model.MultiHeadAttention(d_model=32, n_heads=4), step.model.causal_mask(T)
+    monkeypatch.setattr(step.model, "rearrange", merged_as(lambda t: t.reshape(t.shape[0], t.shape[2], -1)))
+    x = torch.randn(1, T, 32)
+    later = x.clone()
+    later[:, 1] += 1.0  # only position 1 changes: the future of position 0
+    assert not torch.allclose(mha(x, x, x, mask)[:, 0], mha(later, later, later, mask)[:, 0])

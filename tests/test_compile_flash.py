@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 CPU = torch.device("cpu")
 # fp32 throughout. SDPA and torch.compile compute the same sums as the eager code in another order (fused, blocked):
@@ -32,6 +33,33 @@ def test_sdpa_with_a_padding_mask_gives_the_written_out_attention(step):
     explicit, _ = step.model.attention(q, k, v, mask)
     expected = module.c_proj(explicit.transpose(1, 2).reshape(2, 7, 24))
     torch.testing.assert_close(module(x, mask), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.main_needs("compiled")
+@pytest.mark.per_model_file
+def test_a_0_1_float_mask_is_added_to_the_scores_and_hides_nothing(step):
+    # SDPA reads a bool mask as "may attend" and adds a float mask to the scores. The same causal mask as 1.0/0.0
+    # floats adds 1 to the visible scores and hides no future key; as 0/-inf floats it is the bool mask.
+    q, k, v = torch.randn(3, 1, 2, 6, 8).unbind(0)  # (B, H, T, d) each
+    causal = step.model.causal_mask(6)
+    right = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+    zero_one = F.scaled_dot_product_attention(q, k, v, attn_mask=causal.float())
+    as_floats = torch.zeros(6, 6).masked_fill(~causal, float("-inf"))
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=as_floats), right, atol=ATOL, rtol=0)
+    later = v.clone()
+    later[:, :, -1] += 1.0  # only the last position's value changes
+    again = F.scaled_dot_product_attention(q, k, later, attn_mask=causal.float())
+    assert not torch.allclose(again[:, :, 0], zero_one[:, :, 0], atol=ATOL)  # position 0 reads the last one
+
+
+@pytest.mark.main_needs("compiled")
+@pytest.mark.per_model_file
+def test_is_causal_alone_does_not_hide_the_pads_of_a_padded_batch(step):
+    module = step.model.CausalSelfAttention(step.model.GPTConfig(n_embd=24, n_head=3))
+    x = torch.randn(1, 7, 24)
+    mask = step.model.padded_causal_mask(torch.tensor([[0, 0, 0, 1, 1, 1, 1]]))  # 3 pads on the left
+    real = slice(3, None)
+    assert not torch.allclose(module(x)[:, real], module(x, mask)[:, real], atol=ATOL)  # the real tokens read pads
 
 
 @pytest.mark.main_needs("compiled")

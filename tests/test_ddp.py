@@ -36,12 +36,16 @@ ON_A_TWENTIETH = ("from shared import data; corpus = data.shakespeare(); "
                   "import runpy; runpy.run_module('steps.{}', run_name='__main__')")
 
 
+def rank_env(rank: int, world: int, port: int) -> dict:
+    """The environment torchrun gives one process of a run."""
+    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
 def start_rank(step, rank: int, world: int, port: int, *flags, twentieth=False):
-    """One process of a run, with the environment torchrun gives it."""
-    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    """One process of a run, started as torchrun starts it."""
     command = ["-c", ON_A_TWENTIETH.format(step.name)] if twentieth else ["-m", f"steps.{step.name}"]
-    return subprocess.Popen([sys.executable, *command, *flags], cwd=ROOT, env=env, text=True,
+    return subprocess.Popen([sys.executable, *command, *flags], cwd=ROOT, env=rank_env(rank, world, port), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -107,6 +111,33 @@ def test_only_rank_0_prints_and_writes(step, two_ranks_and_one):
     assert list((root / "rank1").iterdir()) == []  # its --out was made when the flags were read, and left empty
     assert "iter     0 | loss" in (root / "rank0.stdout").read_text()
     assert (root / "rank1.stdout").read_text() == ""
+
+
+# The same, with torch.compile counting the graphs dynamo hands its backend (eager: no C++ compiling), each rank into
+# $GRAPHS_DIR/rank<RANK> when it exits.
+COUNTING_GRAPHS = ("import atexit, os, torch; graphs = []; compile = torch.compile; "
+                   "torch.compile = lambda m, **kw: compile(m, backend=lambda gm, inputs: graphs.append(gm) or gm.forward); "
+                   "atexit.register(lambda: open(os.path.join(os.environ['GRAPHS_DIR'], 'rank' + os.environ['RANK']), "
+                   "'w').write(str(len(graphs)))); " + ON_A_TWENTIETH)
+
+
+@pytest.mark.main_needs("join_process_group")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_under_ddp_the_compiled_graph_is_cut_at_the_gradient_buckets(step, tmp_path):
+    # Compiled inside DDP's forward, dynamo cuts the model into one graph per bucket of gradients, so that a bucket's
+    # all-reduce can start while backward goes on through the next graph. Compiled first and wrapped after, it is
+    # one graph, and every all-reduce waits for the whole backward. DDP's first bucket holds 1 MB: the 6.4 MB token
+    # table alone fills it, so even this small model has two buckets.
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", COUNTING_GRAPHS.format(step.name), *ONE_STEP, "--compile",
+                               "--out", str(tmp_path / f"out{r}")], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**rank_env(r, 2, port), "GRAPHS_DIR": str(tmp_path)})
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for r, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{err}"
+    assert "compiled in" in outputs[0][0]
+    assert [int((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [2, 2]
 
 
 @pytest.mark.main_needs("join_process_group")

@@ -48,6 +48,21 @@ def test_output_projection_is_the_token_embedding(step):
     assert sum(p.numel() for p in model.parameters()) == 50 * 32 + 2 * layer_params(32, 64, 1)
 
 
+@pytest.mark.needs("DecoderOnlyLM")
+@pytest.mark.parametrize("input_scale", ["sqrt(d_model)", "1"])
+def test_untrained_tied_logits_are_of_order_1_whatever_the_input_scale(step, input_scale):
+    # A logit is a table row (norm ~1: std d_model^-0.5 over d_model entries) dotted with the last LayerNorm's output
+    # (entries ~1, norm ~sqrt(d_model)) in a random direction: std ~1. The multiplier on the input plays no part.
+    torch.manual_seed(0)
+    model = step.model.DecoderOnlyLM(vocab_size=50257, d_model=64, n_heads=4, n_layers=2, d_ff=256, dropout=0.0)
+    if input_scale == "1":
+        model.embed.d_model = 1  # the Embedder multiplies by sqrt(self.d_model)
+    with torch.no_grad():
+        logits = model(torch.randint(50257, (4, 32)))
+    # 8.2M logits: their std is known to far better than 10%; 0.9..1.1 is the claim "of order 1", made precise.
+    assert 0.9 < logits.std().item() < 1.1
+
+
 @pytest.mark.check("reference")
 @pytest.mark.needs("DecoderOnlyLM")
 def test_matches_marian_for_causal_lm_logits(step):

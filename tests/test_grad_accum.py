@@ -1,5 +1,6 @@
 """Step 15's lesson and every step after it: gradient accumulation. k micro-batches, each loss divided by k, give
 the gradient and the loss of one batch k times as large."""
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -30,6 +31,33 @@ def test_k_micro_batches_give_the_gradient_and_loss_of_one_batch_k_times_as_larg
     torch.testing.assert_close(loss, big.detach(), atol=1e-6, rtol=0)
     for n, p in model.named_parameters():
         torch.testing.assert_close(accumulated[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.main_needs("accumulate")
+def test_summing_the_micro_batch_losses_makes_the_gradient_k_times_larger_but_not_adams_step(step):
+    # The mistake of diary 15, made on purpose: k losses summed, not averaged. The gradient is k times too large, but
+    # Adam's step m / (sqrt(v) + eps) scales m and sqrt(v) alike, so it is the step of the mean loss wherever |g| is
+    # well above eps. (Under SGD the step itself would be k times too large.) No clipping here: with clipping the
+    # k-times gradient norm would be clipped back on nearly every step.
+    k, args = 4, SimpleNamespace(device=CPU, dtype="fp32", rank=0, world=1)
+    averaged, ids = model_and_tokens(step)
+    summed = copy.deepcopy(averaged)
+    before = [p.detach().clone() for p in averaged.parameters()]
+    step.main.accumulate(averaged, step.main.Loader(ids, batch_size=2, seq_len=16), k, args)
+    loader = step.main.Loader(ids, batch_size=2, seq_len=16)
+    for _ in range(k):
+        x, y = loader.next_batch()
+        summed(x, y)[1].backward()  # not divided by k
+    for a, b in zip(averaged.parameters(), summed.parameters()):  # the same sums in another order, in fp32
+        torch.testing.assert_close(b.grad, k * a.grad, atol=1e-6, rtol=1e-5)
+    for m in (averaged, summed):
+        torch.optim.AdamW(step.main.param_groups(m), lr=1e-3, betas=step.main.BETAS, eps=step.main.EPS).step()
+    # Adam's first step is lr * g / (|g| + eps) for both. They differ by lr * eps * (k-1) / (k |g|) at most: where
+    # |g| > 1000 eps that is under 7.5e-7 (lr 1e-3). Where |g| is near eps (rare tokens' rows) they do differ.
+    for p0, a, b in zip(before, averaged.parameters(), summed.parameters()):
+        big = a.grad.abs() > 1000 * step.main.EPS
+        torch.testing.assert_close((b - p0)[big], (a - p0)[big], atol=7.5e-7, rtol=0)
+        assert (a - p0)[big].abs().max() > 0.9e-3  # each of them moved by about lr: the steps are not both 0
 
 
 @pytest.mark.main_needs("accumulate")

@@ -66,6 +66,71 @@ def test_bf16_is_native_on_a_cpu_with_avx512_bf16_or_amx(monkeypatch, flags, nat
     assert ok is native and (("has" in why) if native else ("emulated" in why))
 
 
+@pytest.fixture
+def a_gpu(monkeypatch):
+    """a_gpu(name, capability): torch.cuda answers as on that GPU. is_bf16_supported() answers yes, as torch 2.13's
+    default (including_emulation=True) does on every GPU since the T4: it must not be what decides."""
+    def gpu(name, capability):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield gpu
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32  # choose_dtype sets them
+
+
+GPUS = [("Tesla V100", (7, 0), False), ("Tesla T4", (7, 5), False), ("NVIDIA A100", (8, 0), True),
+        ("NVIDIA H100", (9, 0), True)]
+
+
+@pytest.mark.parametrize("name, capability, native", GPUS)
+def test_bf16_is_native_on_a_gpu_of_compute_capability_8_or_newer(a_gpu, name, capability, native):
+    a_gpu(name, capability)
+    ok, why = device.bf16_native(torch.device("cuda"))
+    assert ok is native and f"{name} (compute capability {capability[0]}.{capability[1]})" in why
+    assert ("computes in bf16" in why) if native else ("emulated" in why and "8.0" in why)
+
+
+@pytest.mark.main_needs("autocast")
+@pytest.mark.parametrize("name, capability, native", GPUS[1:3])
+def test_dtype_auto_on_a_gpu_takes_bf16_and_tf32_from_ampere_on_and_says_why(step, a_gpu, name, capability, native):
+    a_gpu(name, capability)
+    args = SimpleNamespace(device=torch.device("cuda"), dtype="auto")
+    note = step.main.choose_dtype(args)
+    assert args.dtype == ("bf16" if native else "fp32") and name in note
+    assert ("TF32" in note) is native  # a T4 has no TF32 either: the log must not claim it
+
+
+def test_cpu_autocast_keeps_the_dtype_of_softmax_and_layer_norm_inputs_and_the_loss_in_fp32():
+    # What diary 11 says of a CPU: unlike CUDA's autocast, which runs softmax and LayerNorm in fp32, the CPU's
+    # runs them in their input's dtype; only the loss is lifted to fp32.
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x @ x.T).dtype == torch.bfloat16
+        assert torch.softmax(x.bfloat16(), -1).dtype == torch.bfloat16
+        assert torch.nn.functional.layer_norm(x.bfloat16(), (8,)).dtype == torch.bfloat16
+        assert torch.nn.functional.layer_norm(x, (8,)).dtype == torch.float32
+        assert torch.nn.functional.cross_entropy(x.bfloat16(), torch.zeros(4, dtype=torch.long)).dtype == torch.float32
+
+
+@pytest.mark.main_needs("autocast")
+def test_under_cpu_autocast_the_residual_stream_and_the_loss_stay_fp32_and_the_linears_run_in_bf16(step):
+    model = step.model.GPT(step.model.GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    seen = {}
+    for name in ("transformer.h.0.ln_1", "transformer.h.0.attn.c_attn", "transformer.ln_f"):
+        model.get_submodule(name).register_forward_hook(
+            lambda m, inputs, out, name=name: seen.update({name: (inputs[0].dtype, out.dtype)}))
+    idx = torch.zeros(1, 8, dtype=torch.long)
+    with step.main.autocast(SimpleNamespace(device=CPU, dtype="bf16")):
+        logits, loss = model(idx, idx)
+    # The residual stream is fp32 (the embeddings) plus bf16 sub-layer outputs, which type promotion makes fp32:
+    # every LayerNorm reads fp32 and, on a CPU, computes in fp32.
+    assert seen["transformer.h.0.ln_1"] == seen["transformer.ln_f"] == (torch.float32, torch.float32)
+    assert seen["transformer.h.0.attn.c_attn"] == (torch.float32, torch.bfloat16)  # cast on the way in
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+
 @pytest.mark.main_needs("autocast")
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_the_log_says_the_dtype_and_why(step, tmp_path, capsys):

@@ -71,6 +71,17 @@ def test_gpt2_init_statistics_per_parameter_group(step):
             assert abs(p.mean().item()) < 5 * std / math.sqrt(n), name
 
 
+# ---- AdamW
+
+@pytest.mark.main_needs("Loader")
+@pytest.mark.main_lacks("param_groups")
+def test_before_step_14_no_parameter_is_decayed(step, finished, tmp_path):
+    # torch's AdamW decays every parameter by 0.01 unless told otherwise, LayerNorm gains and biases included: the
+    # mistake step 14 teaches. Until step 14 brings weight decay, the trainers ask for none.
+    groups = checkpoint.load(finished(step, tmp_path))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0]
+
+
 # ---- the data loader
 
 @pytest.mark.main_needs("Loader")

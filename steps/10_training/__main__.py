@@ -126,7 +126,8 @@ def main(argv=None):
     shapes.show(model, loader.next_batch()[0][:4].to(args.device), depth=3)
     loader.pos = 0
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)  # torch's default, 0.01, decays every
+    # parameter, LayerNorm gains and biases included; step 14 decays the matrices only
     run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size, "lr": args.lr,
            "max_steps": args.max_steps, "seed": args.seed}  # what must match for --resume
     start = 0

@@ -59,8 +59,9 @@ def evaluate(model, ids, args) -> float:
 
 
 def autocast(args):
-    """Inside it, matmuls run in bf16 (8 bits of mantissa) and what needs the range, softmax and the loss among
-    them, stays in fp32. The weights, their gradients and AdamW's state stay fp32 throughout."""
+    """Inside it, matmuls (linear layers, attention) run in bf16: 7 stored bits of mantissa, fp32's exponent. The loss
+    stays fp32, and on CUDA softmax and LayerNorm too; on a CPU they run in the dtype of their input (bf16 scores:
+    a bf16 softmax). The weights, their gradients and AdamW's state stay fp32 throughout."""
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
 
@@ -69,9 +70,9 @@ def choose_dtype(args) -> str:
     native, why = device.bf16_native(args.device)
     if args.dtype == "auto":
         args.dtype = "bf16" if native else "fp32"
-    if args.device.type == "cuda":  # fp32 matmuls on tensor cores, with 10 bits of mantissa: TF32
+    if args.device.type == "cuda":  # fp32 matmuls on tensor cores, with 10 stored bits of mantissa: TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        why += "; fp32 matmuls in TF32"
+        why += "; fp32 matmuls in TF32" * native  # TF32, like bf16, came with Ampere (8.0): older GPUs ignore it
     return f"{args.dtype} ({why})"
 
 
@@ -147,7 +148,8 @@ def main(argv=None):
     shapes.show(model, loader.next_batch()[0][:4].to(args.device), depth=3)
     loader.pos = 0
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)  # torch's default, 0.01, decays every
+    # parameter, LayerNorm gains and biases included; step 14 decays the matrices only
     run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size, "lr": args.lr,
            "max_steps": args.max_steps, "seed": args.seed, "dtype": args.dtype}  # what must match for --resume
     start = 0

@@ -97,8 +97,9 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
 
 
 def autocast(args):
-    """Inside it, matmuls run in bf16 (8 bits of mantissa) and what needs the range, softmax and the loss among
-    them, stays in fp32. The weights, their gradients and AdamW's state stay fp32 throughout."""
+    """Inside it, matmuls (linear layers, attention) run in bf16: 7 stored bits of mantissa, fp32's exponent. The loss
+    stays fp32, and on CUDA softmax and LayerNorm too; on a CPU they run in the dtype of their input (bf16 scores:
+    a bf16 softmax). The weights, their gradients and AdamW's state stay fp32 throughout."""
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
 
@@ -107,9 +108,9 @@ def choose_dtype(args) -> str:
     native, why = device.bf16_native(args.device)
     if args.dtype == "auto":
         args.dtype = "bf16" if native else "fp32"
-    if args.device.type == "cuda":  # fp32 matmuls on tensor cores, with 10 bits of mantissa: TF32
+    if args.device.type == "cuda":  # fp32 matmuls on tensor cores, with 10 stored bits of mantissa: TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        why += "; fp32 matmuls in TF32"
+        why += "; fp32 matmuls in TF32" * native  # TF32, like bf16, came with Ampere (8.0): older GPUs ignore it
     return f"{args.dtype} ({why})"
 
 

@@ -110,7 +110,7 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
     for i in range(micro_steps):
         x, y = loader.next_batch()
         last = i == micro_steps - 1
-        with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():  # all-reduce once
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():  # all-reduce once
             with autocast(args):
                 _, loss = model(x, y)
             loss = loss / micro_steps  # not the sum: a sum would scale the gradient by micro_steps
@@ -123,8 +123,9 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
 
 
 def autocast(args):
-    """Inside it, matmuls run in bf16 (8 bits of mantissa) and what needs the range, softmax and the loss among
-    them, stays in fp32. The weights, their gradients and AdamW's state stay fp32 throughout."""
+    """Inside it, matmuls (linear layers, attention) run in bf16: 7 stored bits of mantissa, fp32's exponent. The loss
+    stays fp32, and on CUDA softmax and LayerNorm too; on a CPU they run in the dtype of their input (bf16 scores:
+    a bf16 softmax). The weights, their gradients and AdamW's state stay fp32 throughout."""
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
 
@@ -133,15 +134,17 @@ def choose_dtype(args) -> str:
     native, why = device.bf16_native(args.device)
     if args.dtype == "auto":
         args.dtype = "bf16" if native else "fp32"
-    if args.device.type == "cuda":  # fp32 matmuls on tensor cores, with 10 bits of mantissa: TF32
+    if args.device.type == "cuda":  # fp32 matmuls on tensor cores, with 10 stored bits of mantissa: TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        why += "; fp32 matmuls in TF32"
+        why += "; fp32 matmuls in TF32" * native  # TF32, like bf16, came with Ampere (8.0): older GPUs ignore it
     return f"{args.dtype} ({why})"
 
 
 def compiled(model, args, x, y):
     """torch.compile(model), tried on one batch (forward and backward, the graphs training needs). Where compiling
-    fails (no C++ compiler, a device it does not support), the eager model, and why."""
+    fails (no C++ compiler, a device it does not support), the eager model, and why.
+    Under DDP, model is the DDP module: compiled inside DDP's forward, the graph is cut at DDP's gradient buckets,
+    so each bucket's all-reduce starts while backward goes on. Compiled before wrapping, it would be one graph."""
     if args.compile == "auto":
         args.compile = args.device.type == "cuda"  # on a 2-core CPU: 34 s to compile, to save 12% an iteration
     if not args.compile:
@@ -282,12 +285,13 @@ def main(argv=None):
           f"dtype {precision}")
     shapes.show(model, loader.next_batch()[0][:4], depth=3)
     loader.pos = 0
-    fast, compile_note = compiled(model, args, *loader.next_batch())  # fast: the model to train, compiled or not
+    ddp = model
+    if args.world > 1:  # DDP copies rank 0's weights to every rank; backward then averages gradients over them
+        ddp = DDP(model, device_ids=[args.device.index] if args.device.type == "cuda" else None)
+        print(f"DistributedDataParallel: {args.world} processes, backend {dist.get_backend()}")
+    fast, compile_note = compiled(ddp, args, *loader.next_batch())  # fast: the model to train, compiled or not
     loader.pos = 0
     print(f"attention: F.scaled_dot_product_attention (flash where the device has it); {compile_note}")
-    if args.world > 1:  # rank 0's weights are copied to every rank; backward then averages gradients over them
-        fast = DDP(fast, device_ids=[args.device.index] if args.device.type == "cuda" else None)
-        print(f"DistributedDataParallel: {args.world} processes, backend {dist.get_backend()}")
 
     fused = args.device.type in ("cpu", "cuda")  # one kernel updates every parameter, where torch has one
     opt = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=BETAS, eps=EPS, fused=fused)
