@@ -54,6 +54,17 @@ def test_a_0_1_float_mask_is_added_to_the_scores_and_hides_nothing(step):
 
 @pytest.mark.main_needs("compiled")
 @pytest.mark.per_model_file
+def test_on_a_cpu_sdpa_given_a_mask_and_is_causal_applies_both(step):
+    # torch's documentation says the two together raise; torch 2.13 on a CPU applies both instead (diary 12).
+    q, k, v = torch.randn(3, 1, 2, 7, 8).unbind(0)
+    pads = step.model.padded_causal_mask(torch.tensor([[0, 0, 0, 1, 1, 1, 1]]))
+    both = F.scaled_dot_product_attention(q, k, v, attn_mask=pads, is_causal=True)
+    combined = F.scaled_dot_product_attention(q, k, v, attn_mask=pads & step.model.causal_mask(7))
+    torch.testing.assert_close(both, combined, atol=ATOL, rtol=0)
+
+
+@pytest.mark.main_needs("compiled")
+@pytest.mark.per_model_file
 def test_is_causal_alone_does_not_hide_the_pads_of_a_padded_batch(step):
     module = step.model.CausalSelfAttention(step.model.GPTConfig(n_embd=24, n_head=3))
     x = torch.randn(1, 7, 24)

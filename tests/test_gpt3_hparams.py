@@ -61,6 +61,25 @@ def test_adamw_and_clipping_are_gpt3s(step):
     assert step.main.BETAS == (0.9, 0.95) and step.main.EPS == 1e-8 and step.main.CLIP == 1.0
 
 
+@pytest.mark.main_needs("param_groups")
+def test_adams_first_step_moves_every_weight_by_about_lr_whatever_the_size_of_its_gradient(step):
+    # With bias correction, Adam's first m and v are g and g^2: the step is lr * g / (|g| + eps), lr * sign(g) for
+    # a gradient of 1e-5 as for one of 1. This is why the first steps want a small lr: the warmup.
+    model = model_of(step)
+    model(*torch.randint(100, (2, 2, 16)).unbind(0))[1].backward()  # x, y: (2, 16) each
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(step.main.param_groups(model), lr=1e-3, betas=step.main.BETAS, eps=step.main.EPS)
+    for group in opt.param_groups:
+        group["weight_decay"] = 0.0  # the gradient's step alone
+    opt.step()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    moved = torch.cat([(p - p0).abs().flatten() for p, p0 in zip(model.parameters(), before)])
+    big = grads.abs() > 1000 * step.main.EPS  # where eps is negligible: lr * (1 - 1e-3) <= step <= lr
+    assert grads[big].abs().max() / grads[big].abs().min() > 1e4  # gradients of very different sizes ...
+    ulp = 1.2e-7  # p - p0 is rounded in fp32 at |p| up to 1 (the LayerNorm gains)
+    assert torch.all((moved[big] > 1e-3 * (1 - 1e-3) - ulp) & (moved[big] < 1e-3 + ulp))  # ... the same step
+
+
 @pytest.mark.main_needs("lr_at")
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_a_run_logs_the_scheduled_lr_and_a_clipped_step(step, tmp_path):

@@ -81,7 +81,7 @@ def compiled(model, args, x, y):
     """torch.compile(model), tried on one batch (forward and backward, the graphs training needs). Where compiling
     fails (no C++ compiler, a device it does not support), the eager model, and why."""
     if args.compile == "auto":
-        args.compile = args.device.type == "cuda"  # on a 2-core CPU: 34 s to compile, to save 12% an iteration
+        args.compile = args.device.type == "cuda"  # on 2 CPU cores: ~30 s to compile, paid back late (diary 12)
     if not args.compile:
         return model, "compile off" + (" (on by default on CUDA only; --compile forces it)" if args.device.type !=
                                        "cuda" else "")
