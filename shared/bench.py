@@ -268,8 +268,9 @@ def bar_chart(rows: list[dict], title: str) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="make bench", description=__doc__.split("\n\n")[0],
-                                epilog='Flags go through ARGS: make bench ARGS="--steps 10,15 --iters 3"')
+    p = cli.ArgumentParser(prog="make bench", description=__doc__.split("\n\n")[0],
+                           epilog='Flags go through ARGS: make bench ARGS="--steps 10,15 --iters 3"',
+                           hint='make bench ARGS="--help"')
     p.add_argument("--steps", type=step_list, default=None, help="the steps to time, e.g. 10,15 (default: every "
                    "trainer step)")
     p.add_argument("--preset", default="gpt2", choices=["tiny", "gpt2"], help="the model's sizes (tiny: 4 layers of "

@@ -1,7 +1,7 @@
 """The flags every step accepts. A step adds its own with `parser.add_argument` before `parse_args`.
 
-Every value is checked when it is parsed: a bad one stops the run with `error: argument --flag: ...` and
-exit code 2, before any data is read or any model is built.
+Every value is checked when it is parsed: a bad one stops the run with `error: argument --flag: ...` (one line,
+and a pointer to --help) and exit code 2, before any data is read or any model is built.
 """
 import argparse
 import math
@@ -53,12 +53,25 @@ def existing_dir(text: str) -> Path:
     return Path(text)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a mistake gets its one `error:` line and where the help is, not the usage block.
+    hint: the command that shows the help as a learner runs it (default: prog --help)."""
+
+    def __init__(self, *args, hint: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hint = hint or f"{self.prog} --help"
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n({self.hint} lists every flag)\n")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help shows the step's docstring line for line (a command in it stays one line) and every default."""
 
 
 def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m steps.{step}", description=doc, formatter_class=HelpFormatter)
+    p = ArgumentParser(prog=f"python -m steps.{step}", description=doc, formatter_class=HelpFormatter,
+                       hint=f'make step N={step[:2]} ARGS="--help"')
     p.add_argument("--max-steps", type=positive_int, default=max_steps, help="training iterations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run; auto = cuda, else mps, else cpu")

@@ -24,6 +24,8 @@ def main(argv: list[str]) -> int:
         run.main(["--standalone", f"--nproc-per-node={nproc}", "-m", module, *flags])
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        if failure.exitcode == 130:  # Ctrl-C: every rank stopped at the same iteration; rank 0 has said how to go on
+            return 130
         print(f"torchrun: rank {rank} exited with {failure.exitcode}; the others were stopped", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     except (SignalException, KeyboardInterrupt):  # Ctrl-C: torchrun passed it on; rank 0 has said how to go on

@@ -60,17 +60,19 @@ class RunLog:
         print(f"{line} | {clock(elapsed)} elapsed, eta {clock(eta)}", flush=True)
 
     def close(self, **summary) -> None:
-        """Finish the run: summary.json (e.g. the validation loss) and the loss curve."""
+        """Finish the run, or stop it: summary.json (e.g. the validation loss) and the loss curve so far."""
         self.file.close()
         if summary:
             (self.out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
-            print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
-                            if not isinstance(v, dict)))
+            if line := "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                                 if not isinstance(v, dict) and jsonable(v) is not None):
+                print(line)
         curves = {name: [(r["iter"], r[key]) for r in self.rows if r.get(key) is not None]
                   for name, key in (("train", "loss"), ("validation", "val_loss"))}
-        if len(curves["train"]) > 1:
+        drawn = len(curves["train"]) > 1  # a curve needs two points
+        if drawn:
             (self.out / "loss.svg").write_text(loss_svg(curves))
-            print(f"metrics: {self.out / 'metrics.jsonl'}   loss curve: {self.out / 'loss.svg'}")
+        print(f"metrics: {self.out / 'metrics.jsonl'}" + f"   loss curve: {self.out / 'loss.svg'}" * drawn)
 
 
 def finite(x: float) -> float | None:

@@ -18,6 +18,7 @@ step has none of a kind. `pytest --step 03_feedforward` (or `make test N=03`) ke
 import importlib
 import inspect
 import os
+import urllib.error
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -95,6 +96,23 @@ def first_twentieth_of_the_corpus(monkeypatch):
 
     corpus = data.shakespeare()
     monkeypatch.setattr(data, "shakespeare", lambda: corpus[: len(corpus) // 20])
+
+
+def data_dir_copy(tmp_path, monkeypatch, damaged: str | None = None, missing: str | None = None) -> None:
+    """GPT2STEPS_DATA set to tmp_path, a copy of the data files with one of them cut in half (damaged) or left out
+    (missing); and the network down, so that nothing is downloaded in their place."""
+    from shared import data
+
+    for name in data.FILES:
+        blob = (data.data_dir() / name).read_bytes()
+        if name != missing:
+            (tmp_path / name).write_bytes(blob[: len(blob) // 2] if name == damaged else blob)
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+
+
+def offline(*args, **kwargs):
+    raise urllib.error.URLError("no network")
 
 
 def steps_for(marks, only: str | None = None) -> list[Step]:

@@ -11,8 +11,7 @@ import subprocess
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from shared import data
-from tests.conftest import small_run_flags
+from tests.conftest import data_dir_copy, small_run_flags
 
 FAST = ["--max-steps", "2", "--device", "cpu", "--seed", "0"]
 
@@ -39,6 +38,14 @@ def refuses(step, argv, capsys, *words):
 ])
 def test_a_bad_value_is_refused_naming_the_flag(step, flag, value, capsys):
     refuses(step, [flag, value], capsys, f"argument {flag}", repr(value))
+
+
+@pytest.mark.main_needs("evaluate")
+def test_a_bad_flag_gets_its_error_line_and_where_the_help_is_not_the_usage_block(step, capsys):
+    said = refuses(step, ["--max-steps", "0"], capsys)
+    assert said.splitlines() == [
+        f"python -m steps.{step.name}: error: argument --max-steps: expected a positive integer, got '0'",
+        f'(make step N={step.name[:2]} ARGS="--help" lists every flag)']
 
 
 @pytest.mark.main_needs("evaluate")
@@ -84,38 +91,24 @@ def test_a_diverging_run_stops_at_the_first_nan_naming_the_iteration_and_lr(step
     assert json.loads((tmp_path / "summary.json").read_text())["diverged"]["iter"] == rows[-1]["iter"]
 
 
-def with_data(tmp_path, monkeypatch, damaged=None, missing=None):
-    """A data directory with the real files, one of them cut in half or left out; the network is down."""
-    for name in data.FILES:
-        blob = (data.data_dir() / name).read_bytes()
-        if name != missing:
-            (tmp_path / name).write_bytes(blob[: len(blob) // 2] if name == damaged else blob)
-    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-
-
-def offline(*args, **kwargs):
-    raise OSError("no network")
-
-
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.main_mentions("data.shakespeare()")
 def test_a_damaged_corpus_is_named_not_used(step, tmp_path, monkeypatch, capsys):
-    with_data(tmp_path, monkeypatch, damaged="tinyshakespeare.txt")
+    data_dir_copy(tmp_path, monkeypatch, damaged="tinyshakespeare.txt")
     refuses(step, [*FAST, "--out", str(tmp_path / "run")], capsys, "tinyshakespeare.txt is damaged")
 
 
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.main_mentions("data.gpt2_tokenizer()")
 def test_a_damaged_tokenizer_file_is_named(step, tmp_path, monkeypatch, capsys):
-    with_data(tmp_path, monkeypatch, damaged="r50k_base.tiktoken")
+    data_dir_copy(tmp_path, monkeypatch, damaged="r50k_base.tiktoken")
     refuses(step, [*FAST, "--out", str(tmp_path / "run")], capsys, "r50k_base.tiktoken is damaged")
 
 
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.main_mentions("data.shakespeare()")
 def test_a_missing_corpus_offline_says_where_to_put_it(step, tmp_path, monkeypatch, capsys):
-    with_data(tmp_path, monkeypatch, missing="tinyshakespeare.txt")
+    data_dir_copy(tmp_path, monkeypatch, missing="tinyshakespeare.txt")
     refuses(step, [*FAST, "--out", str(tmp_path / "run")], capsys, "tinyshakespeare.txt is not in", "GPT2STEPS_DATA")
 
 
@@ -136,6 +129,14 @@ def saved(tmp_path_factory):
 ])
 def test_a_bad_generation_value_is_refused_naming_the_flag(step, flag, value, capsys):
     refuses(step, ["--model", "random", flag, value], capsys, f"argument {flag}", repr(value))
+
+
+@pytest.mark.main_needs("stream")
+def test_a_bad_generation_flag_gets_its_error_line_and_where_the_help_is_not_the_usage_block(step, capsys):
+    said = refuses(step, ["--top-k", "0"], capsys)
+    assert said.splitlines() == [
+        f"python -m steps.{step.name}: error: argument --top-k: expected a positive integer, got '0'",
+        f'(make step N={step.name[:2]} ARGS="--help" lists every flag)']
 
 
 @pytest.mark.main_needs("stream")

@@ -43,6 +43,14 @@ def test_a_step_that_cannot_be_timed_is_refused_with_the_steps_that_can(steps, m
     assert "Traceback" not in r.stderr
 
 
+def test_a_bad_flag_gets_its_error_line_and_where_the_help_is_not_the_usage_block():
+    r = make_bench("--iters", "0")
+    said = [line for line in r.stderr.splitlines() if "*** [Makefile" not in line]  # make's own last word
+    assert r.returncode == 2 and said == [
+        "make bench: error: argument --iters: expected a positive integer, got '0'",
+        '(make bench ARGS="--help" lists every flag)']
+
+
 def test_a_json_path_that_is_a_directory_is_refused(tmp_path):
     r = make_bench("--json", str(tmp_path))
     assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr

@@ -4,6 +4,7 @@ The ranks talk over gloo on the CPU: the processes here are real, started as tor
 import importlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -232,3 +233,54 @@ def test_a_rank_that_is_not_a_number_gets_one_line(step, monkeypatch):
     with pytest.raises(SystemExit) as exit:
         step.main.main(["--device", "cpu"])
     assert str(exit.value.code).startswith("error: RANK and WORLD_SIZE must be whole numbers")
+
+
+# make step N=16 NPROC=2 (shared.launch, torchrun), on the first 5% of the corpus. After rank 0 logs iteration
+# $CTRL_C_AT, Ctrl-C as a terminal sends it: SIGINT to every process of the foreground group (the launcher, torchrun's
+# agent, each rank). Each rank writes the count of its optimizer steps (one gradient clip each) to $COUNTS/rank<RANK>.
+UNDER_TORCHRUN = """
+import os, runpy, signal, torch
+from shared import data, runlog
+corpus = data.shakespeare()
+data.shakespeare = lambda: corpus[: len(corpus) // 20]
+steps, clip, log = [], torch.nn.utils.clip_grad_norm_, runlog.RunLog.log
+def count_then_clip(*args, **kwargs):
+    steps.append(1)
+    open(os.path.join(os.environ["COUNTS"], "rank" + os.environ["RANK"]), "w").write(str(len(steps)))
+    return clip(*args, **kwargs)
+torch.nn.utils.clip_grad_norm_ = count_then_clip
+def log_then_ctrl_c(self, it, *args, **kwargs):
+    log(self, it, *args, **kwargs)
+    if it == int(os.environ["CTRL_C_AT"]):
+        os.killpg(os.getpgid(0), signal.SIGINT)
+runlog.RunLog.log = log_then_ctrl_c
+runpy.run_module(os.environ["STEP_MODULE"], run_name="__main__")
+"""
+
+
+@pytest.mark.main_needs("join_process_group")
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_iteration_and_resumes_exactly(step, tmp_path):
+    (tmp_path / "under_torchrun.py").write_text(UNDER_TORCHRUN)
+    flags = [*SMALL_TRAINER, "--total-batch-size", "256", "--max-steps", "6", "--eval-every", "3", "--device", "cpu",
+             "--seed", "0"]
+
+    def launch(run, *argv, ctrl_c_at=-1):
+        (tmp_path / f"counts-{run}").mkdir()
+        env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "STEP_MODULE": f"steps.{step.name}",
+               "CTRL_C_AT": str(ctrl_c_at), "COUNTS": str(tmp_path / f"counts-{run}")}
+        r = subprocess.run([sys.executable, "-m", "shared.launch", "2", "under_torchrun", *argv], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300, start_new_session=True)  # its own group
+        return r, [int((tmp_path / f"counts-{run}" / f"rank{k}").read_text()) for k in (0, 1)]
+
+    whole, counts = launch("whole", *flags, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0 and counts == [6, 6], whole.stderr
+    stopped, counts = launch("stopped", *flags, "--out", str(tmp_path / "split"), ctrl_c_at=2)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert counts == [3, 3]  # both ranks stop after iteration 2, whichever saw the signal first
+    assert stopped.stderr.count("To go on:") == 1 and "torchrun:" not in stopped.stderr  # rank 0 speaks for all
+    command = stopped.stderr.split("To go on:\n")[1].strip()
+    assert command.startswith(f"make step N={step.name[:2]} NPROC=2 ARGS=")
+    args = next(word for word in shlex.split(command) if word.startswith("ARGS="))[len("ARGS="):]
+    resumed, counts = launch("resumed", *shlex.split(args))  # as make hands $(ARGS) to the shell
+    assert resumed.returncode == 0 and counts == [3, 3], resumed.stderr
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")  # every loss, digit for digit

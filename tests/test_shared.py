@@ -3,13 +3,13 @@ import argparse
 import json
 import subprocess
 import sys
-import urllib.error
 
 import pytest
 import torch
 
 from shared import cli, data, device, runlog, shapes
 from shared.steps import all_steps, resolve
+from tests.conftest import data_dir_copy
 
 
 def sh(*cmd):
@@ -42,12 +42,7 @@ def test_make_diff_of_the_first_step_says_there_is_nothing_before_it():
 
 
 def test_missing_data_file_offline_says_what_to_put_where(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    data_dir_copy(tmp_path, monkeypatch, missing="tinyshakespeare.txt")
     with pytest.raises(SystemExit) as exit:
         data.shakespeare()
     message = str(exit.value.code)
@@ -79,18 +74,10 @@ def test_gpt2_tokenizer_works_offline_with_gpt2_ids():
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
 
 
-def damaged_copy(tmp_path, monkeypatch, name):
-    """The data directory with every file intact except `name`, which has lost its second half."""
-    for f in data.FILES:
-        blob = (data.data_dir() / f).read_bytes()
-        (tmp_path / f).write_bytes(blob[: len(blob) // 2] if f == name else blob)
-    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
-
-
 @pytest.mark.parametrize("name, load", [("tinyshakespeare.txt", data.shakespeare),
                                         ("r50k_base.tiktoken", data.gpt2_tokenizer)])
 def test_a_damaged_data_file_is_named_with_what_to_do(tmp_path, monkeypatch, name, load):
-    damaged_copy(tmp_path, monkeypatch, name)
+    data_dir_copy(tmp_path, monkeypatch, damaged=name)
     with pytest.raises(SystemExit) as exit:
         load()
     message = str(exit.value.code)

@@ -119,17 +119,30 @@ def interrupt_after(iteration, monkeypatch):
 
 
 @pytest.mark.main_needs("Loader")
-def test_a_run_stopped_by_ctrl_c_and_resumed_logs_the_losses_of_one_run(step, tmp_path, monkeypatch):
+def test_a_run_stopped_by_ctrl_c_and_resumed_logs_the_losses_of_one_run(step, tmp_path, monkeypatch, capsys):
     args = ["--max-steps", "6", "--eval-every", "3"]
     whole = run(step, tmp_path / "whole", *args)
     with monkeypatch.context() as m:
         interrupt_after(3, m)
         with pytest.raises(SystemExit) as exit:
             run(step, tmp_path / "split", *args)
-    assert "interrupted: 4 iterations done" in str(exit.value.code) and "--resume" in str(exit.value.code)
+    said = capsys.readouterr().err
+    assert exit.value.code == 130 and "interrupted: 4 iterations done" in said and "--resume" in said
     assert len(metrics(tmp_path / "split")[0]) == 4
     resumed = run(step, tmp_path / "split", *args, "--resume", str(tmp_path / "split"))
     assert resumed == whole  # every training loss and every validation loss, digit for digit
+
+
+@pytest.mark.main_needs("Loader")
+def test_ctrl_c_leaves_the_loss_curve_so_far_and_a_summary_marked_interrupted(step, tmp_path, monkeypatch, capsys):
+    interrupt_after(3, monkeypatch)
+    with pytest.raises(SystemExit):
+        run(step, tmp_path, "--max-steps", "6", "--eval-every", "3")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"]["iters_done"] == 4 and f"--resume {tmp_path}" in summary["interrupted"]["resume"]
+    assert abs(summary["val_loss"] - metrics(tmp_path)[1][-1][1]) <= 1e-6  # the last one; metrics.jsonl rounds
+    assert "validation" in (tmp_path / "loss.svg").read_text()
+    assert f"loss curve: {tmp_path / 'loss.svg'}" in capsys.readouterr().out
 
 
 def first_and_last_trainer():
@@ -187,6 +200,16 @@ def test_resuming_another_steps_checkpoint_is_refused(step, tmp_path, finished):
 
 
 @pytest.mark.main_needs("Loader")
+def test_a_checkpoint_that_does_not_fit_is_refused_before_any_work(step, tmp_path, finished, monkeypatch, capsys):
+    finished(step, tmp_path)
+    monkeypatch.setattr(step.main, "GPT", lambda config: pytest.fail("the model was built before the refusal"))
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "3", "--lr", "2e-3", "--resume", str(tmp_path))
+    assert "from another run" in str(exit.value.code)
+    assert capsys.readouterr().out == ""  # no header, no shapes: refused before the data and the model
+
+
+@pytest.mark.main_needs("Loader")
 @pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "no checkpoint", "a pickled object"])
 def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, damage, finished):
     finished(step, tmp_path)
@@ -240,6 +263,19 @@ def test_save_pretrained_gives_a_directory_transformers_loads_with_the_same_logi
     idx = torch.randint(50257, (2, 16))
     with torch.no_grad():  # fp32, the same weights: only the order of float sums differs
         torch.testing.assert_close(hf(idx).logits[..., :50257], model(idx)[0][..., :50257], atol=1e-5, rtol=0)
+
+
+@pytest.mark.needs("GPT.save_pretrained")
+@pytest.mark.per_model_file
+def test_save_pretrained_files_are_readable_as_the_umask_allows(step, tmp_path):
+    model = step.model.GPT(step.model.GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=1, n_embd=8))
+    umask = os.umask(0o022)  # the usual one: the owner writes, everyone reads
+    try:
+        model.save_pretrained(tmp_path)
+    finally:
+        os.umask(umask)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in tmp_path.iterdir()} == {
+        "config.json": "0o644", "model.safetensors": "0o644"}  # safetensors' save_file would give 0o600
 
 
 @pytest.mark.main_needs("Loader")

@@ -18,8 +18,9 @@ temperature = cli.checked(float, lambda v: 0.01 <= v <= 100, "a temperature from
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog=f"python -m steps.{STEP}", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog=f"python -m steps.{STEP}", description=__doc__,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           hint=f'make step N={STEP[:2]} ARGS="--help"')
     p.add_argument("--model", default="auto", help=f"{', '.join(HUB_NAMES)} (from the hub), a directory written by "
                    "GPT2LMHeadModel.save_pretrained, random (an untrained GPT-2 124M), or auto: gpt2, or random with "
                    "a warning when gpt2 cannot be downloaded")

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 
 @dataclass
@@ -248,7 +248,7 @@ class GPT(nn.Module):
         state["transformer.wte.weight"] = state["transformer.wte.weight"][: c.vocab_size].contiguous()  # unpadded
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json.tmp").write_text(json.dumps(config, indent=1) + "\n")
-        save_file(state, path / "model.safetensors.tmp", metadata={"format": "pt"})
+        (path / "model.safetensors.tmp").write_bytes(save(state, metadata={"format": "pt"}))  # save_file: mode 0600
         for name in ("config.json", "model.safetensors"):
             (path / f"{name}.tmp").replace(path / name)
 

@@ -273,9 +273,20 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same on every rank: the same initial weights
 
     tok = data.gpt2_tokenizer()  # GPT-2's BPE: 50257 tokens
+    config = GPTConfig(args.seq_len, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout)
+    run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size,
+           "total_batch_size": args.total_batch_size, "lr": args.lr,
+           "max_steps": args.max_steps, "seed": args.seed, "dtype": args.dtype,
+           "warmup_steps": args.warmup_steps}  # what must match for --resume
+    state = checkpoint.load(args.out) if args.resume else None  # read and checked before any work
+    if state:
+        checkpoint.check_config(args.out, state["config"], run)
+        if state["iter"] >= args.max_steps:  # nothing to do: leave its summary, model and loss curve as they are
+            print(f"{args.out} holds a finished run ({state['iter']} of {args.max_steps} iterations): "
+                  "nothing to resume")
+            return
     train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())), args.seq_len, "--seq-len")
     train_ids, val_ids = train_ids.to(args.device), val_ids.to(args.device)  # once: 8 bytes a token, 2.7 MB
-    config = GPTConfig(args.seq_len, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout)
     model = GPT(config).to(args.device)
     loader = Loader(train_ids, args.batch_size, args.seq_len, rank=args.rank, world=args.world)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
@@ -295,20 +306,11 @@ def main(argv=None):
 
     fused = args.device.type in ("cpu", "cuda")  # one kernel updates every parameter, where torch has one
     opt = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=BETAS, eps=EPS, fused=fused)
-    run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size,
-           "total_batch_size": args.total_batch_size, "lr": args.lr,
-           "max_steps": args.max_steps, "seed": args.seed, "dtype": args.dtype,
-           "warmup_steps": args.warmup_steps}  # what must match for --resume
     start = 0
-    if args.resume:
-        state = checkpoint.load(args.out)
-        checkpoint.check_config(args.out, state["config"], run)
+    if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, loader.pos = state["iter"], state["loader"]
-        if start >= args.max_steps:  # nothing to do: leave its summary, model and loss curve as they are
-            print(f"{args.out} holds a finished run ({start} of {args.max_steps} iterations): nothing to resume")
-            return
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -329,8 +331,12 @@ def main(argv=None):
                 stop["requested"] = bool(flag)
             if stop["requested"]:
                 save(it)
-                sys.exit(f"interrupted: {it} iterations done, checkpoint in {args.out / checkpoint.NAME}. To go on:\n"
-                         f"  {resume_command(argv, args.out)}")
+                go_on = resume_command(argv, args.out)
+                if log:
+                    log.close(interrupted={"iters_done": it, "resume": go_on}, val_loss=val_loss)  # the curve so far
+                print(f"interrupted: {it} iterations done, checkpoint in {args.out / checkpoint.NAME}. To go on:\n"
+                      f"  {go_on}", file=sys.stderr)
+                sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C
             opt.zero_grad(set_to_none=True)
             loss = accumulate(fast, loader, micro_steps, args)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # the norm before clipping
