@@ -4,6 +4,7 @@
 #   make step N=16 NPROC=2 a stage on 2 processes (torchrun), from step 16 on
 #   make test [N=08]       the whole test suite, or one stage's tests
 #   make bench             the speed ladder of the trainer steps (ARGS="--steps 10,15" for some of them)
+#   make data ARGS="--source fineweb-edu --out data/edu_fineweb10B"   text to token shards (step 17 on)
 #   make diff N=08         what step 08 adds to step 07
 #   make setup [CPU=1]     create .venv and install the pinned dependencies (CPU=1: torch's CPU build)
 SHELL := /bin/bash
@@ -13,7 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REGISTRY := $(PYTHON) -m shared.steps
 
-.PHONY: list setup step test bench diff clean
+.PHONY: list setup step test bench data diff clean
 .DEFAULT_GOAL := list
 
 list:
@@ -46,6 +47,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@$(PY) -m shared.bench $(ARGS)
+
+data: $(STAMP)
+	@$(PY) -m shared.shards $(ARGS)
 
 diff:
 	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) && \

@@ -9,8 +9,11 @@ from pathlib import Path
 class RunLog:
     """Log of one training run of `total` iterations, printing every `every`-th (0: about 25 lines a run)."""
 
-    def __init__(self, out: Path, total: int, every: int = 0, start: int = 0):
-        """start > 0 continues a resumed run: metrics.jsonl keeps its rows of the iterations before `start`."""
+    def __init__(self, out: Path, total: int, every: int = 0, start: int = 0, baseline: tuple | None = None):
+        """start > 0 continues a resumed run: metrics.jsonl keeps its rows of the iterations before `start`.
+        baseline: (prefix, name, value), e.g. ("hellaswag", "GPT-2 124M", 0.2955): the rows' prefix_acc and
+        prefix_acc_norm are drawn in a second panel of the loss curve, with the value as a line to beat."""
+        self.baseline = baseline
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         old = (self.out / "metrics.jsonl").read_text().splitlines() if start else []
@@ -40,13 +43,14 @@ class RunLog:
             sys.exit(f"error: the loss is {loss} at iteration {it} (lr {lr:g}): training diverged. "
                      "A smaller --lr may help.")
 
-    def log_val(self, it: int, val_loss: float) -> None:
-        """The validation loss after iteration `it`: a row of its own in metrics.jsonl, and a line."""
-        row = {"iter": it, "val_loss": finite(round(val_loss, 6))}
+    def log_val(self, it: int, val_loss: float, **more: float) -> None:
+        """The validation loss after iteration `it`, and any other evaluation (more, e.g. hellaswag_acc=0.27): a row of
+        its own in metrics.jsonl, and a line."""
+        row = {"iter": it, "val_loss": finite(round(val_loss, 6)), **{k: finite(round(v, 6)) for k, v in more.items()}}
         self.rows.append(row)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        print(f"iter {it:5d} | val loss {val_loss:.4f}", flush=True)
+        print(f"iter {it:5d} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in more.items()), flush=True)
         self.t0 = time.perf_counter()  # evaluating is not the next iteration's time
 
     def print_line(self, row: dict, loss: float) -> None:
@@ -69,9 +73,14 @@ class RunLog:
                 print(line)
         curves = {name: [(r["iter"], r[key]) for r in self.rows if r.get(key) is not None]
                   for name, key in (("train", "loss"), ("validation", "val_loss"))}
+        below = None
+        if self.baseline and (acc := [r for r in self.rows if r.get(f"{self.baseline[0]}_acc_norm") is not None]):
+            prefix, name, value = self.baseline
+            below = (prefix, {k: [(r["iter"], r[f"{prefix}_{k}"]) for r in acc] for k in ("acc", "acc_norm")}
+                     | {f"{name}: acc_norm {value}": [(acc[0]["iter"], value), (acc[-1]["iter"], value)]})
         drawn = len(curves["train"]) > 1  # a curve needs two points
         if drawn:
-            (self.out / "loss.svg").write_text(loss_svg(curves))
+            (self.out / "loss.svg").write_text(loss_svg(curves, below=below))
         print(f"metrics: {self.out / 'metrics.jsonl'}" + f"   loss curve: {self.out / 'loss.svg'}" * drawn)
 
 
@@ -92,33 +101,42 @@ def clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
-COLOURS = {"train": "#1f77b4", "validation": "#d62728"}
+COLOURS = {"train": "#1f77b4", "validation": "#d62728", "acc_norm": "#2ca02c", "acc": "#9467bd"}
 
 
-def loss_svg(curves: dict[str, list[tuple[int, float]]], w: int = 640, h: int = 360, pad: int = 48) -> str:
+def loss_svg(curves: dict[str, list[tuple[int, float]]], w: int = 640, h: int = 360, pad: int = 48,
+             below: tuple[str, dict] | None = None) -> str:
     """Loss curves as a self-contained SVG (open it in a browser); no plotting library needed.
-    curves: name -> [(iter, loss), ...]; a curve of one point is drawn as a dot."""
+    curves: name -> [(iter, loss), ...]; a curve of one point is drawn as a dot. below: (label, curves) of a second
+    panel under the first, on the same iterations (e.g. HellaSwag's accuracy)."""
+    panels = [("loss", curves), *([below] if below else [])]
+    body = "\n".join(panel(c, w, h, pad, label, top=i * h) for i, (label, c) in enumerate(panels))
+    return f"""<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h * len(panels)}" font-family="sans-serif" \
+font-size="12">
+<rect width="{w}" height="{h * len(panels)}" fill="white"/>
+{body}
+</svg>
+"""
+
+
+def panel(curves: dict[str, list[tuple[int, float]]], w: int, h: int, pad: int, label: str, top: int) -> str:
     points = [p for curve in curves.values() for p in curve]
     x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
     y0, y1 = min(y for _, y in points), max(y for _, y in points)
     sx = lambda x: pad + (x - x0) / max(x1 - x0, 1e-9) * (w - 2 * pad)
-    sy = lambda y: h - pad - (y - y0) / max(y1 - y0, 1e-9) * (h - 2 * pad)
+    sy = lambda y: top + h - pad - (y - y0) / max(y1 - y0, 1e-9) * (h - 2 * pad)
     lines = []
     for i, (name, curve) in enumerate(c for c in curves.items() if c[1]):
         colour = COLOURS.get(name, "black")
         xy = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in curve)
         lines.append(f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="1.5"/>' if len(curve) > 1
                      else f'<circle cx="{sx(curve[0][0]):.1f}" cy="{sy(curve[0][1]):.1f}" r="3" fill="{colour}"/>')
-        lines.append(f'<text x="{w - pad}" y="{pad + 16 * i}" text-anchor="end" fill="{colour}">{name}</text>')
+        lines.append(f'<text x="{w - pad}" y="{top + pad + 16 * i}" text-anchor="end" fill="{colour}">{name}</text>')
     body = "\n".join(lines)
-    return f"""<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="{w}" height="{h}" fill="white"/>
-{body}
-<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>
-<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>
-<text x="{pad}" y="{pad - 8}">loss {y1:.3f}</text>
-<text x="4" y="{h - pad}">{y0:.3f}</text>
-<text x="{pad}" y="{h - pad + 16}">iter {x0}</text>
-<text x="{w - pad}" y="{h - pad + 16}" text-anchor="end">iter {x1}</text>
-</svg>
-"""
+    return f"""{body}
+<line x1="{pad}" y1="{top + h - pad}" x2="{w - pad}" y2="{top + h - pad}" stroke="black"/>
+<line x1="{pad}" y1="{top + pad}" x2="{pad}" y2="{top + h - pad}" stroke="black"/>
+<text x="{pad}" y="{top + pad - 8}">{label} {y1:.3f}</text>
+<text x="4" y="{top + h - pad}">{y0:.3f}</text>
+<text x="{pad}" y="{top + h - pad + 16}">iter {x0}</text>
+<text x="{w - pad}" y="{top + h - pad + 16}" text-anchor="end">iter {x1}</text>"""

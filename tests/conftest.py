@@ -18,11 +18,15 @@ step has none of a kind. `pytest --step 03_feedforward` (or `make test N=03`) ke
 import importlib
 import inspect
 import os
+import tempfile
 import urllib.error
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import settings
 
 from shared.steps import STEPS_DIR, all_steps
@@ -96,6 +100,16 @@ def first_twentieth_of_the_corpus(monkeypatch):
 
     corpus = data.shakespeare()
     monkeypatch.setattr(data, "shakespeare", lambda: corpus[: len(corpus) // 20])
+
+
+def token_loader(step: Step, ids: torch.Tensor, batch_size: int, seq_len: int, **kwargs):
+    """step.main.Loader over ids: the tensor itself up to step 16; from step 17 on, ids saved as one uint16 shard and
+    read in order (no shuffling), whose windows are the same consecutive windows."""
+    if not hasattr(step.main, "shards"):
+        return step.main.Loader(ids, batch_size, seq_len, **kwargs)
+    path = Path(tempfile.mkdtemp()) / "ids_train_000001.npy"
+    np.save(path, ids.numpy().astype(np.uint16))
+    return step.main.Loader([path], batch_size, seq_len, shuffle=False, **kwargs)
 
 
 def data_dir_copy(tmp_path, monkeypatch, damaged: str | None = None, missing: str | None = None) -> None:

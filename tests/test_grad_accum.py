@@ -6,6 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.conftest import token_loader
+
 CPU = torch.device("cpu")
 
 
@@ -20,10 +22,10 @@ def model_and_tokens(step):
 def test_k_micro_batches_give_the_gradient_and_loss_of_one_batch_k_times_as_large(step, k):
     model, ids = model_and_tokens(step)
     args = SimpleNamespace(device=CPU, dtype="fp32", rank=0, world=1)  # one process
-    loss = step.main.accumulate(model, step.main.Loader(ids, batch_size=2, seq_len=16), k, args)
+    loss = step.main.accumulate(model, token_loader(step, ids, batch_size=2, seq_len=16), k, args)
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    x, y = step.main.Loader(ids, batch_size=2 * k, seq_len=16).next_batch()  # the same 2k windows, in one batch
+    x, y = token_loader(step, ids, batch_size=2 * k, seq_len=16).next_batch()  # the same 2k windows, in one batch
     _, big = model(x, y)
     big.backward()
     # fp32: the same sums, added up micro-batch by micro-batch instead of at once. 1e-6 is about ten float32
@@ -43,8 +45,8 @@ def test_summing_the_micro_batch_losses_makes_the_gradient_k_times_larger_but_no
     averaged, ids = model_and_tokens(step)
     summed = copy.deepcopy(averaged)
     before = [p.detach().clone() for p in averaged.parameters()]
-    step.main.accumulate(averaged, step.main.Loader(ids, batch_size=2, seq_len=16), k, args)
-    loader = step.main.Loader(ids, batch_size=2, seq_len=16)
+    step.main.accumulate(averaged, token_loader(step, ids, batch_size=2, seq_len=16), k, args)
+    loader = token_loader(step, ids, batch_size=2, seq_len=16)
     for _ in range(k):
         x, y = loader.next_batch()
         summed(x, y)[1].backward()  # not divided by k

@@ -136,6 +136,6 @@ def test_under_cpu_autocast_the_residual_stream_and_the_loss_stay_fp32_and_the_l
 def test_the_log_says_the_dtype_and_why(step, tmp_path, capsys):
     step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "1",
                     "--out", str(tmp_path)])
-    header = capsys.readouterr().out.splitlines()[0]
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"step {step.name} on"))
     native, why = device.bf16_native(CPU)
     assert f"dtype {'bf16' if native else 'fp32'} ({why})" in header

@@ -1,0 +1,275 @@
+"""make data: text to token shards, the training data of step 17 on.
+
+    make data ARGS="--source fineweb-edu --out data/edu_fineweb10B"             FineWeb-Edu sample-10BT, streamed
+    make data ARGS="--source texts/ --out data/mine --max-tokens 100000000"     local .parquet, .jsonl or .txt files
+
+Every document becomes <|endoftext|> (id 50256) and then its GPT-2 tokens (tiktoken's encode_ordinary: the text
+"<|endoftext|>" inside a document stays text). The stream of tokens is cut into shards of --shard-tokens uint16 ids
+(GPT-2's 50,257 ids fit in 16 bits: half the bytes of int32), saved as .npy files in build-nanogpt's layout:
+PREFIX_val_000000.npy first, then PREFIX_train_000001.npy, ... A .txt source is cut into documents at blank lines.
+
+A shard appears only when it is complete (written under a temporary name, then renamed), and manifest.json records
+its tokens, documents, sha256 and where in the source it ends: a prepare that was stopped goes on after its last
+complete shard, and makes the shards that one run would have made.
+"""
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from shared import cli
+
+EOT = 50256  # <|endoftext|>: GPT-2's one special token, before every document
+MANIFEST = "manifest.json"
+HUB = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # about 10B GPT-2 tokens, streamed: no 27 GB download first
+KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}  # datasets' local loaders
+CHUNK = 256  # documents a worker tokenizes at a time
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"  # the first shard is the validation split
+
+
+# ---- the source: documents, one string each
+
+def open_source(source: str):
+    """(documents, prefix): an iterable of texts, streamed by datasets, and the shards' name prefix."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    if source == "fineweb-edu":
+        if not online("huggingface.co"):
+            sys.exit("error: --source fineweb-edu streams from the Hugging Face hub, which cannot be reached from here "
+                     "(offline?). Use local files instead: --source PATH (a .parquet, .jsonl or .txt file, or a "
+                     "directory of them).")
+        docs = datasets.load_dataset(HUB[0], name=HUB[1], split="train", streaming=True)
+        return docs, "edufineweb"
+    path = Path(source)
+    files = sorted(p for p in path.rglob("*") if p.suffix in KINDS) if path.is_dir() else [path]
+    if not path.exists():
+        sys.exit(f"error: --source {source}: no such file or directory (or give fineweb-edu)")
+    kinds = {KINDS.get(p.suffix) for p in files}
+    if not files or None in kinds or len(kinds) > 1:
+        sys.exit(f"error: --source {source}: expected .parquet, .jsonl or .txt files, of one kind; found "
+                 f"{', '.join(sorted({p.suffix or p.name for p in files})) or 'none'}")
+    kind = kinds.pop()
+    extra = {"sample_by": "paragraph"} if kind == "text" else {}  # a .txt: one document per blank-line paragraph
+    docs = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=True, **extra)
+    return docs, path.stem if path.is_file() else path.name
+
+
+def online(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def texts(docs, source: str):
+    """The text of each document; a record without a text field stops the run, naming it."""
+    for i, record in enumerate(docs):
+        text = record.get("text")
+        if not isinstance(text, str):
+            sys.exit(f"error: --source {source}: document {i} has no 'text' field (its fields: "
+                     f"{', '.join(record) or 'none'})")
+        yield text
+
+
+# ---- tokenizing, on every core
+
+_enc = None
+
+
+def encode(chunk: list[str]) -> list[np.ndarray]:
+    """[EOT, tokens...] of each document, as uint16. Runs in a worker process (and loads the tokenizer there once)."""
+    global _enc
+    if _enc is None:
+        from shared import data
+        _enc = data.gpt2_tokenizer()
+    return [np.array([EOT, *_enc.encode_ordinary(text)], dtype=np.uint16) for text in chunk]
+
+
+def batched(iterable, n: int):
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def encoded(texts_, workers: int):
+    """Each document's tokens, in order. With several workers, a process pool: tiktoken's own threads do not
+    speed up encode_ordinary_batch here (diary 17), separate processes do."""
+    if workers == 1:
+        for chunk in batched(texts_, CHUNK):
+            yield from encode(chunk)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:  # spawn: safe beside torch's threads
+        for arrays in pool.imap(encode, batched(texts_, CHUNK)):
+            yield from arrays
+
+
+# ---- the shards
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)  # atomic: a half-written shard never has the real name
+
+
+def prepare(source: str, out: Path, shard_tokens: int = 100_000_000, max_tokens: int | None = None,
+            workers: int = 1, progress: bool = True, quiet: bool = False) -> dict:
+    """Tokenize source into shards in out (made or continued); returns the manifest. quiet: no bar, no lines."""
+    say = (lambda *a: None) if quiet else print
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"source": source, "tokenizer": "gpt2", "shard_tokens": shard_tokens, "max_tokens": max_tokens}
+    manifest = read_manifest(out) or {**settings, "shards": [], "complete": False}
+    if {k: manifest.get(k) for k in settings} != settings:
+        sys.exit(f"error: {out} holds shards made with other settings ("
+                 + ", ".join(f"{k} {manifest.get(k)!r}" for k in settings if manifest.get(k) != settings[k])
+                 + "). Give another --out, or delete that directory.")
+    if manifest["complete"]:
+        say(f"{out} already holds the shards of {source}: {len(manifest['shards'])} shards, "
+              f"{sum(s['tokens'] for s in manifest['shards']):,} tokens")
+        return manifest
+    docs, prefix = open_source(source)
+    done = sum(s["tokens"] for s in manifest["shards"])
+    doc, offset = manifest["shards"][-1]["next"] if manifest["shards"] else (0, 0)  # where the next shard starts
+    if manifest["shards"]:
+        say(f"{out}: {len(manifest['shards'])} shards already complete; going on from document {doc:,}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=max_tokens, initial=done, unit="tok", unit_scale=True, disable=quiet or not progress,
+               desc=f"tokenizing {source}", dynamic_ncols=True)
+    buf = np.empty(shard_tokens, dtype=np.uint16)  # one shard at a time: memory does not grow with the source
+    fill, total = 0, done
+    for tokens in encoded(texts(docs.skip(doc) if doc else docs, source), workers):
+        tokens, start = tokens[offset:], offset  # a document cut by the last shard goes on where it was cut
+        offset = 0
+        while len(tokens) and total < (max_tokens or math.inf):
+            take = min(len(tokens), shard_tokens - fill, (max_tokens or math.inf) - total)
+            buf[fill : fill + take] = tokens[:take]
+            fill, total, tokens, start = fill + take, total + take, tokens[take:], start + take
+            bar.update(take)
+            if fill == shard_tokens:
+                save_shard(out, prefix, manifest, buf, next_at=(doc, start) if len(tokens) else (doc + 1, 0))
+                fill = 0
+        doc += 1
+        bar.set_postfix(documents=f"{doc:,}", refresh=False)
+        if total >= (max_tokens or math.inf):
+            break
+    bar.close()
+    if fill:  # the rest: a last, shorter shard
+        save_shard(out, prefix, manifest, buf[:fill], next_at=(doc, 0))
+    manifest["complete"] = True
+    write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
+    say(f"{out}: {len(manifest['shards'])} shards, {total:,} tokens, "
+          f"{sum(s['documents'] for s in manifest['shards']):,} documents")
+    return manifest
+
+
+def save_shard(out: Path, prefix: str, manifest: dict, tokens: np.ndarray, next_at: tuple[int, int]) -> None:
+    name = shard_name(prefix, len(manifest["shards"]))
+    write_atomic(out / name, lambda f: np.save(f, tokens))
+    manifest["shards"].append({"file": name, "tokens": len(tokens), "documents": int((tokens == EOT).sum()),
+                               "sha256": sha256(out / name), "next": list(next_at)})
+    write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
+
+
+def read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        assert isinstance(manifest["shards"], list) and all("file" in s and "tokens" in s for s in manifest["shards"])
+        return manifest
+    except (ValueError, KeyError, TypeError, AssertionError):
+        sys.exit(f"error: {path} is damaged (not the manifest make data writes). Delete {out} and prepare it again.")
+
+
+def shard_files(out: Path) -> tuple[Path, list[Path]]:
+    """(the validation shard, the training shards in order) of a directory of shards, checked: every shard a 1-D
+    uint16 array, with the token count its manifest records when there is one (shards made by build-nanogpt's
+    fineweb.py have none, and are read as they are). Exits naming the file and what to do."""
+    if not out.is_dir():
+        sys.exit(f"error: --data {out} is not a directory. Make shards with: make data ARGS=\"--source ... --out {out}\"")
+    val, train = sorted(out.glob("*_val_*.npy")), sorted(out.glob("*_train_*.npy"))
+    if not val or not train:
+        sys.exit(f"error: {out} holds no shards (*_val_*.npy and *_train_*.npy). Make them with: "
+                 f"make data ARGS=\"--source ... --out {out}\"")
+    manifest = read_manifest(out)
+    recorded = {s["file"]: s["tokens"] for s in manifest["shards"]} if manifest else {}
+    for name in recorded:
+        if not (out / name).exists():
+            sys.exit(f"error: {out / name} is in {MANIFEST} but missing. Run make data again with --out {out} to "
+                     "remake it, or delete the directory.")
+    for path in [val[0], *train]:
+        try:
+            shard = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            sys.exit(f"error: {path} is not a readable .npy shard ({e}); delete it and make it again (make data).")
+        if shard.dtype != np.uint16 or shard.ndim != 1:
+            sys.exit(f"error: {path} holds {shard.dtype} of shape {shard.shape}, not a 1-D array of uint16 token ids "
+                     "(the layout make data and build-nanogpt's fineweb.py write). Make it again with make data.")
+        if path.name in recorded and recorded[path.name] != len(shard):
+            sys.exit(f"error: {path} has {len(shard):,} tokens where {MANIFEST} says {recorded[path.name]:,}: it is "
+                     "truncated or from another run. Delete it and run make data again with the same --out.")
+    return val[0], train
+
+
+def verify(out: Path) -> None:
+    """Every shard's sha256 against the manifest's (reads every byte: minutes for 10B tokens)."""
+    manifest = read_manifest(out)
+    if manifest is None:
+        sys.exit(f"error: {out} has no {MANIFEST} to verify against")
+    for s in manifest["shards"]:
+        if (got := sha256(out / s["file"])) != s["sha256"]:
+            sys.exit(f"error: {out / s['file']} is damaged: sha256 {got}, not {s['sha256']} as when it was made")
+    print(f"{out}: {len(manifest['shards'])} shards, every sha256 as recorded")
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(prog="make data", description=__doc__.split("\n\n")[0], hint='make data ARGS="--help"',
+                           epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", help="fineweb-edu (streamed from the hub), or a .parquet, .jsonl (a text field) or "
+                   ".txt file, or a directory of them")
+    p.add_argument("--out", type=cli.out_dir, required=True, help="the directory of shards (made, or continued)")
+    p.add_argument("--shard-tokens", type=cli.positive_int, default=100_000_000, help="tokens a shard "
+                   "(default 100M, 200 MB)")
+    p.add_argument("--max-tokens", type=cli.positive_int, help="stop after this many tokens (default: the whole "
+                   "source)")
+    p.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1, help="tokenizing processes "
+                   "(default: one a core)")
+    p.add_argument("--verify", action="store_true", help="check the shards in --out against their manifest")
+    args = p.parse_args(argv)
+    if args.verify:
+        return verify(args.out)
+    if not args.source:
+        p.error("--source is required (unless --verify)")
+    prepare(args.source, args.out, args.shard_tokens, args.max_tokens, args.workers)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the complete shards and the manifest are kept; run the same command to go on")

@@ -1,0 +1,1 @@
+"""Real pretraining data and a real benchmark: token shards read memory-mapped in a shuffled order; HellaSwag."""

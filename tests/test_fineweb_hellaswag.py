@@ -1,0 +1,288 @@
+"""Step 17's lesson and every step after it: training on token shards (read memory-mapped, in a seeded shuffled
+order that resumes exactly) and HellaSwag scored completion style. The shards' making is in test_shards.py."""
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
+
+from shared import data, shards
+from shared.steps import ROOT
+from tests.conftest import small_run_flags
+from tests.test_trainer import interrupt_after, metrics
+
+CPU = torch.device("cpu")
+
+
+def shard_dir(tmp_path, sizes: list[int]) -> list:
+    """Training shards of the given token counts, every token a different id (0, 1, 2, ... across the shards)."""
+    files, first = [], 0
+    for i, n in enumerate(sizes):
+        files.append(tmp_path / f"t_train_{i + 1:06d}.npy")
+        np.save(files[-1], np.arange(first, first + n, dtype=np.uint16))
+        first += n
+    return files
+
+
+def read_windows(loader, batches: int) -> list[int]:
+    """The first token of each window the loader gives in that many batches: which window it was."""
+    return [int(x[0]) for _ in range(batches) for x in loader.next_batch()[0]]
+
+
+# ---- the loader
+
+@pytest.mark.main_needs("shards")
+def test_an_epoch_reads_every_window_of_every_shard_once_in_a_shuffled_order(step, tmp_path):
+    files = shard_dir(tmp_path, [33, 65, 17, 49])  # 4, 8, 2 and 6 windows of T = 8 (the last needs a 9th token)
+    loader = step.main.Loader(files, batch_size=4, seq_len=8, seed=0)
+    starts = read_windows(loader, 5)  # 20 windows: one epoch
+    every = [first + 8 * k for first, n in zip([0, 33, 98, 115], [4, 8, 2, 6]) for k in range(n)]
+    assert sorted(starts) == every and starts != every
+
+
+@pytest.mark.main_needs("shards")
+def test_the_order_is_the_seeds_and_another_epoch_is_shuffled_anew(step, tmp_path):
+    files = shard_dir(tmp_path, [65, 65, 65])  # 24 windows
+    again = lambda seed: read_windows(step.main.Loader(files, 4, 8, seed=seed), 12)  # two epochs
+    assert again(0) == again(0) and again(0) != again(1)
+    assert again(0)[:24] != again(0)[24:] and sorted(again(0)[:24]) == sorted(again(0)[24:])
+
+
+@pytest.mark.main_needs("shards")
+def test_no_shuffle_reads_the_shards_and_their_windows_in_order(step, tmp_path):
+    files = shard_dir(tmp_path, [33, 17])
+    assert read_windows(step.main.Loader(files, 3, 8, shuffle=False), 2) == [0, 8, 16, 24, 33, 41]
+
+
+@pytest.mark.main_needs("shards")
+def test_a_batch_is_the_window_and_the_window_shifted_by_one(step, tmp_path):
+    files = shard_dir(tmp_path, [65, 65])
+    x, y = step.main.Loader(files, 4, 8, seed=3).next_batch()
+    assert x.shape == y.shape == (4, 8) and x.dtype == torch.int64 and torch.equal(y, x + 1)
+
+
+@pytest.mark.main_needs("shards")
+def test_two_ranks_read_disjoint_windows_whose_union_is_what_one_process_reads(step, tmp_path):
+    files = shard_dir(tmp_path, [65, 41, 97])  # 8 + 5 + 12 windows: the ranks' batches cross the shards' edges
+    one = read_windows(step.main.Loader(files, 2, 8, seed=5), 8)
+    ranks = [step.main.Loader(files, 2, 8, seed=5, rank=r, world=2) for r in (0, 1)]
+    together = [w for _ in range(4) for r in ranks for w in read_windows(r, 1)]  # rank 0's batch, then rank 1's
+    assert together == one
+
+
+def resident_mb() -> float:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+
+@pytest.mark.main_needs("shards")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident memory from /proc")
+def test_resident_memory_does_not_grow_with_the_number_of_shards(step, tmp_path):
+    def growth(n: int) -> float:
+        files = []
+        for i in range(n):
+            files.append(tmp_path / f"{n}_train_{i:06d}.npy")
+            np.save(files[-1], np.random.default_rng(i).integers(0, 50257, 2_000_000, dtype=np.uint16))  # 4 MB
+        before = resident_mb()
+        loader = step.main.Loader(files, batch_size=8, seq_len=64, seed=0)
+        read_windows(loader, 50)
+        return resident_mb() - before
+
+    # 20 shards are 80 MB: read whole they would add that much. Memory-mapped, 50 batches touch 400 windows, at
+    # most 400 pages of 4 kB each, 1.6 MB, whatever the number of shards; 8 MB of slack for Python's own heap.
+    assert growth(20) < growth(2) + 8
+
+
+@pytest.fixture
+def small_shards(tmp_path):
+    """Shards of 300 tokens (9 windows of T = 32): a run of the small trainer crosses a shard every 2 iterations."""
+    text = "\n\n".join(p for p in data.shakespeare()[:60_000].split("\n\n") if p.strip())
+    (tmp_path / "source.txt").write_text(text)
+    shards.prepare(str(tmp_path / "source.txt"), tmp_path / "shards", shard_tokens=300, quiet=True)
+    return tmp_path / "shards"
+
+
+@pytest.mark.main_needs("shards")
+def test_a_run_stopped_by_ctrl_c_across_a_shard_boundary_resumes_to_the_losses_of_one_run(step, small_shards,
+                                                                                          tmp_path, monkeypatch):
+    flags = [*small_run_flags(step), "--data", str(small_shards), "--max-steps", "5", "--eval-every", "5",
+             "--device", "cpu", "--seed", "0"]
+    step.main.main([*flags, "--out", str(tmp_path / "whole")])
+    with monkeypatch.context() as m:
+        interrupt_after(1, m)  # 2 iterations of 4 windows done: the next batch is windows 8 to 11, across a shard
+        with pytest.raises(SystemExit):
+            step.main.main([*flags, "--out", str(tmp_path / "split")])
+    step.main.main([*flags, "--out", str(tmp_path / "split"), "--resume", str(tmp_path / "split")])
+    assert metrics(tmp_path / "split") == metrics(tmp_path / "whole")  # every loss, digit for digit
+
+
+@pytest.mark.main_needs("shards")
+def test_a_data_directory_without_shards_is_refused(step, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--data", str(tmp_path), "--max-steps", "1", "--out", str(tmp_path / "run")])
+    assert "holds no shards" in str(exit.value.code) and "make data" in str(exit.value.code)
+
+
+# ---- HellaSwag
+
+ITEMS = [{"ctx": "The cat sat on the", "endings": ["mat.", "moon, far away in the sky.", "roof", "idea"], "label": 0},
+         {"ctx": "ROMEO: But soft, what light", "endings": ["through yonder window breaks", "is", "a", "b c"],
+          "label": 0},
+         {"ctx": "A man is cutting a tomato. He", "endings": ["slices it.", "flies.", "sings a song loudly.", "x"],
+          "label": 1}] * 3
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """(our model, its directory): a small untrained GPT, written as a GPT2LMHeadModel directory."""
+    path = tmp_path_factory.mktemp("hellaswag-model")
+    steps = [s for s in os.listdir(ROOT / "steps") if (ROOT / "steps" / s / "hellaswag.py").exists()]
+    model_py = __import__(f"steps.{sorted(steps)[0]}.model", fromlist=["GPT"])
+    torch.manual_seed(0)
+    model = model_py.GPT(model_py.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_ending_losses_equal_those_from_gpt2lmheadmodels_logits(step, saved_model):
+    model, path = saved_model
+    hf, tok = GPT2LMHeadModel.from_pretrained(path).eval(), data.gpt2_tokenizer()
+    summed, mean = step.main.hellaswag.ending_losses(model, ITEMS, tok, CPU, 32, contextlib.nullcontext())
+    for i, item in enumerate(ITEMS):
+        for j, (row, start) in enumerate(step.main.hellaswag.rows(item, tok, 32)):
+            with torch.no_grad():
+                logits = hf(torch.tensor([row])).logits[0]  # (L, vocab)
+            losses = F.cross_entropy(logits[start - 1 : -1], torch.tensor(row[start:]), reduction="none")
+            # fp32, the same weights: sums of a few token losses near 10.8, differing in the order of float sums only
+            assert abs(summed[i, j] - losses.sum()) < 1e-4 and abs(mean[i, j] - losses.mean()) < 1e-4
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_an_items_losses_do_not_depend_on_the_items_that_share_its_batch(step, saved_model):
+    model, tok = saved_model[0], data.gpt2_tokenizer()
+    alone = torch.cat([step.main.hellaswag.ending_losses(model, [item], tok, CPU, 32, contextlib.nullcontext())[0]
+                       for item in ITEMS])
+    batched = step.main.hellaswag.ending_losses(model, ITEMS, tok, CPU, 32, contextlib.nullcontext(), per_batch=4)[0]
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)  # padding of other lengths changes nothing
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_acc_takes_the_lowest_summed_loss_and_acc_norm_the_lowest_loss_per_token(step, monkeypatch):
+    # Item 0: ending 1 has the lowest sum, ending 2 the lowest mean (a long ending); the label is 2.
+    # Item 1: ending 3 is lowest both ways; the label is 3.
+    summed = torch.tensor([[9.0, 4.0, 6.0, 8.0], [5.0, 5.0, 5.0, 1.0]])
+    mean = torch.tensor([[3.0, 4.0, 1.0, 2.0], [2.0, 2.0, 2.0, 0.5]])
+    monkeypatch.setattr(step.main.hellaswag, "ending_losses", lambda *a, **k: (summed, mean))
+    items = [{"ctx": "", "endings": [""] * 4, "label": 2}, {"ctx": "", "endings": [""] * 4, "label": 3}]
+    args, model = SimpleNamespace(rank=0, world=1, device=CPU), torch.nn.Linear(1, 1)
+    model.config = SimpleNamespace(block_size=32)
+    assert step.main.hellaswag.evaluate(model, items, None, args, None) == (0.5, 1.0)
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_a_context_longer_than_the_model_loses_its_start_not_the_ending(step):
+    tok = data.gpt2_tokenizer()
+    item = {"ctx": "word " * 100, "endings": ["the end.", "b", "c", "d"], "label": 0}
+    row, start = step.main.hellaswag.rows(item, tok, 32)[0]
+    assert len(row) == 32 and row[start:] == tok.encode_ordinary(" the end.")
+
+
+def write_items(path, lines: list[str]):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.main_needs("hellaswag")
+@pytest.mark.parametrize("line", ["not json", json.dumps({"ctx": "a", "endings": ["b", "c"], "label": 0}),
+                                  json.dumps({"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 4}),
+                                  json.dumps({"endings": ["b", "c", "d", "e"], "label": 1})])
+def test_a_bad_item_names_the_file_and_the_line(step, tmp_path, line):
+    path = write_items(tmp_path / "items.jsonl", [json.dumps(ITEMS[0]), line])
+    with pytest.raises(SystemExit) as exit:
+        step.main.hellaswag.load(str(path))
+    assert str(exit.value.code).startswith(f"error: {path}, line 2: not a HellaSwag item")
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_hellaswag_val_offline_says_where_to_put_the_file(step, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+    monkeypatch.setattr(step.main.hellaswag.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(
+        OSError("no network")))
+    with pytest.raises(SystemExit) as exit:
+        step.main.hellaswag.load("val")
+    message = str(exit.value.code)
+    assert "could not be downloaded" in message and str(tmp_path / "hellaswag_val.jsonl") in message
+    assert step.main.hellaswag.URL in message
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_a_val_file_changed_since_its_download_is_refused(step, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+    write_items(tmp_path / "hellaswag_val.jsonl", [json.dumps(ITEMS[0])] * step.main.hellaswag.VAL_ITEMS)
+    (tmp_path / "hellaswag_val.jsonl.sha256").write_text("0" * 64 + "\n")  # recorded at another download
+    with pytest.raises(SystemExit) as exit:
+        step.main.hellaswag.load("val")
+    assert "has changed since it was downloaded" in str(exit.value.code)
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_a_val_file_with_another_count_of_items_is_refused(step, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+    write_items(tmp_path / "hellaswag_val.jsonl", [json.dumps(ITEMS[0])] * 10)
+    with pytest.raises(SystemExit) as exit:
+        step.main.hellaswag.load("val")
+    assert "has 10 lines, not HellaSwag's 10,042" in str(exit.value.code)
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_eval_only_scores_a_saved_model_and_two_processes_count_what_one_does(step, saved_model, tmp_path, capsys):
+    items = write_items(tmp_path / "items.jsonl", [json.dumps(item) for item in ITEMS])
+    flags = ["--eval-only", "--model", str(saved_model[1]), "--hellaswag", str(items), "--device", "cpu",
+             "--dtype", "fp32"]
+    step.main.main(flags)
+    one = re.search(r"hellaswag acc \S+ acc_norm \S+", capsys.readouterr().out).group(0)
+    r = subprocess.run([sys.executable, "-m", "shared.launch", "2", f"steps.{step.name}", *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"hellaswag acc \S+ acc_norm \S+", r.stdout).group(0) == one  # 9 items: 5 on rank 0, 4 on 1
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_eval_only_without_hellaswag_is_refused(step, saved_model):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--eval-only", "--model", str(saved_model[1]), "--device", "cpu"])
+    assert "--eval-only scores HellaSwag" in str(exit.value.code)
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_a_run_with_hellaswag_logs_acc_and_acc_norm_and_draws_them(step, small_shards, tmp_path, capsys):
+    items = write_items(tmp_path / "items.jsonl", [json.dumps(item) for item in ITEMS])
+    step.main.main([*small_run_flags(step), "--data", str(small_shards), "--hellaswag", str(items), "--max-steps",
+                    "2", "--eval-every", "1", "--device", "cpu", "--seed", "0", "--out", str(tmp_path / "run")])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if "hellaswag_acc_norm" in r]
+    assert [r["iter"] for r in scored] == [0, 1] and all(0 <= r["hellaswag_acc"] <= 1 for r in scored)
+    assert "GPT-2 124M: acc_norm 0.2955" in (tmp_path / "run" / "loss.svg").read_text()
+    assert "hellaswag_acc_norm" in json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "| hellaswag_acc " in capsys.readouterr().out
+
+
+# ---- as a learner runs it
+
+@pytest.mark.main_needs("shards")
+def test_make_step_offline_with_no_shards_makes_shakespeares_and_trains_on_them(step, tmp_path):
+    r = subprocess.run(["make", "-s", "step", f"N={step.name[:2]}", "ARGS=" + " ".join(
+        [*small_run_flags(step), "--max-steps", "2", "--device", "cpu", "--out", str(tmp_path)])], cwd=ROOT,
+        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stdout.splitlines() if line.startswith("no --data")]
+    assert len(said) == 1 and "tiny shakespeare" in said[0]
+    assert (tmp_path / "summary.json").exists()

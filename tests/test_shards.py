@@ -1,0 +1,191 @@
+"""make data (shared/shards.py): text to uint16 token shards in build-nanogpt's layout, with a manifest, resumable.
+Sources are made here, offline: the same documents as a .jsonl, a .parquet and a .txt."""
+import json
+
+import numpy as np
+import pytest
+
+from shared import data, shards
+
+SHARD = 2_000  # tokens a shard: a few documents each, so that shards cut documents
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[str]:
+    """300 paragraphs of tiny shakespeare, and one that holds the text '<|endoftext|>' (text, not the token)."""
+    paragraphs = [p.strip() for p in data.shakespeare().split("\n\n") if p.strip()]
+    return paragraphs[:299] + ["A document that says <|endoftext|> in the middle."]
+
+
+@pytest.fixture(scope="module")
+def sources(documents, tmp_path_factory) -> dict[str, str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("sources")
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
+    pq.write_table(pa.table({"text": documents}), root / "docs.parquet")
+    (root / "docs.txt").write_text("\n\n".join(documents))  # a .txt: documents cut at blank lines
+    return {kind: str(root / f"docs.{kind}") for kind in ("jsonl", "parquet", "txt")}
+
+
+def prepare(source, out, **kw):
+    return shards.prepare(source, out, shard_tokens=SHARD, progress=False, **kw)
+
+
+def every_token(out) -> np.ndarray:
+    val, train = shards.shard_files(out)
+    return np.concatenate([np.load(p) for p in [val, *train]])
+
+
+def test_decoded_shards_give_back_every_document_in_order_each_after_one_end_of_text(sources, documents, tmp_path):
+    prepare(sources["jsonl"], tmp_path)
+    tokens = every_token(tmp_path)
+    starts = np.flatnonzero(tokens == shards.EOT)
+    assert starts[0] == 0 and len(starts) == len(documents)  # encode_ordinary never makes 50256 itself
+    enc = data.gpt2_tokenizer()
+    pieces = np.split(tokens, starts[1:])
+    assert [enc.decode(p[1:].tolist()) for p in pieces] == documents
+
+
+def test_shards_are_uint16_in_build_nanogpts_layout_with_validation_first(sources, tmp_path):
+    manifest = prepare(sources["jsonl"], tmp_path)
+    names = sorted(p.name for p in tmp_path.glob("*.npy"))
+    assert names[0] == "docs_train_000001.npy" and "docs_val_000000.npy" in names
+    assert all(np.load(tmp_path / n).dtype == np.uint16 for n in names)
+    assert [s["tokens"] for s in manifest["shards"][:-1]] == [SHARD] * (len(names) - 1)  # only the last is shorter
+
+
+@pytest.mark.parametrize("kind", ["parquet", "txt"])
+def test_a_parquet_and_a_txt_source_give_the_shards_of_the_jsonl(sources, kind, tmp_path):
+    prepare(sources["jsonl"], tmp_path / "jsonl")
+    prepare(sources[kind], tmp_path / kind)
+    assert np.array_equal(every_token(tmp_path / kind), every_token(tmp_path / "jsonl"))
+
+
+def test_the_same_source_gives_the_same_bytes_with_one_worker_or_two(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path / "one")
+    prepare(sources["jsonl"], tmp_path / "two", workers=2)
+    files = sorted(p.name for p in (tmp_path / "one").glob("*.npy"))
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
+
+
+def test_the_manifest_records_each_shards_tokens_documents_and_sha256(sources, tmp_path):
+    manifest = prepare(sources["jsonl"], tmp_path)
+    for s in manifest["shards"]:
+        tokens = np.load(tmp_path / s["file"])
+        assert s["tokens"] == len(tokens) and s["documents"] == (tokens == shards.EOT).sum()
+        assert s["sha256"] == shards.sha256(tmp_path / s["file"])
+    assert manifest["complete"]
+
+
+def test_a_prepare_stopped_after_two_shards_goes_on_to_the_shards_of_one_run(sources, tmp_path, monkeypatch):
+    prepare(sources["jsonl"], tmp_path / "whole")
+    save = shards.save_shard
+
+    def killed_at_the_third(out, prefix, manifest, tokens, next_at):
+        if len(manifest["shards"]) == 2:
+            raise KeyboardInterrupt  # Ctrl-C, or a kill, while the third shard is being made
+        save(out, prefix, manifest, tokens, next_at)
+
+    with monkeypatch.context() as m:
+        m.setattr(shards, "save_shard", killed_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(sources["jsonl"], tmp_path / "split")
+    assert len(list((tmp_path / "split").glob("*.npy"))) == 2
+    assert shards.read_manifest(tmp_path / "split")["shards"][-1]["next"][1] > 0  # the cut is inside a document
+    prepare(sources["jsonl"], tmp_path / "split")
+    whole = sorted((tmp_path / "whole").iterdir())
+    assert [p.name for p in whole] == sorted(p.name for p in (tmp_path / "split").iterdir())
+    assert all(p.read_bytes() == (tmp_path / "split" / p.name).read_bytes() for p in whole)  # manifest too
+
+
+def test_max_tokens_stops_there(sources, tmp_path):
+    manifest = prepare(sources["jsonl"], tmp_path, max_tokens=5_000)
+    assert [s["tokens"] for s in manifest["shards"]] == [2_000, 2_000, 1_000]
+
+
+def test_a_complete_directory_is_left_as_it_is(sources, tmp_path, capsys):
+    prepare(sources["jsonl"], tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    prepare(sources["jsonl"], tmp_path)
+    assert "already holds the shards" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def refused(call, *words):
+    with pytest.raises(SystemExit) as exit:
+        call()
+    message = str(exit.value.code)
+    assert message.startswith("error:") and all(w in message for w in words), message
+
+
+def test_other_settings_in_the_same_directory_are_refused(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path)
+    refused(lambda: shards.prepare(sources["jsonl"], tmp_path, shard_tokens=3_000, progress=False),
+            "other settings", "shard_tokens 2000", "another --out")
+
+
+def test_a_truncated_shard_is_named_with_what_to_do(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path)
+    path = tmp_path / "docs_train_000001.npy"
+    np.save(path, np.load(path)[:100])  # a whole .npy, but shorter than the manifest says
+    refused(lambda: shards.shard_files(tmp_path), str(path), "100 tokens where manifest.json says 2,000",
+            "make data again")
+
+
+def test_a_cut_off_file_is_named(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path)
+    path = tmp_path / "docs_train_000002.npy"
+    path.write_bytes(path.read_bytes()[:1000])  # the header and a part of the data
+    refused(lambda: shards.shard_files(tmp_path), str(path))
+
+
+def test_a_shard_of_another_dtype_is_named(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path)
+    path = tmp_path / "docs_train_000001.npy"
+    np.save(path, np.load(path).astype(np.int32))
+    refused(lambda: shards.shard_files(tmp_path), str(path), "int32", "uint16")
+
+
+def test_a_damaged_manifest_is_named(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    refused(lambda: shards.shard_files(tmp_path), "manifest.json is damaged")
+
+
+def test_shards_without_a_manifest_are_read_as_they_are(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path)  # as build-nanogpt's fineweb.py leaves them: .npy files only
+    (tmp_path / "manifest.json").unlink()
+    val, train = shards.shard_files(tmp_path)
+    assert val.name == "docs_val_000000.npy" and len(train) == len(list(tmp_path.glob("*_train_*.npy")))
+
+
+def test_verify_finds_a_changed_byte(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path)
+    path = tmp_path / "docs_train_000001.npy"
+    tokens = np.load(path)
+    tokens[5] += 1
+    np.save(path, tokens)
+    refused(lambda: shards.verify(tmp_path), str(path), "damaged")
+
+
+def test_the_hub_source_offline_says_to_use_a_local_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "online", lambda host, timeout=3.0: False)
+    refused(lambda: shards.prepare("fineweb-edu", tmp_path, progress=False), "cannot be reached", "--source PATH")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda root: root / "nothing.txt", ["no such file"]),
+    (lambda root: (root / "a.csv").write_text("x") and root / "a.csv", ["expected .parquet, .jsonl or .txt", ".csv"]),
+    (lambda root: (root / "b.jsonl").write_text('{"body": "x"}\n') and root / "b.jsonl", ["no 'text' field", "body"]),
+])
+def test_a_bad_source_is_named(tmp_path, make, words):
+    refused(lambda: prepare(str(make(tmp_path)), tmp_path / "out"), *words)
+
+
+def test_make_data_shows_its_error_line_and_where_the_help_is(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        shards.main(["--out", str(tmp_path)])
+    assert capsys.readouterr().err.splitlines() == ["make data: error: --source is required (unless --verify)",
+                                                    '(make data ARGS="--help" lists every flag)']
