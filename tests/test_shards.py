@@ -175,10 +175,19 @@ def test_the_hub_source_offline_says_to_use_a_local_one(tmp_path, monkeypatch):
     refused(lambda: shards.prepare("fineweb-edu", tmp_path, progress=False), "cannot be reached", "--source PATH")
 
 
+def parquet_of(path, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
 @pytest.mark.parametrize("make, words", [
     (lambda root: root / "nothing.txt", ["no such file"]),
     (lambda root: (root / "a.csv").write_text("x") and root / "a.csv", ["expected .parquet, .jsonl or .txt", ".csv"]),
     (lambda root: (root / "b.jsonl").write_text('{"body": "x"}\n') and root / "b.jsonl", ["no 'text' field", "body"]),
+    (lambda root: parquet_of(root / "c.parquet", body=["x"]), ["has no 'text' column", "body"]),
 ])
 def test_a_bad_source_is_named(tmp_path, make, words):
     refused(lambda: prepare(str(make(tmp_path)), tmp_path / "out"), *words)

@@ -19,11 +19,10 @@ from pathlib import Path
 
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # torch.distributed's C++ log: pages of stack frames when a
 # connection fails, which join_process_group says in one line (TORCH_CPP_LOG_LEVEL=INFO brings them back)
+import numpy as np
 import torch  # after the line above: the C++ log reads it once, when torch loads
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import numpy as np
 
 from shared import checkpoint, cli, data, device, runlog, shapes, shards
 
@@ -42,7 +41,7 @@ PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, batch_size=64, seq_len=1024, total_batch_size=524_288,
                  lr=6e-4, max_steps=19_073, warmup_steps=715, eval_every=250, save_every=5_000, val_windows=1_280),
 }
-SHAKESPEARE_SHARDS = 11  # when --data is not given: 10 training shards of tiny shakespeare, 1 for validation
+SHAKESPEARE_SHARDS = 10  # without --data: tiny shakespeare in about 10 shards, the first for validation
 # GPT-3's optimisation (Brown et al., 2020, appendix B), as build-nanogpt uses it for GPT-2.
 BETAS, EPS = (0.9, 0.95), 1e-8  # beta2 0.95: the second moment forgets in about 20 steps, not 1000
 CLIP = 1.0  # the gradient's global norm is clipped to this
