@@ -66,11 +66,11 @@ class Loader:
         self.rank, self.world, self.device = rank, world, device  # pos is the same on every rank
         self.counts = [(len(s) - 1) // seq_len for s in self.shards]  # windows a shard: the last one needs a T+1-th
         self.windows, self.tokens = sum(self.counts), sum(map(len, self.shards))
-        self.orders = {}  # (epoch, shard) -> that shard's window order; (epoch,) -> the shards' order
+        self.orders = {}  # (epoch,) -> the shards' order; (epoch, shard) -> that shard's windows' order
 
     def order(self, *key) -> np.ndarray:
-        if key not in self.orders:
-            self.orders = {k: v for k, v in self.orders.items() if k[0] == key[0]}  # forget finished epochs
+        if key not in self.orders:  # keep the epoch's shard order and the last shard's: a few MB, however many shards
+            self.orders = {k: v for k, v in self.orders.items() if k == key[:1] or len(key) == 1}
             n = len(self.shards) if len(key) == 1 else self.counts[key[1]]
             self.orders[key] = (np.random.default_rng([self.seed, *key]).permutation(n) if self.shuffle
                                 else np.arange(n))
