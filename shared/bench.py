@@ -287,7 +287,13 @@ def main(argv=None):
     p.add_argument("--no-reference", action="store_true", help="leave out the transformers GPT-2 row")
     p.add_argument("--peak-tflops", type=cli.positive_float, help="the peak TFLOP/s for the MFU column: for a GPU "
                    "this does not know (A100, H100 and H200 it does); on a CPU it replaces the measured peak")
+    p.add_argument("--generate", action="store_true", help="time generation instead: greedy decoding, batch 1, with "
+                   "and without the KV cache of the last step that has one, beside transformers' generate")
+    p.add_argument("--prompt-tokens", type=cli.positive_int, default=32, help="with --generate: the prompt's length")
+    p.add_argument("--new-tokens", type=cli.positive_int, default=256, help="with --generate: tokens to write")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.generate:
+        return generation(args)
 
     import torch
 
@@ -323,7 +329,8 @@ def main(argv=None):
         row = run_worker({**common, "kind": label, "step": label}, label)
         tok_per_s = B * T / (row["ms_per_iter"] / 1000)
         rows.append({"step": label, "lesson": "transformers.GPT2LMHeadModel, SDPA" if label == REFERENCE
-                     else re.split(r"[:(,]", lesson(label))[0].strip(), "ms_per_iter": round(row["ms_per_iter"], 2), "tok_per_s": round(tok_per_s, 1),
+                     else re.split(r"[:(,]", lesson(label))[0].strip(), "ms_per_iter": round(row["ms_per_iter"], 2),
+                     "tok_per_s": round(tok_per_s, 1),
                      "mfu": round(flops * tok_per_s / (peak * 1e12), 4) if peak else None,
                      "peak_mem_mb": round(row["peak_mem_mb"], 1), "dtype": row["dtype"], "compile": row["compile"],
                      "compile_s": row["compile_s"]})
@@ -342,6 +349,64 @@ def main(argv=None):
     chart = args.json.with_suffix(".svg")
     chart.write_text(bar_chart(rows, f"{args.preset}, B={B}, T={T} on {name}"))
     print(f"rows: {args.json}   chart: {chart}")
+
+
+def generation(args) -> None:
+    """Tokens/s of greedy decoding on the same random weights: the last step with its KV cache, without it (a whole
+    forward a token), and transformers.GPT2LMHeadModel.generate (which keeps a cache too). One warm-up call each."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from shared import device
+
+    dev = device.pick(args.device)
+    step = next((s for s in reversed(trainer_steps()) if "use_cache" in (ROOT / "steps" / s / "model.py").read_text()),
+                None)
+    if step is None:
+        sys.exit("error: no step has a KV cache yet (generate(..., use_cache=...)): step 18 brings it")
+    model_py = importlib.import_module(f"steps.{step}.model")
+    preset = importlib.import_module(f"steps.{step}.__main__").PRESETS[args.preset]
+    torch.manual_seed(0)
+    config = model_py.GPTConfig(block_size=args.seq_len or preset["seq_len"], n_layer=preset["n_layer"],
+                                n_head=preset["n_head"], n_embd=preset["n_embd"], dropout=0.0)
+    ours = model_py.GPT(config).eval().to(dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(Path(tmp))
+        theirs = GPT2LMHeadModel.from_pretrained(tmp).eval().to(dev)
+    prompt = torch.randint(50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    n = args.new_tokens
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    print(f"make bench --generate on {name} ({dev.type}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads): step {step}, {args.preset} sizes, context {config.block_size}, fp32, batch 1, a "
+          f"{args.prompt_tokens}-token prompt, {n} new tokens, greedy")
+    runs = {"KV cache": lambda k: ours.generate(prompt, k, top_k=1),
+            "no cache": lambda k: ours.generate(prompt, k, top_k=1, use_cache=False),
+            "transformers": lambda k: theirs.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                                      pad_token_id=50256)}
+    rows, out = [], {}
+    with torch.no_grad():
+        for label, run in runs.items():
+            run(4)  # warm-up: the first calls allocate
+            start = time.perf_counter()
+            out[label] = run(n)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            rows.append({"row": label, "seconds": round(seconds, 3), "tok_per_s": round(n / seconds, 1)})
+            print(f"  {label:<14} {seconds:8.2f} s  {n / seconds:9.1f} tokens/s", flush=True)
+    same = all(torch.equal(out["KV cache"], o) for o in out.values())
+    base = {r["row"]: r["tok_per_s"] for r in rows}
+    print(f"the cache: {base['KV cache'] / base['no cache']:.2f}x without it, "
+          f"{base['KV cache'] / base['transformers']:.2f}x transformers; the three wrote "
+          f"{'the same' if same else 'different'} tokens")
+    if args.json == Path("runs/bench.json"):  # the default: keep the ladder's file
+        args.json = Path("runs/bench-generate.json")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": {"device": name, "torch": torch.__version__, "step": step,
+                                                 "preset": args.preset, "block_size": config.block_size,
+                                                 "prompt_tokens": args.prompt_tokens, "new_tokens": n},
+                                     "rows": rows, "same_tokens": same}, indent=1) + "\n")
+    print(f"rows: {args.json}")
 
 
 def cpu_name() -> str:

@@ -50,7 +50,8 @@ class RunLog:
         self.rows.append(row)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        print(f"iter {it:5d} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in more.items()), flush=True)
+        print(f"iter {it:5d} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in more.items()),
+              flush=True)
         self.t0 = time.perf_counter()  # evaluating is not the next iteration's time
 
     def print_line(self, row: dict, loss: float) -> None:

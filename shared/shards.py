@@ -13,11 +13,13 @@ its tokens, documents, sha256 and where in the source it ends: a prepare that wa
 complete shard, and makes the shards that one run would have made.
 """
 import argparse
+import collections
 import hashlib
 import itertools
 import json
 import math
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -39,12 +41,13 @@ def shard_name(prefix: str, index: int) -> str:
 
 # ---- the source: documents, one string each
 
-def open_source(source: str):
-    """(documents, prefix): an iterable of texts, streamed by datasets, and the shards' name prefix."""
+def open_source(source: str, out: Path | None = None):
+    """(documents, prefix): an iterable of records with a text, streamed, and the shards' name prefix. Files under
+    out (the shards being made, and their manifest) are not part of a source directory."""
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach us as exceptions: one line each
     if source == "fineweb-edu":
         if not online("huggingface.co"):
             sys.exit("error: --source fineweb-edu streams from the Hugging Face hub, which cannot be reached from here "
@@ -53,7 +56,9 @@ def open_source(source: str):
         docs = datasets.load_dataset(HUB[0], name=HUB[1], split="train", streaming=True)
         return docs, "edufineweb"
     path = Path(source)
-    files = sorted(p for p in path.rglob("*") if p.suffix in KINDS) if path.is_dir() else [path]
+    skip = out.resolve() if out else None
+    files = sorted(p for p in path.rglob("*") if p.suffix in KINDS and (skip is None or skip not in p.resolve().parents)
+                   ) if path.is_dir() else [path]
     if not path.exists():
         sys.exit(f"error: --source {source}: no such file or directory (or give fineweb-edu)")
     kinds = {KINDS.get(p.suffix) for p in files}
@@ -91,14 +96,20 @@ def online(host: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def texts(docs, source: str):
-    """The text of each document; a record without a text field stops the run, naming it."""
-    for i, record in enumerate(docs):
-        text = record.get("text")
-        if not isinstance(text, str):
-            sys.exit(f"error: --source {source}: document {i} has no 'text' field (its fields: "
-                     f"{', '.join(record) or 'none'})")
-        yield text
+def texts(docs, source: str, first: int = 0):
+    """The text of each document (numbered from first); a record without text, or a file that cannot be parsed,
+    stops the run with one line that names it."""
+    i = first
+    try:
+        for i, record in enumerate(docs, first):
+            text = record.get("text")
+            if not isinstance(text, str):
+                sys.exit(f"error: --source {source}: document {i} has no text in a 'text' field (what it has: "
+                         f"{', '.join(k for k, v in record.items() if v is not None) or 'nothing'})")
+            yield text
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid (a bad JSON line, a damaged parquet) is a ValueError
+        sys.exit(f"error: --source {source} cannot be read at document {i:,} or the next: "
+                 f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
 # ---- tokenizing, on every core
@@ -136,9 +147,15 @@ def encoded(texts_, workers: int):
         return
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:  # spawn: safe beside torch's threads
-        for arrays in pool.imap(encode, batched(texts_, CHUNK)):
-            yield from arrays
+    # spawn: safe beside torch's threads. The workers ignore Ctrl-C: the parent stops them, and says how to go on.
+    with multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+        pending = collections.deque()  # at most 2 chunks a worker in flight: memory stays flat
+        for chunk in batched(texts_, CHUNK):  # read here, not in the pool's thread: a bad document stops the run
+            pending.append(pool.apply_async(encode, (chunk,)))
+            if len(pending) > 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
 
 
 # ---- the shards
@@ -163,51 +180,72 @@ def prepare(source: str, out: Path, shard_tokens: int = 100_000_000, max_tokens:
     """Tokenize source into shards in out (made or continued); returns the manifest. quiet: no bar, no lines."""
     say = (lambda *a: None) if quiet else print
     out.mkdir(parents=True, exist_ok=True)
+    source = source if source == "fineweb-edu" else str(Path(source).resolve())  # texts/ and ./texts are one source
     settings = {"source": source, "tokenizer": "gpt2", "shard_tokens": shard_tokens, "max_tokens": max_tokens}
     manifest = read_manifest(out) or {**settings, "shards": [], "complete": False}
     if {k: manifest.get(k) for k in settings} != settings:
         sys.exit(f"error: {out} holds shards made with other settings ("
-                 + ", ".join(f"{k} {manifest.get(k)!r}" for k in settings if manifest.get(k) != settings[k])
-                 + "). Give another --out, or delete that directory.")
+                 + ", ".join(f"{k} {manifest.get(k)!r} there, {settings[k]!r} now" for k in settings
+                             if manifest.get(k) != settings[k]) + "). Give another --out, or delete that directory.")
+    bad = next((i for i, shard in enumerate(manifest["shards"]) if not intact(out, shard)), None)
+    if bad is not None:  # deleted or damaged since it was made: make it, and those after it, again
+        say(f"{out / manifest['shards'][bad]['file']} is missing or not as made: making it, and those after it, again")
+        manifest["shards"], manifest["complete"] = manifest["shards"][:bad], False
     if manifest["complete"]:
-        say(f"{out} already holds the shards of {source}: {len(manifest['shards'])} shards, "
-              f"{sum(s['tokens'] for s in manifest['shards']):,} tokens")
+        say(f"{out} already holds the shards of {source}: {plural(len(manifest['shards']), 'shard')}, "
+            f"{sum(s['tokens'] for s in manifest['shards']):,} tokens")
         return manifest
-    docs, prefix = open_source(source)
+    docs, prefix = open_source(source, out)
     done = sum(s["tokens"] for s in manifest["shards"])
     doc, offset = manifest["shards"][-1]["next"] if manifest["shards"] else (0, 0)  # where the next shard starts
     if manifest["shards"]:
         say(f"{out}: {len(manifest['shards'])} shards already complete; going on from document {doc:,}")
     from tqdm import tqdm
 
-    bar = tqdm(total=max_tokens, initial=done, unit="tok", unit_scale=True, disable=quiet or not progress,
-               desc=f"tokenizing {source}", dynamic_ncols=True)
-    buf = np.empty(shard_tokens, dtype=np.uint16)  # one shard at a time: memory does not grow with the source
-    fill, total = 0, done
-    for tokens in encoded(texts(itertools.islice(docs, doc, None), source), workers):
-        tokens, start = tokens[offset:], offset  # a document cut by the last shard goes on where it was cut
-        offset = 0
-        while len(tokens) and total < (max_tokens or math.inf):
-            take = min(len(tokens), shard_tokens - fill, (max_tokens or math.inf) - total)
-            buf[fill : fill + take] = tokens[:take]
-            fill, total, tokens, start = fill + take, total + take, tokens[take:], start + take
-            bar.update(take)
-            if fill == shard_tokens:
-                save_shard(out, prefix, manifest, buf, next_at=(doc, start) if len(tokens) else (doc + 1, 0))
-                fill = 0
-        doc += 1
-        if doc % CHUNK == 0:
-            bar.set_postfix(documents=f"{doc:,}", refresh=False)
-        if total >= (max_tokens or math.inf):
-            break
-    bar.close()
+    with tqdm(total=max_tokens, initial=done, unit="tok", unit_scale=True, disable=quiet or not progress,
+              desc=f"tokenizing {source}", dynamic_ncols=True) as bar:  # closed however the loop ends
+        buf = np.empty(shard_tokens, dtype=np.uint16)  # one shard at a time: memory does not grow with the source
+        fill, total = 0, done
+        for tokens in encoded(texts(itertools.islice(docs, doc, None), source, first=doc), workers):
+            tokens, start = tokens[offset:], offset  # a document cut by the last shard goes on where it was cut
+            offset = 0
+            while len(tokens) and total < (max_tokens or math.inf):
+                take = min(len(tokens), shard_tokens - fill, (max_tokens or math.inf) - total)
+                buf[fill : fill + take] = tokens[:take]
+                fill, total, tokens, start = fill + take, total + take, tokens[take:], start + take
+                bar.update(take)
+                if fill == shard_tokens:
+                    save_shard(out, prefix, manifest, buf, next_at=(doc, start) if len(tokens) else (doc + 1, 0))
+                    fill = 0
+            doc += 1
+            if doc % CHUNK == 0:
+                bar.set_postfix(documents=f"{doc:,}", refresh=False)
+            if total >= (max_tokens or math.inf):
+                break
     if fill:  # the rest: a last, shorter shard
         save_shard(out, prefix, manifest, buf[:fill], next_at=(doc, 0))
+    if not manifest["shards"]:
+        sys.exit(f"error: --source {source} holds no text: no shard was made")
     manifest["complete"] = True
     write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
-    say(f"{out}: {len(manifest['shards'])} shards, {total:,} tokens, "
-          f"{sum(s['documents'] for s in manifest['shards']):,} documents")
+    say(f"{out}: {plural(len(manifest['shards']), 'shard')}, {total:,} tokens, "
+        f"{sum(s['documents'] for s in manifest['shards']):,} documents")
+    if len(manifest["shards"]) == 1:
+        say(f"note: one shard only, and the first shard is the validation split: training needs more. Make them "
+            f"again into another --out with a smaller --shard-tokens (e.g. {max(1, total // 10):,}: about 10 shards)")
     return manifest
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'s' * (n != 1)}"
+
+
+def intact(out: Path, shard: dict) -> bool:
+    """The shard's file is there with the tokens the manifest records (its header says; the data is not read)."""
+    try:
+        return len(np.load(out / shard["file"], mmap_mode="r")) == shard["tokens"]
+    except (OSError, ValueError, EOFError):
+        return False
 
 
 def save_shard(out: Path, prefix: str, manifest: dict, tokens: np.ndarray, next_at: tuple[int, int]) -> None:
@@ -235,28 +273,36 @@ def shard_files(out: Path) -> tuple[Path, list[Path]]:
     uint16 array, with the token count its manifest records when there is one (shards made by build-nanogpt's
     fineweb.py have none, and are read as they are). Exits naming the file and what to do."""
     if not out.is_dir():
-        sys.exit(f"error: --data {out} is not a directory. Make shards with: make data ARGS=\"--source ... --out {out}\"")
+        sys.exit(f"error: --data {out} is not a directory. Make shards with: "
+                 f"make data ARGS=\"--source ... --out {out}\"")
     val, train = sorted(out.glob("*_val_*.npy")), sorted(out.glob("*_train_*.npy"))
+    if val and not train:
+        sys.exit(f"error: {out} holds a validation shard and no training shard: its source gave fewer tokens than "
+                 "one shard. Make the shards again into another --out with a smaller --shard-tokens.")
     if not val or not train:
         sys.exit(f"error: {out} holds no shards (*_val_*.npy and *_train_*.npy). Make them with: "
                  f"make data ARGS=\"--source ... --out {out}\"")
     manifest = read_manifest(out)
+    if manifest and not manifest.get("complete"):
+        print(f"note: make data has not finished {out} (its manifest says so): using its "
+              f"{plural(len(manifest['shards']), 'complete shard')}", file=sys.stderr)
     recorded = {s["file"]: s["tokens"] for s in manifest["shards"]} if manifest else {}
     for name in recorded:
         if not (out / name).exists():
-            sys.exit(f"error: {out / name} is in {MANIFEST} but missing. Run make data again with --out {out} to "
-                     "remake it, or delete the directory.")
+            sys.exit(f"error: {out / name} is in {MANIFEST} but missing. Run make data again with --out {out}: it "
+                     "remakes it.")
     for path in [val[0], *train]:
         try:
             shard = np.load(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as e:
-            sys.exit(f"error: {path} is not a readable .npy shard ({e}); delete it and make it again (make data).")
+            sys.exit(f"error: {path} is not a readable .npy shard ({e}). Delete it and run make data again with "
+                     f"--out {out}: it remakes it.")
         if shard.dtype != np.uint16 or shard.ndim != 1:
             sys.exit(f"error: {path} holds {shard.dtype} of shape {shard.shape}, not a 1-D array of uint16 token ids "
                      "(the layout make data and build-nanogpt's fineweb.py write). Make it again with make data.")
         if path.name in recorded and recorded[path.name] != len(shard):
             sys.exit(f"error: {path} has {len(shard):,} tokens where {MANIFEST} says {recorded[path.name]:,}: it is "
-                     "truncated or from another run. Delete it and run make data again with the same --out.")
+                     f"truncated or from another run. Run make data again with --out {out}: it remakes it.")
     return val[0], train
 
 
@@ -266,8 +312,11 @@ def verify(out: Path) -> None:
     if manifest is None:
         sys.exit(f"error: {out} has no {MANIFEST} to verify against")
     for s in manifest["shards"]:
+        if not (out / s["file"]).exists():
+            sys.exit(f"error: {out / s['file']} is missing. Run make data again with --out {out}: it remakes it")
         if (got := sha256(out / s["file"])) != s["sha256"]:
-            sys.exit(f"error: {out / s['file']} is damaged: sha256 {got}, not {s['sha256']} as when it was made")
+            sys.exit(f"error: {out / s['file']} is damaged: sha256 {got}, not {s['sha256']} as when it was made. "
+                     f"Delete it and run make data again with --out {out}: it remakes it")
     print(f"{out}: {len(manifest['shards'])} shards, every sha256 as recorded")
 
 

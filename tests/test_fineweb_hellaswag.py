@@ -286,3 +286,17 @@ def test_make_step_offline_with_no_shards_makes_shakespeares_and_trains_on_them(
     said = [line for line in r.stdout.splitlines() if line.startswith("no --data")]
     assert len(said) == 1 and "tiny shakespeare" in said[0]
     assert (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_a_label_written_as_a_string_is_read_as_the_hubs_copy_writes_it(step, tmp_path):
+    path = write_items(tmp_path / "items.jsonl", [json.dumps({**ITEMS[2], "label": "1"})])
+    assert step.main.hellaswag.load(str(path))[0]["label"] == 1
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_an_item_without_a_context_scores_its_endings_after_an_end_of_text(step, saved_model):
+    item = {"ctx": "", "endings": ["Hello", "A much longer ending.", "b", "c"], "label": 0}
+    summed, mean = step.main.hellaswag.ending_losses(saved_model[0], [item], data.gpt2_tokenizer(), CPU, 32,
+                                                     contextlib.nullcontext())
+    assert torch.isfinite(summed).all() and torch.isfinite(mean).all() and (summed > 0).all()

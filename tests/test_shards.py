@@ -1,11 +1,18 @@
 """make data (shared/shards.py): text to uint16 token shards in build-nanogpt's layout, with a manifest, resumable.
 Sources are made here, offline: the same documents as a .jsonl, a .parquet and a .txt."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from shared import data, shards
+from shared.steps import ROOT
 
 SHARD = 2_000  # tokens a shard: a few documents each, so that shards cut documents
 
@@ -186,11 +193,23 @@ def parquet_of(path, **columns):
 @pytest.mark.parametrize("make, words", [
     (lambda root: root / "nothing.txt", ["no such file"]),
     (lambda root: (root / "a.csv").write_text("x") and root / "a.csv", ["expected .parquet, .jsonl or .txt", ".csv"]),
-    (lambda root: (root / "b.jsonl").write_text('{"body": "x"}\n') and root / "b.jsonl", ["no 'text' field", "body"]),
+    (lambda root: (root / "b.jsonl").write_text('{"body": "x"}\n') and root / "b.jsonl", ["no text", "body"]),
     (lambda root: parquet_of(root / "c.parquet", body=["x"]), ["has no 'text' column", "body"]),
+    (lambda root: (root / "d.jsonl").write_text('{"text": "x"}\nnot json\n') and root / "d.jsonl",
+     ["cannot be read at document", "JSON parse error"]),
+    (lambda root: (root / "e.parquet").write_bytes(b"PAR1 not parquet") and root / "e.parquet",
+     ["cannot be read at document 0", "ArrowInvalid"]),
 ])
 def test_a_bad_source_is_named(tmp_path, make, words):
     refused(lambda: prepare(str(make(tmp_path)), tmp_path / "out"), *words)
+
+
+def test_a_bad_document_stops_a_run_of_two_workers_too(tmp_path):
+    (tmp_path / "mixed.jsonl").write_text('{"text": "a document"}\n{"body": "not one"}\n')
+    r = subprocess.run([sys.executable, "-m", "shared.shards", "--source", str(tmp_path / "mixed.jsonl"), "--out",
+                        str(tmp_path / "out"), "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "document 1 has no text in a 'text' field (what it has: body)" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_make_data_shows_its_error_line_and_where_the_help_is(tmp_path, capsys):
@@ -198,3 +217,67 @@ def test_make_data_shows_its_error_line_and_where_the_help_is(tmp_path, capsys):
         shards.main(["--out", str(tmp_path)])
     assert capsys.readouterr().err.splitlines() == ["make data: error: --source is required (unless --verify)",
                                                     '(make data ARGS="--help" lists every flag)']
+
+
+def test_a_deleted_shard_is_made_again_by_running_make_data_again(sources, tmp_path, capsys):
+    prepare(sources["jsonl"], tmp_path / "whole")
+    prepare(sources["jsonl"], tmp_path / "again")
+    (tmp_path / "again" / "docs_train_000002.npy").unlink()
+    refused(lambda: shards.shard_files(tmp_path / "again"), "missing", "Run make data again")
+    prepare(sources["jsonl"], tmp_path / "again")  # what the message says to do
+    assert "making it, and those after it, again" in capsys.readouterr().out
+    assert all(p.read_bytes() == (tmp_path / "again" / p.name).read_bytes() for p in (tmp_path / "whole").iterdir())
+
+
+def test_a_source_smaller_than_a_shard_is_named_with_what_to_do(sources, tmp_path, capsys):
+    shards.prepare(sources["jsonl"], tmp_path, shard_tokens=100_000, quiet=False, progress=False)
+    assert "one shard only" in capsys.readouterr().out  # 12,697 tokens: the validation shard alone
+    refused(lambda: shards.shard_files(tmp_path), "a validation shard and no training shard", "--shard-tokens")
+
+
+def test_shards_made_inside_the_source_directory_are_not_read_as_source(documents, tmp_path, monkeypatch):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    save = shards.save_shard
+
+    def stopped_at_the_third(out, prefix, manifest, tokens, next_at):
+        if len(manifest["shards"]) == 2:
+            raise KeyboardInterrupt
+        save(out, prefix, manifest, tokens, next_at)
+
+    with monkeypatch.context() as m:
+        m.setattr(shards, "save_shard", stopped_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(str(tmp_path / "texts"), tmp_path / "texts" / "shards")  # its manifest.json is a .json file
+    prepare(str(tmp_path / "texts"), tmp_path / "texts" / "shards")
+    prepare(str(tmp_path / "texts" / "docs.jsonl"), tmp_path / "alone")
+    assert np.array_equal(every_token(tmp_path / "texts" / "shards"), every_token(tmp_path / "alone"))
+
+
+def test_a_source_is_one_source_however_its_path_is_written(sources, tmp_path, capsys):
+    prepare(sources["jsonl"], tmp_path)
+    source = Path(sources["jsonl"])
+    prepare(str(source.parent / "." / source.name), tmp_path)  # not "other settings"
+    assert "already holds the shards" in capsys.readouterr().out
+
+
+def test_shards_of_a_prepare_that_did_not_finish_are_used_with_a_note(sources, tmp_path, monkeypatch, capsys):
+    manifest = prepare(sources["jsonl"], tmp_path)
+    manifest["complete"] = False
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    shards.shard_files(tmp_path)
+    assert "make data has not finished" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_make_data_with_one_line_and_no_worker_traceback(tmp_path):
+    text = "\n\n".join([data.shakespeare()] * 8)  # 9 MB: seconds of work for two workers
+    (tmp_path / "big.txt").write_text(text)
+    proc = subprocess.Popen([sys.executable, "-m", "shared.shards", "--source", str(tmp_path / "big.txt"), "--out",
+                             str(tmp_path / "out"), "--workers", "2", "--shard-tokens", "100000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob("*_train_*.npy")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the work is well under way
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the parent and its workers
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err and "run the same command to go on" in err

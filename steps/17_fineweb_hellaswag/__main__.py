@@ -268,8 +268,9 @@ def rng_states() -> dict:
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=PRESETS["tiny"]["max_steps"])
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="sizes and batch: tiny (minutes on a "
-                   "laptop CPU) or gpt2 (GPT-2 124M, T=1024); auto = gpt2 on CUDA, tiny elsewhere. The flags "
-                   "below override it, and --help shows the preset's values as their defaults")
+                   "laptop CPU) or gpt2 (GPT-2 124M, T=1024, build-nanogpt's 10B-token run); auto = gpt2 on CUDA "
+                   "with --data, tiny elsewhere. The flags below override it, and --help shows the preset's values "
+                   "as their defaults")
     p.add_argument("--n-layer", type=cli.positive_int, help="blocks")
     p.add_argument("--n-head", type=cli.positive_int, help="attention heads; must divide --n-embd")
     p.add_argument("--n-embd", type=cli.positive_int, help="width of the residual stream; the MLP is 4 times as wide")
@@ -285,7 +286,8 @@ def main(argv=None):
                    "pass; auto = bf16 where the device computes in bf16 natively, fp32 elsewhere")
     p.add_argument("--compile", default="auto", action=argparse.BooleanOptionalAction, help="torch.compile the "
                    "model for training; auto = on CUDA only")
-    p.add_argument("--eval-every", type=cli.positive_int, help="iterations between validation losses")
+    p.add_argument("--eval-every", type=cli.positive_int, help="iterations between validation losses (and "
+                   "HellaSwag scores)")
     p.add_argument("--save-every", type=cli.positive_int, help="iterations between checkpoints")
     p.add_argument("--resume", type=cli.existing_dir, help="continue the run whose checkpoint.pt is in this directory, "
                    "with the command that started it; the run goes on writing there (--out is ignored)")
@@ -299,7 +301,7 @@ def main(argv=None):
                    "windows in each, in an order shuffled by --seed (--no-shuffle: in order)")
     p.add_argument("--val-windows", type=cli.positive_int, help="validation windows, the first of the val shard")
     p.add_argument("--hellaswag", help="score HellaSwag at every evaluation: val (the 10,042 validation items, "
-                   "downloaded on first use) or a .jsonl file in its format; default: off")
+                   "downloaded on first use) or a .jsonl file in its format; None: not scored")
     p.add_argument("--eval-only", action="store_true", help="score --model on --hellaswag, without training")
     p.add_argument("--model", default="gpt2", help="for --eval-only: a model/ directory of a trainer step, or "
                    "gpt2 ... gpt2-xl from the hub")
@@ -309,7 +311,8 @@ def main(argv=None):
     except ValueError:
         sys.exit("error: RANK and WORLD_SIZE must be whole numbers (torchrun sets them; unset them to run alone)")
     only_rank_0_speaks(rank)
-    args = cli.parse_with_preset(p, argv, PRESETS, lambda a: "gpt2" if device.pick(a.device).type == "cuda" else "tiny")
+    args = cli.parse_with_preset(p, argv, PRESETS, lambda a: "gpt2" if device.pick(a.device).type == "cuda" and a.data
+                                 else "tiny")  # not 19,073 steps on tiny shakespeare
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     args.rank, args.world = rank, world
@@ -337,7 +340,7 @@ def main(argv=None):
     run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size,
            "total_batch_size": args.total_batch_size, "lr": args.lr,
            "max_steps": args.max_steps, "seed": args.seed, "dtype": args.dtype,
-           "warmup_steps": args.warmup_steps, "data": [f.name for f in train_files],
+           "warmup_steps": args.warmup_steps, "data": f"{len(train_files)} shards in {args.data.resolve()}",
            "shuffle": args.shuffle}  # what must match for --resume
     state = checkpoint.load(args.out) if args.resume else None  # read and checked before any work
     if state:
@@ -372,7 +375,7 @@ def main(argv=None):
     fast, compile_note = compiled(ddp, args, *loader.next_batch())  # fast: the model to train, compiled or not
     loader.pos = 0
     print(f"attention: F.scaled_dot_product_attention (flash where the device has it); {compile_note}")
-    print(f"HellaSwag: {len(items):,} items at every evaluation" if items else
+    print(f"HellaSwag: {shards.plural(len(items), 'item')} at every evaluation" if items else
           "HellaSwag: off (--hellaswag val, or --hellaswag FILE, scores it at every evaluation)")
 
     fused = args.device.type in ("cpu", "cuda")  # one kernel updates every parameter, where torch has one
@@ -421,8 +424,9 @@ def main(argv=None):
             elif not math.isfinite(loss.item()):
                 sys.exit(1)  # the loss is all-reduced: rank 0 sees the same nan and says so
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:
-                print(f"iter {it:5d} | evaluating {(len(val_ids) - 1) // args.seq_len:,} validation windows"
-                      f"{f' and {len(items):,} HellaSwag items' if items else ''} ...", flush=True)
+                also = " and " + shards.plural(len(items), "HellaSwag item") if items else ""
+                print(f"iter {it:5d} | evaluating {(len(val_ids) - 1) // args.seq_len:,} validation windows{also} ...",
+                      flush=True)
                 val_loss = evaluate(model, val_ids, args)
                 bench = dict(zip(("hellaswag_acc", "hellaswag_acc_norm"), hellaswag.evaluate(
                     model, items, tok, args, autocast(args)))) if items else {}  # every rank scores its share
@@ -452,7 +456,7 @@ def score_only(args, precision: str) -> None:
     except (OSError, ValueError) as e:
         sys.exit(f"error: --model {args.model}: {e}")
     print(f"step {STEP} on {args.device}: scoring {args.model} ({sum(p.numel() for p in model.parameters()):,} "
-          f"parameters) on {len(items):,} HellaSwag items, dtype {precision}")
+          f"parameters) on {shards.plural(len(items), 'HellaSwag item')}, dtype {precision}")
     start = time.perf_counter()
     acc, acc_norm = hellaswag.evaluate(model, items, data.gpt2_tokenizer(), args, autocast(args))
     print(f"hellaswag acc {acc:.4f} acc_norm {acc_norm:.4f} ({len(items) / (time.perf_counter() - start):.1f} items/s)"

@@ -5,6 +5,7 @@ does not favour short endings). GPT-2 124M: acc 0.2859, acc_norm 0.2955 on the 1
 """
 import hashlib
 import json
+import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -34,9 +35,10 @@ def val_file() -> Path:
             sys.exit(f"error: hellaswag_val.jsonl is not in {data.data_dir()}/ and could not be downloaded ({e}).\n"
                      f"Download {URL}\nand save it as {path}, or give a file: --hellaswag FILE.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".part").write_bytes(blob)
-        path.with_suffix(".part").replace(path)
-        record.write_text(hashlib.sha256(blob).hexdigest() + "\n")
+        for target, content in (record, hashlib.sha256(blob).hexdigest().encode() + b"\n"), (path, blob):
+            part = target.with_name(f".{target.name}.{os.getpid()}.part")  # each rank its own: no torn file
+            part.write_bytes(content)
+            part.replace(target)
     blob = path.read_bytes()
     if record.exists() and hashlib.sha256(blob).hexdigest() != record.read_text().strip():
         sys.exit(f"error: {path} has changed since it was downloaded (sha256 in {record}). Delete both, and run "
@@ -61,12 +63,12 @@ def load(spec: str) -> list[dict]:
             continue
         try:
             item = json.loads(line)
-            ctx, endings, label = item["ctx"], item["endings"], item["label"]
+            ctx, endings, label = item["ctx"], item["endings"], int(item["label"])  # "2" in the hub's copy
             assert isinstance(ctx, str) and len(endings) == 4 and all(isinstance(e, str) for e in endings)
             assert label in (0, 1, 2, 3)
         except (ValueError, KeyError, TypeError, AssertionError):
-            sys.exit(f"error: {path}, line {i}: not a HellaSwag item (a JSON object with ctx, 4 endings and a label "
-                     "from 0 to 3)")
+            sys.exit(f"error: {path}, line {i}: not a HellaSwag item (a JSON object with ctx, a list of 4 endings and "
+                     "a label from 0 to 3)")
         items.append({"ctx": ctx, "endings": endings, "label": label})
     if not items:
         sys.exit(f"error: {path} holds no HellaSwag items")
@@ -76,7 +78,7 @@ def load(spec: str) -> list[dict]:
 def rows(item: dict, tok, block_size: int) -> list[tuple[list[int], int]]:
     """The 4 token rows of an item, context + ending, and where each ending starts. A row longer than the model's
     context loses the start of its context (the ending is what is scored)."""
-    ctx = tok.encode_ordinary(item["ctx"])
+    ctx = tok.encode_ordinary(item["ctx"]) or [tok.eot_token]  # no context: the start of a document
     out = []
     for ending in item["endings"]:
         end = tok.encode_ordinary(" " + ending)  # the space that joins them belongs to the ending's first token

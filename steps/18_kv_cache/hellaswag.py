@@ -1,0 +1,128 @@
+"""HellaSwag (Zellers et al., 2019), scored completion style as GPT-2's and GPT-3's evaluations do: each item is a
+context and 4 endings; the model reads context + ending for each, and the ending it finds most likely (the lowest
+loss over the ending's tokens) is its answer. acc compares the summed losses, acc_norm the losses per token (which
+does not favour short endings). GPT-2 124M: acc 0.2859, acc_norm 0.2955 on the 10,042 validation items; chance: 0.25.
+"""
+import hashlib
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from shared import data
+
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+VAL_ITEMS = 10_042
+GPT2_ACC_NORM = 0.2955  # GPT-2 124M, as build-nanogpt measures it: the line to beat
+
+
+def val_file() -> Path:
+    """The validation file in the data directory: downloaded on first use, its sha256 recorded beside it then and
+    checked every time after (with the item count). Offline, says where to put it."""
+    path = data.data_dir() / "hellaswag_val.jsonl"
+    record = path.with_suffix(".jsonl.sha256")
+    if not path.exists():
+        print(f"downloading hellaswag_val.jsonl from {URL}", file=sys.stderr)
+        try:
+            with urllib.request.urlopen(URL, timeout=30) as r:
+                blob = r.read()
+        except OSError as e:
+            sys.exit(f"error: hellaswag_val.jsonl is not in {data.data_dir()}/ and could not be downloaded ({e}).\n"
+                     f"Download {URL}\nand save it as {path}, or give a file: --hellaswag FILE.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for target, content in (record, hashlib.sha256(blob).hexdigest().encode() + b"\n"), (path, blob):
+            part = target.with_name(f".{target.name}.{os.getpid()}.part")  # each rank its own: no torn file
+            part.write_bytes(content)
+            part.replace(target)
+    blob = path.read_bytes()
+    if record.exists() and hashlib.sha256(blob).hexdigest() != record.read_text().strip():
+        sys.exit(f"error: {path} has changed since it was downloaded (sha256 in {record}). Delete both, and run "
+                 "again to download it afresh.")
+    if (n := blob.count(b"\n")) != VAL_ITEMS:
+        sys.exit(f"error: {path} has {n:,} lines, not HellaSwag's {VAL_ITEMS:,} validation items: delete it, and "
+                 "run again to download it afresh.")
+    return path
+
+
+def load(spec: str) -> list[dict]:
+    """The items of --hellaswag: val (the validation file) or a .jsonl in the official format (ctx, endings, label).
+    A line that is not such an item stops the run, naming the file and the line."""
+    path = val_file() if spec == "val" else Path(spec)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        sys.exit(f"error: --hellaswag {spec}: cannot read {path} ({e.strerror}); give val or a .jsonl file")
+    items = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            ctx, endings, label = item["ctx"], item["endings"], int(item["label"])  # "2" in the hub's copy
+            assert isinstance(ctx, str) and len(endings) == 4 and all(isinstance(e, str) for e in endings)
+            assert label in (0, 1, 2, 3)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            sys.exit(f"error: {path}, line {i}: not a HellaSwag item (a JSON object with ctx, a list of 4 endings and "
+                     "a label from 0 to 3)")
+        items.append({"ctx": ctx, "endings": endings, "label": label})
+    if not items:
+        sys.exit(f"error: {path} holds no HellaSwag items")
+    return items
+
+
+def rows(item: dict, tok, block_size: int) -> list[tuple[list[int], int]]:
+    """The 4 token rows of an item, context + ending, and where each ending starts. A row longer than the model's
+    context loses the start of its context (the ending is what is scored)."""
+    ctx = tok.encode_ordinary(item["ctx"]) or [tok.eot_token]  # no context: the start of a document
+    out = []
+    for ending in item["endings"]:
+        end = tok.encode_ordinary(" " + ending)  # the space that joins them belongs to the ending's first token
+        row = (ctx + end)[-block_size:]
+        out.append((row, len(row) - len(end)))
+    return out
+
+
+@torch.no_grad()
+def ending_losses(model, items: list[dict], tok, device, block_size: int, autocast, per_batch: int = 8):
+    """(summed, mean): (len(items), 4) losses of each ending's tokens after its context. per_batch items' 4 rows go
+    through the model in one forward, right-padded; the padding is masked out of the losses (and, being after the
+    real tokens, cannot be attended to by them)."""
+    summed, mean = [], []
+    for i in range(0, len(items), per_batch):
+        batch = [r for item in items[i : i + per_batch] for r in rows(item, tok, block_size)]
+        width = max(len(row) for row, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)  # (R, L), R = 4 x items
+        scored = torch.zeros(len(batch), width - 1, dtype=torch.bool)  # (R, L - 1): which predictions are endings'
+        for r, (row, start) in enumerate(batch):
+            ids[r, : len(row)] = torch.tensor(row)
+            scored[r, start - 1 : len(row) - 1] = True  # position t predicts token t + 1
+        ids, scored = ids.to(device), scored.to(device)
+        with autocast:
+            logits = model(ids)[0]  # (R, L, vocab)
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+        losses = losses.view(len(batch), width - 1) * scored  # (R, L - 1), 0 off the endings
+        summed.append(losses.sum(1).view(-1, 4))
+        mean.append((losses.sum(1) / scored.sum(1)).view(-1, 4))
+    if not items:  # a rank with no items (more ranks than items)
+        return torch.zeros(0, 4), torch.zeros(0, 4)
+    return torch.cat(summed).cpu(), torch.cat(mean).cpu()
+
+
+def evaluate(model, items: list[dict], tok, args, autocast) -> tuple[float, float]:
+    """(acc, acc_norm). Each rank scores every world-th item; the counts are added over the ranks."""
+    model.eval()
+    mine = items[args.rank :: args.world]
+    per_batch = 8 if args.device.type == "cuda" else 1  # on 2 CPU cores 8 items a forward were slower (diary 17)
+    summed, mean = ending_losses(model, mine, tok, args.device, model.config.block_size, autocast, per_batch)
+    labels = torch.tensor([item["label"] for item in mine])
+    counts = torch.tensor([(summed.argmin(1) == labels).sum().item(), (mean.argmin(1) == labels).sum().item(),
+                           len(mine)], dtype=torch.float64, device=args.device)  # (3,)
+    if args.world > 1:
+        dist.all_reduce(counts)
+    model.train()
+    return (counts[0] / counts[2]).item(), (counts[1] / counts[2]).item()

@@ -1,0 +1,166 @@
+"""Step 18's lesson and every step after it: generation with a KV cache. Each layer keeps the keys and values of the
+positions it has seen; a prefill fills them from the prompt, then each step feeds only the newest token, at its
+position. The path without the cache (a whole forward a token) and transformers' generate are the references."""
+import json
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from tests.conftest import small_run_flags
+
+pytestmark = pytest.mark.needs("KVCache")
+# A small GPT-2 with a context of 64 tokens, so that a test can write past it.
+SMALL = dict(block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
+def small_model(step, seed: int = 0):
+    torch.manual_seed(seed)
+    return step.model.GPT(step.model.GPTConfig(**SMALL)).eval()
+
+
+def greedy(model, idx, n: int, **kwargs):
+    return model.generate(idx, n, top_k=1, **kwargs)
+
+
+@pytest.mark.parametrize("prompt", [1, 50])
+def test_greedy_tokens_with_the_cache_are_those_without_it_also_past_the_context(step, prompt):
+    model, idx = small_model(step), torch.randint(50257, (1, prompt), generator=torch.Generator().manual_seed(1))
+    with_cache, without = greedy(model, idx, 40), greedy(model, idx, 40, use_cache=False)
+    assert with_cache.size(1) == prompt + 40 and torch.equal(with_cache, without)  # 50 + 40 > 64: the window slid
+
+
+@pytest.mark.parametrize("prompt", [1, 50])
+def test_greedy_tokens_with_the_cache_are_transformers_generate(step, prompt, tmp_path):
+    model = small_model(step)
+    model.save_pretrained(tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(50257, (1, prompt), generator=torch.Generator().manual_seed(2))
+    n = 64 - prompt  # up to the context: transformers' GPT-2 has no position embedding past it
+    theirs = hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=50256)
+    assert torch.equal(greedy(model, idx, n), theirs)
+
+
+def cached_and_full_logits(step, model, ids: torch.Tensor, k: int):
+    """The last position's logits after a prefill of ids[:, :-k] and k cached steps, and after one forward over all."""
+    cache = step.model.KVCache(model.config)
+    model(ids[:, :-k], cache=cache)
+    for t in range(ids.size(1) - k, ids.size(1)):
+        cached = model(ids[:, t : t + 1], cache=cache)[0][:, -1]  # (B, vocab)
+    return cached, model(ids)[0][:, -1]
+
+
+def test_after_a_prefill_and_cached_steps_the_logits_are_a_full_forwards(step):
+    model, ids = small_model(step), torch.randint(50257, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cached, full = cached_and_full_logits(step, model, ids, k=10)
+    # fp32; the same sums, split between the prefill and 10 one-token steps: rounding differences only
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+
+
+def test_the_position_of_a_new_token_taken_as_0_is_caught_by_the_full_forward(step, monkeypatch):
+    """The classic mistake: the newest token's position embedding taken at position 0 (its index in the one-token
+    input) instead of at its position in the sequence. Every shape fits; only a reference sees it."""
+    model, ids = small_model(step), torch.randint(50257, (1, 40), generator=torch.Generator().manual_seed(4))
+    class FromZero(torch.nn.Module):  # the position table, read as if every call started at position 0
+        def __init__(self, wpe):
+            super().__init__()
+            self.wpe = wpe
+
+        def forward(self, pos):
+            return self.wpe(pos - pos[..., :1])
+
+    monkeypatch.setattr(model.transformer, "wpe", FromZero(model.transformer.wpe))
+    with torch.no_grad():
+        cached, full = cached_and_full_logits(step, model, ids, k=10)
+    assert not torch.allclose(cached, full, atol=1e-3)
+
+
+def test_a_padded_batch_generates_each_row_as_if_it_were_alone(step):
+    model, gen = small_model(step), torch.Generator().manual_seed(5)
+    prompts = [torch.randint(50257, (n,), generator=gen) for n in (3, 12, 7)]
+    width = max(len(p) for p in prompts)
+    ids, mask = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left-padded: the next token of every row is at the same column
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    batch = greedy(model, ids, 60, attention_mask=mask)  # 12 + 60 > 64: the longest row slides
+    for i, p in enumerate(prompts):
+        assert torch.equal(batch[i, width:], greedy(model, p[None], 60)[0, len(p) :]), f"row {i}"
+
+
+def test_sampling_with_a_seed_gives_the_same_tokens_with_and_without_the_cache(step):
+    model, idx = small_model(step), torch.randint(50257, (1, 8), generator=torch.Generator().manual_seed(6))
+    runs = [model.generate(idx, 30, top_k=50, generator=torch.Generator().manual_seed(7), use_cache=cache)
+            for cache in (True, False)]
+    assert torch.equal(*runs)
+
+
+def test_the_cache_is_not_kept_between_two_calls(step):
+    model, gen = small_model(step), torch.Generator().manual_seed(8)
+    first, second = torch.randint(50257, (1, 20), generator=gen), torch.randint(50257, (1, 5), generator=gen)
+    fresh = greedy(small_model(step), second, 10)
+    greedy(model, first, 10)
+    assert torch.equal(greedy(model, second, 10), fresh)
+
+
+def test_the_cache_holds_2_x_layers_x_batch_x_context_x_width_numbers(step):
+    model = small_model(step)
+    cache = step.model.KVCache(model.config)
+    with torch.no_grad():
+        model(torch.randint(50257, (3, 5)), cache=cache)
+    assert cache.length == 5 and cache.nbytes() == 2 * 2 * 3 * 64 * 32 * 4  # fp32: 4 bytes a number
+
+
+# ---- the command
+
+@pytest.fixture
+def saved(step, tmp_path):
+    """A small untrained model of the step, as a model/ directory."""
+    small_model(step).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.mark.main_needs("generate_only")
+@pytest.mark.parametrize("cache", ["--cache", "--no-cache"])
+def test_generate_only_streams_a_sample_and_times_the_prefill_and_the_decoding(step, saved, cache, capsys):
+    step.main.main(["--generate-only", "--model", str(saved), "--prompt", "ROMEO:", "--max-new-tokens", "20",
+                    "--device", "cpu", "--seed", "0", "--top-k", "1", cache])
+    out = capsys.readouterr().out
+    assert out.count("ROMEO:") == 1 and "the first token after" in out and "tokens/s" in out
+    assert ("KV cache" if cache == "--cache" else "no cache") in out
+
+
+@pytest.mark.main_needs("generate_only")
+def test_generate_only_past_the_context_says_it_slides(step, saved, capsys):
+    step.main.main(["--generate-only", "--model", str(saved), "--prompt", "word " * 80, "--max-new-tokens", "3",
+                    "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "the model sees the last 64" in out and "a sliding window" in out
+
+
+@pytest.mark.main_needs("generate_only")
+def test_generate_only_with_the_cache_and_without_writes_the_same_greedy_text(step, saved, capsys):
+    texts = []
+    for cache in ("--cache", "--no-cache"):
+        step.main.main(["--generate-only", "--model", str(saved), "--max-new-tokens", "80", "--top-k", "1",
+                        "--device", "cpu", "--dtype", "fp32", cache])
+        texts.append(capsys.readouterr().out.split("-" * 60)[1].split("\n[")[0])
+    assert texts[0] == texts[1] and len(texts[0]) > len("ROMEO:")
+
+
+@pytest.mark.main_needs("generate_only")
+@pytest.mark.parametrize("flags, words", [(["--model", "no-such-model"], "is neither a directory nor"),
+                                          (["--top-k", "60000"], "--top-k 60000 is more than")])
+def test_generate_only_refuses_bad_input_in_one_line(step, saved, flags, words):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--generate-only", "--model", str(saved), "--device", "cpu", *flags])
+    assert str(exit.value.code).startswith("error:") and words in str(exit.value.code)
+
+
+@pytest.mark.main_needs("generate_only")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_the_sample_after_training_uses_the_cache_and_says_how_fast(step, tmp_path, capsys):
+    step.main.main([*small_run_flags(step), "--max-steps", "2", "--device", "cpu", "--seed", "0",
+                    "--out", str(tmp_path)])
+    assert "[KV cache: the first token after" in capsys.readouterr().out
+    assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] > 0
