@@ -65,6 +65,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "per_model_file: a test of model.py alone; it leaves out a step whose "
                             "model.py is byte for byte the step before's (that step's run covers it)")
     config.addinivalue_line("markers", f"check(kind): this test is one of the shared checks, kind in {CHECKS}")
+    config.addinivalue_line("markers", "first_and_last: a test that starts processes runs on the first and the newest "
+                            "of the steps it applies to (make diff shows the code it tests the same in between)")
 
 
 def has(obj, dotted: str) -> bool:
@@ -154,6 +156,8 @@ def pytest_generate_tests(metafunc):
     chosen = steps_for(list(metafunc.definition.iter_markers()), metafunc.config.getoption("--step"))
     if metafunc.definition.get_closest_marker("per_model_file") and metafunc.config.getoption("--step") is None:
         chosen = [s for s in chosen if not same_model_as_the_step_before(s)]
+    if metafunc.definition.get_closest_marker("first_and_last"):
+        chosen = chosen[:1] + chosen[1:][-1:]
     metafunc.parametrize("step", chosen, ids=[s.name for s in chosen])
 
 

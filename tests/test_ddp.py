@@ -78,6 +78,7 @@ def losses(out):
 
 
 @pytest.mark.main_needs("join_process_group")
+@pytest.mark.first_and_last
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_two_processes_log_the_loss_of_one_process_over_the_same_windows(step, two_ranks_and_one):
     root = two_ranks_and_one(step)
@@ -90,6 +91,7 @@ def test_two_processes_log_the_loss_of_one_process_over_the_same_windows(step, t
 
 
 @pytest.mark.main_needs("join_process_group")
+@pytest.mark.first_and_last
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_two_processes_end_the_step_with_the_gradients_and_parameters_of_one_process(step, two_ranks_and_one):
     root = two_ranks_and_one(step)
@@ -105,6 +107,7 @@ def test_two_processes_end_the_step_with_the_gradients_and_parameters_of_one_pro
 
 
 @pytest.mark.main_needs("join_process_group")
+@pytest.mark.first_and_last
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_only_rank_0_prints_and_writes(step, two_ranks_and_one):
     root = two_ranks_and_one(step)
@@ -123,6 +126,7 @@ COUNTING_GRAPHS = ("import atexit, os, torch; graphs = []; compile = torch.compi
 
 
 @pytest.mark.main_needs("join_process_group")
+@pytest.mark.first_and_last
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_under_ddp_the_compiled_graph_is_cut_at_the_gradient_buckets(step, tmp_path):
     # Compiled inside DDP's forward, dynamo cuts the model into one graph per bucket of gradients, so that a bucket's
@@ -182,6 +186,7 @@ def test_gradients_are_all_reduced_once_an_optimizer_step_not_once_a_micro_step(
 
 
 @pytest.mark.main_needs("join_process_group")
+@pytest.mark.first_and_last
 def test_a_process_group_that_cannot_form_fails_within_its_timeout_with_one_line(step, tmp_path):
     start = time.monotonic()
     proc = start_rank(step, 1, 2, free_port(), "--device", "cpu", "--dist-timeout", "1", "--out", str(tmp_path))
@@ -195,6 +200,7 @@ def test_a_process_group_that_cannot_form_fails_within_its_timeout_with_one_line
 
 
 @pytest.mark.main_needs("join_process_group")
+@pytest.mark.first_and_last
 def test_a_total_batch_the_processes_do_not_divide_stops_every_rank_with_one_message(step):
     start = time.monotonic()
     # 384 is 3 micro-batches of 4 x 32 on one process, but not a whole number on each of two.
@@ -260,6 +266,7 @@ runpy.run_module(os.environ["STEP_MODULE"], run_name="__main__")
 
 
 @pytest.mark.main_needs("join_process_group")
+@pytest.mark.first_and_last
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_iteration_and_resumes_exactly(step, tmp_path):
     (tmp_path / "under_torchrun.py").write_text(UNDER_TORCHRUN)
     flags = [*SMALL_TRAINER, "--total-batch-size", "256", "--max-steps", "6", "--eval-every", "3", "--device", "cpu",
