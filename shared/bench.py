@@ -355,6 +355,7 @@ def generation(args) -> None:
     """Tokens/s of greedy decoding on the same random weights: the last step with its KV cache, without it (a whole
     forward a token), and transformers.GPT2LMHeadModel.generate (which keeps a cache too). One warm-up call each."""
     import torch
+    import transformers
     from transformers import GPT2LMHeadModel
 
     from shared import device
@@ -369,12 +370,16 @@ def generation(args) -> None:
     torch.manual_seed(0)
     config = model_py.GPTConfig(block_size=args.seq_len or preset["seq_len"], n_layer=preset["n_layer"],
                                 n_head=preset["n_head"], n_embd=preset["n_embd"], dropout=0.0)
+    n = args.new_tokens
+    if args.prompt_tokens + n > config.block_size:  # past it our steps slide a window; transformers' GPT-2 stops
+        sys.exit(f"error: --prompt-tokens {args.prompt_tokens} + --new-tokens {n} is more than the context of "
+                 f"{config.block_size} positions: give fewer, or a longer --seq-len")
     ours = model_py.GPT(config).eval().to(dev)
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar above the table
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(Path(tmp))
         theirs = GPT2LMHeadModel.from_pretrained(tmp).eval().to(dev)
     prompt = torch.randint(50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
-    n = args.new_tokens
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     print(f"make bench --generate on {name} ({dev.type}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads): step {step}, {args.preset} sizes, context {config.block_size}, fp32, batch 1, a "
@@ -383,6 +388,8 @@ def generation(args) -> None:
             "no cache": lambda k: ours.generate(prompt, k, top_k=1, use_cache=False),
             "transformers": lambda k: theirs.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                                       pad_token_id=50256)}
+    if args.no_reference:
+        del runs["transformers"]
     rows, out = [], {}
     with torch.no_grad():
         for label, run in runs.items():
@@ -396,9 +403,9 @@ def generation(args) -> None:
             print(f"  {label:<14} {seconds:8.2f} s  {n / seconds:9.1f} tokens/s", flush=True)
     same = all(torch.equal(out["KV cache"], o) for o in out.values())
     base = {r["row"]: r["tok_per_s"] for r in rows}
-    print(f"the cache: {base['KV cache'] / base['no cache']:.2f}x without it, "
-          f"{base['KV cache'] / base['transformers']:.2f}x transformers; the three wrote "
-          f"{'the same' if same else 'different'} tokens")
+    print(f"the cache: {base['KV cache'] / base['no cache']:.2f}x without it"
+          + (f", {base['KV cache'] / base['transformers']:.2f}x transformers" if "transformers" in base else "")
+          + f"; the rows wrote {'the same' if same else 'different'} tokens")
     if args.json == Path("runs/bench.json"):  # the default: keep the ladder's file
         args.json = Path("runs/bench-generate.json")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -500,7 +500,7 @@ def show_sample(model, tok, args):
     ids = tok.encode(args.prompt, allowed_special="all") or [tok.eot_token]  # an empty prompt: a new document
     if len(ids) > model.config.block_size:
         print(f"note: the prompt has {len(ids):,} tokens; the model sees the last {model.config.block_size}")
-    if len(ids) + args.max_new_tokens > model.config.block_size:
+    if len(ids) + args.max_new_tokens - 1 > model.config.block_size:  # the last token sampled is not fed back
         print(f"note: past {model.config.block_size} tokens, the model's context, each new token reads only the last "
               f"{model.config.block_size}: the cache is filled again from them for every token (a sliding window)")
     gen = torch.Generator(args.device).manual_seed(args.seed)  # sampling draws on the model's device
@@ -516,15 +516,18 @@ def show_sample(model, tok, args):
                 print(utf8.decode(tok.decode_single_token_bytes(nxt[0, 0].item())), end="", flush=True)
                 times.append(time.perf_counter())  # .item() above waited for the device
         print(utf8.decode(b"", final=True))
-        prompt, decode = min(len(ids), model.config.block_size), len(times) - 2
-        speed = f"the first token after {1000 * (times[1] - times[0]):.0f} ms (the prompt: {prompt} tokens)"
-        if decode:
-            speed += f", then {decode / (times[-1] - times[1]):,.1f} tokens/s"
-        c = model.config
+        c, prompt = model.config, min(len(ids), model.config.block_size)
+        inside = min(len(times) - 2, c.block_size - prompt)  # tokens fed back within the context: one position each
+        speed = (f"the first token after {1000 * (times[1] - times[0]):.0f} ms (the prompt: "
+                 f"{shards.plural(prompt, 'token')})")
+        if inside:
+            speed += f", then {inside / (times[inside + 1] - times[1]):,.1f} tokens/s"
+        if len(times) - 2 > inside:  # past the context every token is a forward over the whole window
+            speed += f", and {(len(times) - 2 - inside) / (times[-1] - times[inside + 1]):,.1f} tokens/s past it"
         values = 2 * c.n_layer * c.block_size * c.n_embd  # keys and values, every layer, every position, batch 1
-        print(f"[{'KV cache' if args.cache else 'no cache'}: {speed}; the cache holds 2 x {c.n_layer} layers x "
-              f"{c.block_size} positions x {c.n_embd} = {values:,} numbers" + ("]" if not args.cache else
-              f", {values * (2 if args.dtype == 'bf16' else 4) / 2**20:,.1f} MiB in {args.dtype}]"))
+        print(f"[no cache: {speed}]" if not args.cache else f"[KV cache: {speed}; it holds 2 x {c.n_layer} layers "
+              f"x {c.block_size} positions x {c.n_embd} = {values:,} numbers, "
+              f"{values * (2 if args.dtype == 'bf16' else 4) / 2**20:,.1f} MiB in {args.dtype}]")
 
 
 if __name__ == "__main__":
