@@ -5,6 +5,7 @@
 #   make test [N=08]       the whole test suite, or one stage's tests
 #   make bench             the speed ladder of the trainer steps (ARGS="--steps 10,15" for some of them)
 #   make data ARGS="--source fineweb-edu --out data/edu_fineweb10B"   text to token shards (step 17 on)
+#   make gpu-check         every accelerator path in one command, with one summary (on a CPU: says so, exits 0)
 #   make diff N=08         what step 08 adds to step 07
 #   make setup [CPU=1]     create .venv and install the pinned dependencies (CPU=1: torch's CPU build)
 SHELL := /bin/bash
@@ -14,7 +15,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REGISTRY := $(PYTHON) -m shared.steps
 
-.PHONY: list setup step test bench data diff clean
+.PHONY: list setup step test bench data gpu-check diff clean
 .DEFAULT_GOAL := list
 
 list:
@@ -50,6 +51,9 @@ bench: $(STAMP)
 
 data: $(STAMP)
 	@$(PY) -m shared.shards $(ARGS)
+
+gpu-check: $(STAMP)
+	@$(PY) -m shared.gpu_check $(ARGS)
 
 diff:
 	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) && \

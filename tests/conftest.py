@@ -65,6 +65,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "per_model_file: a test of model.py alone; it leaves out a step whose "
                             "model.py is byte for byte the step before's (that step's run covers it)")
     config.addinivalue_line("markers", f"check(kind): this test is one of the shared checks, kind in {CHECKS}")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; deselected where there is none (make gpu-check)")
     config.addinivalue_line("markers", "first_and_last: a test that starts processes runs on the first and the newest "
                             "of the steps it applies to (make diff shows the code it tests the same in between)")
 
@@ -162,9 +163,11 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that applies to none of the selected steps is left out, not reported as skipped."""
+    """A test that applies to none of the selected steps is left out, not reported as skipped; so is a gpu test
+    where there is no CUDA device (make gpu-check runs them where there is one)."""
     empty = [i for i in items if any(m.kwargs.get("reason", "").startswith("got empty parameter set")
-                                     for m in i.iter_markers("skip"))]
+                                     for m in i.iter_markers("skip"))
+             or (i.get_closest_marker("gpu") and not torch.cuda.is_available())]
     if empty:
         config.hook.pytest_deselected(items=empty)
         items[:] = [i for i in items if i not in empty]

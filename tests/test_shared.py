@@ -1,6 +1,7 @@
 """The project's helpers: the step registry behind the Makefile, data files, tokenizers, device, run log."""
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -202,3 +203,20 @@ def test_shapes_name_a_shared_module_after_the_parent_running_it(capsys):
     shapes.show(model, torch.zeros(1, 2))
     out = capsys.readouterr().out
     assert "0.0 " in out and "1.0 " in out  # not 0.0 twice
+
+
+def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0():
+    r = subprocess.run(["make", "-s", "gpu-check"], capture_output=True, text=True, timeout=300)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: make gpu-check runs the checks instead")
+    assert r.returncode == 0 and r.stdout.strip().splitlines() == [
+        "make gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"]
+
+
+def test_the_gpu_check_summary_names_what_failed_and_what_was_skipped_and_why():
+    from shared import gpu_check
+
+    rows = [{"check": "a", "status": "passed", "why": ""}, {"check": "b", "status": "failed", "why": "boom"},
+            {"check": "c", "status": "skipped", "why": "one GPU"}]
+    assert gpu_check.summary(rows).splitlines() == ["make gpu-check: 1 passed, 1 failed, 1 skipped",
+                                                    "  failed   b  (boom)", "  skipped  c  (one GPU)"]
