@@ -40,12 +40,15 @@ def test_a_bad_value_is_refused_naming_the_flag(step, flag, value, capsys):
     refuses(step, [flag, value], capsys, f"argument {flag}", repr(value))
 
 
+def error_line_and_help(step, flag: str) -> list[str]:
+    """What a step prints for `flag 0`, where flag takes a positive integer: the error, and where the help is."""
+    return [f"python -m steps.{step.name}: error: argument {flag}: expected a positive integer, got '0'",
+            f'(make step N={step.name[:2]} ARGS="--help" lists every flag)']
+
+
 @pytest.mark.main_needs("evaluate")
 def test_a_bad_flag_gets_its_error_line_and_where_the_help_is_not_the_usage_block(step, capsys):
-    said = refuses(step, ["--max-steps", "0"], capsys)
-    assert said.splitlines() == [
-        f"python -m steps.{step.name}: error: argument --max-steps: expected a positive integer, got '0'",
-        f'(make step N={step.name[:2]} ARGS="--help" lists every flag)']
+    assert refuses(step, ["--max-steps", "0"], capsys).splitlines() == error_line_and_help(step, "--max-steps")
 
 
 @pytest.mark.main_needs("evaluate")
@@ -133,10 +136,7 @@ def test_a_bad_generation_value_is_refused_naming_the_flag(step, flag, value, ca
 
 @pytest.mark.main_needs("stream")
 def test_a_bad_generation_flag_gets_its_error_line_and_where_the_help_is_not_the_usage_block(step, capsys):
-    said = refuses(step, ["--top-k", "0"], capsys)
-    assert said.splitlines() == [
-        f"python -m steps.{step.name}: error: argument --top-k: expected a positive integer, got '0'",
-        f'(make step N={step.name[:2]} ARGS="--help" lists every flag)']
+    assert refuses(step, ["--top-k", "0"], capsys).splitlines() == error_line_and_help(step, "--top-k")
 
 
 @pytest.mark.main_needs("stream")

@@ -139,16 +139,13 @@ ITEMS = [{"ctx": "The cat sat on the", "endings": ["mat.", "moon, far away in th
           "label": 1}] * 3
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    """(our model, its directory): a small untrained GPT, written as a GPT2LMHeadModel directory."""
-    path = tmp_path_factory.mktemp("hellaswag-model")
-    steps = [s for s in os.listdir(ROOT / "steps") if (ROOT / "steps" / s / "hellaswag.py").exists()]
-    model_py = __import__(f"steps.{sorted(steps)[0]}.model", fromlist=["GPT"])
+@pytest.fixture
+def saved_model(step, tmp_path):
+    """(the step's model, its directory): a small untrained GPT, written as a GPT2LMHeadModel directory."""
     torch.manual_seed(0)
-    model = model_py.GPT(model_py.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
-    model.save_pretrained(path)
-    return model, path
+    model = step.model.GPT(step.model.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
+    model.save_pretrained(tmp_path / "model")
+    return model, tmp_path / "model"
 
 
 @pytest.mark.main_needs("hellaswag")
