@@ -207,6 +207,14 @@ def join_process_group(args) -> None:
         sys.exit(1)
 
 
+def leave_process_group(args) -> None:
+    """Wait for every rank, then leave the group. While a rank waits, gloo's threads let go of the tensors of the last
+    exchange; one that does so after Python has begun to exit aborts the process ("terminate called ...")."""
+    if args.world > 1:
+        dist.barrier(device_ids=[args.device.index] if args.device.type == "cuda" else None)
+        dist.destroy_process_group()
+
+
 def only_rank_0_speaks(rank: int) -> None:
     """The ranks run the same program on the same numbers: rank 0 prints for all of them (its log, its refusals).
     The others print nothing, except a crash of their own."""
@@ -336,6 +344,7 @@ def main(argv=None):
                     log.close(interrupted={"iters_done": it, "resume": go_on}, val_loss=val_loss)  # the curve so far
                 print(f"interrupted: {it} iterations done, checkpoint in {args.out / checkpoint.NAME}. To go on:\n"
                       f"  {go_on}", file=sys.stderr)
+                leave_process_group(args)
                 sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C
             opt.zero_grad(set_to_none=True)
             loss = accumulate(fast, loader, micro_steps, args)
@@ -356,8 +365,7 @@ def main(argv=None):
                     log.log_val(it, val_loss)
             if (it + 1) % args.save_every == 0 or it + 1 == args.max_steps:
                 save(it + 1)
-    if args.world > 1:
-        dist.destroy_process_group()
+    leave_process_group(args)
     if args.rank != 0:
         return
     log.close(val_loss=val_loss, uniform_guess=math.log(tok.n_vocab))

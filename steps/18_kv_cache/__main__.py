@@ -108,7 +108,7 @@ def shakespeare_shards(args) -> Path:
         tokens = len(text) // 3 + 1  # about 3.3 characters a token: a little more than the tokens it has
         shards.prepare(str(out.parent / f"{out.name}.txt"), out, tokens // SHAKESPEARE_SHARDS + 1, quiet=True)
     if args.world > 1:
-        dist.barrier()
+        dist.barrier(device_ids=[args.device.index] if args.device.type == "cuda" else None)
     print(f"no --data: training on tiny shakespeare, as shards made by make data's pipeline in {out}")
     return out
 
@@ -254,6 +254,14 @@ def join_process_group(args) -> None:
         print(f"error: rank {args.rank} of {args.world} could not join the process group at {where} within "
               f"{args.dist_timeout:g} s (--dist-timeout): {str(e).splitlines()[0][:200]}", file=sys.__stderr__)
         sys.exit(1)
+
+
+def leave_process_group(args) -> None:
+    """Wait for every rank, then leave the group. While a rank waits, gloo's threads let go of the tensors of the last
+    exchange; one that does so after Python has begun to exit aborts the process ("terminate called ...")."""
+    if args.world > 1:
+        dist.barrier(device_ids=[args.device.index] if args.device.type == "cuda" else None)
+        dist.destroy_process_group()
 
 
 def only_rank_0_speaks(rank: int) -> None:
@@ -425,6 +433,7 @@ def main(argv=None):
                     log.close(interrupted={"iters_done": it, "resume": go_on}, val_loss=val_loss)  # the curve so far
                 print(f"interrupted: {it} iterations done, checkpoint in {args.out / checkpoint.NAME}. To go on:\n"
                       f"  {go_on}", file=sys.stderr)
+                leave_process_group(args)
                 sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C
             opt.zero_grad(set_to_none=True)
             loss = accumulate(fast, loader, micro_steps, args)
@@ -448,8 +457,7 @@ def main(argv=None):
                     log.log_val(it, val_loss, **bench)
             if (it + 1) % args.save_every == 0 or it + 1 == args.max_steps:
                 save(it + 1)
-    if args.world > 1:
-        dist.destroy_process_group()
+    leave_process_group(args)
     if args.rank != 0:
         return
     log.close(val_loss=val_loss, **bench, uniform_guess=math.log(tok.n_vocab))
@@ -475,8 +483,7 @@ def score_only(args, precision: str) -> None:
     acc, acc_norm = hellaswag.evaluate(model, items, data.gpt2_tokenizer(), args, autocast(args))
     print(f"hellaswag acc {acc:.4f} acc_norm {acc_norm:.4f} ({len(items) / (time.perf_counter() - start):.1f} items/s)"
           f"; GPT-2 124M scores acc 0.2859, acc_norm {hellaswag.GPT2_ACC_NORM} on the validation items")
-    if args.world > 1:
-        dist.destroy_process_group()
+    leave_process_group(args)
 
 
 def generate_only(args, precision: str) -> None:
