@@ -7,6 +7,7 @@
 #   make data ARGS="--source fineweb-edu --out data/edu_fineweb10B"   text to token shards (step 17 on)
 #   make gpu-check         every accelerator path in one command, with one summary (on a CPU: says so, exits 0)
 #   make diff N=08         what step 08 adds to step 07
+#   make mistake [N=08] [M=untied-head]   the classic mistakes; one made in a copy of a step, and its tests run
 #   make setup [CPU=1]     create .venv and install the pinned dependencies (CPU=1: torch's CPU build)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,7 +16,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REGISTRY := $(PYTHON) -m shared.steps
 
-.PHONY: list setup step test bench data gpu-check diff clean
+.PHONY: list setup step test bench data gpu-check mistake diff clean
 .DEFAULT_GOAL := list
 
 list:
@@ -54,6 +55,9 @@ data: $(STAMP)
 
 gpu-check: $(STAMP)
 	@$(PY) -m shared.gpu_check $(ARGS)
+
+mistake: $(STAMP)
+	@$(PY) -m shared.mistakes $(if $(M),--id $(M)) $(if $(N),--step $(N)) $(ARGS)
 
 diff:
 	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) && \

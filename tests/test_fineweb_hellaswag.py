@@ -139,6 +139,15 @@ ITEMS = [{"ctx": "The cat sat on the", "endings": ["mat.", "moon, far away in th
           "label": 1}] * 3
 
 
+@pytest.mark.main_needs("hellaswag")
+def test_a_row_is_the_context_then_a_space_and_the_ending_which_alone_is_scored(step):
+    tok = data.gpt2_tokenizer()
+    for item in ITEMS[:3]:
+        for (row, start), ending in zip(step.main.hellaswag.rows(item, tok, 64), item["endings"]):
+            assert tok.decode(row) == item["ctx"] + " " + ending
+            assert tok.decode(row[start:]) == " " + ending  # GPT-2's tokens carry their leading space
+
+
 @pytest.fixture
 def saved_model(step, tmp_path):
     """(the step's model, its directory): a small untrained GPT, written as a GPT2LMHeadModel directory."""

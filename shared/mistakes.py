@@ -1,0 +1,289 @@
+"""make mistake: a classic mistake made on purpose in a temporary copy of a step, and the tests that catch it.
+
+    make mistake                          the mistakes: an id, the step it belongs to, what it is
+    make mistake M=untied-head            made in the first step it belongs to (08), shown as a diff, its tests run
+    make mistake N=12 M=untied-head       made in step 12 instead
+    make mistake ARGS=--check             every mistake on every step it applies to, as CI runs it
+
+Each mistake is data: a file, a line as the step has it, the line with the mistake, and the tests that must fail
+with it. It applies to every step from its own on whose file has that line (a later step that carries the code
+carries the mistake). steps/ is never touched: the project is copied to a temporary directory, which is removed
+at the end, Ctrl-C included.
+"""
+import argparse
+import difflib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared import cli
+from shared.steps import ROOT, STEPS_DIR, all_steps, resolve
+
+
+@dataclass(frozen=True)
+class Mistake:
+    id: str
+    step: str  # the first step it belongs to, e.g. "08"
+    what: str  # one line
+    file: str  # in the step's directory; "shared/..." for a file of the project's own, made once, for step `step`
+    right: str  # a line as the code has it (exactly once in the file)
+    wrong: str  # the same line with the mistake
+    tests: tuple[str, ...]  # the tests that must fail: every one of them that runs on the step
+    read: str  # where the mistake is explained
+
+    def steps(self) -> list[str]:
+        """The steps it applies to: its own and every later one whose file has the line."""
+        first = resolve(self.step)
+        if self.file.startswith("shared/"):
+            return [first]
+        later = all_steps()[all_steps().index(first):]
+        return [s for s in later if (STEPS_DIR / s / self.file).exists()
+                and (STEPS_DIR / s / self.file).read_text().count(self.right) == 1]
+
+    def path(self, root: Path, step: str) -> Path:
+        return root / self.file if self.file.startswith("shared/") else root / "steps" / step / self.file
+
+
+MISTAKES = [
+    Mistake("sinusoid-halves", "01", "the position table with its sines and cosines in two halves, not interleaved",
+            "model.py",
+            'return rearrange(table, "pos i two -> pos (i two)").float()',
+            'return rearrange(table, "pos i two -> pos (two i)").float()',
+            ("test_sinusoid_matches_distilbert",), "diary/01_embedding.md, The mistake to avoid"),
+    Mistake("heads-merged-wrong", "02", "the heads put back side by side in the wrong order: (d h) for (h d)",
+            "model.py",
+            'rearrange(out, "b h t d -> b t (h d)")',
+            'rearrange(out, "b h t d -> b t (d h)")',
+            ("test_multi_head_attention_matches_torch_multihead_attention", "test_matches_marian_for_causal_lm_logits",
+             "test_logits_match_gpt2lmheadmodel"),
+            "diary/02_attention.md and diary/08_gpt2.md, The mistake(s) to avoid"),
+    Mistake("no-causal-mask", "02", "a causal mask that hides nothing: every position sees the later ones",
+            "model.py",
+            "return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]",
+            "return torch.ones(T, T, dtype=torch.bool, device=device)[None, None]",
+            ("test_causal_mask_gives_no_weight_to_the_future", "test_decoder_output_at_t_ignores_later_targets"),
+            "diary/05_decoder.md, The mistake to avoid"),
+    Mistake("untied-head", "08", "the output layer as a matrix of its own instead of the token table (no tying)",
+            "model.py",
+            "self.lm_head.weight = self.transformer.wte.weight",
+            "# self.lm_head.weight = self.transformer.wte.weight",
+            ("test_gpt2_small_has_124_439_808_parameters", "test_lm_head_is_the_token_embedding"),
+            "diary/08_gpt2.md, The mistakes to avoid"),
+    Mistake("exact-gelu", "08", "the exact GELU where GPT-2 computed the tanh approximation (HF's gelu_new)",
+            "model.py",
+            'F.gelu(self.c_fc(x), approximate="tanh")',
+            "F.gelu(self.c_fc(x))",
+            ("test_logits_match_gpt2lmheadmodel",), "tests/test_gpt2.py, the tolerance's comment (ATOL, INIT)"),
+    Mistake("conv1d-not-transposed", "09", "GPT-2's Conv1D weights, (in, out), loaded as nn.Linear's (out, in)",
+            "model.py",
+            "w = (w.t() if key.endswith(CONV1D) else w).float()",
+            "w = w.float()",
+            ("test_from_pretrained_gives_hf_logits",), "diary/09_from_pretrained.md, The mistake to avoid"),
+    Mistake("adamw-default-decay", "10", "AdamW built with torch's default weight decay, 0.01 on every parameter",
+            "__main__.py",
+            "lr=args.lr, weight_decay=0.0)",
+            "lr=args.lr)",
+            ("test_before_step_14_no_parameter_is_decayed",), "diary/10_training.md and diary/14_gpt3_hparams.md"),
+    Mistake("padded-ids-sampled", "13", "the 47 padded ids of the 50304-row table left with logits of their own",
+            "model.py",
+            'logits[..., self.config.vocab_size :] = float("-inf")',
+            "pass",
+            ("test_sampling_never_returns_a_padded_id_even_when_its_row_would_win",
+             "test_padded_ids_get_no_probability_and_no_gradient"), "diary/13_vocab_50304.md, The mistake to avoid"),
+    Mistake("decay-everything", "14", "weight decay on the biases and LayerNorm gains too",
+            "__main__.py",
+            '{"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}',
+            '{"params": [p for p in params if p.dim() < 2], "weight_decay": WEIGHT_DECAY}',
+            ("test_exactly_the_matrices_and_embeddings_are_decayed",), "diary/14_gpt3_hparams.md, The mistake to avoid"),
+    Mistake("summed-micro-losses", "15", "the micro-batch losses summed, not averaged, before backward",
+            "__main__.py",
+            "loss = loss / micro_steps",
+            "loss = loss",
+            ("test_k_micro_batches_give_the_gradient_and_loss_of_one_batch_k_times_as_large",),
+            "diary/15_grad_accum.md, The mistake to avoid"),
+    Mistake("all-reduce-every-micro-step", "16", "DDP's gradients all-reduced after every micro-batch (no no_sync)",
+            "__main__.py",
+            'with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():',
+            "with contextlib.nullcontext():",
+            ("test_gradients_are_all_reduced_once_an_optimizer_step_not_once_a_micro_step",),
+            "diary/16_ddp.md, The mistakes to avoid"),
+    Mistake("same-windows-every-rank", "16", "every rank reading the same windows",
+            "__main__.py",
+            "start = self.pos + B * T * self.rank",
+            "start = self.pos",
+            ("test_each_rank_reads_its_own_windows_and_together_they_read_one_process_batches",),
+            "diary/16_ddp.md, The mistakes to avoid"),
+    Mistake("shards-in-file-order", "17", "the shards and their windows read in file order, not shuffled",
+            "__main__.py",
+            "np.random.default_rng([self.seed, *key]).permutation(n) if self.shuffle",
+            "np.arange(n) if self.shuffle",
+            ("test_an_epoch_reads_every_window_of_every_shard_once_in_a_shuffled_order",),
+            "diary/17_fineweb_hellaswag.md, The mistakes to avoid"),
+    Mistake("ending-without-its-space", "17", "a HellaSwag ending tokenized without the space before it",
+            "hellaswag.py",
+            'end = tok.encode_ordinary(" " + ending)',
+            "end = tok.encode_ordinary(ending)",
+            ("test_a_row_is_the_context_then_a_space_and_the_ending_which_alone_is_scored",),
+            "diary/17_fineweb_hellaswag.md, The mistakes to avoid"),
+    Mistake("no-end-of-text", "17", "documents run together, with no <|endoftext|> between them",
+            "shared/shards.py",
+            "ids[0], ids[1:] = EOT, tokens",
+            "ids[0], ids[1:] = tokens[0] if tokens else EOT, tokens",
+            ("test_decoded_shards_give_back_every_document_in_order_each_after_one_end_of_text",),
+            "diary/17_fineweb_hellaswag.md, The mistakes to avoid"),
+    Mistake("cached-token-at-position-0", "18", "each new token taken at position 0 instead of after the cache",
+            "model.py",
+            "mask, pos = None, torch.arange(past, past + T, device=idx.device)",
+            "mask, pos = None, torch.arange(0, T, device=idx.device)",
+            ("test_after_a_prefill_and_cached_steps_the_logits_are_a_full_forwards",),
+            "diary/18_kv_cache.md, The mistake to avoid"),
+]
+BY_ID = {m.id: m for m in MISTAKES}
+
+
+def listing() -> str:
+    lines = [f"{'id':<30} {'step':<5} what", "-" * 100]
+    lines += [f"{m.id:<30} {m.step:<5} {m.what}" for m in MISTAKES]
+    return "\n".join(lines + ["", "make mistake M=<id> [N=<step>] makes one in a temporary copy and runs its tests"])
+
+
+def copy_project(into: Path) -> Path:
+    """The project as it is (steps, tests, shared, pyproject), without the virtual environment, runs or caches."""
+    root = into / "gpt2-steps"
+    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "book", "data", "__pycache__",
+                                                              ".pytest_cache", ".hypothesis", "*.egg-info"))
+    return root
+
+
+def make(mistake: Mistake, root: Path, step: str) -> str:
+    """Makes the mistake in the copy at root; returns it as a unified diff."""
+    path = mistake.path(root, step)
+    before = path.read_text()
+    if before.count(mistake.right) != 1:
+        sys.exit(f"error: {mistake.id}: {path.relative_to(root)} does not have the line `{mistake.right}` exactly once")
+    after = before.replace(mistake.right, mistake.wrong)
+    path.write_text(after)
+    name = str(path.relative_to(root))
+    return "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), name, name + " (mistake)", n=1))
+
+
+def run_tests(root: Path, mistake: Mistake, steps: list[str] | None) -> dict:
+    """Runs the mistake's tests in the copy, as pytest reports them."""
+    from shared import data
+
+    report = root / "report.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", " or ".join(mistake.tests),
+           f"--junitxml={report}", "-o", "junit_family=xunit1", "--tb=no"]
+    if steps and len(steps) == 1:
+        cmd += ["--step", steps[0]]
+    env = {**os.environ, "GPT2STEPS_DATA": str(data.data_dir()), "PYTHONDONTWRITEBYTECODE": "1"}
+    subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not report.exists():
+        sys.exit("error: pytest wrote no report; run the tests by hand to see why")
+    results = []  # (test, its parameters, the first line of its failure or None)
+    for case in ET.parse(report).getroot().iter("testcase"):
+        name, _, param = case.get("name").partition("[")
+        if name not in mistake.tests:
+            continue
+        failed = case.find("failure") if case.find("failure") is not None else case.find("error")
+        results.append((name, param.rstrip("]"), None if failed is None else
+                        (failed.get("message") or "failed").splitlines()[0][:160]))
+    return results
+
+
+def on(results: list, step: str, mistake: Mistake) -> list:
+    """[(test, the first line of its first failure, or None)] for the tests that ran on this step (a test of shared/
+    code is on the step it is made for). A test fails when any of its cases does (k=1 of k micro-batches cannot)."""
+    ran = {}
+    for name, param, failure in results:
+        if mistake.file.startswith("shared/") or step in param.split("-"):
+            ran[name] = ran.get(name) or failure
+    return list(ran.items())
+
+
+def show(mistake: Mistake, step: str) -> int:
+    if step not in mistake.steps():
+        sys.exit(f"error: {mistake.id} is not in step {step}: it applies to {', '.join(mistake.steps()) or 'no step'}")
+    with tempfile.TemporaryDirectory(prefix="gpt2-steps-mistake-") as tmp:
+        root = copy_project(Path(tmp))
+        print(f"{mistake.id}: {mistake.what}. Made in a copy of step {step} ({root}), steps/ untouched:\n")
+        print(make(mistake, root, step))
+        print(f"running {', '.join(mistake.tests)} on step {step} ...", flush=True)
+        results = on(run_tests(root, mistake, [step]), step, mistake)
+    if not results:
+        print(f"none of its tests runs on step {step}")
+        return 1
+    for name, failure in results:
+        print(f"  {'FAILED' if failure else 'passed'}  {name}" + (f"\n          {failure}" if failure else ""))
+    caught = all(failure for _, failure in results)
+    print(f"\n{'caught' if caught else 'NOT caught'}: read {mistake.read}, and the test"
+          f"{'s' * (len(results) > 1)} above in tests/.")
+    return 0 if caught else 1
+
+
+def check() -> int:
+    """Every mistake on every step it applies to: each of its tests that runs there must fail. One copy and one
+    pytest run a mistake, the mistake made in all its steps at once."""
+    bad = []
+    for mistake in MISTAKES:
+        steps = mistake.steps()
+        with tempfile.TemporaryDirectory(prefix="gpt2-steps-mistake-") as tmp:
+            root = copy_project(Path(tmp))
+            for step in steps:
+                make(mistake, root, step)
+            results = run_tests(root, mistake, steps if mistake.file.startswith("shared/") else None)
+        for step in steps:
+            ran = on(results, step, mistake)
+            if not ran and not covered_by_the_step_before(mistake, step, steps):
+                bad.append(f"{mistake.id} on {step}: none of its tests ran")
+            bad += [f"{mistake.id} on {step}: {name} passed" for name, failure in ran if failure is None]
+        print(f"{'ok  ' if not any(b.startswith(mistake.id + ' ') for b in bad) else 'FAIL'} {mistake.id:<30} "
+              f"{', '.join(steps)}", flush=True)
+    for line in bad:
+        print("error: " + line, file=sys.stderr)
+    print(f"{len(MISTAKES)} mistakes, {sum(len(m.steps()) for m in MISTAKES)} (mistake, step) pairs: "
+          f"{'every one caught' if not bad else f'{len(bad)} not caught'}")
+    return 1 if bad else 0
+
+
+def covered_by_the_step_before(mistake: Mistake, step: str, steps: list[str]) -> bool:
+    """A step whose file is byte for byte the step before's is tested there (the suite's per_model_file tests)."""
+    i = steps.index(step)
+    same = lambda a, b: (STEPS_DIR / a / mistake.file).read_bytes() == (STEPS_DIR / b / mistake.file).read_bytes()
+    return i > 0 and same(steps[i - 1], step)
+
+
+def main(argv=None) -> int:
+    p = cli.ArgumentParser(prog="make mistake", description=__doc__.split("\n\n")[0],
+                           hint='make mistake ARGS="--help"')
+    p.add_argument("--step", help="the step to make it in (make mistake N=08); default: the first it belongs to")
+    p.add_argument("--id", help="the mistake (make mistake M=<id>); none: the list")
+    p.add_argument("--check", action="store_true", help="every mistake on every step it applies to (CI)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.check:
+        return check()
+    if not args.id:
+        if args.step:
+            p.error("N= needs M=: make mistake N=08 M=untied-head (make mistake lists the ids)")
+        print(listing())
+        return 0
+    if args.id not in BY_ID:
+        p.error(f"no mistake {args.id!r}; the ids: {', '.join(BY_ID)}")
+    mistake = BY_ID[args.id]
+    try:
+        step = resolve(args.step) if args.step else resolve(mistake.step)
+    except ValueError as e:
+        p.error(str(e))
+    return show(mistake, step)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the temporary copy is already gone: TemporaryDirectory removes it on the way out
+        sys.exit(130)

@@ -1,0 +1,61 @@
+"""make mistake (shared/mistakes.py): the registry stays true to the code, a mistake is made in a copy only, and the
+learner sees what caught it. That every mistake is caught on every step it applies to is checked by
+`make mistake ARGS=--check`, which CI runs after make test (about 2 minutes here)."""
+import hashlib
+import subprocess
+
+import pytest
+
+from shared import mistakes
+from shared.steps import ROOT, STEPS_DIR, resolve
+
+
+def make_mistake(*args):
+    return subprocess.run(["make", "-s", "mistake", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("mistake", mistakes.MISTAKES, ids=lambda m: m.id)
+def test_every_mistake_is_a_line_its_own_step_has(mistake):
+    steps = mistake.steps()
+    assert steps and steps[0] == resolve(mistake.step), f"{mistake.file} of step {mistake.step} lacks {mistake.right!r}"
+
+
+def test_the_list_names_every_mistake_with_its_step():
+    r = make_mistake()
+    assert r.returncode == 0
+    for m in mistakes.MISTAKES:
+        assert f"{m.id:<30} {m.step:<5} {m.what}" in r.stdout
+
+
+def test_the_curriculums_two_examples_are_registered():
+    assert {"untied-head", "heads-merged-wrong"} <= set(mistakes.BY_ID)
+    assert "08_gpt2" in mistakes.BY_ID["untied-head"].steps()
+    assert mistakes.BY_ID["heads-merged-wrong"].steps()[-1] == sorted(p.name for p in STEPS_DIR.iterdir()
+                                                                      if p.is_dir() and p.name[:2].isdigit())[-1]
+
+
+def tree_digest() -> str:
+    files = sorted(p for p in STEPS_DIR.rglob("*.py"))
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+
+def test_the_untied_head_in_step_08_shows_163_037_184_parameters_and_exits_0_and_leaves_steps_alone():
+    before = tree_digest()
+    r = make_mistake("M=untied-head", "N=08")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "-        self.lm_head.weight = self.transformer.wte.weight" in r.stdout  # the diff
+    assert "FAILED  test_gpt2_small_has_124_439_808_parameters" in r.stdout
+    assert "163,037,184 parameters where 124,439,808 were expected" in r.stdout
+    assert "caught: read diary/08_gpt2.md" in r.stdout
+    assert tree_digest() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["M=no-such-thing"], "no mistake 'no-such-thing'; the ids: sinusoid-halves"),
+    (["M=untied-head", "N=03"], "untied-head is not in step 03_feedforward: it applies to 08_gpt2"),
+    (["M=untied-head", "N=99"], "unknown step '99'"),
+    (["N=08"], "N= needs M="),
+])
+def test_a_wrong_id_or_step_gets_one_error_line(args, message):
+    r = make_mistake(*args)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
