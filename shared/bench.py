@@ -1,13 +1,21 @@
 """make bench: the speed ladder of the trainer steps, beside transformers' GPT-2, against the machine's limit.
 
     make bench                                   GPT-2 124M (the gpt2 preset); on a CPU B=1, T=1024
-    make bench ARGS="--steps 10,15 --iters 3"    two rows, fewer iterations
+    make bench ARGS="--steps 10,15 --rounds 2"   two rows, two rounds
+    make bench ARGS="--no-compile"               the eager ladder
 
 Each row is one training iteration (forward, backward, the step's clipping if it has any, optimizer step) on one
-micro-batch, timed over --iters iterations after --warmup ones. A step's row runs that step's own training loop
-(its main(), with its own defaults on this device), with validation, checkpoints, export and the sample left out;
-each row runs in a process of its own, so that no setting (TF32, compile caches, threads) leaks into the next.
-The reference row, hf_gpt2, trains transformers.GPT2LMHeadModel the way the last step trains its own model.
+micro-batch. A step's row runs that step's own training loop (its main(), with its own defaults on this device),
+with validation, checkpoints, export and the sample left out; each run is a process of its own, so that no
+setting (TF32, threads) leaks into the next. The reference row, hf_gpt2, trains transformers.GPT2LMHeadModel the
+way the last step trains its own model. The rows whose step compiles (12 on, and hf_gpt2) are compiled on every
+device unless --no-compile; the compile time is reported apart and is not in ms/iter.
+
+The machine's own noise is measured, not assumed away: the rows run in --rounds rounds, every row once a round
+(--warmup iterations, then --iters timed ones), in a rotated order, so that a slow minute of the machine hits
+every row alike. A row's ms/iter is the median of all its timed iterations, its spread the range of its rounds'
+medians over that median. The last step's row runs once more at the end of every round, as a control: its two
+rows differ only by the noise.
 
 MFU (model FLOPs utilisation) = FLOPs per token x tokens/s / peak FLOP/s. FLOPs per token = 6N + 12 L H Q T:
 6 per parameter (2 forward, 4 backward) plus attention's scores and weighted sums; N counts the parameters
@@ -126,16 +134,18 @@ def time_step(spec: dict) -> dict:
                  "--save-every", "1000000", "--log-every", "1", "--seed", "0", "--out", str(Path(out) / "run")]
         if '"--total-batch-size"' in text:
             flags += ["--total-batch-size", str(B * T)]  # one micro-batch an iteration
+        if '"--compile"' in text:
+            flags += ["--compile" if spec["compile"] else "--no-compile"]
         main.main(flags)
         rows = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     ms = [r["ms"] for r in rows if "loss" in r and r["iter"] >= spec["warmup"]]
-    row.update(ms_per_iter=statistics.median(ms), peak_mem_mb=peak_memory_mb(torch.device(spec["device_type"])))
+    row.update(ms=ms, ms_per_iter=statistics.median(ms), peak_mem_mb=peak_memory_mb(torch.device(spec["device_type"])))
     return row
 
 
 def time_reference(spec: dict) -> dict:
     """transformers.GPT2LMHeadModel (SDPA attention) trained as the last step trains: the same dtype, GPT-3's
-    fused AdamW, clipping at 1.0, compiled where the steps compile (CUDA), on the same micro-batches."""
+    fused AdamW, clipping at 1.0, compiled as the steps' rows are, on the same micro-batches."""
     import torch
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -154,15 +164,15 @@ def time_reference(spec: dict) -> dict:
     assert model.config._attn_implementation == "sdpa"
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                             fused=dev.type in ("cpu", "cuda"))
-    fast = torch.compile(model) if dev.type == "cuda" else model
+    fast = torch.compile(model) if spec.get("compile", dev.type == "cuda") else model
     B, T = spec["batch_size"], spec["seq_len"]
     tok = data.gpt2_tokenizer()
     ids = torch.tensor(tok.encode(data.shakespeare()[: 4 * B * T * 8]), device=dev)  # enough text for a few batches
     row = {"dtype": "bf16" if bf16 else "fp32", "compile": "yes" if fast is not model else "no", "compile_s": None}
     ms = []
-    for it in range(spec["warmup"] + spec["iters"]):
+    for it in range(-1 if fast is not model else 0, spec["warmup"] + spec["iters"]):  # -1: the call that compiles
         start = time.perf_counter()
-        pos = (it * B * T) % (len(ids) - B * T - 1)
+        pos = (max(it, 0) * B * T) % (len(ids) - B * T - 1)
         x, y = ids[pos : pos + B * T].view(B, T), ids[pos + 1 : pos + B * T + 1].view(B, T)  # (B, T) each
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -173,12 +183,13 @@ def time_reference(spec: dict) -> dict:
         opt.step()
         loss.item()  # waits for the device
         elapsed = (time.perf_counter() - start) * 1000
-        if it == 0 and row["compile"] == "yes":
-            row["compile_s"] = round(elapsed / 1000, 1)  # the first call compiles
+        if it < 0:
+            row["compile_s"] = round(elapsed / 1000, 1)  # compiling, with one iteration
+            continue
         if it >= spec["warmup"]:
             ms.append(elapsed)
         print(f"iter {it:5d} | loss {loss.item():.4f} | {elapsed:8.2f} ms", flush=True)
-    row.update(ms_per_iter=statistics.median(ms), peak_mem_mb=peak_memory_mb(dev))
+    row.update(ms=ms, ms_per_iter=statistics.median(ms), peak_mem_mb=peak_memory_mb(dev))
     return row
 
 
@@ -220,7 +231,7 @@ def run_worker(spec: dict, label: str) -> dict:
         if line.startswith(RESULT):
             result = json.loads(line[len(RESULT):])
         elif line.startswith("iter") and "| loss" in line:
-            print(f"  {label:<16} {line.rstrip()}", flush=True)
+            print(f"  {label:<18} {line.rstrip()}", flush=True)
     if proc.wait() != 0 or result is None:
         sys.exit(f"error: the {label} row failed (exit {proc.returncode}). Its output ends:\n" + "".join(lines[-15:]))
     return result
@@ -236,14 +247,16 @@ def cuda_peak(name: str, given: float | None) -> tuple[float | None, str]:
 
 
 def table(rows: list[dict], flops: int) -> str:
-    head = f"{'step':<20} {'ms/iter':>9} {'tokens/s':>9} {'vs 10':>6} {'MFU':>6} {'peak MB':>8}  dtype compile  lesson"
+    head = (f"{'step':<22} {'ms/iter':>9} {'spread':>7} {'tokens/s':>9} {'vs 10':>6} {'MFU':>6} {'peak MB':>8}  "
+            f"dtype {'compile':>8}  lesson")
     base = next((r["tok_per_s"] for r in rows if r["step"].startswith("10_")), None)
     lines = [head, "-" * len(head)]
     for r in rows:
         speedup = f"{r['tok_per_s'] / base:5.2f}x" if base else "     -"
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "     -"
-        lines.append(f"{r['step']:<20} {r['ms_per_iter']:9.1f} {r['tok_per_s']:9,.0f} {speedup:>6} {mfu:>6} "
-                     f"{r['peak_mem_mb']:8,.0f}  {r['dtype']:<5} {r['compile']:<7}  {r['lesson']}")
+        compiled = f"{r['compile_s']:6.0f} s" if r["compile_s"] is not None else "      no"
+        lines.append(f"{r['step']:<22} {r['ms_per_iter']:9.1f} {100 * r['spread']:6.1f}% {r['tok_per_s']:9,.0f} "
+                     f"{speedup:>6} {mfu:>6} {r['peak_mem_mb']:8,.0f}  {r['dtype']:<5} {compiled:>8}  {r['lesson']}")
     return "\n".join(lines) + f"\nFLOPs per token = 6N + 12 L H Q T = {flops:,}"
 
 
@@ -277,9 +290,14 @@ def main(argv=None):
                    "128; gpt2: GPT-2 124M; default: gpt2)")
     p.add_argument("--batch-size", type=cli.positive_int, help="B; default: 1 on a CPU, the preset's on a GPU")
     p.add_argument("--seq-len", type=cli.positive_int, help="T; default: the preset's (1024 for gpt2)")
-    p.add_argument("--iters", type=cli.positive_int, help="timed iterations a row (default: 3 on a CPU, 20 on a GPU)")
-    p.add_argument("--warmup", type=cli.non_negative_int, help="iterations a row before the timed ones "
-                   "(default: 2 on a CPU, 10 on a GPU)")
+    p.add_argument("--rounds", type=cli.positive_int, default=3, help="rounds of every row, in a rotated order, the "
+                   "last step's row again at the end of each as a control (default: 3)")
+    p.add_argument("--iters", type=cli.positive_int, help="timed iterations a row a round (default: 2 on a CPU, "
+                   "10 on a GPU)")
+    p.add_argument("--warmup", type=cli.non_negative_int, help="iterations a row a round before the timed ones "
+                   "(default: 1 on a CPU, 5 on a GPU)")
+    p.add_argument("--no-compile", action="store_true", help="the eager ladder: compile no row (by default the rows "
+                   "whose step compiles, 12 on, and hf_gpt2 are compiled on every device)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run; auto (the "
                    "default) = cuda, else mps, else cpu")
     p.add_argument("--json", type=json_path, default=Path("runs/bench.json"), help="where the rows go (default: "
@@ -300,20 +318,23 @@ def main(argv=None):
     from shared import device
     from shared.steps import lesson
 
+    began = time.perf_counter()
     dev = device.pick(args.device)
     gpu = dev.type == "cuda"
     preset = importlib.import_module(f"steps.{trainer_steps()[-1]}.__main__").PRESETS[args.preset]  # the steps' own
     model = {k: preset[k] for k in ("n_layer", "n_head", "n_embd")}
     B = args.batch_size or (preset["batch_size"] if gpu else 1)
     T = args.seq_len or preset["seq_len"]
-    iters, warmup = args.iters or (20 if gpu else 3), args.warmup if args.warmup is not None else (10 if gpu else 2)
+    iters, warmup = args.iters or (10 if gpu else 2), args.warmup if args.warmup is not None else (5 if gpu else 1)
+    rounds = args.rounds
     steps = args.steps or trainer_steps()
     common = dict(device=args.device, device_type=dev.type, preset=args.preset, model=model, batch_size=B,
-                  seq_len=T, iters=iters, warmup=warmup)
+                  seq_len=T, iters=iters, warmup=warmup, compile=not args.no_compile)
     flops = flops_per_token(**model, seq_len=T)
     name = torch.cuda.get_device_name(dev) if gpu else cpu_name()
     print(f"make bench on {name} ({dev.type}, torch {torch.__version__}, {torch.get_num_threads()} threads): "
-          f"{args.preset} preset, B={B}, T={T}, {warmup} warm-up + {iters} timed iterations a row")
+          f"{args.preset} preset, B={B}, T={T}; {rounds} round{'s' * (rounds > 1)} of every row, {warmup} warm-up + "
+          f"{iters} timed iterations a row a round; {'eager' if args.no_compile else 'compiled where the step compiles'}")
     print(f"FLOPs per token = 6N + 12 L H Q T = {flops:,} (N without the position embeddings)")
     if gpu:
         peak, source = cuda_peak(name, args.peak_tflops)
@@ -324,26 +345,46 @@ def main(argv=None):
         peak, source = measured["peak_tflops"], measured["peak_source"]
     print(f"peak: {f'{peak:.3f} TFLOP/s' if peak else 'unknown'} ({source})")
 
+    labels = steps + ([] if args.no_reference else [REFERENCE])
+    control = f"{steps[-1]} again"  # the last step: compiled where steps compile, so a row quick to repeat
+    runs = {label: [] for label in [*labels, control]}  # each run's row, round after round
+    for r in range(rounds):
+        order = labels[r % len(labels):] + labels[: r % len(labels)] + [control]  # rotated; the control last
+        print(f"round {r + 1} of {rounds}: {', '.join(order)}", flush=True)
+        for label in order:
+            kind = steps[-1] if label == control else label
+            row = run_worker({**common, "kind": kind, "step": kind}, label)
+            runs[label].append(row)
+            print(f"  {label:<18} {statistics.median(row['ms']):,.1f} ms/iter", flush=True)
+
     rows = []
-    for label in steps + ([] if args.no_reference else [REFERENCE]):
-        row = run_worker({**common, "kind": label, "step": label}, label)
-        tok_per_s = B * T / (row["ms_per_iter"] / 1000)
-        rows.append({"step": label, "lesson": "transformers.GPT2LMHeadModel, SDPA" if label == REFERENCE
-                     else re.split(r"[:(,]", lesson(label))[0].strip(), "ms_per_iter": round(row["ms_per_iter"], 2),
-                     "tok_per_s": round(tok_per_s, 1),
+    for label, done in runs.items():
+        kind = steps[-1] if label == control else label
+        ms = [m for row in done for m in row["ms"]]
+        medians = [statistics.median(row["ms"]) for row in done]
+        ms_per_iter = statistics.median(ms)
+        tok_per_s = B * T / (ms_per_iter / 1000)
+        compile_s = [row["compile_s"] for row in done if row["compile_s"] is not None]
+        rows.append({"step": label, "lesson": "transformers.GPT2LMHeadModel, SDPA" if kind == REFERENCE
+                     else "the same row again: the machine's noise" if label == control
+                     else re.split(r"[:(,]", lesson(kind))[0].strip(),
+                     "ms_per_iter": round(ms_per_iter, 2), "spread": round((max(medians) - min(medians)) / ms_per_iter, 4),
+                     "round_ms": [round(m, 2) for m in medians], "tok_per_s": round(tok_per_s, 1),
                      "mfu": round(flops * tok_per_s / (peak * 1e12), 4) if peak else None,
-                     "peak_mem_mb": round(row["peak_mem_mb"], 1), "dtype": row["dtype"], "compile": row["compile"],
-                     "compile_s": row["compile_s"]})
-        print(f"  {label:<16} {rows[-1]['ms_per_iter']:,.1f} ms/iter, {tok_per_s:,.0f} tokens/s", flush=True)
+                     "peak_mem_mb": round(max(row["peak_mem_mb"] for row in done), 1), "dtype": done[0]["dtype"],
+                     "compile": done[0]["compile"], "compile_s": round(statistics.median(compile_s), 1)
+                     if compile_s else None})
 
     print()
     print(table(rows, flops))
-    compiled = [f"{r['step']} {r['compile_s']} s" for r in rows if r["compile_s"] is not None]
-    if compiled:
-        print("compile time, not in ms/iter: " + ", ".join(compiled))
+    first, again = rows[len(steps) - 1], rows[-1]
+    print(f"noise: the control row ({control}) differs from {steps[-1]} by "
+          f"{100 * abs(again['ms_per_iter'] - first['ms_per_iter']) / first['ms_per_iter']:.1f}%; a row's spread is "
+          f"the range of its {rounds} rounds' medians. Compile times are not in ms/iter.")
     machine = {"device": name, "device_type": dev.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "peak_tflops": peak, "peak_source": source, "preset": args.preset, **model, "batch_size": B,
-               "seq_len": T, "warmup": warmup, "iters": iters, "flops_per_token": flops,
+               "seq_len": T, "rounds": rounds, "warmup": warmup, "iters": iters, "compile": not args.no_compile,
+               "flops_per_token": flops, "minutes": round((time.perf_counter() - began) / 60, 1),
                "command": "make bench" + (f' ARGS="{" ".join(sys.argv[1:])}"' if argv is None and sys.argv[1:] else "")}
     args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
     chart = args.json.with_suffix(".svg")

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
             bench = Path(tmp) / "bench.json"
             try:
                 subprocess.run([sys.executable, "-m", "shared.bench", "--steps", "10,12,15", "--iters", "5",
-                                "--warmup", "3", "--json", str(bench)], cwd=ROOT, timeout=240)
+                                "--warmup", "3", "--rounds", "1", "--json", str(bench)], cwd=ROOT, timeout=240)
                 ladder = json.loads(bench.read_text()) if bench.exists() else None
             except subprocess.TimeoutExpired:
                 pass

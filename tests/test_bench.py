@@ -63,13 +63,15 @@ def test_a_json_path_that_is_a_directory_is_refused(tmp_path):
 
 
 def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys):
-    bench.main(["--preset", "tiny", "--seq-len", "16", "--steps", "15", "--iters", "1", "--warmup", "0",
-                "--peak-tflops", "1", "--device", "cpu", "--no-reference", "--json", str(tmp_path / "b.json")])
+    bench.main(["--preset", "tiny", "--seq-len", "16", "--steps", "15", "--iters", "1", "--warmup", "0", "--rounds",
+                "1", "--no-compile", "--peak-tflops", "1", "--device", "cpu", "--no-reference", "--json",
+                str(tmp_path / "b.json")])
     printed = capsys.readouterr().out
     assert "15_grad_accum" in printed and "6N + 12 L H Q T" in printed
     result = json.loads((tmp_path / "b.json").read_text())
-    (row,) = result["rows"]
+    row, control = result["rows"]
     assert row["step"] == "15_grad_accum" and row["tok_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_mb"] > 0
+    assert control["step"] == "15_grad_accum again"
     assert result["machine"]["flops_per_token"] == bench.flops_per_token(4, 4, 128, 16)
     assert (tmp_path / "b.svg").read_text().startswith("<svg")
 
@@ -78,3 +80,52 @@ def test_the_reference_row_trains_transformers_gpt2_with_sdpa():
     spec = dict(device="cpu", model=dict(n_layer=2, n_head=2, n_embd=32), batch_size=2, seq_len=16, warmup=1, iters=2)
     row = bench.time_reference(spec)
     assert row["ms_per_iter"] > 0 and row["peak_mem_mb"] > 0 and row["dtype"] in ("fp32", "bf16")
+
+
+def test_a_compiled_reference_row_reports_its_compile_time_apart_from_its_iterations():
+    spec = dict(device="cpu", model=dict(n_layer=1, n_head=2, n_embd=32), batch_size=1, seq_len=16, warmup=0, iters=2,
+                compile=True)
+    row = bench.time_reference(spec)
+    assert row["compile"] == "yes" and row["compile_s"] > 0
+    assert len(row["ms"]) == 2  # the call that compiled is not among the timed ones
+
+
+@pytest.fixture
+def scripted_rows(monkeypatch):
+    """bench.main with the workers replaced: each run of a row returns the next of the ms lists given for it."""
+    def script(ms_by_row: dict, *flags):
+        asked, left = [], {k: list(v) for k, v in ms_by_row.items()}
+
+        def run_worker(spec, label):
+            asked.append((label, spec["compile"]))
+            return {"ms": left[label].pop(0), "compile_s": None, "compile": "no", "dtype": "fp32", "peak_mem_mb": 1.0}
+        monkeypatch.setattr(bench, "run_worker", run_worker)
+        bench.main(["--preset", "tiny", "--device", "cpu", "--peak-tflops", "1", "--no-reference", *flags])
+        return asked
+    return script
+
+
+def test_every_row_runs_once_a_round_in_a_rotated_order_with_the_control_last(scripted_rows, tmp_path):
+    ms = {"10_training": [[1.0]] * 3, "15_grad_accum": [[1.0]] * 3, "15_grad_accum again": [[1.0]] * 3}
+    asked = scripted_rows(ms, "--steps", "10,15", "--rounds", "3", "--json", str(tmp_path / "b.json"))
+    assert [label for label, _ in asked] == ["10_training", "15_grad_accum", "15_grad_accum again",
+                                             "15_grad_accum", "10_training", "15_grad_accum again",
+                                             "10_training", "15_grad_accum", "15_grad_accum again"]
+
+
+def test_a_rows_time_is_the_median_of_its_iterations_and_its_spread_the_range_of_its_round_medians(
+        scripted_rows, tmp_path):
+    ms = {"15_grad_accum": [[100.0, 102.0], [110.0, 112.0], [104.0, 106.0]], "15_grad_accum again": [[105.0]] * 3}
+    scripted_rows(ms, "--steps", "15", "--rounds", "3", "--json", str(tmp_path / "b.json"))
+    row, control = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert row["ms_per_iter"] == 105.0  # the median of the six timed iterations
+    assert row["round_ms"] == [101.0, 111.0, 105.0]
+    assert row["spread"] == round((111.0 - 101.0) / 105.0, 4)
+    assert control["spread"] == 0.0
+
+
+def test_rows_are_compiled_unless_no_compile_is_given(scripted_rows, tmp_path):
+    ms = {"15_grad_accum": [[1.0]] * 2, "15_grad_accum again": [[1.0]] * 2}
+    compiled = scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "a.json"))
+    eager = scripted_rows(ms, "--steps", "15", "--rounds", "1", "--no-compile", "--json", str(tmp_path / "b.json"))
+    assert {c for _, c in compiled} == {True} and {c for _, c in eager} == {False}
