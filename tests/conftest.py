@@ -68,6 +68,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; deselected where there is none (make gpu-check)")
     config.addinivalue_line("markers", "first_and_last: a test that starts processes runs on the first and the newest "
                             "of the steps it applies to (make diff shows the code it tests the same in between)")
+    config.addinivalue_line("markers", "newest: a slow test of code a step brought and later steps carry unchanged "
+                            "runs on the newest of the steps it applies to only")
 
 
 def has(obj, dotted: str) -> bool:
@@ -155,10 +157,14 @@ def pytest_generate_tests(metafunc):
     if "step" not in metafunc.fixturenames:
         return
     chosen = steps_for(list(metafunc.definition.iter_markers()), metafunc.config.getoption("--step"))
-    if metafunc.definition.get_closest_marker("per_model_file") and metafunc.config.getoption("--step") is None:
+    if os.environ.get("GPT2STEPS_EVERY_STEP"):  # make mistake --check: a mistake changes the steps in between too
+        pass
+    elif metafunc.definition.get_closest_marker("per_model_file") and metafunc.config.getoption("--step") is None:
         chosen = [s for s in chosen if not same_model_as_the_step_before(s)]
-    if metafunc.definition.get_closest_marker("first_and_last"):
+    elif metafunc.definition.get_closest_marker("first_and_last"):
         chosen = chosen[:1] + chosen[1:][-1:]
+    elif metafunc.definition.get_closest_marker("newest"):
+        chosen = chosen[-1:]
     metafunc.parametrize("step", chosen, ids=[s.name for s in chosen])
 
 

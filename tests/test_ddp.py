@@ -197,7 +197,7 @@ def test_gradients_are_all_reduced_once_an_optimizer_step_not_once_a_micro_step(
 
 
 @pytest.mark.main_needs("join_process_group")
-@pytest.mark.first_and_last
+@pytest.mark.newest  # code step 16 brought, carried unchanged: run where it is now
 def test_a_process_group_that_cannot_form_fails_within_its_timeout_with_one_line(step, tmp_path):
     start = time.monotonic()
     proc = start_rank(step, 1, 2, free_port(), "--device", "cpu", "--dist-timeout", "1", "--out", str(tmp_path))
@@ -277,7 +277,7 @@ runpy.run_module(os.environ["STEP_MODULE"], run_name="__main__")
 
 
 @pytest.mark.main_needs("join_process_group")
-@pytest.mark.first_and_last
+@pytest.mark.newest  # code step 16 brought, carried unchanged: run where it is now
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_iteration_and_resumes_exactly(step, tmp_path):
     (tmp_path / "under_torchrun.py").write_text(UNDER_TORCHRUN)
     flags = [*SMALL_TRAINER, "--total-batch-size", "256", "--max-steps", "6", "--eval-every", "3", "--device", "cpu",

@@ -16,9 +16,8 @@ pytestmark = pytest.mark.per_model_file  # tests of model.py alone (test_summary
 
 # fp32, n_embd 32, two layers: HF computes the same products, summed in another order; 1e-5 is a few hundred
 # float32 rounding steps at the size of these logits (up to about 5). The reference's weights have std 0.2, not
-# GPT-2's 0.02 (INIT): at 0.02 the MLP's inputs stay so near 0 that the exact GELU and GPT-2's tanh approximation
-# give logits 2e-6 apart, under this tolerance. At 0.2 the rounding differences stay under 2e-6 and the exact GELU
-# is 8e-4 away: caught.
+# GPT-2's 0.02 (INIT): at 0.02 the MLP's inputs stay so near 0 that the exact GELU's logits are 2e-6 from those of
+# GPT-2's tanh approximation, under this tolerance; at 0.2 they are 8e-4 away (test_the_reference_init_...).
 ATOL = 1e-5
 INIT = 0.2
 
@@ -43,9 +42,9 @@ def small(step):
     return step.model.GPT(config).eval()
 
 
-def hf_small(vocab_size=100):
+def hf_small(vocab_size=100, init=INIT):
     config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=None,
-                        eos_token_id=None, attn_implementation="eager", initializer_range=INIT)
+                        eos_token_id=None, attn_implementation="eager", initializer_range=init)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -149,6 +148,22 @@ def test_logits_match_gpt2lmheadmodel(step):
     logits, loss = model(IDX)
     torch.testing.assert_close(logits[..., :100], hf(IDX).logits, atol=ATOL, rtol=0)
     assert loss is None
+
+
+@pytest.mark.needs("GPTConfig", "GPT", "MLP")
+def test_the_reference_init_is_large_enough_to_tell_the_exact_gelu_from_gpt2s(step):
+    # Why INIT is 0.2: the logits of the same model with its MLPs' GELU made exact, against HF's.
+    def exact_gelu_distance(init):
+        torch.manual_seed(0)
+        hf = hf_small(init=init)
+        model = copy_from_hf(small(step), hf)
+        for block in model.transformer.h:
+            block.mlp.forward = lambda x, m=block.mlp: m.c_proj(F.gelu(m.c_fc(x)))  # approximate="none"
+        return (model(IDX)[0][..., :100] - hf(IDX).logits).abs().max().item()
+
+    at_gpt2s_init, at_ours = exact_gelu_distance(0.02), exact_gelu_distance(INIT)
+    print(f"exact GELU: logits {at_gpt2s_init:.1e} from HF's at init 0.02, {at_ours:.1e} at {INIT}")
+    assert at_gpt2s_init < ATOL < 10 * ATOL < at_ours
 
 
 @pytest.mark.needs("GPTConfig", "GPT")
