@@ -60,3 +60,9 @@ def test_the_untied_head_in_step_08_shows_163_037_184_parameters_and_exits_0_and
 def test_a_wrong_id_or_step_gets_one_error_line(args, message):
     r = make_mistake(*args)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("mistake", mistakes.MISTAKES, ids=lambda m: m.id)
+def test_every_mistake_is_named_in_the_diary_of_its_step(mistake):
+    diary = next((ROOT / "diary").glob(f"{resolve(mistake.step)}.md")).read_text()
+    assert f"make mistake M={mistake.id}" in diary
