@@ -344,4 +344,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # the temporary copy is already gone: TemporaryDirectory removes it on the way out
+        print("interrupted: the temporary copy is removed, steps/ was never touched", file=sys.stderr)
         sys.exit(130)

@@ -2,7 +2,11 @@
 learner sees what caught it. That every mistake is caught on every step it applies to is checked by
 `make mistake ARGS=--check`, which CI runs after make test (about 4 minutes here)."""
 import hashlib
+import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -66,3 +70,17 @@ def test_a_wrong_id_or_step_gets_one_error_line(args, message):
 def test_every_mistake_is_named_in_the_diary_of_its_step(mistake):
     diary = next((ROOT / "diary").glob(f"{resolve(mistake.step)}.md")).read_text()
     assert f"make mistake M={mistake.id}" in diary
+
+
+def test_ctrl_c_leaves_no_copy_behind(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where tempfile makes the copy
+    proc = subprocess.Popen([sys.executable, "-m", "shared.mistakes", "--id", "untied-head"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("gpt2-steps-mistake-*/gpt2-steps/steps")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)  # copying, or its tests running
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    assert list(tmp_path.glob("gpt2-steps-mistake-*")) == []
