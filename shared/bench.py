@@ -139,7 +139,8 @@ def time_step(spec: dict) -> dict:
         main.main(flags)
         rows = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     ms = [r["ms"] for r in rows if "loss" in r and r["iter"] >= spec["warmup"]]
-    row.update(ms=ms, ms_per_iter=statistics.median(ms), peak_mem_mb=peak_memory_mb(torch.device(spec["device_type"])))
+    row.update(ms=ms, ms_per_iter=statistics.median(ms),
+               peak_mem_mb=peak_memory_mb(torch.device(spec["device_type"])))
     return row
 
 
@@ -334,7 +335,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name(dev) if gpu else cpu_name()
     print(f"make bench on {name} ({dev.type}, torch {torch.__version__}, {torch.get_num_threads()} threads): "
           f"{args.preset} preset, B={B}, T={T}; {rounds} round{'s' * (rounds > 1)} of every row, {warmup} warm-up + "
-          f"{iters} timed iterations a row a round; {'eager' if args.no_compile else 'compiled where the step compiles'}")
+          f"{iters} timed iterations a row a round; "
+          f"{'eager' if args.no_compile else 'compiled where the step compiles'}")
     print(f"FLOPs per token = 6N + 12 L H Q T = {flops:,} (N without the position embeddings)")
     if gpu:
         peak, source = cuda_peak(name, args.peak_tflops)
@@ -368,7 +370,8 @@ def main(argv=None):
         rows.append({"step": label, "lesson": "transformers.GPT2LMHeadModel, SDPA" if kind == REFERENCE
                      else "the same row again: the machine's noise" if label == control
                      else re.split(r"[:(,]", lesson(kind))[0].strip(),
-                     "ms_per_iter": round(ms_per_iter, 2), "spread": round((max(medians) - min(medians)) / ms_per_iter, 4),
+                     "ms_per_iter": round(ms_per_iter, 2),
+                     "spread": round((max(medians) - min(medians)) / ms_per_iter, 4),
                      "round_ms": [round(m, 2) for m in medians], "tok_per_s": round(tok_per_s, 1),
                      "mfu": round(flops * tok_per_s / (peak * 1e12), 4) if peak else None,
                      "peak_mem_mb": round(max(row["peak_mem_mb"] for row in done), 1), "dtype": done[0]["dtype"],

@@ -10,7 +10,6 @@ with it. It applies to every step from its own on whose file has that line (a la
 carries the mistake). steps/ is never touched: the project is copied to a temporary directory, which is removed
 at the end, Ctrl-C included.
 """
-import argparse
 import difflib
 import os
 import shutil
@@ -72,7 +71,8 @@ MISTAKES = [
             "embedding", "model.py",
             "self.out_proj.weight = self.encoder.embed.tok.weight",
             "# self.out_proj.weight = self.encoder.embed.tok.weight",
-            ("test_one_embedding_is_shared_by_source_target_and_output",), "diary/06_transformer.md, The mistake to avoid"),
+            ("test_one_embedding_is_shared_by_source_target_and_output",),
+            "diary/06_transformer.md, The mistake to avoid"),
     Mistake("pad-sees-nothing", "07", "a left pad that may look at nothing: its softmax row is all -inf, then nan",
             "model.py",
             "return causal_mask(T, attention_mask.device) & (real | itself)",
@@ -104,8 +104,8 @@ MISTAKES = [
             "nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02)",
             "nn.init.normal_(p, std=0.02)",
             ("test_gpt2_init_statistics_per_parameter_group",), "diary/10_training.md"),
-    Mistake("bf16-where-emulated", "11", "--dtype auto trusting torch.cuda.is_bf16_supported(), which says yes where bf16 "
-            "is only emulated", "shared/device.py",
+    Mistake("bf16-where-emulated", "11", "--dtype auto trusting torch.cuda.is_bf16_supported(), which says yes "
+            "where bf16 is only emulated", "shared/device.py",
             "if major >= 8:  # Ampere (A100, RTX 30xx) and later have bf16 tensor cores",
             "if torch.cuda.is_bf16_supported():  # yes on a T4 too, where bf16 is emulated",
             ("test_bf16_is_native_on_a_gpu_of_compute_capability_8_or_newer",),
@@ -132,7 +132,8 @@ MISTAKES = [
             "__main__.py",
             '{"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}',
             '{"params": [p for p in params if p.dim() < 2], "weight_decay": WEIGHT_DECAY}',
-            ("test_exactly_the_matrices_and_embeddings_are_decayed",), "diary/14_gpt3_hparams.md, The mistake to avoid"),
+            ("test_exactly_the_matrices_and_embeddings_are_decayed",),
+            "diary/14_gpt3_hparams.md, The mistake to avoid"),
     Mistake("summed-micro-losses", "15", "the micro-batch losses summed, not averaged, before backward",
             "__main__.py",
             "loss = loss / micro_steps",
@@ -227,10 +228,11 @@ def make(mistake: Mistake, root: Path, step: str) -> str:
     after = before.replace(mistake.right, mistake.wrong)
     path.write_text(after)
     name = str(path.relative_to(root))
-    return "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), name, name + " (mistake)", n=1))
+    diff = difflib.unified_diff(before.splitlines(True), after.splitlines(True), name, name + " (mistake)", n=1)
+    return "".join(diff)
 
 
-def run_tests(root: Path, mistake: Mistake, steps: list[str] | None) -> dict:
+def run_tests(root: Path, mistake: Mistake, steps: list[str] | None) -> list[tuple]:
     """Runs the mistake's tests in the copy, as pytest reports them."""
     from shared import data
 
@@ -276,7 +278,7 @@ def show(mistake: Mistake, step: str) -> int:
         sys.exit(f"error: {mistake.id} is not in step {step}: it applies to {', '.join(mistake.steps()) or 'no step'}")
     with tempfile.TemporaryDirectory(prefix="gpt2-steps-mistake-") as tmp:
         root = copy_project(Path(tmp))
-        print(f"{mistake.id}: {mistake.what}. Made in a copy of step {step} ({root}), steps/ untouched:\n")
+        print(f"{mistake.id}: {mistake.what}. Made in a temporary copy of step {step}; steps/ is untouched:\n")
         print(make(mistake, root, step))
         print(f"running {', '.join(mistake.tests)} on step {step} ...", flush=True)
         results = on(run_tests(root, mistake, [step]), step, mistake)

@@ -158,12 +158,14 @@ def pytest_generate_tests(metafunc):
         return
     chosen = steps_for(list(metafunc.definition.iter_markers()), metafunc.config.getoption("--step"))
     if os.environ.get("GPT2STEPS_EVERY_STEP"):  # make mistake --check: a mistake changes the steps in between too
-        pass
-    elif metafunc.definition.get_closest_marker("per_model_file") and metafunc.config.getoption("--step") is None:
+        marked = lambda name: False
+    else:
+        marked = metafunc.definition.get_closest_marker
+    if marked("per_model_file") and metafunc.config.getoption("--step") is None:
         chosen = [s for s in chosen if not same_model_as_the_step_before(s)]
-    elif metafunc.definition.get_closest_marker("first_and_last"):
+    if marked("first_and_last"):
         chosen = chosen[:1] + chosen[1:][-1:]
-    elif metafunc.definition.get_closest_marker("newest"):
+    if marked("newest"):
         chosen = chosen[-1:]
     metafunc.parametrize("step", chosen, ids=[s.name for s in chosen])
 
