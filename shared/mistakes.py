@@ -54,6 +54,14 @@ MISTAKES = [
             'return rearrange(table, "pos i two -> pos (i two)").float()',
             'return rearrange(table, "pos i two -> pos (two i)").float()',
             ("test_sinusoid_matches_distilbert",), "diary/01_embedding.md, The mistake to avoid"),
+    Mistake("angles-in-float32", "01", "the sinusoid's angles in float32: the table 1.8e-5 off at position 511",
+            "model.py",
+            "pos = torch.arange(max_len, dtype=torch.float64)[:, None]  # (max_len, 1)\n"
+            "    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)",
+            "pos = torch.arange(max_len, dtype=torch.float32)[:, None]  # (max_len, 1)\n"
+            "    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)",
+            ("test_sinusoid_matches_distilbert", "test_sinusoid_is_marians_table_with_the_channels_reordered"),
+            "diary/01_embedding.md, The mistake to avoid"),
     Mistake("heads-merged-wrong", "02", "the heads put back side by side in the wrong order: (d h) for (h d)",
             "model.py",
             'rearrange(out, "b h t d -> b t (h d)")',
@@ -61,12 +69,33 @@ MISTAKES = [
             ("test_multi_head_attention_matches_torch_multihead_attention", "test_matches_marian_for_causal_lm_logits",
              "test_logits_match_gpt2lmheadmodel"),
             "diary/02_attention.md and diary/08_gpt2.md, The mistake(s) to avoid"),
+    Mistake("heads-viewed-without-transpose", "02", "(B, H, T, d) viewed as (B, T, C), no transpose: position t "
+            "reads later positions", "model.py",
+            'rearrange(out, "b h t d -> b t (h d)")',
+            "out.reshape(out.size(0), out.size(2), -1)",
+            ("test_causal_output_at_t_ignores_later_inputs",
+             "test_multi_head_attention_matches_torch_multihead_attention",
+             "test_matches_marian_for_causal_lm_logits", "test_logits_match_gpt2lmheadmodel"),
+            "diary/02_attention.md, The mistake to avoid"),
     Mistake("no-causal-mask", "02", "a causal mask that hides nothing: every position sees the later ones",
             "model.py",
             "return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]",
             "return torch.ones(T, T, dtype=torch.bool, device=device)[None, None]",
             ("test_causal_mask_gives_no_weight_to_the_future", "test_decoder_output_at_t_ignores_later_targets"),
             "diary/05_decoder.md, The mistake to avoid"),
+    Mistake("ffn-per-position", "03", "the position-wise FFN as a different MLP at each position",
+            "model.py",
+            "self.fc1 = nn.Linear(d_model, d_ff)\n"
+            "        self.fc2 = nn.Linear(d_ff, d_model)\n\n"
+            "    def forward(self, x):\n"
+            "        return self.fc2(F.relu(self.fc1(x)))  # (B, T, d_model) -> (B, T, d_ff) -> (B, T, d_model)",
+            "self.fc1 = nn.ModuleList(nn.Linear(d_model, d_ff) for _ in range(64))  # an MLP for each position\n"
+            "        self.fc2 = nn.ModuleList(nn.Linear(d_ff, d_model) for _ in range(64))\n\n"
+            "    def forward(self, x):\n"
+            "        return torch.stack([self.fc2[t](F.relu(self.fc1[t](x[:, t]))) for t in range(x.size(1))],\n"
+            "                           dim=1)  # (B, T, d_model): position t through MLP t",
+            ("test_feed_forward_is_one_mlp_applied_at_every_position", "test_feed_forward_parameter_count"),
+            "diary/03_feedforward.md, The mistake to avoid"),
     Mistake("separate-output-matrix", "06", "the pre-softmax linear layer as a matrix of its own, not the shared "
             "embedding", "model.py",
             "self.out_proj.weight = self.encoder.embed.tok.weight",
@@ -93,6 +122,11 @@ MISTAKES = [
             "model.py",
             "w = (w.t() if key.endswith(CONV1D) else w).float()",
             "w = w.float()",
+            ("test_from_pretrained_gives_hf_logits",), "diary/09_from_pretrained.md, The mistake to avoid"),
+    Mistake("c-proj-not-transposed", "09", "every Conv1D weight transposed but attn.c_proj, the one square one: "
+            "no shape check can see it", "model.py",
+            'CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")',
+            'CONV1D = ("attn.c_attn.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")',
             ("test_from_pretrained_gives_hf_logits",), "diary/09_from_pretrained.md, The mistake to avoid"),
     Mistake("adamw-default-decay", "10", "AdamW built with torch's default weight decay, 0.01 on every parameter",
             "__main__.py",
@@ -200,7 +234,19 @@ MISTAKES = [
             "mask, pos = None, torch.arange(past, past + T, device=idx.device)",
             "mask, pos = None, torch.arange(0, T, device=idx.device)",
             ("test_after_a_prefill_and_cached_steps_the_logits_are_a_full_forwards",),
-            "diary/18_kv_cache.md, The mistake to avoid"),
+            "diary/18_kv_cache.md, The mistakes to avoid"),
+    Mistake("cached-keys-shifted", "18", "past the context, the cache's oldest position dropped and the other keys "
+            "kept: each still carries the position it was computed at", "model.py",
+            "elif cache is None or idx.size(1) > window:  # the prefill, or past the context: a new cache",
+            "elif cache is not None and idx.size(1) > window:  # past the context: the oldest position dropped\n"
+            "                for layer in cache:  # every key and value one place down, as it was computed\n"
+            "                    layer.k[:, :, :-1] = layer.k[:, :, 1:].clone()\n"
+            "                    layer.v[:, :, :-1] = layer.v[:, :, 1:].clone()\n"
+            "                    layer.length -= 1\n"
+            "                logits = self(idx[:, -1:], cache=cache)[0][:, -1]\n"
+            "            elif cache is None:  # the prefill: a new cache",
+            ("test_past_the_context_the_logits_with_the_cache_are_those_without_it",),
+            "diary/18_kv_cache.md, The mistakes to avoid"),
 ]
 BY_ID = {m.id: m for m in MISTAKES}
 

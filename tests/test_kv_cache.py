@@ -30,6 +30,27 @@ def test_greedy_tokens_with_the_cache_are_those_without_it_also_past_the_context
     assert with_cache.size(1) == prompt + 40 and torch.equal(with_cache, without)  # 50 + 40 > 64: the window slid
 
 
+def logits_of_each_new_token(model, idx, n: int, **kwargs):
+    """(n, B, vocab): the logits each of generate's n steps samples from, read from the model's forward."""
+    seen = []
+    hook = model.register_forward_hook(lambda module, args, out: seen.append(out[0][:, -1]))
+    try:
+        greedy(model, idx, n, **kwargs)
+    finally:
+        hook.remove()
+    return torch.stack(seen)
+
+
+def test_past_the_context_the_logits_with_the_cache_are_those_without_it(step):
+    """Greedy tokens of a small random model often repeat one token and cannot tell close logits apart: the logits
+    can. 50 + 40 > 64: the last 26 steps are past the context, each a new cache over the last 64 tokens."""
+    model, idx = small_model(step), torch.randint(50257, (1, 50), generator=torch.Generator().manual_seed(1))
+    with_cache, without = logits_of_each_new_token(model, idx, 40), logits_of_each_new_token(model, idx, 40,
+                                                                                            use_cache=False)
+    # fp32; the same sums, split between a prefill and one-token steps: rounding differences only
+    torch.testing.assert_close(with_cache, without, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("prompt", [1, 50])
 def test_greedy_tokens_with_the_cache_are_transformers_generate(step, prompt, tmp_path):
     model = small_model(step)
