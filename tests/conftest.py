@@ -18,6 +18,7 @@ step has none of a kind. `pytest --step 03_feedforward` (or `make test N=03`) ke
 import importlib
 import inspect
 import os
+import signal
 import tempfile
 import urllib.error
 from dataclasses import dataclass
@@ -128,6 +129,12 @@ def data_dir_copy(tmp_path, monkeypatch, damaged: str | None = None, missing: st
             (tmp_path / name).write_bytes(blob[: len(blob) // 2] if name == damaged else blob)
     monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """Popen's preexec_fn: Ctrl-C's default action back in the child. A shell's background job (make test &)
+    ignores SIGINT, its children inherit that, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def offline(*args, **kwargs):

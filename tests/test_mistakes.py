@@ -11,6 +11,7 @@ import pytest
 
 from shared import mistakes
 from shared.steps import ROOT, STEPS_DIR, resolve
+from tests.conftest import ctrl_c_as_in_a_terminal
 
 
 def make_mistake(*args):
@@ -74,7 +75,8 @@ def test_every_mistake_is_named_in_the_diary_of_its_step(mistake):
 def test_ctrl_c_leaves_no_copy_behind(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # where tempfile makes the copy
     proc = subprocess.Popen([sys.executable, "-m", "shared.mistakes", "--id", "untied-head"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     for line in proc.stdout:  # the copy is made and its tests are starting
         if line.startswith("running "):
             break

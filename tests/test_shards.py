@@ -13,6 +13,7 @@ import pytest
 
 from shared import data, shards
 from shared.steps import ROOT
+from tests.conftest import ctrl_c_as_in_a_terminal
 
 SHARD = 2_000  # tokens a shard: a few documents each, so that shards cut documents
 
@@ -274,7 +275,8 @@ def test_ctrl_c_stops_make_data_with_one_line_and_no_worker_traceback(tmp_path):
     (tmp_path / "big.txt").write_text(text)
     proc = subprocess.Popen([sys.executable, "-m", "shared.shards", "--source", str(tmp_path / "big.txt"), "--out",
                              str(tmp_path / "out"), "--workers", "2", "--shard-tokens", "100000"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "out").glob("*_train_*.npy")) and time.monotonic() < deadline:
         time.sleep(0.05)  # until the work is well under way
