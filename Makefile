@@ -8,6 +8,7 @@
 #   make gpu-check         every accelerator path in one command, with one summary (on a CPU: says so, exits 0)
 #   make diff N=08         what step 08 adds to step 07
 #   make mistake [N=08] [M=untied-head]   the classic mistakes; one made in a copy of a step, and its tests run
+#   make book              the steps as a site to read in a browser (book/index.html)
 #   make setup [CPU=1]     create .venv and install the pinned dependencies (CPU=1: torch's CPU build)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +17,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REGISTRY := $(PYTHON) -m shared.steps
 
-.PHONY: list setup step test bench data gpu-check mistake diff clean
+.PHONY: list setup step test bench data gpu-check mistake book diff clean
 .DEFAULT_GOAL := list
 
 list:
@@ -58,6 +59,9 @@ gpu-check: $(STAMP)
 
 mistake: $(STAMP)
 	@$(PY) -m shared.mistakes $(if $(M),--id $(M)) $(if $(N),--step $(N)) $(ARGS)
+
+book: $(STAMP)
+	@$(PY) -m shared.book $(ARGS)
 
 diff:
 	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) && \

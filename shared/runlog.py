@@ -112,8 +112,8 @@ def loss_svg(curves: dict[str, list[tuple[int, float]]], w: int = 640, h: int = 
     panel under the first, on the same iterations (e.g. HellaSwag's accuracy)."""
     panels = [("loss", curves), *([below] if below else [])]
     body = "\n".join(panel(c, w, h, pad, label, top=i * h) for i, (label, c) in enumerate(panels))
-    return f"""<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h * len(panels)}" font-family="sans-serif" \
-font-size="12">
+    return f"""<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h * len(panels)}" \
+viewBox="0 0 {w} {h * len(panels)}" font-family="sans-serif" font-size="12">
 <rect width="{w}" height="{h * len(panels)}" fill="white"/>
 {body}
 </svg>

@@ -3,12 +3,19 @@ import torch
 
 
 def show(model: torch.nn.Module, *inputs: torch.Tensor, depth: int = 2) -> None:
-    """Output shape of each module down to `depth` levels, in the order they finish.
+    """Print rows(model, *inputs, depth=depth)."""
+    print("shapes through one forward pass:")
+    for name, kind, shape in rows(model, *inputs, depth=depth):
+        print(f"  {name:<24} {kind:<20} {shape}")
+
+
+def rows(model: torch.nn.Module, *inputs: torch.Tensor, depth: int = 2) -> list[tuple[str, str, tuple]]:
+    """(name, module type, output shape) of each module down to `depth` levels, in the order they finish.
 
     A module shared by two parents (step 06's embedding, used by the encoder and the decoder) is
     named after the parent that is running it.
     """
-    rows = [(f"input {i}", "", tuple(x.shape)) for i, x in enumerate(inputs)]
+    found = [(f"input {i}", "", tuple(x.shape)) for i, x in enumerate(inputs)]
     names: dict[torch.nn.Module, list[str]] = {}  # module -> every name it has
     for name, m in model.named_modules(remove_duplicate=False):
         if name and name.count(".") < depth:
@@ -21,7 +28,7 @@ def show(model: torch.nn.Module, *inputs: torch.Tensor, depth: int = 2) -> None:
 
     def leave(module, args, out):
         out = out[0] if isinstance(out, tuple) else out
-        rows.append((running.pop(), type(module).__name__, tuple(out.shape)))
+        found.append((running.pop(), type(module).__name__, tuple(out.shape)))
 
     handles = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
@@ -30,6 +37,4 @@ def show(model: torch.nn.Module, *inputs: torch.Tensor, depth: int = 2) -> None:
     finally:
         for h in handles:
             h.remove()
-    print("shapes through one forward pass:")
-    for name, kind, shape in rows:
-        print(f"  {name:<24} {kind:<20} {shape}")
+    return found

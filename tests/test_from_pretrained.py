@@ -90,6 +90,7 @@ print(peak_mb() - before, sum(p.numel() * p.element_size() for p in model.parame
 
 
 @pytest.mark.needs("GPT.from_pretrained")
+@pytest.mark.first_and_last  # a 124M load, 4 s: 09 as it came, and the newest, which carries 10's and 13's changes
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak memory from Linux's /proc")
 def test_from_pretrained_holds_about_one_copy_of_the_weights(step, saved_124m):
     r = subprocess.run([sys.executable, "-c", PEAK_MEMORY.format(step=step.name), str(saved_124m[1])],

@@ -1,0 +1,465 @@
+"""make book: the steps as a static site to read in a browser, written to book/ (or --out DIR).
+
+Each step's page puts together its lesson, its diary entry, the diff from the step before (the hunks of
+`make diff`), the shapes through its model (what `make step` prints at its start), its tests by name, its classic
+mistakes, and the loss curve of the last run in runs/. Opened from disk: no server, no network, no script.
+A part that cannot be made (no diary, no data to run the model on) is said on its page; the rest is still written.
+"""
+import contextlib
+import html
+import importlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from markdown_it import MarkdownIt
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import TextLexer, get_lexer_by_name, get_lexer_for_filename
+from pygments.util import ClassNotFound
+
+from shared import cli
+from shared.steps import ROOT, STEPS_DIR, all_steps, lesson
+
+BOOK = ROOT / "book"
+STYLE = "hl"  # the CSS class of highlighted code
+
+
+@dataclass
+class Facts:
+    """What running the step's own __main__ up to its shapes printout says: the header line, the shapes, the count."""
+    header: str = ""
+    rows: list = field(default_factory=list)  # (module name, type, output shape)
+    parameters: int | None = None
+    gpt2_parameters: int | None = None  # the model at GPT-2 124M's size, where the step has a GPTConfig
+    gap: str = ""  # why there are no shapes, when there are none
+
+
+class Shapes(BaseException):
+    """Raised in place of the step's shapes printout: the run stops there (BaseException: no `except Exception`
+    in a step swallows it)."""
+
+
+def facts(step: str) -> Facts:
+    """The step's default run on the CPU (`make step N=.. ARGS="--device cpu"`), stopped at its shapes printout."""
+    import torch
+    from shared import shapes
+
+    found = Facts()
+    def stop(model, *inputs, depth=2):
+        found.rows = shapes.rows(model, *inputs, depth=depth)
+        found.parameters = sum(p.numel() for p in model.parameters())
+        raise Shapes
+
+    said, real = io.StringIO(), shapes.show
+    shapes.show = stop
+    try:
+        main = importlib.import_module(f"steps.{step}.__main__")
+        if "shapes.show" not in Path(main.__file__).read_text():
+            found.gap = "this step's command trains no model of its own and prints no shapes"
+        else:
+            with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(said), \
+                    contextlib.redirect_stderr(said):
+                main.main(["--device", "cpu", "--out", str(Path(tmp) / "run")])
+            found.gap = "the run ended before it printed its shapes"
+    except Shapes:
+        found.header = next((line for line in said.getvalue().splitlines() if line.startswith(f"step {step}")), "")
+    except BaseException as e:  # a step that cannot run here (no data, offline): said on the page
+        last = [line for line in said.getvalue().splitlines() if line.strip()]
+        found.gap = f"`make step N={step[:2]}` could not run here: " + (last[-1] if last else f"{type(e).__name__}: {e}")
+    finally:
+        shapes.show = real
+    model = importlib.import_module(f"steps.{step}.model")
+    if hasattr(model, "GPTConfig"):
+        with torch.device("meta"):  # shapes only, no memory: the count at the full size in an instant
+            found.gpt2_parameters = sum(p.numel() for p in model.GPT(model.GPTConfig()).parameters())
+    return found
+
+
+def collect_tests() -> subprocess.Popen:
+    """pytest --collect-only over the whole suite, every test on every step it covers; started now, read later."""
+    env = {**os.environ, "GPT2STEPS_EVERY_STEP": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=",
+                             "-p", "no:cacheprovider"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def tests_by_step(proc: subprocess.Popen) -> dict[str, dict[str, list[str]]]:
+    """step -> test file -> the names of its tests that run on the step (one name for all its parameters)."""
+    out, _ = proc.communicate()
+    found: dict[str, dict[str, list[str]]] = {}
+    for line in out.splitlines():
+        path, sep, rest = line.partition("::")
+        if not sep or "[" not in rest:
+            continue
+        name, _, params = rest.partition("[")
+        for step in set(params.rstrip("]").split("-")) & set(all_steps()):
+            names = found.setdefault(step, {}).setdefault(path, [])
+            if name not in names:
+                names.append(name)
+    return found
+
+
+# --- the diff, as `make diff` shows it -------------------------------------------------------------------------
+
+@dataclass
+class FileDiff:
+    name: str  # the file's path inside the step
+    hunks: list = field(default_factory=list)  # (header, [(kind " +-", old line no, new line no, text)])
+    only_in: str = ""  # "new" or "gone" for a file that one of the two steps lacks
+
+
+def diff(prev: str, step: str) -> list[FileDiff]:
+    """The hunks of `diff -ru` of the two step directories: the same tool as `make diff`, so the same lines."""
+    proc = subprocess.run(["diff", "-ru", "-x", "__pycache__", f"steps/{prev}", f"steps/{step}"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode > 1:
+        raise RuntimeError(proc.stderr.strip() or "diff failed")
+    files: list[FileDiff] = []
+    old = new = 0
+    for line in proc.stdout.splitlines():
+        if line.startswith("Only in "):
+            where, _, name = line[len("Only in "):].partition(": ")
+            rel = str(Path(where, name).relative_to(Path("steps", step if step in where else prev)))
+            files.append(FileDiff(rel, only_in="new" if step in where else "gone"))
+        elif line.startswith("diff -ru"):
+            files.append(FileDiff(line.split()[-1].split("/", 2)[2]))
+        elif line.startswith(("--- ", "+++ ")) and not files[-1].hunks:
+            continue
+        elif line.startswith("@@"):
+            m = re.match(r"@@ -(\d+)(?:,\d+)? \+(\d+)(?:,\d+)? @@", line)
+            old, new = int(m[1]), int(m[2])
+            files[-1].hunks.append((line, []))
+        elif line.startswith("\\"):  # "\ No newline at end of file"
+            continue
+        elif files and files[-1].hunks:
+            kind, text = line[:1], line[1:]
+            files[-1].hunks[-1][1].append((kind, old if kind != "+" else None, new if kind != "-" else None, text))
+            old += kind != "+"
+            new += kind != "-"
+    return files
+
+
+def highlighted_lines(path: Path) -> list[str]:
+    """The file's lines as highlighted HTML, one string a line (pygments closes its spans at each line's end)."""
+    text = path.read_text()
+    try:
+        lexer = get_lexer_for_filename(path.name, stripnl=False, ensurenl=False)
+    except ClassNotFound:
+        lexer = TextLexer(stripnl=False, ensurenl=False)
+    return highlight(text, lexer, HtmlFormatter(nowrap=True)).split("\n")
+
+
+def diff_html(prev: str, step: str) -> str:
+    parts = [f'<p>What step {step[:2]} adds to step {prev[:2]}: <code>make diff N={step[:2]}</code>, the same hunks '
+             f'(<code>diff -ru steps/{prev} steps/{step}</code>).</p>']
+    for f in diff(prev, step):
+        if f.only_in:
+            side = step if f.only_in == "new" else prev
+            parts.append(f'<h3 class="file" id="diff-{f.name}">{html.escape(f.name)}: only in {side}</h3>')
+            if f.only_in == "new":
+                parts.append(f'<details><summary>the whole file ({len(highlighted_lines(STEPS_DIR / side / f.name))}'
+                             f' lines)</summary>{code_box(STEPS_DIR / side / f.name)}</details>')
+            continue
+        added = sum(k == "+" for _, lines in f.hunks for k, *_ in lines)
+        removed = sum(k == "-" for _, lines in f.hunks for k, *_ in lines)
+        parts.append(f'<h3 class="file" id="diff-{f.name}">{html.escape(f.name)} '
+                     f'<span class="count">+{added} -{removed}</span></h3>')
+        before, after = highlighted_lines(STEPS_DIR / prev / f.name), highlighted_lines(STEPS_DIR / step / f.name)
+        rows = []
+        for header, lines in f.hunks:
+            rows.append(f'<tr class="hunk"><td colspan="3">{html.escape(header)}</td></tr>')
+            for kind, o, n, _ in lines:
+                code = after[n - 1] if n else before[o - 1]
+                cls = {"+": "add", "-": "del", " ": "ctx"}[kind]
+                rows.append(f'<tr class="{cls}"><td class="n">{o or ""}</td><td class="n">{n or ""}</td>'
+                            f'<td class="code"><span class="sign">{kind}</span>{code}</td></tr>')
+        parts.append(f'<div class="scroll"><table class="diff {STYLE}">{"".join(rows)}</table></div>')
+    return "\n".join(parts)
+
+
+def code_box(path: Path) -> str:
+    lines = highlighted_lines(path)
+    rows = "".join(f'<tr class="ctx"><td class="n">{i}</td><td class="code">{code}</td></tr>'
+                   for i, code in enumerate(lines, 1))
+    return f'<div class="scroll"><table class="diff {STYLE}">{rows}</table></div>'
+
+
+# --- Markdown ----------------------------------------------------------------------------------------------------
+
+def fence(code: str, lang: str, attrs) -> str:
+    try:
+        lexer = get_lexer_by_name(lang or "text")
+    except ClassNotFound:
+        lexer = TextLexer()
+    return f'<pre class="{STYLE}"><code>{highlight(code, lexer, HtmlFormatter(nowrap=True))}</code></pre>'
+
+
+MD = MarkdownIt("commonmark", {"html": False, "highlight": fence}).enable("table")
+
+
+def markdown(text: str, tests: set[str] = frozenset()) -> str:
+    """Markdown to HTML; a test's name in backticks links to it in the page's list of tests, a link to another diary
+    entry to that step's page."""
+    out = MD.render(text).replace("<table>", '<div class="scroll"><table>').replace("</table>", "</table></div>")
+    out = re.sub(r'href="(\d\d_\w+)\.md', r'href="\1.html', out)
+    return re.sub(r"<code>(test_\w+)</code>", lambda m: f'<a href="#{m[1]}"><code>{m[1]}</code></a>'
+                  if m[1] in tests else m[0], out)
+
+
+# --- the README's tables -----------------------------------------------------------------------------------------
+
+def readme_parts(readme: str) -> tuple[str, dict[str, str], dict[str, tuple[str, str]]]:
+    """The introduction (before the first ##), the reference each step matches (the steps table), and each step's
+    row of the speed ladder (ms/iter, vs step 10)."""
+    intro = readme.split("\n## ", 1)[0].split("\n", 1)[-1]
+    refs = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`\d\d_\w+`", cells[1]):
+            refs[cells[1].strip("`")] = cells[3]
+    ladder = {}
+    block = re.search(r"## The speed ladder.*?```\n(.*?)```", readme, re.S)
+    for line in (block[1].splitlines() if block else []):
+        cells = line.split()
+        if len(cells) > 5 and re.fullmatch(r"\d\d_\w+", cells[0]) and cells[1] != "again":
+            ladder[cells[0]] = (cells[1], cells[4])
+    return intro, refs, ladder
+
+
+# --- the pages ---------------------------------------------------------------------------------------------------
+
+def page(title: str, body: str, nav: str = "") -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<link rel="stylesheet" href="book.css">
+</head>
+<body>
+<nav>{nav}</nav>
+<main>
+{body}
+</main>
+<nav>{nav}</nav>
+</body>
+</html>
+"""
+
+
+def gap(text: str) -> str:
+    return f'<p class="gap">{html.escape(text)}</p>'
+
+
+def section(title: str, anchor: str, make) -> str:
+    """One part of a page; a part that fails says so instead of stopping the book."""
+    try:
+        body = make()
+    except Exception as e:  # noqa: BLE001 - any failure of one part becomes a line on its page
+        body = gap(f"This part could not be made: {type(e).__name__}: {e}")
+    return f'<section id="{anchor}">\n<h2>{title}</h2>\n{body}\n</section>'
+
+
+def diary_html(step: str, diary_dir: Path, tests: set[str]) -> str:
+    path = diary_dir / f"{step}.md"
+    if not path.exists():
+        return gap(f"No diary entry yet: diary/{step}.md is missing.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        return gap(f"diary/{step}.md could not be read ({e}); the rest of this page stands.")
+    out = markdown(text.split("\n", 1)[1] if text.startswith("# ") else text, tests)
+    for level in (5, 4, 3, 2):  # one level under the page's own sections
+        out = out.replace(f"<h{level}>", f"<h{level + 1}>").replace(f"</h{level}>", f"</h{level + 1}>")
+    return out
+
+
+def shapes_html(step: str, f: Facts) -> str:
+    if not f.rows:
+        return gap(f.gap)
+    rows = "".join(f"<tr><td><code>{html.escape(name)}</code></td><td>{html.escape(kind)}</td>"
+                   f"<td><code>{html.escape(str(tuple(shape)))}</code></td></tr>" for name, kind, shape in f.rows)
+    return (f"<p>What <code>make step N={step[:2]} ARGS=\"--device cpu\"</code> prints at its start: "
+            f"{html.escape(f.header)}. One forward pass over a small batch, each module's output:</p>"
+            f'<div class="scroll"><table class="shapes"><tr><th>module</th><th>type</th><th>output shape</th></tr>'
+            f"{rows}</table></div>" + (f"<p>At GPT-2 124M's size (<code>GPTConfig()</code>): "
+                                       f"{f.gpt2_parameters:,} parameters.</p>" if f.gpt2_parameters else ""))
+
+
+def tests_html(step: str, tests: dict[str, list[str]], up: str) -> str:
+    if not tests:
+        return gap("No test of the suite runs on this step.")
+    parts = [f"<p>Every test of the suite that runs on this step (<code>make test N={step[:2]}</code> runs them; "
+             f"{sum(map(len, tests.values()))} tests in {len(tests)} files).</p>"]
+    for path, names in sorted(tests.items()):
+        items = "".join(f'<li id="{n}"><code>{n.replace("_", "_<wbr>")}</code></li>' for n in names)
+        parts.append(f'<h3 class="file"><a href="{up}/{path}">{path}</a></h3><ul class="tests">{items}</ul>')
+    return "\n".join(parts)
+
+
+def mistakes_html(step: str, tests: set[str]) -> str:
+    from shared.mistakes import MISTAKES
+    from shared.steps import resolve
+
+    mine = [m for m in MISTAKES if resolve(m.step) == step]
+    if not mine:
+        return gap("No classic mistake is registered for this step (make mistake lists them all).")
+    items = []
+    for m in mine:
+        caught = ", ".join(f'<a href="#{t}"><code>{t}</code></a>' if t in tests else f"<code>{t}</code>"
+                           for t in m.tests)
+        items.append(f"<li><code>make mistake M={m.id}</code>: {html.escape(m.what)}. Caught by {caught}.</li>")
+    return ("<p>Each one made on purpose in a temporary copy of the step, with the tests that catch it run "
+            f"(<code>steps/</code> is never touched):</p><ul>{''.join(items)}</ul>")
+
+
+def curve_html(step: str, runs_dir: Path) -> str:
+    from shared.runlog import loss_svg
+
+    path = runs_dir / step / "metrics.jsonl"
+    if not path.exists():
+        return gap(f"No run of this step yet: make step N={step[:2]} writes runs/{step}/metrics.jsonl, and this "
+                   "page shows its loss curve after the next make book.")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            return gap(f"runs/{step}/metrics.jsonl is damaged at line {i}: no curve drawn.")
+    curves = {name: [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
+              for name, key in (("train", "loss"), ("validation", "val_loss"))}
+    if len(curves["train"]) < 2:
+        return gap(f"runs/{step}/metrics.jsonl has fewer than two iterations: no curve to draw.")
+    return (f"<p>From <code>runs/{step}/metrics.jsonl</code>, the last run of this step on this machine "
+            f"({len(curves['train'])} iterations, {len(curves['validation'])} validation points):</p>"
+            f'<figure class="curve">{loss_svg(curves)}</figure>')
+
+
+def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], diary_dir: Path,
+              runs_dir: Path, up: str) -> str:
+    """up: the project's root, relative to the book's directory (.. for book/)."""
+    step = steps[i]
+    names = {n for ns in tests.values() for n in ns}
+    prev_link = f'<a href="{steps[i - 1]}.html">&larr; {steps[i - 1]}</a>' if i else ""
+    next_link = f'<a href="{steps[i + 1]}.html">{steps[i + 1]} &rarr;</a>' if i + 1 < len(steps) else ""
+    nav = f'{prev_link} <a href="index.html">all steps</a> {next_link}'
+    files = ", ".join(f'<a href="{up}/steps/{step}/{p.name}"><code>{p.name}</code></a>'
+                      for p in sorted((STEPS_DIR / step).iterdir()) if p.is_file())
+    head = (f"<h1>{step[:2]} &middot; {html.escape(lesson(step))}</h1>"
+            f'<p class="files">The step\'s files: {files}. Run it: <code>make step N={step[:2]}</code>.</p>'
+            '<p class="toc"><a href="#diary">diary</a> &middot; <a href="#diff">diff</a> &middot; '
+            '<a href="#shapes">shapes</a> &middot; <a href="#mistakes">mistakes</a> &middot; '
+            '<a href="#tests">tests</a> &middot; <a href="#curve">loss curve</a></p>')
+    body = [head,
+            section("The diary", "diary", lambda: diary_html(step, diary_dir, names)),
+            section("The diff" if i else "The code", "diff",
+                    lambda: diff_html(steps[i - 1], step) if i else
+                    "<p>The first step: its files in full.</p>" + "".join(
+                        f'<h3 class="file">{p.name}</h3>{code_box(p)}'
+                        for p in sorted((STEPS_DIR / step).glob("*.py")))),
+            section("The shapes", "shapes", lambda: shapes_html(step, f)),
+            section("The mistakes to make on purpose", "mistakes", lambda: mistakes_html(step, names)),
+            section("The tests", "tests", lambda: tests_html(step, tests, up)),
+            section("The loss curve", "curve", lambda: curve_html(step, runs_dir))]
+    return page(f"{step}: {lesson(step)}", "\n".join(body), nav)
+
+
+def index_page(steps: list[str], found: dict[str, Facts], readme: str, up: str) -> str:
+    intro, refs, ladder = readme_parts(readme)
+    rows = []
+    for s in steps:
+        f = found.get(s, Facts())
+        params = f"{f.parameters:,}" if f.parameters else ""
+        if f.gpt2_parameters:
+            params += f"{'<br>' if params else ''}{f.gpt2_parameters:,} at 124M"
+        bench = f"{ladder[s][0]} ms, {ladder[s][1]}" if s in ladder else ""
+        rows.append(f'<tr><td><a href="{s}.html">{s[:2]}</a></td><td><a href="{s}.html">{html.escape(lesson(s))}</a>'
+                    f"</td><td class=\"num\">{params}</td><td>{markdown(refs.get(s, '')).strip()[3:-4]}</td>"
+                    f'<td class="num">{bench}</td></tr>')
+    table = ('<div class="scroll"><table class="steps"><tr><th>step</th><th>the lesson</th><th>parameters '
+             '(the default run; at GPT-2 124M)</th><th>reference it matches</th><th>make bench: ms/iter, vs 10</th>'
+             f"</tr>{''.join(rows)}</table></div>")
+    intro = re.sub(r'(src|href)="(?!https?:|#)([^"]+)"', rf'\1="{up}/\2"', markdown(intro))  # the README's links
+    body = (f"<h1>gpt2-steps</h1>{intro}<h2>The steps</h2>{table}"
+            "<p>The parameters are those of each step's default run on a CPU (the model <code>make step</code> "
+            "builds there) and, from step 08, of the same model at GPT-2 124M's size. The bench column is the "
+            f'README\'s speed ladder (<a href="{up}/README.md">README.md</a>, The speed ladder), with its machine '
+            "and its spreads.</p>")
+    return page("gpt2-steps: the book", body, f'<a href="{steps[0]}.html">start: {steps[0]} &rarr;</a>')
+
+
+CSS = """
+body { margin: 0; font: 16px/1.55 system-ui, sans-serif; color: #1d1d1f; background: #fdfdfc; }
+main { max-width: 60rem; margin: 0 auto; padding: 0 1rem 2rem; overflow-wrap: break-word; }
+nav { max-width: 60rem; margin: 0 auto; padding: .6rem 1rem; display: flex; gap: 1rem; flex-wrap: wrap;
+      justify-content: space-between; border-bottom: 1px solid #e3e3e0; }
+nav:last-of-type { border-top: 1px solid #e3e3e0; border-bottom: 0; }
+h1 { font-size: 1.6rem; line-height: 1.25; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #e3e3e0; }
+h3.file { font: 600 .95rem/1.4 ui-monospace, monospace; margin: 1.4rem 0 .4rem; overflow-wrap: anywhere; }
+a { color: #0b57a4; } code { font: .9em ui-monospace, monospace; overflow-wrap: anywhere; }
+pre { overflow-x: auto; background: #f5f5f2; padding: .7rem; border-radius: 4px; }
+pre code { overflow-wrap: normal; }
+.scroll { overflow-x: auto; max-width: 100%; }
+table { border-collapse: collapse; } th, td { padding: .25rem .5rem; border: 1px solid #e3e3e0; vertical-align: top; }
+td.num { text-align: right; white-space: nowrap; }
+table.diff { font: 13px/1.45 ui-monospace, monospace; border: 1px solid #e3e3e0; min-width: 100%; }
+table.diff td { border: 0; padding: 0 .5rem; white-space: pre; }
+table.diff td.n { color: #8a8a86; text-align: right; user-select: none; background: #f5f5f2; }
+table.diff tr.add td.code { background: #e6f6e6; } table.diff tr.del td.code { background: #fbe9e9; }
+table.diff tr.hunk td { background: #eef2f8; color: #51607a; padding: .15rem .5rem; }
+.sign { user-select: none; display: inline-block; width: 1.2em; color: #8a8a86; }
+.count { color: #51607a; font-weight: 400; }
+.gap { background: #fff6db; border-left: 4px solid #e0b000; padding: .5rem .8rem; }
+figure.curve { margin: 0; } figure.curve svg, main img { max-width: 100%; height: auto; }
+ul.tests { columns: 2 22rem; font-size: .9rem; } ul.tests li { break-inside: avoid; }
+.toc, .files { color: #51607a; }
+@media (max-width: 600px) { body { font-size: 15px; } h1 { font-size: 1.3rem; } table.diff { font-size: 12px; } }
+"""
+
+
+def gather() -> tuple[dict[str, Facts], dict[str, dict[str, list[str]]]]:
+    """What the pages need from running code: each step's facts, and the tests that run on it."""
+    collecting = collect_tests()  # in another process while the steps run here: 2 cores, both busy
+    found = {s: facts(s) for s in all_steps()}
+    return found, tests_by_step(collecting)
+
+
+def write(out: Path, found: dict[str, Facts], tests: dict, diary_dir: Path = ROOT / "diary",
+          runs_dir: Path = ROOT / "runs") -> list[Path]:
+    """Writes the site to out; returns the pages written, the index first."""
+    steps = all_steps()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "book.css").write_text(CSS + HtmlFormatter(style="friendly").get_style_defs(f".{STYLE}"))
+    pages = [out / "index.html"]
+    up = Path(os.path.relpath(ROOT, out.resolve())).as_posix()  # links to the project's files work from anywhere
+    pages[0].write_text(index_page(steps, found, (ROOT / "README.md").read_text(), up))
+    for i, s in enumerate(steps):
+        pages.append(out / f"{s}.html")
+        pages[-1].write_text(step_page(i, steps, found.get(s, Facts(gap="not gathered")), tests.get(s, {}),
+                                       diary_dir, runs_dir, up))
+    return pages
+
+
+def main(argv=None) -> int:
+    p = cli.ArgumentParser(prog="make book", description=__doc__.split("\n\n")[0], hint='make book ARGS="--help"')
+    p.add_argument("--out", type=cli.out_dir, default=BOOK, help="the directory to write the site to (default book/)")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the runs are whose loss curves the pages "
+                   "draw: runs/NN_name/metrics.jsonl (default runs/, where make step writes them)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    start = time.perf_counter()
+    pages = write(args.out, *gather(), runs_dir=args.runs)
+    print(f"{len(pages)} pages in {time.perf_counter() - start:.0f} s; open {pages[0].resolve().as_uri()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""make book (shared/book.py): a page for every step, whose diff is make diff's, whose links resolve and whose
+diary is rendered; a bad diary costs its page one line, not the book; and every page loads in a real Chromium at a
+desktop and a phone width, with no error and no sideways scroll. Screenshots go to runs/book-shots/."""
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared import book
+from shared.steps import ROOT, STEPS_DIR, all_steps
+
+PAGES = ["index.html", *(f"{s}.html" for s in all_steps())]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The book as `make book` writes it, from a process of its own, with one run of step 10 to draw."""
+    tmp = tmp_path_factory.mktemp("book")
+    run = tmp / "runs" / "10_training"
+    run.mkdir(parents=True)
+    rows = [{"iter": i, "loss": 10.0 - i / 10} | ({"val_loss": 9.5 - i / 10} if i % 10 == 0 else {})
+            for i in range(41)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = subprocess.run([sys.executable, "-m", "shared.book", "--out", str(tmp / "book"), "--runs", str(tmp / "runs")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "open file://" in r.stdout
+    return tmp / "book"
+
+
+def text_of(fragment: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment))
+
+
+def section(page: str, anchor: str) -> str:
+    return page.split(f'<section id="{anchor}">', 1)[1].split("</section>", 1)[0]
+
+
+def test_every_step_has_a_page_linked_from_the_index(built):
+    index = (built / "index.html").read_text()
+    for name in PAGES[1:]:
+        assert (built / name).exists() and f'href="{name}"' in index
+
+
+def diff_ru_lines(prev: str, step: str) -> list[tuple[str, str]]:
+    """The added and removed lines of `diff -ru`, as make diff prints them: (sign, text)."""
+    out = subprocess.run(["diff", "-ru", "-x", "__pycache__", f"steps/{prev}", f"steps/{step}"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.splitlines()
+    lines, header = [], 0
+    for line in out:
+        if line.startswith("diff -ru"):
+            header = 2  # the --- and +++ lines that follow name the files
+        elif header:
+            header -= 1
+        elif line[:1] in "+-":
+            lines.append((line[0], line[1:]))
+    return lines
+
+
+# ids "page02", not the step's name: the book lists a step's tests by the step's name in their ids
+@pytest.mark.parametrize("name", all_steps()[1:], ids=lambda s: f"page{s[:2]}")
+def test_each_page_shows_exactly_the_added_and_removed_lines_of_diff_ru(built, name):
+    prev = all_steps()[all_steps().index(name) - 1]
+    page = section((built / f"{name}.html").read_text(), "diff")
+    shown = [("+" if kind == "add" else "-", text_of(code))
+             for kind, code in re.findall(r'<tr class="(add|del)">.*?<span class="sign">.</span>(.*?)</td></tr>', page)]
+    assert shown == diff_ru_lines(prev, name)
+
+
+@pytest.mark.parametrize("name", PAGES, ids=lambda p: p.split("_")[0].replace(".html", ""))
+def test_every_internal_link_and_image_resolves(built, name):
+    page = (built / name).read_text()
+    for target in re.findall(r'(?:href|src)="([^"]+)"', page):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = html.unescape(target).partition("#")
+        file = built / name if not path else (built / path).resolve()
+        assert file.exists(), f"{name}: {target} does not exist"
+        if anchor:
+            assert f'id="{anchor}"' in file.read_text(), f"{name}: {target} has no such anchor"
+
+
+@pytest.mark.parametrize("name", all_steps(), ids=lambda s: f"page{s[:2]}")
+def test_every_diary_is_rendered_with_no_markdown_left_in_its_text(built, name):
+    diary = section((built / f"{name}.html").read_text(), "diary")
+    prose = text_of(re.sub(r"<(pre|code)\b.*?</\1>", "", diary, flags=re.S))
+    assert "<h3>" in diary and "**" not in prose and "`" not in prose
+
+
+def test_a_test_named_in_the_diary_links_to_it_in_the_pages_list_of_tests(built):
+    page = (built / "08_gpt2.html").read_text()
+    name = "test_gpt2_small_has_124_439_808_parameters"
+    assert f'<a href="#{name}"><code>{name}</code></a>' in section(page, "diary")
+    assert f'<li id="{name}">' in section(page, "tests")
+
+
+def test_a_page_shows_the_shapes_and_the_parameters_of_the_steps_run(built):
+    page = (built / "08_gpt2.html").read_text()
+    shapes = text_of(section(page, "shapes"))
+    assert "lm_head" in shapes and "(4, 32, 50257)" in shapes and "124,439,808 parameters" in shapes
+
+
+def test_the_last_runs_loss_curve_is_drawn_inline_with_its_validation_points(built):
+    curve = section((built / "10_training.html").read_text(), "curve")
+    assert "<svg" in curve and curve.count("<polyline") == 2 and "5 validation points" in curve
+
+
+def test_a_step_without_a_run_says_how_to_make_one(built):
+    assert "make step N=11 writes runs/11_mixed_precision/metrics.jsonl" in (built / "11_mixed_precision.html"
+                                                                               ).read_text()
+
+
+def test_a_missing_or_unreadable_diary_costs_its_page_one_line_not_the_book(tmp_path):
+    diaries = tmp_path / "diary"
+    shutil.copytree(ROOT / "diary", diaries)
+    (diaries / "03_feedforward.md").unlink()
+    (diaries / "04_encoder.md").write_bytes(b"# 04\n\n\xff\xfe not UTF-8")
+    runs = tmp_path / "runs" / "05_decoder"
+    runs.mkdir(parents=True)
+    (runs / "metrics.jsonl").write_text('{"iter": 0, "loss": 3.0}\n{"iter": 1, "lo')
+    pages = book.write(tmp_path / "book", {}, {}, diary_dir=diaries, runs_dir=tmp_path / "runs")
+    assert len(pages) == len(PAGES)
+    assert "diary/03_feedforward.md is missing" in (tmp_path / "book" / "03_feedforward.html").read_text()
+    assert "diary/04_encoder.md could not be read" in (tmp_path / "book" / "04_encoder.html").read_text()
+    assert "metrics.jsonl is damaged at line 2" in (tmp_path / "book" / "05_decoder.html").read_text()
+    assert "<h3>" in section((tmp_path / "book" / "05_decoder.html").read_text(), "diary")  # the others as ever
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "f").write_text("")
+    r = subprocess.run([sys.executable, "-m", "shared.book", "--out", str(tmp_path / "f")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "is a file, not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- in a real browser --------------------------------------------------------------------------------------------
+
+def chromium():
+    """The system's Chromium (Debian: apt-get install chromium), or GPT2STEPS_CHROMIUM. Under CI
+    (GPT2STEPS_REQUIRE_BROWSER=1) a missing browser fails the tests; elsewhere it skips them, saying how to get it."""
+    path = os.environ.get("GPT2STEPS_CHROMIUM") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    if path is None:
+        why = "no Chromium to load the book in: apt-get install chromium (or set GPT2STEPS_CHROMIUM)"
+        if os.environ.get("GPT2STEPS_REQUIRE_BROWSER"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    path = chromium()
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path)
+        yield b
+        b.close()
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_every_page_loads_with_no_error_and_no_sideways_scroll(built, browser, width):
+    shots = ROOT / "runs" / "book-shots"
+    shots.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    problems = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+    for name in PAGES:
+        page.goto((built / name).as_uri())
+        wide = page.evaluate("document.documentElement.scrollWidth")
+        assert wide <= width, f"{name} at {width} px scrolls sideways: {wide} px wide"
+        page.screenshot(path=str(shots / f"{Path(name).stem}_{width}.png"))
+    page.close()
+    assert problems == []
