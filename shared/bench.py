@@ -43,6 +43,11 @@ REFERENCE = "hf_gpt2"
 VOCAB = 50257
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, NVIDIA's datasheets
 RESULT = "bench-result: "  # a worker's last line: this, then its row as JSON
+# glibc hands every freed buffer above its mmap threshold (at most 32 MB by default) back to the kernel, and the next
+# iteration page-faults it in again: the logits alone are 103 MB in bf16 at B=1, T=1024. That was a quarter of a CPU
+# bench's time, spent in the kernel, and much of its noise. The workers keep freed memory for reuse instead (glibc's
+# environment variables; other C libraries ignore them). make step does not set them: see the README's ladder.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
 def trainer_steps() -> list[str]:
@@ -225,7 +230,8 @@ def worker(spec: dict) -> None:
 def run_worker(spec: dict, label: str) -> dict:
     """Runs a worker, showing its iteration lines as they come; exits with its output when it fails."""
     cmd = [sys.executable, "-m", "shared.bench", "--worker", json.dumps(spec)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**KEEP_FREED_MEMORY, **os.environ})  # a value set by hand wins
     lines, result = [], None
     for line in proc.stdout:
         lines.append(line)

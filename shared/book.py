@@ -5,6 +5,7 @@ Each step's page puts together its lesson, its diary entry, the diff from the st
 mistakes, and the loss curve of the last run in runs/. Opened from disk: no server, no network, no script.
 A part that cannot be made (no diary, no data to run the model on) is said on its page; the rest is still written.
 """
+import argparse
 import contextlib
 import html
 import importlib
@@ -63,17 +64,21 @@ def facts(step: str) -> Facts:
     try:
         main = importlib.import_module(f"steps.{step}.__main__")
         if "shapes.show" not in Path(main.__file__).read_text():
-            found.gap = "this step's command trains no model of its own and prints no shapes"
+            found.gap = "This step's command trains no model of its own and prints no shapes."
         else:
             with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(said), \
                     contextlib.redirect_stderr(said):
                 main.main(["--device", "cpu", "--out", str(Path(tmp) / "run")])
-            found.gap = "the run ended before it printed its shapes"
+            found.gap = "The run ended before it printed its shapes."
     except Shapes:
         found.header = next((line for line in said.getvalue().splitlines() if line.startswith(f"step {step}")), "")
-    except BaseException as e:  # a step that cannot run here (no data, offline): said on the page
-        last = [line for line in said.getvalue().splitlines() if line.strip()]
-        found.gap = f"`make step N={step[:2]}` could not run here: " + (last[-1] if last else f"{type(e).__name__}: {e}")
+    except BaseException as e:  # a step that cannot run here (no data, offline): its own message, on the page
+        if isinstance(e, SystemExit) and isinstance(e.code, str):
+            why = e.code  # what the step says when it stops: sys.exit("error: ...")
+        else:
+            errors = [line for line in said.getvalue().splitlines() if line.startswith("error")]
+            why = errors[-1] if errors else f"{type(e).__name__}: {e}"
+        found.gap = f"`make step N={step[:2]}` could not run here, so no shapes: {why}"
     finally:
         shapes.show = real
     model = importlib.import_module(f"steps.{step}.model")
@@ -92,18 +97,28 @@ def collect_tests() -> subprocess.Popen:
 
 
 def tests_by_step(proc: subprocess.Popen) -> dict[str, dict[str, list[str]]]:
-    """step -> test file -> the names of its tests that run on the step (one name for all its parameters)."""
+    """step -> test file -> the names of its tests that run on the step (one name for all its parameters). A test
+    with no step of its own (one of shared/ code, such as bf16's detection) goes with the first step its file tests."""
     out, _ = proc.communicate()
     found: dict[str, dict[str, list[str]]] = {}
+    unstepped: dict[str, list[str]] = {}  # file -> its tests that take no step
+    first: dict[str, str] = {}  # file -> the first step it tests
     for line in out.splitlines():
         path, sep, rest = line.partition("::")
-        if not sep or "[" not in rest:
+        if not sep or not path.startswith("tests/"):
             continue
         name, _, params = rest.partition("[")
-        for step in set(params.rstrip("]").split("-")) & set(all_steps()):
+        steps = sorted(set(params.rstrip("]").split("-")) & set(all_steps())) if params else []
+        if not steps and name not in unstepped.setdefault(path, []):
+            unstepped[path].append(name)
+        for step in steps:
+            first[path] = min(first.get(path, step), step)
             names = found.setdefault(step, {}).setdefault(path, [])
             if name not in names:
                 names.append(name)
+    for path, names in unstepped.items():
+        if path in first and names:
+            found[first[path]][path] += [n for n in names if n not in found[first[path]][path]]
     return found
 
 
@@ -154,7 +169,8 @@ def highlighted_lines(path: Path) -> list[str]:
         lexer = get_lexer_for_filename(path.name, stripnl=False, ensurenl=False)
     except ClassNotFound:
         lexer = TextLexer(stripnl=False, ensurenl=False)
-    return highlight(text, lexer, HtmlFormatter(nowrap=True)).split("\n")
+    lines = highlight(text, lexer, HtmlFormatter(nowrap=True)).split("\n")
+    return lines[:-1] if text.endswith("\n") else lines  # the last newline ends a line; it starts none
 
 
 def diff_html(prev: str, step: str) -> str:
@@ -218,11 +234,11 @@ def markdown(text: str, tests: set[str] = frozenset()) -> str:
 
 def readme_parts(readme: str) -> tuple[str, dict[str, str], dict[str, tuple[str, str]]]:
     """The introduction (before the first ##), the reference each step matches (the steps table), and each step's
-    row of the speed ladder (ms/iter, vs step 10)."""
+    row of the speed ladder (ms/iter, spread, vs step 10)."""
     intro = readme.split("\n## ", 1)[0].split("\n", 1)[-1]
     refs = {}
     for line in readme.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
         if len(cells) == 4 and re.fullmatch(r"`\d\d_\w+`", cells[1]):
             refs[cells[1].strip("`")] = cells[3]
     ladder = {}
@@ -230,7 +246,7 @@ def readme_parts(readme: str) -> tuple[str, dict[str, str], dict[str, tuple[str,
     for line in (block[1].splitlines() if block else []):
         cells = line.split()
         if len(cells) > 5 and re.fullmatch(r"\d\d_\w+", cells[0]) and cells[1] != "again":
-            ladder[cells[0]] = (cells[1], cells[4])
+            ladder[cells[0]] = (cells[1], cells[2], cells[4])
     return intro, refs, ladder
 
 
@@ -257,7 +273,8 @@ def page(title: str, body: str, nav: str = "") -> str:
 
 
 def gap(text: str) -> str:
-    return f'<p class="gap">{html.escape(text)}</p>'
+    """A line that says what is missing from a page; `backticks` in it become code."""
+    return '<p class="gap">' + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text)) + "</p>"
 
 
 def section(title: str, anchor: str, make) -> str:
@@ -298,8 +315,9 @@ def shapes_html(step: str, f: Facts) -> str:
 def tests_html(step: str, tests: dict[str, list[str]], up: str) -> str:
     if not tests:
         return gap("No test of the suite runs on this step.")
-    parts = [f"<p>Every test of the suite that runs on this step (<code>make test N={step[:2]}</code> runs them; "
-             f"{sum(map(len, tests.values()))} tests in {len(tests)} files).</p>"]
+    parts = [f"<p>The tests that check this step: {sum(map(len, tests.values()))} in {len(tests)} files, one "
+             "name for all of a test's cases (with the tests of the shared code this step brought). "
+             f"<code>make test N={step[:2]}</code> runs them, and the project's own tests besides.</p>"]
     for path, names in sorted(tests.items()):
         items = "".join(f'<li id="{n}"><code>{n.replace("_", "_<wbr>")}</code></li>' for n in names)
         parts.append(f'<h3 class="file"><a href="{up}/{path}">{path}</a></h3><ul class="tests">{items}</ul>')
@@ -310,38 +328,93 @@ def mistakes_html(step: str, tests: set[str]) -> str:
     from shared.mistakes import MISTAKES
     from shared.steps import resolve
 
-    mine = [m for m in MISTAKES if resolve(m.step) == step]
+    mine = [m for m in MISTAKES if step in m.steps()]
     if not mine:
-        return gap("No classic mistake is registered for this step (make mistake lists them all).")
+        return gap("No classic mistake is registered for this step (`make mistake` lists them all).")
     items = []
     for m in mine:
         caught = ", ".join(f'<a href="#{t}"><code>{t}</code></a>' if t in tests else f"<code>{t}</code>"
                            for t in m.tests)
-        items.append(f"<li><code>make mistake M={m.id}</code>: {html.escape(m.what)}. Caught by {caught}.</li>")
+        own = resolve(m.step) == step
+        command = f"make mistake M={m.id}" + ("" if own else f" N={step[:2]}")
+        items.append(f"<li><code>{command}</code>: {html.escape(m.what)}" + ("" if own else
+                     f' (step {m.step}\'s, in code this step carries: <a href="{resolve(m.step)}.html#mistakes">'
+                     f"{resolve(m.step)}</a>)") + f". Caught by {caught}.</li>")
     return ("<p>Each one made on purpose in a temporary copy of the step, with the tests that catch it run "
             f"(<code>steps/</code> is never touched):</p><ul>{''.join(items)}</ul>")
+
+
+def shown(path: Path) -> str:
+    """A path as a learner would type it: from the project's root when it is inside, whole when not."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a metrics.jsonl that make step wrote, and what was wrong with the others: a blank line is skipped,
+    a cut-off last line (a run that was killed) ends the curve there, any other bad line is left out and counted."""
+    rows, notes, bad = [], [], 0
+    lines = path.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):
+                notes.append(f"its last line is cut off (a run that was stopped?): the curve ends at the line before")
+            else:
+                bad += 1
+            continue
+        good = isinstance(row, dict) and isinstance(row.get("iter"), int) and all(
+            isinstance(row.get(k), (int, float, type(None))) for k in ("loss", "val_loss"))
+        if good:
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        notes.append(f"{bad} line{'s' * (bad > 1)} that are not rows of make step's log left out")
+    return rows, notes
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'s' * (n != 1)}"
 
 
 def curve_html(step: str, runs_dir: Path) -> str:
     from shared.runlog import loss_svg
 
-    path = runs_dir / step / "metrics.jsonl"
+    if "RunLog(" not in (STEPS_DIR / step / "__main__.py").read_text():
+        return gap("This step's command trains nothing and writes no metrics: there is no curve to draw.")
+    where = runs_dir / step
+    path = where / "metrics.jsonl"
     if not path.exists():
-        return gap(f"No run of this step yet: make step N={step[:2]} writes runs/{step}/metrics.jsonl, and this "
-                   "page shows its loss curve after the next make book.")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            return gap(f"runs/{step}/metrics.jsonl is damaged at line {i}: no curve drawn.")
-    curves = {name: [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
+        return gap(f"No run of this step in {shown(runs_dir)}/ yet: `make step N={step[:2]}` writes "
+                   f"`runs/{step}/metrics.jsonl`, and the next `make book` draws its loss curve here.")
+    rows, notes = metrics_rows(path)
+    try:
+        summary = json.loads((where / "summary.json").read_text())
+        summary = summary if isinstance(summary, dict) else {}
+    except (OSError, ValueError):
+        summary = {}
+    said = []
+    if isinstance(d := summary.get("diverged"), dict):
+        said.append(gap(f"This run diverged: the loss was {d.get('loss')} at iteration {d.get('iter')} "
+                        f"(lr {d.get('lr')}), and it stopped there."))
+    if isinstance(i := summary.get("interrupted"), dict):
+        said.append(gap(f"This run was stopped after {i.get('iters_done')} iterations (Ctrl-C); it can go on."))
+    said += [gap(f"{shown(path)}: {note}.") for note in notes]
+    curves = {name: [(r["iter"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
               for name, key in (("train", "loss"), ("validation", "val_loss"))}
     if len(curves["train"]) < 2:
-        return gap(f"runs/{step}/metrics.jsonl has fewer than two iterations: no curve to draw.")
-    return (f"<p>From <code>runs/{step}/metrics.jsonl</code>, the last run of this step on this machine "
-            f"({len(curves['train'])} iterations, {len(curves['validation'])} validation points):</p>"
-            f'<figure class="curve">{loss_svg(curves)}</figure>')
+        return "".join(said) + gap(f"{shown(path)} has {plural(len(curves['train']), 'iteration')} with a loss: "
+                                   "a curve needs two.")
+    end = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in summary.items()
+           if k in ("val_loss", "uniform_guess") and isinstance(v, (int, float))]
+    return ("".join(said) + f"<p>From <code>{html.escape(shown(path))}</code>, the last run of this step: "
+            f"{plural(len(curves['train']), 'iteration')}, {plural(len(curves['validation']), 'validation point')}"
+            + (f"; at its end, {', '.join(end)} (summary.json)" if end else "") + ".</p>"
+            f'<div class="scroll"><figure class="curve">{loss_svg(curves)}</figure></div>')
 
 
 def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], diary_dir: Path,
@@ -373,6 +446,12 @@ def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], d
     return page(f"{step}: {lesson(step)}", "\n".join(body), nav)
 
 
+def breakable(fragment: str) -> str:
+    """Code in a narrow cell may break after a dot or an underscore, never inside a word."""
+    return re.sub(r"<code>(.*?)</code>", lambda m: "<code>" + re.sub(r"([._])", r"\1<wbr>", m[1]) + "</code>",
+                  fragment)
+
+
 def index_page(steps: list[str], found: dict[str, Facts], readme: str, up: str) -> str:
     intro, refs, ladder = readme_parts(readme)
     rows = []
@@ -381,15 +460,18 @@ def index_page(steps: list[str], found: dict[str, Facts], readme: str, up: str) 
         params = f"{f.parameters:,}" if f.parameters else ""
         if f.gpt2_parameters:
             params += f"{'<br>' if params else ''}{f.gpt2_parameters:,} at 124M"
-        bench = f"{ladder[s][0]} ms, {ladder[s][1]}" if s in ladder else ""
+        bench = f"{ladder[s][0]} ms &plusmn;{ladder[s][1]}, {ladder[s][2]}" if s in ladder else ""
         rows.append(f'<tr><td><a href="{s}.html">{s[:2]}</a></td><td><a href="{s}.html">{html.escape(lesson(s))}</a>'
-                    f"</td><td class=\"num\">{params}</td><td>{markdown(refs.get(s, '')).strip()[3:-4]}</td>"
+                    f"</td><td class=\"num\">{params}</td><td>{breakable(markdown(refs.get(s, '')).strip()[3:-4])}</td>"
                     f'<td class="num">{bench}</td></tr>')
     table = ('<div class="scroll"><table class="steps"><tr><th>step</th><th>the lesson</th><th>parameters '
-             '(the default run; at GPT-2 124M)</th><th>reference it matches</th><th>make bench: ms/iter, vs 10</th>'
+             '(the default run; at GPT-2 124M)</th><th>reference it matches</th><th>make bench: ms/iter, spread, vs 10</th>'
              f"</tr>{''.join(rows)}</table></div>")
+    intro = re.sub(r"^!\[.*$", "", intro, flags=re.M)  # the README's picture is of this book: not in it
     intro = re.sub(r'(src|href)="(?!https?:|#)([^"]+)"', rf'\1="{up}/\2"', markdown(intro))  # the README's links
-    body = (f"<h1>gpt2-steps</h1>{intro}<h2>The steps</h2>{table}"
+    body = (f"<h1>gpt2-steps</h1>{intro}<h2>The steps</h2>"
+            '<p class="narrow">The table scrolls sideways: parameters, reference and speed are to the right.</p>'
+            f"{table}"
             "<p>The parameters are those of each step's default run on a CPU (the model <code>make step</code> "
             "builds there) and, from step 08, of the same model at GPT-2 124M's size. The bench column is the "
             f'README\'s speed ladder (<a href="{up}/README.md">README.md</a>, The speed ladder), with its machine '
@@ -419,10 +501,14 @@ table.diff tr.hunk td { background: #eef2f8; color: #51607a; padding: .15rem .5r
 .sign { user-select: none; display: inline-block; width: 1.2em; color: #8a8a86; }
 .count { color: #51607a; font-weight: 400; }
 .gap { background: #fff6db; border-left: 4px solid #e0b000; padding: .5rem .8rem; }
-figure.curve { margin: 0; } figure.curve svg, main img { max-width: 100%; height: auto; }
-ul.tests { columns: 2 22rem; font-size: .9rem; } ul.tests li { break-inside: avoid; }
+figure.curve { margin: 0; } figure.curve svg { width: 100%; min-width: 480px; height: auto; }
+main img { max-width: 100%; height: auto; }
+table.steps td:nth-child(2) { min-width: 12rem; } table.steps code { overflow-wrap: normal; }
+.narrow { display: none; }
+ul.tests { columns: 2 22rem; column-gap: 2.5rem; font-size: .9rem; } ul.tests li { break-inside: avoid; }
 .toc, .files { color: #51607a; }
-@media (max-width: 600px) { body { font-size: 15px; } h1 { font-size: 1.3rem; } table.diff { font-size: 12px; } }
+@media (max-width: 600px) { body { font-size: 15px; } h1 { font-size: 1.3rem; } table.diff { font-size: 12px; }
+                             .narrow { display: block; } }
 """
 
 
@@ -449,11 +535,33 @@ def write(out: Path, found: dict[str, Facts], tests: dict, diary_dir: Path = ROO
     return pages
 
 
+SOURCES = ("steps", "diary", "tests", "shared", "docs", ".ci", ".git")  # the project's own files: never written to
+
+
+def book_dir(text: str) -> Path:
+    """An argparse type: a directory to write the book to, anywhere but the project's root or its sources."""
+    path = Path(text).resolve()
+    if path == ROOT or any(path.is_relative_to(ROOT / d) for d in SOURCES):
+        raise argparse.ArgumentTypeError(f"{text} is the project's own: the book goes to a directory of its own "
+                                         "(default book/)")
+    return cli.out_dir(text)
+
+
+def runs_dir(text: str) -> Path:
+    """An argparse type: a directory with at least one run in it (NN_name/metrics.jsonl), so a typo is not read as
+    "no runs"."""
+    path = cli.existing_dir(text)
+    if not any((path / s / "metrics.jsonl").exists() for s in all_steps()):
+        raise argparse.ArgumentTypeError(f"{text} has no run in it: make step writes runs/NN_name/metrics.jsonl, "
+                                         "so --runs takes the directory above NN_name (default runs/)")
+    return path
+
+
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="make book", description=__doc__.split("\n\n")[0], hint='make book ARGS="--help"')
-    p.add_argument("--out", type=cli.out_dir, default=BOOK, help="the directory to write the site to (default book/)")
-    p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the runs are whose loss curves the pages "
-                   "draw: runs/NN_name/metrics.jsonl (default runs/, where make step writes them)")
+    p.add_argument("--out", type=book_dir, default=BOOK, help="the directory to write the site to (default book/)")
+    p.add_argument("--runs", type=runs_dir, default=ROOT / "runs", help="the directory of the runs whose loss "
+                   "curves the pages draw, NN_name/metrics.jsonl in it (default runs/, where make step writes them)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     pages = write(args.out, *gather(), runs_dir=args.runs)

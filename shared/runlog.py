@@ -120,6 +120,11 @@ viewBox="0 0 {w} {h * len(panels)}" font-family="sans-serif" font-size="12">
 """
 
 
+def tick(value: float) -> str:
+    """An axis label: 3 decimals, or 3 significant digits for a diverged loss (1.84e+11, not 184464392192.000)."""
+    return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.3g}"
+
+
 def panel(curves: dict[str, list[tuple[int, float]]], w: int, h: int, pad: int, label: str, top: int) -> str:
     points = [p for curve in curves.values() for p in curve]
     x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
@@ -137,7 +142,7 @@ def panel(curves: dict[str, list[tuple[int, float]]], w: int, h: int, pad: int, 
     return f"""{body}
 <line x1="{pad}" y1="{top + h - pad}" x2="{w - pad}" y2="{top + h - pad}" stroke="black"/>
 <line x1="{pad}" y1="{top + pad}" x2="{pad}" y2="{top + h - pad}" stroke="black"/>
-<text x="{pad}" y="{top + pad - 8}">{label} {y1:.3f}</text>
-<text x="4" y="{top + h - pad}">{y0:.3f}</text>
+<text x="{pad}" y="{top + pad - 8}">{label} {tick(y1)}</text>
+<text x="4" y="{top + h - pad}">{tick(y0)}</text>
 <text x="{pad}" y="{top + h - pad + 16}">iter {x0}</text>
 <text x="{w - pad}" y="{top + h - pad + 16}" text-anchor="end">iter {x1}</text>"""

@@ -14,6 +14,7 @@ import pytest
 
 from shared import book
 from shared.steps import ROOT, STEPS_DIR, all_steps
+from tests.conftest import data_dir_copy
 
 PAGES = ["index.html", *(f"{s}.html" for s in all_steps())]
 
@@ -112,8 +113,37 @@ def test_the_last_runs_loss_curve_is_drawn_inline_with_its_validation_points(bui
 
 
 def test_a_step_without_a_run_says_how_to_make_one(built):
-    assert "make step N=11 writes runs/11_mixed_precision/metrics.jsonl" in (built / "11_mixed_precision.html"
-                                                                               ).read_text()
+    curve = text_of(section((built / "11_mixed_precision.html").read_text(), "curve"))
+    assert "make step N=11 writes runs/11_mixed_precision/metrics.jsonl" in curve
+
+
+def test_the_index_names_the_reference_every_step_matches(built):
+    index = (built / "index.html").read_text()
+    for row in re.findall(r"<tr><td><a .*?</tr>", index):
+        assert text_of(re.findall(r"<td>(.*?)</td>", row)[-1]).strip(), row  # the cell after the parameters
+
+
+def test_an_escaped_pipe_in_the_readmes_steps_table_stays_in_its_cell():
+    _, refs, _ = book.readme_parts("intro\n| 17 | `17_x` | `<\\|endoftext\\|>` first | decoded shards |\n")
+    assert refs == {"17_x": "decoded shards"}
+
+
+def test_a_page_lists_the_tests_of_the_shared_code_its_step_brought(built):
+    tests = section((built / "11_mixed_precision.html").read_text(), "tests")
+    assert 'id="test_bf16_is_native_on_a_gpu_of_compute_capability_8_or_newer"' in tests  # no step parameter
+
+
+def test_a_page_lists_the_mistakes_of_earlier_steps_in_the_code_it_carries(built):
+    mistakes = text_of(section((built / "05_decoder.html").read_text(), "mistakes"))
+    assert "make mistake M=heads-merged-wrong N=05" in mistakes and "make mistake M=ffn-per-position N=05" in mistakes
+
+
+def test_a_code_box_has_as_many_lines_as_its_file(built):
+    code = section((built / "01_embedding.html").read_text(), "diff")
+    box = code.split('id="diff-__init__.py"', 1)[1] if 'id="diff-__init__.py"' in code else code.split(
+        "__init__.py</h3>", 1)[1]
+    rows = box.split("</table>", 1)[0].count("<tr")
+    assert rows == len((STEPS_DIR / "01_embedding" / "__init__.py").read_text().splitlines())
 
 
 def test_a_missing_or_unreadable_diary_costs_its_page_one_line_not_the_book(tmp_path):
@@ -123,20 +153,58 @@ def test_a_missing_or_unreadable_diary_costs_its_page_one_line_not_the_book(tmp_
     (diaries / "04_encoder.md").write_bytes(b"# 04\n\n\xff\xfe not UTF-8")
     runs = tmp_path / "runs" / "05_decoder"
     runs.mkdir(parents=True)
-    (runs / "metrics.jsonl").write_text('{"iter": 0, "loss": 3.0}\n{"iter": 1, "lo')
+    (runs / "metrics.jsonl").write_text('{"iter": 0, "loss": 3.0}\n{"iter": 1, "lo')  # a run killed mid-line
     pages = book.write(tmp_path / "book", {}, {}, diary_dir=diaries, runs_dir=tmp_path / "runs")
     assert len(pages) == len(PAGES)
     assert "diary/03_feedforward.md is missing" in (tmp_path / "book" / "03_feedforward.html").read_text()
     assert "diary/04_encoder.md could not be read" in (tmp_path / "book" / "04_encoder.html").read_text()
-    assert "metrics.jsonl is damaged at line 2" in (tmp_path / "book" / "05_decoder.html").read_text()
+    assert "its last line is cut off" in (tmp_path / "book" / "05_decoder.html").read_text()
     assert "<h3>" in section((tmp_path / "book" / "05_decoder.html").read_text(), "diary")  # the others as ever
 
 
-def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path):
-    (tmp_path / "f").write_text("")
-    r = subprocess.run([sys.executable, "-m", "shared.book", "--out", str(tmp_path / "f")], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "is a file, not a directory" in r.stderr and "Traceback" not in r.stderr
+def write_run(runs: Path, step: str, lines: list[str], summary: dict | None = None) -> Path:
+    (runs / step).mkdir(parents=True)
+    (runs / step / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    if summary is not None:
+        (runs / step / "summary.json").write_text(json.dumps(summary))
+    return runs
+
+
+ROW = '{{"iter": {}, "loss": {}}}'
+
+
+def test_a_metrics_file_with_a_blank_line_a_bad_one_and_a_cut_off_end_still_gives_its_curve(tmp_path):
+    lines = [ROW.format(0, 3.0), "", ROW.format(1, 2.5), "[1, 2]", '{"iter": 2, "loss": "x"}', ROW.format(3, 2.0),
+             '{"iter": 4, "lo']
+    curve = text_of(book.curve_html("10_training", write_run(tmp_path, "10_training", lines)))
+    assert "3 iterations" in curve and "2 lines that are not rows" in curve and "last line is cut off" in curve
+
+
+def test_a_diverged_run_says_so_over_its_curve(tmp_path):
+    summary = {"diverged": {"iter": 2, "loss": "nan", "lr": 1e9}}
+    lines = [ROW.format(0, 3.0), ROW.format(1, 1.8e11)]
+    curve = book.curve_html("03_feedforward", write_run(tmp_path, "03_feedforward", lines, summary))
+    assert "This run diverged: the loss was nan at iteration 2" in curve and ">loss 1.8e+11<" in curve
+
+
+def test_a_step_that_cannot_run_says_why_on_its_page(tmp_path, monkeypatch):
+    data_dir_copy(tmp_path, monkeypatch, missing="tinyshakespeare.txt")
+    found = book.facts("01_embedding")
+    assert found.rows == [] and "could not run here, so no shapes: error:" in found.gap
+    assert "tinyshakespeare.txt" in found.gap and "downloading" not in found.gap
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--out", "FILE"], "is a file, not a directory"),
+    (["--out", "steps/02_attention"], "is the project's own"),
+    (["--runs", "nowhere"], "nowhere is not a directory"),
+    (["--runs", "steps"], "steps has no run in it"),
+], ids=["out-a-file", "out-in-steps", "runs-missing", "runs-without-runs"])
+def test_a_bad_flag_is_refused_in_one_line_before_any_work(tmp_path, flags, said):
+    (tmp_path / "FILE").write_text("")
+    flags = [str(tmp_path / "FILE") if f == "FILE" else f for f in flags]
+    r = subprocess.run([sys.executable, "-m", "shared.book", *flags], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # --- in a real browser --------------------------------------------------------------------------------------------
