@@ -248,7 +248,7 @@ def test_a_val_file_with_another_count_of_items_is_refused(step, tmp_path, monke
     assert "has 10 lines, not HellaSwag's 10,042" in str(exit.value.code)
 
 
-@pytest.mark.first_and_last
+@pytest.mark.newest  # score_only and hellaswag.py as step 17 brought them, carried unchanged (make diff)
 @pytest.mark.main_needs("hellaswag")
 def test_eval_only_scores_a_saved_model_and_two_processes_count_what_one_does(step, saved_model, tmp_path, capsys):
     items = write_items(tmp_path / "items.jsonl", [json.dumps(item) for item in ITEMS])
@@ -284,7 +284,7 @@ def test_a_run_with_hellaswag_logs_acc_and_acc_norm_and_draws_them(step, small_s
 
 # ---- as a learner runs it
 
-@pytest.mark.first_and_last
+@pytest.mark.newest  # shakespeare_shards as step 17 brought it, carried unchanged (make diff)
 @pytest.mark.main_needs("shards")
 def test_make_step_offline_with_no_shards_makes_shakespeares_and_trains_on_them(step, tmp_path):
     r = subprocess.run(["make", "-s", "step", f"N={step.name[:2]}", "ARGS=" + " ".join(
