@@ -96,6 +96,12 @@ MISTAKES = [
             "                           dim=1)  # (B, T, d_model): position t through MLP t",
             ("test_feed_forward_is_one_mlp_applied_at_every_position", "test_feed_forward_parameter_count"),
             "diary/03_feedforward.md, The mistake to avoid"),
+    Mistake("padding-mask-on-queries", "04", "the padding mask over the wrong axis: pad queries hidden, pad keys seen",
+            "model.py",
+            'return rearrange(idx != pad_id, "b s -> b 1 1 s")',
+            'return rearrange(idx != pad_id, "b s -> b 1 s 1")',
+            ("test_padding_does_not_change_the_real_positions", "test_encoder_matches_torch_transformer_encoder"),
+            "diary/04_encoder.md, The mistake to avoid"),
     Mistake("separate-output-matrix", "06", "the pre-softmax linear layer as a matrix of its own, not the shared "
             "embedding", "model.py",
             "self.out_proj.weight = self.encoder.embed.tok.weight",
