@@ -70,6 +70,8 @@ def facts(step: str) -> Facts:
                     contextlib.redirect_stderr(said):
                 main.main(["--device", "cpu", "--out", str(Path(tmp) / "run")])
             found.gap = "The run ended before it printed its shapes."
+    except KeyboardInterrupt:  # Ctrl-C stops the book, not just this step's part of it
+        raise
     except Shapes:
         found.header = next((line for line in said.getvalue().splitlines() if line.startswith(f"step {step}")), "")
     except BaseException as e:  # a step that cannot run here (no data, offline): its own message, on the page
@@ -437,7 +439,7 @@ def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], d
             section("The diff" if i else "The code", "diff",
                     lambda: diff_html(steps[i - 1], step) if i else
                     "<p>The first step: its files in full.</p>" + "".join(
-                        f'<h3 class="file">{p.name}</h3>{code_box(p)}'
+                        f'<h3 class="file" id="diff-{p.name}">{p.name}</h3>{code_box(p)}'
                         for p in sorted((STEPS_DIR / step).glob("*.py")))),
             section("The shapes", "shapes", lambda: shapes_html(step, f)),
             section("The mistakes to make on purpose", "mistakes", lambda: mistakes_html(step, names)),
@@ -515,8 +517,11 @@ ul.tests { columns: 2 22rem; column-gap: 2.5rem; font-size: .9rem; } ul.tests li
 def gather() -> tuple[dict[str, Facts], dict[str, dict[str, list[str]]]]:
     """What the pages need from running code: each step's facts, and the tests that run on it."""
     collecting = collect_tests()  # in another process while the steps run here: 2 cores, both busy
-    found = {s: facts(s) for s in all_steps()}
-    return found, tests_by_step(collecting)
+    try:
+        found = {s: facts(s) for s in all_steps()}
+        return found, tests_by_step(collecting)
+    finally:
+        collecting.kill()  # gone already, but not after Ctrl-C
 
 
 def write(out: Path, found: dict[str, Facts], tests: dict, diary_dir: Path = ROOT / "diary",
@@ -564,7 +569,13 @@ def main(argv=None) -> int:
                    "curves the pages draw, NN_name/metrics.jsonl in it (default runs/, where make step writes them)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    pages = write(args.out, *gather(), runs_dir=args.runs)
+    print("running each step up to its shapes, and collecting the tests ...", flush=True)
+    try:
+        pages = write(args.out, *gather(), runs_dir=args.runs)
+    except KeyboardInterrupt:
+        print("make book: interrupted; the pages already in the book are those of the last whole build or none",
+              file=sys.stderr)
+        return 130
     print(f"{len(pages)} pages in {time.perf_counter() - start:.0f} s; open {pages[0].resolve().as_uri()}")
     return 0
 

@@ -30,7 +30,7 @@ class Mistake:
     step: str  # the first step it belongs to, e.g. "08"
     what: str  # one line
     file: str  # in the step's directory; "shared/..." for a file of the project's own, made once, for step `step`
-    right: str  # a line as the code has it (exactly once in the file)
+    right: str  # a line as the code has it, or a few lines (exactly once in the file)
     wrong: str  # the same line with the mistake
     tests: tuple[str, ...]  # the tests that must fail: every one of them that runs on the step
     read: str  # where the mistake is explained

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from shared import book
 from shared.steps import ROOT, STEPS_DIR, all_steps
-from tests.conftest import data_dir_copy
+from tests.conftest import ctrl_c_as_in_a_terminal, data_dir_copy
 
 PAGES = ["index.html", *(f"{s}.html" for s in all_steps())]
 
@@ -140,9 +141,7 @@ def test_a_page_lists_the_mistakes_of_earlier_steps_in_the_code_it_carries(built
 
 def test_a_code_box_has_as_many_lines_as_its_file(built):
     code = section((built / "01_embedding.html").read_text(), "diff")
-    box = code.split('id="diff-__init__.py"', 1)[1] if 'id="diff-__init__.py"' in code else code.split(
-        "__init__.py</h3>", 1)[1]
-    rows = box.split("</table>", 1)[0].count("<tr")
+    rows = code.split('id="diff-__init__.py"', 1)[1].split("</table>", 1)[0].count("<tr")
     assert rows == len((STEPS_DIR / "01_embedding" / "__init__.py").read_text().splitlines())
 
 
@@ -160,6 +159,16 @@ def test_a_missing_or_unreadable_diary_costs_its_page_one_line_not_the_book(tmp_
     assert "diary/04_encoder.md could not be read" in (tmp_path / "book" / "04_encoder.html").read_text()
     assert "its last line is cut off" in (tmp_path / "book" / "05_decoder.html").read_text()
     assert "<h3>" in section((tmp_path / "book" / "05_decoder.html").read_text(), "diary")  # the others as ever
+
+
+def test_ctrl_c_stops_make_book_in_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "shared.book", "--out", str(tmp_path / "book")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
+    assert proc.stdout.readline().startswith("running each step")  # the work has begun
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to make book and its pytest
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
 
 
 def write_run(runs: Path, step: str, lines: list[str], summary: dict | None = None) -> Path:
