@@ -81,6 +81,12 @@ def json_path(text: str) -> Path:
     return path
 
 
+def default_batch_size(steps: list[str], preset: str) -> int:
+    """B on a GPU: the smallest of the timed steps' own batch sizes in the preset, so that every row fits where its
+    step does (at step 17's B=64, T=1024, step 10's fp32 attention scores alone take 3.2 GB a layer)."""
+    return min(importlib.import_module(f"steps.{step}.__main__").PRESETS[preset]["batch_size"] for step in steps)
+
+
 def flops_per_token(n_layer: int, n_head: int, n_embd: int, seq_len: int) -> int:
     """6N + 12 L H Q T, N without the position embeddings (GPT-2 small: N = 123,653,376)."""
     n = VOCAB * n_embd + n_layer * (12 * n_embd**2 + 13 * n_embd) + 2 * n_embd  # wte (= lm_head), blocks, ln_f
@@ -111,6 +117,7 @@ def time_step(spec: dict) -> dict:
     row = {"dtype": "fp32", "compile": "no", "compile_s": None}
     main.evaluate = lambda *a, **k: math.nan
     main.show_sample = lambda *a, **k: None
+    main.shapes.show = lambda *a, **k: None  # a forward pass of its own, 2 s of GPT-2 on a CPU
     main.GPT.save_pretrained = lambda *a, **k: None
     checkpoint.save = lambda *a, **k: None
     if hasattr(main, "choose_dtype"):
@@ -295,14 +302,15 @@ def main(argv=None):
                    "trainer step)")
     p.add_argument("--preset", default="gpt2", choices=["tiny", "gpt2"], help="the model's sizes (tiny: 4 layers of "
                    "128; gpt2: GPT-2 124M; default: gpt2)")
-    p.add_argument("--batch-size", type=cli.positive_int, help="B; default: 1 on a CPU, the preset's on a GPU")
+    p.add_argument("--batch-size", type=cli.positive_int, help="B; default: 1 on a CPU; on a GPU the smallest "
+                   "of the timed steps' own (16 for gpt2 with step 10, 64 from step 17)")
     p.add_argument("--seq-len", type=cli.positive_int, help="T; default: the preset's (1024 for gpt2)")
     p.add_argument("--rounds", type=cli.positive_int, default=3, help="rounds of every row, in a rotated order, the "
                    "last step's row again at the end of each as a control (default: 3)")
     p.add_argument("--iters", type=cli.positive_int, help="timed iterations a row a round (default: 2 on a CPU, "
                    "10 on a GPU)")
     p.add_argument("--warmup", type=cli.non_negative_int, help="iterations a row a round before the timed ones "
-                   "(default: 2 on a CPU, 5 on a GPU)")
+                   "(default: 3 on a CPU, 5 on a GPU)")
     p.add_argument("--no-compile", action="store_true", help="the eager ladder: compile no row (by default the rows "
                    "whose step compiles, 12 on, and hf_gpt2 are compiled on every device)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run; auto (the "
@@ -332,13 +340,14 @@ def main(argv=None):
     gpu = dev.type == "cuda"
     preset = importlib.import_module(f"steps.{trainer_steps()[-1]}.__main__").PRESETS[args.preset]  # the steps' own
     model = {k: preset[k] for k in ("n_layer", "n_head", "n_embd")}
-    B = args.batch_size or (preset["batch_size"] if gpu else 1)
-    T = args.seq_len or preset["seq_len"]
-    # 2 warm-up iterations on a CPU: the second is as slow as the first (the optimizer's state, made in the first,
-    # raises the memory's high-water mark once more); from the third on, an iteration reuses memory it has
-    iters, warmup = args.iters or (10 if gpu else 2), args.warmup if args.warmup is not None else (5 if gpu else 2)
-    rounds = args.rounds
     steps = args.steps or trainer_steps()
+    B = args.batch_size or (default_batch_size(steps, args.preset) if gpu else 1)
+    T = args.seq_len or preset["seq_len"]
+    # 3 warm-up iterations on a CPU: each of the first iterations touches memory the process never had, and every
+    # new page costs a fault (on a VM with free page reporting, one in the host as well); a step that does not
+    # compile runs its first forward and backward in iteration 0, a compiled one while compiling (the README's ladder)
+    iters, warmup = args.iters or (10 if gpu else 2), args.warmup if args.warmup is not None else (5 if gpu else 3)
+    rounds = args.rounds
     common = dict(device=args.device, device_type=dev.type, preset=args.preset, model=model, batch_size=B,
                   seq_len=T, iters=iters, warmup=warmup, compile=not args.no_compile,
                   keep_freed_memory=not args.returned_memory)

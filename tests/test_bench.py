@@ -2,6 +2,7 @@
 speeds are what `make bench` measures, on the machine it runs on."""
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -18,6 +19,11 @@ def test_flops_per_token_of_gpt2_small_is_6n_plus_attention():
                                           ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312)])
 def test_the_peak_of_a_known_gpu_is_its_datasheet_dense_bf16(name, tflops):
     assert bench.cuda_peak(name, None)[0] == tflops
+
+
+@pytest.mark.parametrize("steps, batch", [(None, 16), (["17_fineweb_hellaswag", "18_kv_cache"], 64)])
+def test_a_gpus_batch_is_the_smallest_of_the_timed_steps_own(steps, batch):
+    assert bench.default_batch_size(steps or bench.trainer_steps(), "gpt2") == batch  # step 10 fits at 16, not 64
 
 
 def test_an_unknown_gpu_has_no_mfu_unless_its_peak_is_given():
@@ -74,6 +80,17 @@ def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys)
     assert control["step"] == "15_grad_accum again"
     assert result["machine"]["flops_per_token"] == bench.flops_per_token(4, 4, 128, 16)
     assert (tmp_path / "b.svg").read_text().startswith("<svg")
+
+
+def test_a_steps_worker_times_its_iterations_without_the_shapes_printout():
+    spec = dict(kind="15_grad_accum", step="15_grad_accum", device="cpu", device_type="cpu", preset="tiny",
+                batch_size=1, seq_len=16, warmup=1, iters=2, compile=False)
+    r = subprocess.run([sys.executable, "-m", "shared.bench", "--worker", json.dumps(spec)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "shapes through one forward pass" not in r.stdout  # a forward pass of its own, not an iteration
+    row = json.loads(r.stdout.splitlines()[-1].removeprefix(bench.RESULT))
+    assert len(row["ms"]) == 2  # the warm-up iteration is not among the timed ones
 
 
 def test_the_reference_row_trains_transformers_gpt2_with_sdpa():
