@@ -303,7 +303,7 @@ def main(argv=None):
     p.add_argument("--preset", default="gpt2", choices=["tiny", "gpt2"], help="the model's sizes (tiny: 4 layers of "
                    "128; gpt2: GPT-2 124M; default: gpt2)")
     p.add_argument("--batch-size", type=cli.positive_int, help="B; default: 1 on a CPU; on a GPU the smallest "
-                   "of the timed steps' own (16 for gpt2 with step 10, 64 from step 17)")
+                   "of the timed steps' own (gpt2: 16 with any of steps 10-16, 64 for steps 17 and 18 alone)")
     p.add_argument("--seq-len", type=cli.positive_int, help="T; default: the preset's (1024 for gpt2)")
     p.add_argument("--rounds", type=cli.positive_int, default=3, help="rounds of every row, in a rotated order, the "
                    "last step's row again at the end of each as a control (default: 3)")
