@@ -44,9 +44,9 @@ VOCAB = 50257
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, NVIDIA's datasheets
 RESULT = "bench-result: "  # a worker's last line: this, then its row as JSON
 # glibc hands every freed buffer above its mmap threshold (at most 32 MB by default) back to the kernel, and the next
-# iteration page-faults it in again: the logits alone are 103 MB in bf16 at B=1, T=1024. That was a quarter of a CPU
-# bench's time, spent in the kernel, and much of its noise. The workers keep freed memory for reuse instead (glibc's
-# environment variables; other C libraries ignore them). make step does not set them: see the README's ladder.
+# iteration page-faults it in again: the logits alone are 103 MB in bf16 at B=1, T=1024, and a row took 1.4-1.5x as
+# long. The workers keep freed memory for reuse instead (glibc's environment variables; other C libraries ignore
+# them). make step does not set them: see the README's ladder.
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 

@@ -364,7 +364,7 @@ def metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines):
-                notes.append(f"its last line is cut off (a run that was stopped?): the curve ends at the line before")
+                notes.append("its last line is cut off (a run that was stopped?): the curve ends at the line before")
             else:
                 bad += 1
             continue
@@ -573,8 +573,7 @@ def main(argv=None) -> int:
     try:
         pages = write(args.out, *gather(), runs_dir=args.runs)
     except KeyboardInterrupt:
-        print("make book: interrupted; the pages already in the book are those of the last whole build or none",
-              file=sys.stderr)
+        print("make book: interrupted; run it again for a whole book", file=sys.stderr)
         return 130
     print(f"{len(pages)} pages in {time.perf_counter() - start:.0f} s; open {pages[0].resolve().as_uri()}")
     return 0
