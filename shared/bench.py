@@ -191,6 +191,7 @@ def time_reference(spec: dict) -> dict:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logits = fast(input_ids=x).logits  # (B, T, vocab)
         loss = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1))
+        del logits  # as the steps do: not kept into the next iteration's forward
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
