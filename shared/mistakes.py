@@ -144,6 +144,11 @@ MISTAKES = [
             "nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02)",
             "nn.init.normal_(p, std=0.02)",
             ("test_gpt2_init_statistics_per_parameter_group",), "diary/10_training.md"),
+    Mistake("logits-kept", "10", "the forward's logits kept under a name (`_, loss =`): alive through backward",
+            "__main__.py",
+            "loss = model(x, y)[1]",
+            "_, loss = model(x, y)",
+            ("test_a_training_forwards_logits_are_freed_before_its_backward",), "diary/10_training.md"),
     Mistake("bf16-where-emulated", "11", "--dtype auto trusting torch.cuda.is_bf16_supported(), which says yes "
             "where bf16 is only emulated", "shared/device.py",
             "if major >= 8:  # Ampere (A100, RTX 30xx) and later have bf16 tensor cores",

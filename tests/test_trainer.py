@@ -86,22 +86,25 @@ def test_before_step_14_no_parameter_is_decayed(step, finished, tmp_path):
 # ---- the training loop
 
 @pytest.mark.main_needs("Loader")
-def test_no_training_forward_starts_while_the_last_ones_logits_are_alive(step, tmp_path, monkeypatch):
+def test_a_training_forwards_logits_are_freed_before_its_backward(step, tmp_path, monkeypatch):
     # The logits, (B, T, vocab_size), are the largest tensor of a forward pass: 206 MB a sequence of 1024 in fp32.
-    # Kept under a name after backward, they would sit in memory through the optimizer step and the next forward.
+    # Nothing in backward needs them, and kept under a name they would add to its peak (and, with `_, loss =`,
+    # stay through the optimizer step into the next forward).
     returned = []  # a weak reference to each training forward's logits: it dies with them
-    forward = step.model.GPT.forward
+    forward, backward = step.model.GPT.forward, torch.Tensor.backward
 
-    def watched(self, *args, **kwargs):
-        training = torch.is_grad_enabled()
-        if training:
-            assert all(ref() is None for ref in returned), "an earlier forward's logits are still alive"
+    def watched_forward(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
-        if training:
+        if torch.is_grad_enabled():
             returned.append(weakref.ref(out[0]))
         return out
 
-    monkeypatch.setattr(step.model.GPT, "forward", watched)
+    def watched_backward(self, *args, **kwargs):
+        assert all(ref() is None for ref in returned), "a forward's logits are still alive at backward"
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(step.model.GPT, "forward", watched_forward)
+    monkeypatch.setattr(torch.Tensor, "backward", watched_backward)
     run(step, tmp_path, "--max-steps", "3")
     assert len(returned) >= 3  # one forward an iteration at least (two micro-batches from step 15 on)
 

@@ -186,7 +186,7 @@ def main(argv=None):
                 sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C
             x, y = (t.to(args.device) for t in loader.next_batch())
             with autocast(args):
-                loss = model(x, y)[1]  # `_, loss =` would keep the (B, T, vocab) logits alive into the next forward
+                loss = model(x, y)[1]  # `_, loss =` would keep the (B, T, vocab) logits alive through backward
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)  # measures, clips nothing

@@ -213,7 +213,7 @@ def main(argv=None):
                 sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C
             x, y = loader.next_batch()  # views of the tokens already on the device: nothing is copied
             with autocast(args):
-                loss = fast(x, y)[1]  # `_, loss =` would keep the (B, T, vocab) logits alive into the next forward
+                loss = fast(x, y)[1]  # `_, loss =` would keep the (B, T, vocab) logits alive through backward
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)  # measures, clips nothing

@@ -89,7 +89,7 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
     for _ in range(micro_steps):
         x, y = loader.next_batch()
         with autocast(args):
-            loss = model(x, y)[1]  # `_, loss =` would keep the (B, T, vocab) logits alive into the next forward
+            loss = model(x, y)[1]  # `_, loss =` would keep the (B, T, vocab) logits alive through backward
         loss = loss / micro_steps  # not the sum: a sum would scale the gradient by micro_steps
         loss.backward()  # adds to .grad
         mean += loss.detach()

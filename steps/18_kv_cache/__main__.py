@@ -161,7 +161,7 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
         last = i == micro_steps - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():  # all-reduce once
             with autocast(args):
-                loss = model(x, y)[1]  # `_, loss =` would keep the (B, T, vocab) logits alive into the next forward
+                loss = model(x, y)[1]  # `_, loss =` would keep the (B, T, vocab) logits alive through backward
             loss = loss / micro_steps  # not the sum: a sum would scale the gradient by micro_steps
             loss.backward()  # adds to .grad; in the last micro-step DDP also averages .grad over the ranks
         mean += loss.detach()
