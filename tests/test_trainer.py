@@ -88,8 +88,7 @@ def test_before_step_14_no_parameter_is_decayed(step, finished, tmp_path):
 @pytest.mark.main_needs("Loader")
 def test_a_training_forwards_logits_are_freed_before_its_backward(step, tmp_path, monkeypatch):
     # The logits, (B, T, vocab_size), are the largest tensor of a forward pass: 206 MB a sequence of 1024 in fp32.
-    # Nothing in backward needs them, and kept under a name they would add to its peak (and, with `_, loss =`,
-    # stay through the optimizer step into the next forward).
+    # Nothing in backward needs them; kept under a name (`_, loss =`), they would add to its peak.
     returned = []  # a weak reference to each training forward's logits: it dies with them
     forward, backward = step.model.GPT.forward, torch.Tensor.backward
 
