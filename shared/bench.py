@@ -13,15 +13,18 @@ device unless --no-compile; the compile time is reported apart and is not in ms/
 
 The machine's own noise is measured, not assumed away: the rows run in --rounds rounds, every row once a round
 (--warmup iterations, then --iters timed ones), in a rotated order, so that a slow minute of the machine hits
-every row alike. A row's ms/iter is the median of all its timed iterations, its spread the range of its rounds'
-medians over that median. The last step's row runs once more at the end of every round, as a control: its two
-rows differ only by the noise.
+every row alike. On a CPU each timed iteration also has a clock beside it: a 2048 x 2048 matmul timed just before
+and just after it (outside its ms), which goes slow when the machine does. A row's ms/iter is the median of its
+timed iterations, each scaled to the fastest clock of the run (raw ms: the same without the scaling); its spread
+is the range of its rounds' medians over that median. The last step's row runs once more at the end of every
+round, as a control: its two rows differ only by the noise.
 
 MFU (model FLOPs utilisation) = FLOPs per token x tokens/s / peak FLOP/s. FLOPs per token = 6N + 12 L H Q T:
 6 per parameter (2 forward, 4 backward) plus attention's scores and weighted sums; N counts the parameters
 without the position embeddings (GPT-2's 50257-token vocabulary: the padded ids of step 13 are not useful work),
 L layers, H heads of Q dimensions, T tokens of context. The peak is the datasheet's dense bf16 on the GPUs this
-knows, and on a CPU a large matmul measured in this run (bf16 where the CPU has it, fp32 elsewhere).
+knows, and on a CPU the fastest clock of the run (bf16 where the CPU has it, fp32 elsewhere): an iteration's MFU
+is then its own speed over the matmul's speed beside it.
 """
 import argparse
 import importlib
@@ -111,10 +114,21 @@ def time_step(spec: dict) -> dict:
     the times are the per-iteration ms its own log writes to metrics.jsonl."""
     import torch
 
-    from shared import checkpoint
+    from shared import checkpoint, runlog
 
     main = importlib.import_module(f"steps.{spec['step']}.__main__")
     row = {"dtype": "fp32", "compile": "no", "compile_s": None}
+    after = {}  # iteration -> the clock's tick after it
+    if spec.get("clock"):
+        tick, row["clock_dtype"] = matmul_clock(torch.device("cpu"))
+        log = runlog.RunLog.log
+
+        def log_then_tick(self, it, *args, **kwargs):
+            log(self, it, *args, **kwargs)
+            if it >= spec["warmup"] - 1:
+                after[it] = tick()
+            self.t0 = time.perf_counter()  # the tick is not in the next iteration's ms
+        runlog.RunLog.log = log_then_tick
     main.evaluate = lambda *a, **k: math.nan
     main.show_sample = lambda *a, **k: None
     main.shapes.show = lambda *a, **k: None  # a forward pass of its own, 2 s of GPT-2 on a CPU
@@ -150,9 +164,12 @@ def time_step(spec: dict) -> dict:
             flags += ["--compile" if spec["compile"] else "--no-compile"]
         main.main(flags)
         rows = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
-    ms = [r["ms"] for r in rows if "loss" in r and r["iter"] >= spec["warmup"]]
+    timed = [r for r in rows if "loss" in r and r["iter"] >= spec["warmup"]]
+    ms = [r["ms"] for r in timed]
     row.update(ms=ms, ms_per_iter=statistics.median(ms),
                peak_mem_mb=peak_memory_mb(torch.device(spec["device_type"])))
+    if after:
+        row["clock_ms"] = beside(after, [r["iter"] for r in timed])
     return row
 
 
@@ -182,7 +199,9 @@ def time_reference(spec: dict) -> dict:
     tok = data.gpt2_tokenizer()
     ids = torch.tensor(tok.encode(data.shakespeare()[: 4 * B * T * 8]), device=dev)  # enough text for a few batches
     row = {"dtype": "bf16" if bf16 else "fp32", "compile": "yes" if fast is not model else "no", "compile_s": None}
-    ms = []
+    ms, after = [], {}  # after: iteration -> the clock's tick after it
+    if spec.get("clock"):
+        tick, row["clock_dtype"] = matmul_clock(dev)
     for it in range(-1 if fast is not model else 0, spec["warmup"] + spec["iters"]):  # -1: the call that compiles
         start = time.perf_counter()
         pos = (max(it, 0) * B * T) % (len(ids) - B * T - 1)
@@ -203,33 +222,59 @@ def time_reference(spec: dict) -> dict:
         if it >= spec["warmup"]:
             ms.append(elapsed)
         print(f"iter {it:5d} | loss {loss.item():.4f} | {elapsed:8.2f} ms", flush=True)
+        if spec.get("clock") and it >= spec["warmup"] - 1:
+            after[it] = tick()  # before the next iteration's start
     row.update(ms=ms, ms_per_iter=statistics.median(ms), peak_mem_mb=peak_memory_mb(dev))
+    if after:
+        row["clock_ms"] = beside(after, list(range(spec["warmup"], spec["warmup"] + spec["iters"])))
     return row
 
 
-def measure_peak(spec: dict) -> dict:
-    """The FLOP/s of a large square matmul, the best of several: what this CPU can do at all, in the dtype the
-    steps train in here."""
+CLOCK_N = 2048  # the clock's matmul is CLOCK_N x CLOCK_N by CLOCK_N x CLOCK_N: 2 CLOCK_N^3 FLOPs
+
+
+def matmul_clock(dev):
+    """tick() -> the ms of one large matmul now (the median of 5), in bf16 where this CPU has it, fp32 elsewhere.
+    A shared machine's speed drifts by 20% and more over tens of seconds, and the training iterations drift with
+    the matmul: make bench prints how closely (the correlation)."""
     import torch
 
     from shared import device
 
-    dev = device.pick(spec["device"])
     dtype = torch.bfloat16 if device.bf16_native(dev)[0] else torch.float32
-    n = 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best = math.inf
-    for _ in range(12):  # the first ones warm the caches and the thread pool
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return {"peak_tflops": 2 * n**3 / best / 1e12, "peak_source": f"measured: a {n} x {n} matmul in "
-            f"{str(dtype).removeprefix('torch.')}, the best of 12, {torch.get_num_threads()} threads"}
+    a, b = torch.randn(CLOCK_N, CLOCK_N, dtype=dtype), torch.randn(CLOCK_N, CLOCK_N, dtype=dtype)
+    a @ b  # the first call warms the thread pool
+
+    def tick() -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times)
+    return tick, str(dtype).removeprefix("torch.")
+
+
+def together(runs: dict[str, list[dict]]) -> float:
+    """The correlation of each timed iteration's raw ms (over the median of its row's, so that the rows line up) with
+    the clock beside it: near 1 when the machine's drift slows the iterations and the matmul alike. runs: a row's
+    label -> its runs, one a round."""
+    x, y = [], []
+    for done in runs.values():
+        median = statistics.median(m for row in done for m in row["ms"])
+        x += [m / median for row in done for m in row["ms"]]
+        y += [c for row in done for c in row["clock_ms"]]
+    return statistics.correlation(x, y) if len(x) > 2 and len(set(x)) > 1 and len(set(y)) > 1 else math.nan
+
+
+def beside(after: dict[int, float], timed: list[int]) -> list[float]:
+    """The clock beside each timed iteration: the mean of the ticks after the iteration before it and after it."""
+    return [statistics.mean([after[j] for j in (i - 1, i) if j in after]) for i in timed]
 
 
 def worker(spec: dict) -> None:
     kind = spec["kind"]
-    row = measure_peak(spec) if kind == "peak" else time_reference(spec) if kind == REFERENCE else time_step(spec)
+    row = time_reference(spec) if kind == REFERENCE else time_step(spec)
     print(RESULT + json.dumps(row), flush=True)
 
 
@@ -262,16 +307,17 @@ def cuda_peak(name: str, given: float | None) -> tuple[float | None, str]:
 
 
 def table(rows: list[dict], flops: int) -> str:
-    head = (f"{'step':<22} {'ms/iter':>9} {'spread':>7} {'tokens/s':>9} {'vs 10':>6} {'MFU':>6} {'peak MB':>8}  "
-            f"dtype {'compile':>8}  lesson")
+    head = (f"{'step':<22} {'ms/iter':>9} {'spread':>7} {'raw ms':>8} {'tokens/s':>9} {'vs 10':>6} {'MFU':>6} "
+            f"{'peak MB':>8}  dtype {'compile':>8}  lesson")
     base = next((r["tok_per_s"] for r in rows if r["step"].startswith("10_")), None)
     lines = [head, "-" * len(head)]
     for r in rows:
         speedup = f"{r['tok_per_s'] / base:5.2f}x" if base else "     -"
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "     -"
         compiled = f"{r['compile_s']:6.0f} s" if r["compile_s"] is not None else "      no"
-        lines.append(f"{r['step']:<22} {r['ms_per_iter']:9.1f} {100 * r['spread']:6.1f}% {r['tok_per_s']:9,.0f} "
-                     f"{speedup:>6} {mfu:>6} {r['peak_mem_mb']:8,.0f}  {r['dtype']:<5} {compiled:>8}  {r['lesson']}")
+        lines.append(f"{r['step']:<22} {r['ms_per_iter']:9.1f} {100 * r['spread']:6.1f}% {r['raw_ms_per_iter']:8.1f} "
+                     f"{r['tok_per_s']:9,.0f} {speedup:>6} {mfu:>6} {r['peak_mem_mb']:8,.0f}  {r['dtype']:<5} "
+                     f"{compiled:>8}  {r['lesson']}")
     return "\n".join(lines) + f"\nFLOPs per token = 6N + 12 L H Q T = {flops:,}"
 
 
@@ -306,9 +352,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=cli.positive_int, help="B; default: 1 on a CPU; on a GPU the smallest "
                    "of the timed steps' own (gpt2: 16 with any of steps 10-16, 64 for steps 17 and 18 alone)")
     p.add_argument("--seq-len", type=cli.positive_int, help="T; default: the preset's (1024 for gpt2)")
-    p.add_argument("--rounds", type=cli.positive_int, default=3, help="rounds of every row, in a rotated order, the "
-                   "last step's row again at the end of each as a control (default: 3)")
-    p.add_argument("--iters", type=cli.positive_int, help="timed iterations a row a round (default: 2 on a CPU, "
+    p.add_argument("--rounds", type=cli.positive_int, help="rounds of every row, in a rotated order, the last step's "
+                   "row again at the end of each as a control (default: 2 on a CPU, 3 on a GPU)")
+    p.add_argument("--iters", type=cli.positive_int, help="timed iterations a row a round (default: 4 on a CPU, "
                    "10 on a GPU)")
     p.add_argument("--warmup", type=cli.non_negative_int, help="iterations a row a round before the timed ones "
                    "(default: 3 on a CPU, 5 on a GPU)")
@@ -347,11 +393,12 @@ def main(argv=None):
     # 3 warm-up iterations on a CPU: each of the first iterations touches memory the process never had, and every
     # new page costs a fault (on a VM with free page reporting, one in the host as well); a step that does not
     # compile runs its first forward and backward in iteration 0, a compiled one while compiling (the README's ladder)
-    iters, warmup = args.iters or (10 if gpu else 2), args.warmup if args.warmup is not None else (5 if gpu else 3)
-    rounds = args.rounds
+    # on a CPU, 2 rounds of 4: the clock scales out the drift between the rounds, and every process costs ~25 s
+    iters, warmup = args.iters or (10 if gpu else 4), args.warmup if args.warmup is not None else (5 if gpu else 3)
+    rounds = args.rounds or (3 if gpu else 2)
     common = dict(device=args.device, device_type=dev.type, preset=args.preset, model=model, batch_size=B,
                   seq_len=T, iters=iters, warmup=warmup, compile=not args.no_compile,
-                  keep_freed_memory=not args.returned_memory)
+                  keep_freed_memory=not args.returned_memory, clock=dev.type == "cpu")
     flops = flops_per_token(**model, seq_len=T)
     name = torch.cuda.get_device_name(dev) if gpu else cpu_name()
     print(f"make bench on {name} ({dev.type}, torch {torch.__version__}, {torch.get_num_threads()} threads): "
@@ -362,10 +409,8 @@ def main(argv=None):
     print(f"FLOPs per token = 6N + 12 L H Q T = {flops:,} (N without the position embeddings)")
     if gpu:
         peak, source = cuda_peak(name, args.peak_tflops)
-    elif args.peak_tflops:
+    else:  # the fastest clock of the run, unless given
         peak, source = args.peak_tflops, "--peak-tflops"
-    else:  # measured at the start of every round, the best kept: one slow minute once halved it (MFU over 100%)
-        peak, source = None, "measured"
     if peak:
         print(f"peak: {peak:.3f} TFLOP/s ({source})")
 
@@ -375,22 +420,29 @@ def main(argv=None):
     for r in range(rounds):
         order = labels[r % len(labels):] + labels[: r % len(labels)] + [control]  # rotated; the control last
         print(f"round {r + 1} of {rounds}: {', '.join(order)}", flush=True)
-        if not gpu and not args.peak_tflops:
-            measured = run_worker({**common, "kind": "peak"}, "peak")
-            print(f"  peak               {measured['peak_tflops']:.3f} TFLOP/s", flush=True)
-            if peak is None or measured["peak_tflops"] > peak:
-                peak, source = measured["peak_tflops"], measured["peak_source"] + f", the best of {rounds} rounds"
         for label in order:
             kind = steps[-1] if label == control else label
             row = run_worker({**common, "kind": kind, "step": kind}, label)
             runs[label].append(row)
-            print(f"  {label:<18} {statistics.median(row['ms']):,.1f} ms/iter", flush=True)
+            clock = f", the clock {statistics.median(row['clock_ms']):.1f} ms" if "clock_ms" in row else ""
+            print(f"  {label:<18} {statistics.median(row['ms']):,.1f} ms/iter raw{clock}", flush=True)
 
+    done_rows = [row for done in runs.values() for row in done]
+    fastest = min((c for row in done_rows for c in row.get("clock_ms", [])), default=None)
+    if fastest:  # each iteration scaled to the fastest clock of the run: the machine at its best minute
+        for row in done_rows:
+            row["scaled"] = [m * fastest / c for m, c in zip(row["ms"], row["clock_ms"])]
+        clocks = sum(len(row["clock_ms"]) for row in done_rows)
+        if not peak:
+            peak = 2 * CLOCK_N**3 / (fastest / 1000) / 1e12
+            source = (f"measured: a {CLOCK_N} x {CLOCK_N} matmul in {done_rows[0]['clock_dtype']}, "
+                      f"{torch.get_num_threads()} threads, the fastest of the {clocks} clocks beside the timed "
+                      "iterations (each the median of 5)")
     rows = []
     for label, done in runs.items():
         kind = steps[-1] if label == control else label
-        ms = [m for row in done for m in row["ms"]]
-        medians = [statistics.median(row["ms"]) for row in done]
+        ms = [m for row in done for m in row.get("scaled", row["ms"])]
+        medians = [statistics.median(row.get("scaled", row["ms"])) for row in done]
         ms_per_iter = statistics.median(ms)
         tok_per_s = B * T / (ms_per_iter / 1000)
         compile_s = [row["compile_s"] for row in done if row["compile_s"] is not None]
@@ -398,12 +450,15 @@ def main(argv=None):
                      else "the same row again: the machine's noise" if label == control
                      else re.split(r"[:(,]", lesson(kind))[0].strip(),
                      "ms_per_iter": round(ms_per_iter, 2),
+                     "raw_ms_per_iter": round(statistics.median(m for row in done for m in row["ms"]), 2),
                      "spread": round((max(medians) - min(medians)) / ms_per_iter, 4),
                      "round_ms": [round(m, 2) for m in medians], "tok_per_s": round(tok_per_s, 1),
                      "mfu": round(flops * tok_per_s / (peak * 1e12), 4) if peak else None,
                      "peak_mem_mb": round(max(row["peak_mem_mb"] for row in done), 1), "dtype": done[0]["dtype"],
                      "compile": done[0]["compile"], "compile_s": round(statistics.median(compile_s), 1)
-                     if compile_s else None})
+                     if compile_s else None,
+                     "raw_ms": [round(m, 2) for row in done for m in row["ms"]],
+                     "clock_ms": [round(c, 3) for row in done for c in row.get("clock_ms", [])]})
 
     print(f"\npeak: {f'{peak:.3f} TFLOP/s' if peak else 'unknown'} ({source})")
     print(table(rows, flops))
@@ -411,10 +466,18 @@ def main(argv=None):
     print(f"noise: the control row ({control}) differs from {steps[-1]} by "
           f"{100 * abs(again['ms_per_iter'] - first['ms_per_iter']) / first['ms_per_iter']:.1f}%; a row's spread is "
           f"the range of its {rounds} rounds' medians. Compile times are not in ms/iter.")
+    if fastest:
+        every = sorted(c for row in done_rows for c in row["clock_ms"])
+        r = together(runs)
+        print(f"the clock ({CLOCK_N} x {CLOCK_N} matmul, {done_rows[0]['clock_dtype']}) beside the {len(every)} timed "
+              f"iterations: fastest {every[0]:.1f} ms, median {statistics.median(every):.1f} ms, slowest "
+              f"{every[-1]:.1f} ms; ms/iter is each iteration scaled to the fastest, raw ms is without the scaling. "
+              f"The clock and the iterations' raw ms (each over its row's median): correlation {r:.2f}.")
     machine = {"device": name, "device_type": dev.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "peak_tflops": peak, "peak_source": source, "preset": args.preset, **model, "batch_size": B,
                "seq_len": T, "rounds": rounds, "warmup": warmup, "iters": iters, "compile": not args.no_compile,
-               "keep_freed_memory": not args.returned_memory,
+               "keep_freed_memory": not args.returned_memory, "fastest_clock_ms": fastest,
+               "clock_correlation": round(together(runs), 3) if fastest else None,
                "flops_per_token": flops, "minutes": round((time.perf_counter() - began) / 60, 1),
                "command": "make bench" + (f' ARGS="{" ".join(sys.argv[1:])}"' if argv is None and sys.argv[1:] else "")}
     args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")

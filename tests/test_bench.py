@@ -3,6 +3,7 @@ speeds are what `make bench` measures, on the machine it runs on."""
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,7 +75,7 @@ def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys)
                 "1", "--no-compile", "--peak-tflops", "1", "--device", "cpu", "--no-reference", "--json",
                 str(tmp_path / "b.json")])
     printed = capsys.readouterr().out
-    assert "15_grad_accum" in printed and "6N + 12 L H Q T" in printed
+    assert "15_grad_accum" in printed and "6N + 12 L H Q T" in printed and "raw ms" in printed
     result = json.loads((tmp_path / "b.json").read_text())
     row, control = result["rows"]
     assert row["step"] == "15_grad_accum" and row["tok_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_mb"] > 0
@@ -83,15 +84,41 @@ def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys)
     assert (tmp_path / "b.svg").read_text().startswith("<svg")
 
 
-def test_a_steps_worker_times_its_iterations_without_the_shapes_printout():
+@pytest.fixture(scope="module")
+def steps_worker():
+    """One run of a step's worker process on the CPU (tiny sizes): its output and its row."""
     spec = dict(kind="15_grad_accum", step="15_grad_accum", device="cpu", device_type="cpu", preset="tiny",
-                batch_size=1, seq_len=16, warmup=1, iters=2, compile=False)
+                batch_size=1, seq_len=16, warmup=1, iters=2, compile=False, clock=True)
     r = subprocess.run([sys.executable, "-m", "shared.bench", "--worker", json.dumps(spec)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "shapes through one forward pass" not in r.stdout  # a forward pass of its own, not an iteration
-    row = json.loads(r.stdout.splitlines()[-1].removeprefix(bench.RESULT))
+    return r.stdout, json.loads(r.stdout.splitlines()[-1].removeprefix(bench.RESULT))
+
+
+def test_a_steps_worker_times_its_iterations_without_the_shapes_printout(steps_worker):
+    out, row = steps_worker
+    assert "shapes through one forward pass" not in out  # a forward pass of its own, not an iteration
     assert len(row["ms"]) == 2  # the warm-up iteration is not among the timed ones
+
+
+def test_a_steps_worker_on_a_cpu_has_a_clock_beside_each_timed_iteration(steps_worker):
+    _, row = steps_worker
+    assert len(row["clock_ms"]) == len(row["ms"]) == 2 and min(row["clock_ms"]) > 0
+
+
+def test_the_clock_beside_an_iteration_is_the_mean_of_the_ticks_before_and_after_it():
+    assert bench.beside({2: 10.0, 3: 12.0, 4: 14.0}, [3, 4]) == [11.0, 13.0]
+    assert bench.beside({0: 10.0, 1: 12.0}, [0, 1]) == [10.0, 11.0]  # no warm-up: no tick before iteration 0
+
+
+def test_the_clocks_ticks_are_not_in_the_iterations_ms(monkeypatch):
+    def slow_clock(dev):
+        return (lambda: time.sleep(0.3) or 1.0), "float32"  # a tick of 300 ms: far longer than a tiny iteration
+    monkeypatch.setattr(bench, "matmul_clock", slow_clock)
+    spec = dict(device="cpu", model=dict(n_layer=1, n_head=2, n_embd=32), batch_size=1, seq_len=16, warmup=1, iters=3,
+                compile=False, clock=True)
+    row = bench.time_reference(spec)
+    assert row["clock_ms"] == [1.0] * 3 and max(row["ms"]) < 300
 
 
 def test_the_reference_row_trains_transformers_gpt2_with_sdpa():
@@ -111,14 +138,20 @@ def test_a_compiled_reference_row_reports_its_compile_time_apart_from_its_iterat
 @pytest.fixture
 def scripted_rows(monkeypatch):
     """bench.main with the workers replaced: each run of a row returns the next of the ms lists given for it."""
-    def script(ms_by_row: dict, *flags):
+    def script(ms_by_row: dict, *flags, peak="1"):
+        """ms_by_row: a row's label -> one entry a run: its ms, or (its ms, the clock beside each)."""
         asked, left = [], {k: list(v) for k, v in ms_by_row.items()}
 
         def run_worker(spec, label):
             asked.append((label, spec["compile"]))
-            return {"ms": left[label].pop(0), "compile_s": None, "compile": "no", "dtype": "fp32", "peak_mem_mb": 1.0}
+            ms, clock = left[label].pop(0), None
+            if isinstance(ms, tuple):
+                ms, clock = ms
+            row = {"ms": ms, "compile_s": None, "compile": "no", "dtype": "fp32", "peak_mem_mb": 1.0}
+            return {**row, "clock_ms": clock, "clock_dtype": "float32"} if clock else row
         monkeypatch.setattr(bench, "run_worker", run_worker)
-        bench.main(["--preset", "tiny", "--device", "cpu", "--peak-tflops", "1", "--no-reference", *flags])
+        bench.main(["--preset", "tiny", "--device", "cpu", *(["--peak-tflops", peak] if peak else []),
+                    "--no-reference", *flags])
         return asked
     return script
 
@@ -140,6 +173,29 @@ def test_a_rows_time_is_the_median_of_its_iterations_and_its_spread_the_range_of
     assert row["round_ms"] == [101.0, 111.0, 105.0]
     assert row["spread"] == round((111.0 - 101.0) / 105.0, 4)
     assert control["spread"] == 0.0
+
+
+def test_each_iteration_is_scaled_to_the_fastest_clock_of_the_run(scripted_rows, tmp_path):
+    ms = {"15_grad_accum": [([100.0, 110.0], [20.0, 22.0])], "15_grad_accum again": [([105.0], [21.0])]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))
+    row, control = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert row["ms_per_iter"] == 100.0 and row["raw_ms_per_iter"] == 105.0  # 110 ms at a clock 10% slow: 100 ms
+    assert control["ms_per_iter"] == 100.0
+
+
+def test_without_a_given_peak_the_peak_is_the_fastest_clock_of_the_run(scripted_rows, tmp_path):
+    ms = {"15_grad_accum": [([100.0], [20.0])], "15_grad_accum again": [([100.0], [25.0])]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"), peak=None)
+    machine = json.loads((tmp_path / "b.json").read_text())["machine"]
+    assert machine["peak_tflops"] == pytest.approx(2 * bench.CLOCK_N**3 / 0.020 / 1e12)
+    assert machine["fastest_clock_ms"] == 20.0
+
+
+def test_the_clocks_correlation_with_the_iterations_is_printed_and_kept(scripted_rows, tmp_path, capsys):
+    ms = {"15_grad_accum": [([100.0, 120.0], [20.0, 24.0])], "15_grad_accum again": [([50.0, 60.0], [20.0, 24.0])]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))
+    assert "correlation 1.00." in capsys.readouterr().out  # every iteration's ms moved with its clock
+    assert json.loads((tmp_path / "b.json").read_text())["machine"]["clock_correlation"] == 1.0
 
 
 def test_rows_are_compiled_unless_no_compile_is_given(scripted_rows, tmp_path):
