@@ -1,7 +1,7 @@
 """make bench: the speed ladder of the trainer steps, beside transformers' GPT-2, against the machine's limit.
 
     make bench                                   GPT-2 124M (the gpt2 preset); on a CPU B=1, T=1024
-    make bench ARGS="--steps 10,15 --rounds 2"   two rows, two rounds
+    make bench ARGS="--steps 10,15 --rounds 1"   steps 10 and 15 (and hf_gpt2, and the control), one round
     make bench ARGS="--no-compile"               the eager ladder
 
 Each row is one training iteration (forward, backward, the step's clipping if it has any, optimizer step) on one
@@ -437,7 +437,7 @@ def main(argv=None):
             peak = 2 * CLOCK_N**3 / (fastest / 1000) / 1e12
             source = (f"measured: a {CLOCK_N} x {CLOCK_N} matmul in {done_rows[0]['clock_dtype']}, "
                       f"{torch.get_num_threads()} threads, the fastest of the {clocks} clocks beside the timed "
-                      "iterations (each the median of 5)")
+                      "iterations (each the mean of the ticks before and after one, a tick the median of 5)")
     rows = []
     for label, done in runs.items():
         kind = steps[-1] if label == control else label
