@@ -464,15 +464,18 @@ def main(argv=None):
     print(table(rows, flops))
     first, again = rows[len(steps) - 1], rows[-1]
     print(f"noise: the control row ({control}) differs from {steps[-1]} by "
-          f"{100 * abs(again['ms_per_iter'] - first['ms_per_iter']) / first['ms_per_iter']:.1f}%; a row's spread is "
-          f"the range of its {rounds} rounds' medians. Compile times are not in ms/iter.")
+          f"{100 * abs(again['ms_per_iter'] - first['ms_per_iter']) / first['ms_per_iter']:.1f}%; "
+          + (f"a row's spread is the range of its {rounds} rounds' medians. " if rounds > 1 else
+             "a spread needs 2 rounds or more. ") + "Compile times are not in ms/iter.")
     if fastest:
         every = sorted(c for row in done_rows for c in row["clock_ms"])
         r = together(runs)
         print(f"the clock ({CLOCK_N} x {CLOCK_N} matmul, {done_rows[0]['clock_dtype']}) beside the {len(every)} timed "
               f"iterations: fastest {every[0]:.1f} ms, median {statistics.median(every):.1f} ms, slowest "
               f"{every[-1]:.1f} ms; ms/iter is each iteration scaled to the fastest, raw ms is without the scaling. "
-              f"The clock and the iterations' raw ms (each over its row's median): correlation {r:.2f}.")
+              f"The clock and the iterations' raw ms (each over its row's median): correlation {r:.2f}"
+              + (" (the clock moved by less than 5%: too little for the correlation to say much)."
+                 if every[-1] < 1.05 * every[0] else "."))
     machine = {"device": name, "device_type": dev.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "peak_tflops": peak, "peak_source": source, "preset": args.preset, **model, "batch_size": B,
                "seq_len": T, "rounds": rounds, "warmup": warmup, "iters": iters, "compile": not args.no_compile,

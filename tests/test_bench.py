@@ -198,6 +198,18 @@ def test_the_clocks_correlation_with_the_iterations_is_printed_and_kept(scripted
     assert json.loads((tmp_path / "b.json").read_text())["machine"]["clock_correlation"] == 1.0
 
 
+def test_a_clock_that_hardly_moved_is_said_to_say_little(scripted_rows, tmp_path, capsys):
+    ms = {"15_grad_accum": [([100.0, 120.0], [20.0, 20.5])], "15_grad_accum again": [([100.0, 100.0], [20.0, 20.0])]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))
+    assert "the clock moved by less than 5%" in capsys.readouterr().out
+
+
+def test_one_round_has_no_spread_to_speak_of(scripted_rows, tmp_path, capsys):
+    ms = {"15_grad_accum": [[100.0]], "15_grad_accum again": [[100.0]]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))
+    assert "a spread needs 2 rounds or more" in capsys.readouterr().out
+
+
 def test_rows_are_compiled_unless_no_compile_is_given(scripted_rows, tmp_path):
     ms = {"15_grad_accum": [[1.0]] * 2, "15_grad_accum again": [[1.0]] * 2}
     compiled = scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "a.json"))
