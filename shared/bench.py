@@ -429,7 +429,7 @@ def main(argv=None):
 
     done_rows = [row for done in runs.values() for row in done]
     fastest = min((c for row in done_rows for c in row.get("clock_ms", [])), default=None)
-    if fastest:  # each iteration scaled to the fastest clock of the run: the machine at its best minute
+    if fastest:  # each iteration scaled to the fastest clock of the run: the machine at its best moment
         for row in done_rows:
             row["scaled"] = [m * fastest / c for m, c in zip(row["ms"], row["clock_ms"])]
         clocks = sum(len(row["clock_ms"]) for row in done_rows)
