@@ -13,18 +13,20 @@ device unless --no-compile; the compile time is reported apart and is not in ms/
 
 The machine's own noise is measured, not assumed away: the rows run in --rounds rounds, every row once a round
 (--warmup iterations, then --iters timed ones), in a rotated order, so that a slow minute of the machine hits
-every row alike. On a CPU each timed iteration also has a clock beside it: a 2048 x 2048 matmul timed just before
-and just after it (outside its ms), which goes slow when the machine does. A row's ms/iter is the median of its
-timed iterations, each scaled to the fastest clock of the run (raw ms: the same without the scaling); its spread
-is the range of its rounds' medians over that median. The last step's row runs once more at the end of every
-round, as a control: its two rows differ only by the noise.
+every row alike. A row's ms/iter is the median of its timed iterations; its spread is the range of its rounds'
+medians over that median. The last step's row runs once more at the end of every round, as a control: its two rows
+differ only by the noise. On a CPU a worker also touches --heap-pad-mb of new heap after its warm-up and frees it
+(glibc keeps it): a process's heap keeps growing for many iterations, and each new page is a page fault that an
+iteration would otherwise pay for in its ms. The faults of the timed iterations are counted and printed. And each
+timed iteration has a clock beside it: a 2048 x 2048 matmul timed just before and just after it (outside its ms),
+which shows how fast the machine was then (a row's median is in the clock column).
 
 MFU (model FLOPs utilisation) = FLOPs per token x tokens/s / peak FLOP/s. FLOPs per token = 6N + 12 L H Q T:
 6 per parameter (2 forward, 4 backward) plus attention's scores and weighted sums; N counts the parameters
 without the position embeddings (GPT-2's 50257-token vocabulary: the padded ids of step 13 are not useful work),
 L layers, H heads of Q dimensions, T tokens of context. The peak is the datasheet's dense bf16 on the GPUs this
-knows, and on a CPU the fastest clock of the run (bf16 where the CPU has it, fp32 elsewhere): an iteration's MFU
-is then its own speed over the matmul's speed beside it.
+knows, and on a CPU the median clock of the run (bf16 where the CPU has it, fp32 elsewhere): the iterations' speed
+over the matmul's, both at the run's typical moment.
 """
 import argparse
 import importlib
@@ -32,6 +34,7 @@ import json
 import math
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +54,11 @@ RESULT = "bench-result: "  # a worker's last line: this, then its row as JSON
 # long. The workers keep freed memory for reuse instead (glibc's environment variables; other C libraries ignore
 # them). make step does not set them: see the README's ladder.
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+# Even so, a process's heap keeps growing for a dozen iterations and more (its free pieces no longer fit), and each
+# new page is a page fault: one of step 11's timed iterations had 75,248 and took 2,162 ms, against 1,565-1,777 ms
+# for those with none (the README's ladder). On a CPU the workers touch this much new heap after the warm-up and
+# free it, and glibc keeps it: see grow_heap.
+HEAP_PAD_MB = 2048
 
 
 def trainer_steps() -> list[str]:
@@ -121,12 +129,18 @@ def time_step(spec: dict) -> dict:
     after = {}  # iteration -> the clock's tick after it
     if spec.get("clock"):
         tick, row["clock_dtype"] = matmul_clock(torch.device("cpu"))
-        log = runlog.RunLog.log
+        log, row["faults"], since = runlog.RunLog.log, [], [minor_faults()]
 
         def log_then_tick(self, it, *args, **kwargs):
             log(self, it, *args, **kwargs)
+            if it >= spec["warmup"]:
+                row["faults"].append(minor_faults() - since[0])
+            if it == spec["warmup"] - 1 and spec.get("heap_pad_mb"):
+                row["peak_mem_mb"] = peak_memory_mb(torch.device("cpu"))  # before the pad, which would count
+                grow_heap(spec["heap_pad_mb"])
             if it >= spec["warmup"] - 1:
                 after[it] = tick()
+            since[0] = minor_faults()
             self.t0 = time.perf_counter()  # the tick is not in the next iteration's ms
         runlog.RunLog.log = log_then_tick
     main.evaluate = lambda *a, **k: math.nan
@@ -166,8 +180,9 @@ def time_step(spec: dict) -> dict:
         rows = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "loss" in r and r["iter"] >= spec["warmup"]]
     ms = [r["ms"] for r in timed]
-    row.update(ms=ms, ms_per_iter=statistics.median(ms),
-               peak_mem_mb=peak_memory_mb(torch.device(spec["device_type"])))
+    row.update(ms=ms, ms_per_iter=statistics.median(ms))
+    if "peak_mem_mb" not in row:  # taken before the pad where there was one
+        row["peak_mem_mb"] = peak_memory_mb(torch.device(spec["device_type"]))
     if after:
         row["clock_ms"] = beside(after, [r["iter"] for r in timed])
     return row
@@ -202,7 +217,9 @@ def time_reference(spec: dict) -> dict:
     ms, after = [], {}  # after: iteration -> the clock's tick after it
     if spec.get("clock"):
         tick, row["clock_dtype"] = matmul_clock(dev)
+        row["faults"] = []
     for it in range(-1 if fast is not model else 0, spec["warmup"] + spec["iters"]):  # -1: the call that compiles
+        faults = minor_faults()
         start = time.perf_counter()
         pos = (max(it, 0) * B * T) % (len(ids) - B * T - 1)
         x, y = ids[pos : pos + B * T].view(B, T), ids[pos + 1 : pos + B * T + 1].view(B, T)  # (B, T) each
@@ -221,13 +238,34 @@ def time_reference(spec: dict) -> dict:
             continue
         if it >= spec["warmup"]:
             ms.append(elapsed)
+            if spec.get("clock"):
+                row["faults"].append(minor_faults() - faults)
         print(f"iter {it:5d} | loss {loss.item():.4f} | {elapsed:8.2f} ms", flush=True)
+        if it == spec["warmup"] - 1 and spec.get("heap_pad_mb"):
+            row["peak_mem_mb"] = peak_memory_mb(dev)  # before the pad, which would count
+            grow_heap(spec["heap_pad_mb"])
         if spec.get("clock") and it >= spec["warmup"] - 1:
             after[it] = tick()  # before the next iteration's start
-    row.update(ms=ms, ms_per_iter=statistics.median(ms), peak_mem_mb=peak_memory_mb(dev))
+    row.update(ms=ms, ms_per_iter=statistics.median(ms))
+    if "peak_mem_mb" not in row:  # taken before the pad where there was one
+        row["peak_mem_mb"] = peak_memory_mb(dev)
     if after:
         row["clock_ms"] = beside(after, list(range(spec["warmup"], spec["warmup"] + spec["iters"])))
     return row
+
+
+def minor_faults() -> int:
+    """The page faults this process has taken so far that needed no disk: a new page of memory is one."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def grow_heap(mb: int) -> None:
+    """Touches mb MB of new heap and frees it. glibc keeps it (the workers' KEEP_FREED_MEMORY), so a timed iteration
+    that grows the heap finds those pages faulted in already, as they would be after a long run."""
+    import torch
+
+    pad = torch.ones(mb * 2**20, dtype=torch.uint8)  # written: every page faulted in
+    del pad
 
 
 CLOCK_N = 2048  # the clock's matmul is CLOCK_N x CLOCK_N by CLOCK_N x CLOCK_N: 2 CLOCK_N^3 FLOPs
@@ -235,8 +273,8 @@ CLOCK_N = 2048  # the clock's matmul is CLOCK_N x CLOCK_N by CLOCK_N x CLOCK_N: 
 
 def matmul_clock(dev):
     """tick() -> the ms of one large matmul now (the median of 5), in bf16 where this CPU has it, fp32 elsewhere.
-    A shared machine's speed drifts by 20% and more over tens of seconds, and the training iterations drift with
-    the matmul: make bench prints how closely (the correlation)."""
+    A shared machine's speed drifts over tens of seconds; make bench prints how closely the training iterations
+    drift with the matmul (the correlation)."""
     import torch
 
     from shared import device
@@ -256,7 +294,7 @@ def matmul_clock(dev):
 
 
 def together(runs: dict[str, list[dict]]) -> float:
-    """The correlation of each timed iteration's raw ms (over the median of its row's, so that the rows line up) with
+    """The correlation of each timed iteration's ms (over the median of its row's, so that the rows line up) with
     the clock beside it: near 1 when the machine's drift slows the iterations and the matmul alike. runs: a row's
     label -> its runs, one a round."""
     x, y = [], []
@@ -307,7 +345,7 @@ def cuda_peak(name: str, given: float | None) -> tuple[float | None, str]:
 
 
 def table(rows: list[dict], flops: int) -> str:
-    head = (f"{'step':<22} {'ms/iter':>9} {'spread':>7} {'raw ms':>8} {'tokens/s':>9} {'vs 10':>6} {'MFU':>6} "
+    head = (f"{'step':<22} {'ms/iter':>9} {'spread':>7} {'clock ms':>8} {'tokens/s':>9} {'vs 10':>6} {'MFU':>6} "
             f"{'peak MB':>8}  dtype {'compile':>8}  lesson")
     base = next((r["tok_per_s"] for r in rows if r["step"].startswith("10_")), None)
     lines = [head, "-" * len(head)]
@@ -315,7 +353,8 @@ def table(rows: list[dict], flops: int) -> str:
         speedup = f"{r['tok_per_s'] / base:5.2f}x" if base else "     -"
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "     -"
         compiled = f"{r['compile_s']:6.0f} s" if r["compile_s"] is not None else "      no"
-        lines.append(f"{r['step']:<22} {r['ms_per_iter']:9.1f} {100 * r['spread']:6.1f}% {r['raw_ms_per_iter']:8.1f} "
+        clock = f"{r['clock_ms_median']:8.1f}" if r["clock_ms_median"] is not None else "       -"
+        lines.append(f"{r['step']:<22} {r['ms_per_iter']:9.1f} {100 * r['spread']:6.1f}% {clock:>8} "
                      f"{r['tok_per_s']:9,.0f} {speedup:>6} {mfu:>6} {r['peak_mem_mb']:8,.0f}  {r['dtype']:<5} "
                      f"{compiled:>8}  {r['lesson']}")
     return "\n".join(lines) + f"\nFLOPs per token = 6N + 12 L H Q T = {flops:,}"
@@ -367,6 +406,9 @@ def main(argv=None):
     p.add_argument("--no-reference", action="store_true", help="leave out the transformers GPT-2 row")
     p.add_argument("--returned-memory", action="store_true", help="leave glibc's default: freed buffers over 32 MB "
                    "go back to the kernel and fault in again, as under make step (by default the workers keep them)")
+    p.add_argument("--heap-pad-mb", type=cli.non_negative_int, help="on a CPU, the MB of new heap each worker "
+                   f"touches after its warm-up and frees, for the timed iterations to grow into without page faults "
+                   f"(default: {HEAP_PAD_MB:,}; 0: none, to see the faults)")
     p.add_argument("--peak-tflops", type=cli.positive_float, help="the peak TFLOP/s for the MFU column: for a GPU "
                    "this does not know (A100, H100 and H200 it does); on a CPU it replaces the measured peak")
     p.add_argument("--generate", action="store_true", help="time generation instead: greedy decoding, batch 1, with "
@@ -374,6 +416,10 @@ def main(argv=None):
     p.add_argument("--prompt-tokens", type=cli.positive_int, default=32, help="with --generate: the prompt's length")
     p.add_argument("--new-tokens", type=cli.positive_int, default=256, help="with --generate: tokens to write")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.heap_pad_mb and args.returned_memory:
+        p.error("--heap-pad-mb with --returned-memory: glibc would hand the pad straight back (drop one of them)")
+    if args.heap_pad_mb and args.warmup == 0:
+        p.error("--heap-pad-mb with --warmup 0: the pad is grown after the warm-up, and there is none (drop one of them)")
     if args.generate:
         return generation(args)
 
@@ -393,23 +439,26 @@ def main(argv=None):
     # 3 warm-up iterations on a CPU: each of the first iterations touches memory the process never had, and every
     # new page costs a fault (on a VM with free page reporting, one in the host as well); a step that does not
     # compile runs its first forward and backward in iteration 0, a compiled one while compiling (the README's ladder)
-    # on a CPU, 2 rounds of 4: the clock scales out the drift between the rounds, and every process costs ~25 s
+    # on a CPU, 2 rounds of 4: every process costs ~25 s, and 2 rounds keep the run near 10 minutes on 2 cores
     iters, warmup = args.iters or (10 if gpu else 4), args.warmup if args.warmup is not None else (5 if gpu else 3)
     rounds = args.rounds or (3 if gpu else 2)
     common = dict(device=args.device, device_type=dev.type, preset=args.preset, model=model, batch_size=B,
                   seq_len=T, iters=iters, warmup=warmup, compile=not args.no_compile,
-                  keep_freed_memory=not args.returned_memory, clock=dev.type == "cpu")
+                  keep_freed_memory=not args.returned_memory, clock=dev.type == "cpu",
+                  heap_pad_mb=0 if dev.type != "cpu" or args.returned_memory or warmup == 0 else
+                  HEAP_PAD_MB if args.heap_pad_mb is None else args.heap_pad_mb)
     flops = flops_per_token(**model, seq_len=T)
     name = torch.cuda.get_device_name(dev) if gpu else cpu_name()
     print(f"make bench on {name} ({dev.type}, torch {torch.__version__}, {torch.get_num_threads()} threads): "
           f"{args.preset} preset, B={B}, T={T}; {rounds} round{'s' * (rounds > 1)} of every row, {warmup} warm-up + "
           f"{iters} timed iterations a row a round; "
           f"{'eager' if args.no_compile else 'compiled where the step compiles'}; freed memory "
-          f"{'returned to the kernel (glibc default)' if args.returned_memory else 'kept for reuse (glibc)'}")
+          f"{'returned to the kernel (glibc default)' if args.returned_memory else 'kept for reuse (glibc)'}"
+          + (f", {common['heap_pad_mb']:,} MB of heap grown after the warm-up" if common["heap_pad_mb"] else ""))
     print(f"FLOPs per token = 6N + 12 L H Q T = {flops:,} (N without the position embeddings)")
     if gpu:
         peak, source = cuda_peak(name, args.peak_tflops)
-    else:  # the fastest clock of the run, unless given
+    else:  # the median clock of the run, unless given
         peak, source = args.peak_tflops, "--peak-tflops"
     if peak:
         print(f"peak: {peak:.3f} TFLOP/s ({source})")
@@ -425,24 +474,23 @@ def main(argv=None):
             row = run_worker({**common, "kind": kind, "step": kind}, label)
             runs[label].append(row)
             clock = f", the clock {statistics.median(row['clock_ms']):.1f} ms" if "clock_ms" in row else ""
-            print(f"  {label:<18} {statistics.median(row['ms']):,.1f} ms/iter raw{clock}", flush=True)
+            faults = f", {sum(row['faults']):,} page faults" if "faults" in row else ""
+            print(f"  {label:<18} {statistics.median(row['ms']):,.1f} ms/iter{clock}{faults}", flush=True)
 
     done_rows = [row for done in runs.values() for row in done]
-    fastest = min((c for row in done_rows for c in row.get("clock_ms", [])), default=None)
-    if fastest:  # each iteration scaled to the fastest clock of the run: the machine at its best moment
-        for row in done_rows:
-            row["scaled"] = [m * fastest / c for m, c in zip(row["ms"], row["clock_ms"])]
-        clocks = sum(len(row["clock_ms"]) for row in done_rows)
-        if not peak:
-            peak = 2 * CLOCK_N**3 / (fastest / 1000) / 1e12
-            source = (f"measured: a {CLOCK_N} x {CLOCK_N} matmul in {done_rows[0]['clock_dtype']}, "
-                      f"{torch.get_num_threads()} threads, the fastest of the {clocks} clocks beside the timed "
-                      "iterations (each the mean of the ticks before and after one, a tick the median of 5)")
+    every = sorted(c for row in done_rows for c in row.get("clock_ms", []))  # the clocks of the whole run
+    typical = statistics.median(every) if every else None
+    if typical and not peak:  # the matmul's speed at the run's typical moment, as ms/iter is the iterations'
+        peak = 2 * CLOCK_N**3 / (typical / 1000) / 1e12
+        source = (f"measured: a {CLOCK_N} x {CLOCK_N} matmul in {done_rows[0]['clock_dtype']}, "
+                  f"{torch.get_num_threads()} threads, the median of the {len(every)} clocks beside the timed "
+                  "iterations (each the mean of the ticks before and after one, a tick the median of 5)")
     rows = []
     for label, done in runs.items():
         kind = steps[-1] if label == control else label
-        ms = [m for row in done for m in row.get("scaled", row["ms"])]
-        medians = [statistics.median(row.get("scaled", row["ms"])) for row in done]
+        ms = [m for row in done for m in row["ms"]]
+        medians = [statistics.median(row["ms"]) for row in done]
+        clock = [c for row in done for c in row.get("clock_ms", [])]
         ms_per_iter = statistics.median(ms)
         tok_per_s = B * T / (ms_per_iter / 1000)
         compile_s = [row["compile_s"] for row in done if row["compile_s"] is not None]
@@ -450,15 +498,15 @@ def main(argv=None):
                      else "the same row again: the machine's noise" if label == control
                      else re.split(r"[:(,]", lesson(kind))[0].strip(),
                      "ms_per_iter": round(ms_per_iter, 2),
-                     "raw_ms_per_iter": round(statistics.median(m for row in done for m in row["ms"]), 2),
+                     "clock_ms_median": round(statistics.median(clock), 2) if clock else None,
                      "spread": round((max(medians) - min(medians)) / ms_per_iter, 4),
                      "round_ms": [round(m, 2) for m in medians], "tok_per_s": round(tok_per_s, 1),
                      "mfu": round(flops * tok_per_s / (peak * 1e12), 4) if peak else None,
                      "peak_mem_mb": round(max(row["peak_mem_mb"] for row in done), 1), "dtype": done[0]["dtype"],
                      "compile": done[0]["compile"], "compile_s": round(statistics.median(compile_s), 1)
                      if compile_s else None,
-                     "raw_ms": [round(m, 2) for row in done for m in row["ms"]],
-                     "clock_ms": [round(c, 3) for row in done for c in row.get("clock_ms", [])]})
+                     "ms": [round(m, 2) for m in ms], "clock_ms": [round(c, 3) for c in clock],
+                     "faults": [f for row in done for f in row.get("faults", [])]})
 
     print(f"\npeak: {f'{peak:.3f} TFLOP/s' if peak else 'unknown'} ({source})")
     print(table(rows, flops))
@@ -467,20 +515,29 @@ def main(argv=None):
           f"{100 * abs(again['ms_per_iter'] - first['ms_per_iter']) / first['ms_per_iter']:.1f}%; "
           + (f"a row's spread is the range of its {rounds} rounds' medians. " if rounds > 1 else
              "a spread needs 2 rounds or more. ") + "Compile times are not in ms/iter.")
-    if fastest:
-        every = sorted(c for row in done_rows for c in row["clock_ms"])
+    if every:
         r = together(runs)
         print(f"the clock ({CLOCK_N} x {CLOCK_N} matmul, {done_rows[0]['clock_dtype']}) beside the {len(every)} timed "
-              f"iterations: fastest {every[0]:.1f} ms, median {statistics.median(every):.1f} ms, slowest "
-              f"{every[-1]:.1f} ms; ms/iter is each iteration scaled to the fastest, raw ms is without the scaling. "
-              f"The clock and the iterations' raw ms (each over its row's median): correlation {r:.2f}"
+              f"iterations: fastest {every[0]:.1f} ms, median {typical:.1f} ms, slowest {every[-1]:.1f} ms (a row's "
+              "median in the clock column). The clock and the iterations' ms (each over its row's median): "
+              f"correlation {r:.2f}"
               + (" (the clock moved by less than 5%: too little for the correlation to say much)."
                  if every[-1] < 1.05 * every[0] else "."))
+    faults = [(f, row["step"]) for row in rows for f in row["faults"]]
+    if faults:
+        most, where = max(faults)
+        print(f"page faults in the {len(faults)} timed iterations: {sum(f for f, _ in faults):,}, at most {most:,} in "
+              f"one ({where}); " + (f"each worker touched {common['heap_pad_mb']:,} MB of new heap after its warm-up "
+                                    "and freed it, for the iterations to grow into" if common["heap_pad_mb"] else
+                                    "--returned-memory: glibc hands freed buffers back, so every iteration faults"
+                                    if args.returned_memory else "no warm-up, so no heap grown after it" if warmup == 0 else
+                                    "no heap grown after the warm-up (--heap-pad-mb 0)"))
     machine = {"device": name, "device_type": dev.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "peak_tflops": peak, "peak_source": source, "preset": args.preset, **model, "batch_size": B,
                "seq_len": T, "rounds": rounds, "warmup": warmup, "iters": iters, "compile": not args.no_compile,
-               "keep_freed_memory": not args.returned_memory, "fastest_clock_ms": fastest,
-               "clock_correlation": round(together(runs), 3) if fastest else None,
+               "keep_freed_memory": not args.returned_memory, "heap_pad_mb": common["heap_pad_mb"],
+               "median_clock_ms": typical,
+               "clock_correlation": round(together(runs), 3) if typical else None,
                "flops_per_token": flops, "minutes": round((time.perf_counter() - began) / 60, 1),
                "command": "make bench" + (f' ARGS="{" ".join(sys.argv[1:])}"' if argv is None and sys.argv[1:] else "")}
     args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")

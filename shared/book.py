@@ -248,7 +248,7 @@ def readme_parts(readme: str) -> tuple[str, dict[str, str], dict[str, tuple[str,
     for line in (block[1].splitlines() if block else []):
         cells = line.split()
         if len(cells) > 5 and re.fullmatch(r"\d\d_\w+", cells[0]) and cells[1] != "again":
-            ladder[cells[0]] = (cells[1], cells[2], cells[5])  # ms/iter, spread, raw ms, tokens/s, vs 10
+            ladder[cells[0]] = (cells[1], cells[2], cells[5])  # ms/iter, spread, clock ms, tokens/s, vs 10
     return intro, refs, ladder
 
 

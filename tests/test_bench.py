@@ -1,6 +1,8 @@
 """make bench (shared/bench.py): what it computes and writes, and the flags it refuses. No timing is asserted here:
 speeds are what `make bench` measures, on the machine it runs on."""
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -75,7 +77,7 @@ def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys)
                 "1", "--no-compile", "--peak-tflops", "1", "--device", "cpu", "--no-reference", "--json",
                 str(tmp_path / "b.json")])
     printed = capsys.readouterr().out
-    assert "15_grad_accum" in printed and "6N + 12 L H Q T" in printed and "raw ms" in printed
+    assert "15_grad_accum" in printed and "6N + 12 L H Q T" in printed and "ms/iter  spread clock ms" in printed
     result = json.loads((tmp_path / "b.json").read_text())
     row, control = result["rows"]
     assert row["step"] == "15_grad_accum" and row["tok_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_mb"] > 0
@@ -88,9 +90,9 @@ def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys)
 def steps_worker():
     """One run of a step's worker process on the CPU (tiny sizes): its output and its row."""
     spec = dict(kind="15_grad_accum", step="15_grad_accum", device="cpu", device_type="cpu", preset="tiny",
-                batch_size=1, seq_len=16, warmup=1, iters=2, compile=False, clock=True)
+                batch_size=1, seq_len=16, warmup=1, iters=2, compile=False, clock=True, heap_pad_mb=1024)
     r = subprocess.run([sys.executable, "-m", "shared.bench", "--worker", json.dumps(spec)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env={**os.environ, **bench.KEEP_FREED_MEMORY})
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout, json.loads(r.stdout.splitlines()[-1].removeprefix(bench.RESULT))
 
@@ -104,6 +106,59 @@ def test_a_steps_worker_times_its_iterations_without_the_shapes_printout(steps_w
 def test_a_steps_worker_on_a_cpu_has_a_clock_beside_each_timed_iteration(steps_worker):
     _, row = steps_worker
     assert len(row["clock_ms"]) == len(row["ms"]) == 2 and min(row["clock_ms"]) > 0
+
+
+def test_a_steps_worker_on_a_cpu_counts_the_page_faults_of_each_timed_iteration(steps_worker):
+    _, row = steps_worker
+    assert len(row["faults"]) == 2 and min(row["faults"]) >= 0
+
+
+def test_a_steps_worker_takes_its_peak_memory_before_the_heaps_pad(steps_worker):
+    _, row = steps_worker
+    assert row["peak_mem_mb"] < 1024  # after the pad of 1024 MB, the process's peak resident memory is above it
+
+
+HEAP = """
+import sys, torch
+from shared.bench import grow_heap, minor_faults
+before = minor_faults()
+x = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MB of new heap, written
+first = minor_faults() - before
+del x
+grow_heap(256)
+before = minor_faults()
+y = torch.ones(128 * 2**20, dtype=torch.uint8)
+print(first, minor_faults() - before)
+"""
+
+
+def faults_before_and_after_the_pad(env: dict) -> tuple[int, int]:
+    r = subprocess.run([sys.executable, "-c", HEAP], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    first, second = map(int, r.stdout.split())
+    return first, second
+
+
+def test_memory_the_heap_was_padded_with_is_written_again_without_page_faults():
+    first, second = faults_before_and_after_the_pad({**os.environ, **bench.KEEP_FREED_MEMORY})
+    assert first > 8192 and second < 1000  # 64 MB is 16,384 pages of 4 kB; 128 MB from the pad: (nearly) none
+
+
+def test_without_freed_memory_kept_a_pad_goes_back_and_saves_no_page_fault():
+    env = {k: v for k, v in os.environ.items() if k not in bench.KEEP_FREED_MEMORY}
+    first, second = faults_before_and_after_the_pad(env)
+    assert first > 8192 and second > 16384  # glibc maps buffers this large apart and unmaps them when freed
+
+
+def test_the_reference_row_pads_the_heap_once_after_its_warm_up_and_takes_its_peak_before(monkeypatch):
+    said = []
+    monkeypatch.setattr(bench, "grow_heap", lambda mb: said.append(("pad", mb)))
+    monkeypatch.setattr(bench, "peak_memory_mb", lambda dev: said.append(("peak", None)) or float(len(said)))
+    spec = dict(device="cpu", model=dict(n_layer=1, n_head=2, n_embd=32), batch_size=1, seq_len=16, warmup=2, iters=2,
+                compile=False, clock=True, heap_pad_mb=64)
+    row = bench.time_reference(spec)
+    assert said == [("peak", None), ("pad", 64)] and row["peak_mem_mb"] == 1.0
+    assert len(row["faults"]) == 2
 
 
 def test_the_clock_beside_an_iteration_is_the_mean_of_the_ticks_before_and_after_it():
@@ -139,15 +194,19 @@ def test_a_compiled_reference_row_reports_its_compile_time_apart_from_its_iterat
 def scripted_rows(monkeypatch):
     """bench.main with the workers replaced: each run of a row returns the next of the ms lists given for it."""
     def script(ms_by_row: dict, *flags, peak="1"):
-        """ms_by_row: a row's label -> one entry a run: its ms, or (its ms, the clock beside each)."""
+        """ms_by_row: a row's label -> one entry a run: its ms, or (its ms, the clock beside each), or (its ms, the
+        clock, the page faults of each). script.specs: what each worker was asked."""
         asked, left = [], {k: list(v) for k, v in ms_by_row.items()}
+        script.specs = []
 
         def run_worker(spec, label):
             asked.append((label, spec["compile"]))
-            ms, clock = left[label].pop(0), None
+            script.specs.append(spec)
+            ms, clock, faults = left[label].pop(0), None, None
             if isinstance(ms, tuple):
-                ms, clock = ms
+                ms, clock, faults = (*ms, None)[:3]
             row = {"ms": ms, "compile_s": None, "compile": "no", "dtype": "fp32", "peak_mem_mb": 1.0}
+            row.update({"faults": faults} if faults else {})
             return {**row, "clock_ms": clock, "clock_dtype": "float32"} if clock else row
         monkeypatch.setattr(bench, "run_worker", run_worker)
         bench.main(["--preset", "tiny", "--device", "cpu", *(["--peak-tflops", peak] if peak else []),
@@ -175,20 +234,27 @@ def test_a_rows_time_is_the_median_of_its_iterations_and_its_spread_the_range_of
     assert control["spread"] == 0.0
 
 
-def test_each_iteration_is_scaled_to_the_fastest_clock_of_the_run(scripted_rows, tmp_path):
+def test_a_rows_ms_are_its_own_not_scaled_by_the_clock_whose_median_it_shows(scripted_rows, tmp_path, capsys):
     ms = {"15_grad_accum": [([100.0, 110.0], [20.0, 22.0])], "15_grad_accum again": [([105.0], [21.0])]}
     scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))
     row, control = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert row["ms_per_iter"] == 100.0 and row["raw_ms_per_iter"] == 105.0  # 110 ms at a clock 10% slow: 100 ms
-    assert control["ms_per_iter"] == 100.0
+    assert row["ms_per_iter"] == 105.0 and row["clock_ms_median"] == 21.0
+    assert row["ms"] == [100.0, 110.0] and row["clock_ms"] == [20.0, 22.0]
+    assert re.search(r"^15_grad_accum +105\.0 +0\.0% +21\.0 +610 ", capsys.readouterr().out, re.M)
 
 
-def test_without_a_given_peak_the_peak_is_the_fastest_clock_of_the_run(scripted_rows, tmp_path):
-    ms = {"15_grad_accum": [([100.0], [20.0])], "15_grad_accum again": [([100.0], [25.0])]}
+def test_a_row_without_a_clock_shows_a_dash_in_the_clock_column():
+    row = {"step": "15_grad_accum", "ms_per_iter": 50.0, "spread": 0.0, "clock_ms_median": None, "tok_per_s": 1.0,
+           "mfu": None, "peak_mem_mb": 1.0, "dtype": "bf16", "compile_s": None, "lesson": "x"}
+    assert re.search(r"^15_grad_accum +50\.0 +0\.0% +- +1 ", bench.table([row], 1), re.M)
+
+
+def test_without_a_given_peak_the_peak_is_the_median_clock_of_the_run(scripted_rows, tmp_path):
+    ms = {"15_grad_accum": [([100.0, 100.0], [20.0, 22.0])], "15_grad_accum again": [([100.0], [25.0])]}
     scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"), peak=None)
     machine = json.loads((tmp_path / "b.json").read_text())["machine"]
-    assert machine["peak_tflops"] == pytest.approx(2 * bench.CLOCK_N**3 / 0.020 / 1e12)
-    assert machine["fastest_clock_ms"] == 20.0
+    assert machine["peak_tflops"] == pytest.approx(2 * bench.CLOCK_N**3 / 0.022 / 1e12)
+    assert machine["median_clock_ms"] == 22.0
 
 
 def test_the_clocks_correlation_with_the_iterations_is_printed_and_kept(scripted_rows, tmp_path, capsys):
@@ -208,6 +274,50 @@ def test_one_round_has_no_spread_to_speak_of(scripted_rows, tmp_path, capsys):
     ms = {"15_grad_accum": [[100.0]], "15_grad_accum again": [[100.0]]}
     scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))
     assert "a spread needs 2 rounds or more" in capsys.readouterr().out
+
+
+def test_on_a_cpu_the_workers_pad_the_heap_unless_freed_memory_goes_back(scripted_rows, tmp_path):
+    ms = {"15_grad_accum": [[1.0]], "15_grad_accum again": [[1.0]]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "a.json"))
+    assert {spec["heap_pad_mb"] for spec in scripted_rows.specs} == {bench.HEAP_PAD_MB}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--returned-memory", "--json", str(tmp_path / "b.json"))
+    assert {spec["heap_pad_mb"] for spec in scripted_rows.specs} == {0}
+
+
+def test_without_a_warm_up_no_heap_pad_is_grown_or_claimed(scripted_rows, tmp_path, capsys):
+    ms = {"15_grad_accum": [([1.0], [20.0], [5])], "15_grad_accum again": [([1.0], [20.0], [5])]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--warmup", "0", "--json", str(tmp_path / "a.json"))
+    assert {spec["heap_pad_mb"] for spec in scripted_rows.specs} == {0}
+    out = capsys.readouterr().out
+    assert "MB of heap grown after the warm-up" not in out and "no warm-up, so no heap grown after it" in out
+
+
+def test_heap_pad_mb_sets_the_pad_and_0_leaves_it_out_and_says_so(scripted_rows, tmp_path, capsys):
+    ms = {"15_grad_accum": [([1.0], [20.0], [5])], "15_grad_accum again": [([1.0], [20.0], [5])]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--heap-pad-mb", "512", "--json", str(tmp_path / "a.json"))
+    assert {spec["heap_pad_mb"] for spec in scripted_rows.specs} == {512}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--heap-pad-mb", "0", "--json", str(tmp_path / "b.json"))
+    assert {spec["heap_pad_mb"] for spec in scripted_rows.specs} == {0}
+    assert "no heap grown after the warm-up (--heap-pad-mb 0)" in capsys.readouterr().out
+
+
+def test_a_heap_pad_with_returned_memory_is_refused():
+    r = make_bench("--heap-pad-mb", "512", "--returned-memory")
+    assert r.returncode == 2 and "glibc would hand the pad straight back" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_heap_pad_without_a_warm_up_is_refused():
+    r = make_bench("--heap-pad-mb", "512", "--warmup", "0")
+    assert r.returncode == 2 and "the pad is grown after the warm-up, and there is none" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_the_page_faults_of_the_timed_iterations_are_printed_and_kept(scripted_rows, tmp_path, capsys):
+    ms = {"15_grad_accum": [([100.0, 100.0], [20.0, 20.0], [0, 7])],
+          "15_grad_accum again": [([100.0], [20.0], [3])]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))
+    assert "page faults in the 3 timed iterations: 10, at most 7 in one (15_grad_accum)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["faults"] == [0, 7]
 
 
 def test_rows_are_compiled_unless_no_compile_is_given(scripted_rows, tmp_path):
