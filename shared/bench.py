@@ -345,7 +345,8 @@ def cuda_peak(name: str, given: float | None) -> tuple[float | None, str]:
 
 
 def table(rows: list[dict], flops: int) -> str:
-    head = (f"{'step':<22} {'ms/iter':>9} {'spread':>7} {'clock ms':>8} {'tokens/s':>9} {'vs 10':>6} {'MFU':>6} "
+    w = max([22] + [len(r["step"]) for r in rows])  # "11_mixed_precision again" is 24
+    head = (f"{'step':<{w}} {'ms/iter':>9} {'spread':>7} {'clock ms':>8} {'tokens/s':>9} {'vs 10':>6} {'MFU':>6} "
             f"{'peak MB':>8}  dtype {'compile':>8}  lesson")
     base = next((r["tok_per_s"] for r in rows if r["step"].startswith("10_")), None)
     lines = [head, "-" * len(head)]
@@ -354,7 +355,7 @@ def table(rows: list[dict], flops: int) -> str:
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "     -"
         compiled = f"{r['compile_s']:6.0f} s" if r["compile_s"] is not None else "      no"
         clock = f"{r['clock_ms_median']:8.1f}" if r["clock_ms_median"] is not None else "       -"
-        lines.append(f"{r['step']:<22} {r['ms_per_iter']:9.1f} {100 * r['spread']:6.1f}% {clock:>8} "
+        lines.append(f"{r['step']:<{w}} {r['ms_per_iter']:9.1f} {100 * r['spread']:6.1f}% {clock:>8} "
                      f"{r['tok_per_s']:9,.0f} {speedup:>6} {mfu:>6} {r['peak_mem_mb']:8,.0f}  {r['dtype']:<5} "
                      f"{compiled:>8}  {r['lesson']}")
     return "\n".join(lines) + f"\nFLOPs per token = 6N + 12 L H Q T = {flops:,}"

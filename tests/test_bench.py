@@ -249,6 +249,14 @@ def test_a_row_without_a_clock_shows_a_dash_in_the_clock_column():
     assert re.search(r"^15_grad_accum +50\.0 +0\.0% +- +1 ", bench.table([row], 1), re.M)
 
 
+def test_a_long_row_name_keeps_the_table_columns_aligned():
+    row = {"step": "11_mixed_precision", "ms_per_iter": 50.0, "spread": 0.0, "clock_ms_median": 20.0,
+           "tok_per_s": 1.0, "mfu": None, "peak_mem_mb": 1.0, "dtype": "bf16", "compile_s": None, "lesson": "x"}
+    lines = bench.table([row, {**row, "step": "11_mixed_precision again"}], 1).splitlines()
+    head, short, long = lines[0], lines[2], lines[3]
+    assert head.index("ms/iter") + len("ms/iter") == short.index("50.0") + 4 == long.index("50.0") + 4
+
+
 def test_without_a_given_peak_the_peak_is_the_median_clock_of_the_run(scripted_rows, tmp_path):
     ms = {"15_grad_accum": [([100.0, 100.0], [20.0, 22.0])], "15_grad_accum again": [([100.0], [25.0])]}
     scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"), peak=None)
