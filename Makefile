@@ -3,7 +3,7 @@
 #   make step N=08         run a stage (ARGS="--max-steps 60 --device cpu" passes flags to it)
 #   make step N=16 NPROC=2 a stage on 2 processes (torchrun), from step 16 on
 #   make test [N=08]       the whole test suite, or one stage's tests
-#   make bench             the speed ladder of the trainer steps (ARGS="--steps 10,15" for some of them)
+#   make bench             the speed ladder of steps 10-16 (ARGS="--steps 10,15" for some, "--steps all" for all)
 #   make data ARGS="--source fineweb-edu --out data/edu_fineweb10B"   text to token shards (step 17 on)
 #   make gpu-check         every accelerator path in one command, with one summary (on a CPU: says so, exits 0)
 #   make diff N=08         what step 08 adds to step 07

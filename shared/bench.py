@@ -1,10 +1,13 @@
 """make bench: the speed ladder of the trainer steps, beside transformers' GPT-2, against the machine's limit.
 
-    make bench                                   GPT-2 124M (the gpt2 preset); on a CPU B=1, T=1024
+    make bench                                   steps 10-16, GPT-2 124M (the gpt2 preset); on a CPU B=1, T=1024
     make bench ARGS="--steps 10,15 --rounds 1"   steps 10 and 15 (and hf_gpt2, and the control), one round
+    make bench ARGS="--steps all"                every trainer step, 17 and 18 too
     make bench ARGS="--no-compile"               the eager ladder
 
-Each row is one training iteration (forward, backward, the step's clipping if it has any, optimizer step) on one
+The default rows are steps 10 to 16, where a lesson can change the speed of a training iteration; 17 and 18 train
+as 16 does on one process (their lessons are the data and generation: make bench ARGS=--generate times 18's), and
+leaving them out keeps the default run within 15 minutes on 2 slow cores. Each row is one training iteration (forward, backward, the step's clipping if it has any, optimizer step) on one
 micro-batch. A step's row runs that step's own training loop (its main(), with its own defaults on this device),
 with validation, checkpoints, export and the sample left out; each run is a process of its own, so that no
 setting (TF32, threads) leaks into the next. The reference row, hf_gpt2, trains transformers.GPT2LMHeadModel the
@@ -59,6 +62,7 @@ KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOL
 # for those with none (the README's ladder). On a CPU the workers touch this much new heap after the warm-up and
 # free it, and glibc keeps it: see grow_heap.
 HEAP_PAD_MB = 2048
+LADDER_LAST = 16  # the default rows end here: 17 and 18 train as 16 does on one process
 
 
 def trainer_steps() -> list[str]:
@@ -66,8 +70,15 @@ def trainer_steps() -> list[str]:
     return [s for s in all_steps() if '"--preset"' in (ROOT / "steps" / s / "__main__.py").read_text()]
 
 
+def default_steps() -> list[str]:
+    """The ladder make bench times without --steps: the trainer steps up to LADDER_LAST."""
+    return [s for s in trainer_steps() if int(s[:2]) <= LADDER_LAST]
+
+
 def step_list(text: str) -> list[str]:
-    """An argparse type: '10,15' -> ['10_training', '15_grad_accum'], each a trainer step."""
+    """An argparse type: '10,15' -> ['10_training', '15_grad_accum'], each a trainer step; 'all': every one."""
+    if text.strip() == "all":
+        return trainer_steps()
     steps = []
     for n in text.split(","):
         if not n.strip():
@@ -385,8 +396,8 @@ def main(argv=None):
     p = cli.ArgumentParser(prog="make bench", description=__doc__.split("\n\n")[0],
                            epilog='Flags go through ARGS: make bench ARGS="--steps 10,15 --iters 3"',
                            hint='make bench ARGS="--help"')
-    p.add_argument("--steps", type=step_list, default=None, help="the steps to time, e.g. 10,15 (default: every "
-                   "trainer step)")
+    p.add_argument("--steps", type=step_list, default=None, help="the steps to time, e.g. 10,15, or all (default: "
+                   f"10-{LADDER_LAST}; 17 and 18 train as {LADDER_LAST} does on one process)")
     p.add_argument("--preset", default="gpt2", choices=["tiny", "gpt2"], help="the model's sizes (tiny: 4 layers of "
                    "128; gpt2: GPT-2 124M; default: gpt2)")
     p.add_argument("--batch-size", type=cli.positive_int, help="B; default: 1 on a CPU; on a GPU the smallest "
@@ -394,7 +405,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=cli.positive_int, help="T; default: the preset's (1024 for gpt2)")
     p.add_argument("--rounds", type=cli.positive_int, help="rounds of every row, in a rotated order, the last step's "
                    "row again at the end of each as a control (default: 2 on a CPU, 3 on a GPU)")
-    p.add_argument("--iters", type=cli.positive_int, help="timed iterations a row a round (default: 4 on a CPU, "
+    p.add_argument("--iters", type=cli.positive_int, help="timed iterations a row a round (default: 3 on a CPU, "
                    "10 on a GPU)")
     p.add_argument("--warmup", type=cli.non_negative_int, help="iterations a row a round before the timed ones "
                    "(default: 3 on a CPU, 5 on a GPU)")
@@ -434,14 +445,15 @@ def main(argv=None):
     gpu = dev.type == "cuda"
     preset = importlib.import_module(f"steps.{trainer_steps()[-1]}.__main__").PRESETS[args.preset]  # the steps' own
     model = {k: preset[k] for k in ("n_layer", "n_head", "n_embd")}
-    steps = args.steps or trainer_steps()
+    steps = args.steps or default_steps()
     B = args.batch_size or (default_batch_size(steps, args.preset) if gpu else 1)
     T = args.seq_len or preset["seq_len"]
     # 3 warm-up iterations on a CPU: each of the first iterations touches memory the process never had, and every
     # new page costs a fault (on a VM with free page reporting, one in the host as well); a step that does not
     # compile runs its first forward and backward in iteration 0, a compiled one while compiling (the README's ladder)
-    # on a CPU, 2 rounds of 4: every process costs ~25 s, and 2 rounds keep the run near 10 minutes on 2 cores
-    iters, warmup = args.iters or (10 if gpu else 4), args.warmup if args.warmup is not None else (5 if gpu else 3)
+    # on a CPU, 2 rounds of 3: a process costs 30-60 s on slow 2 cores (its start, the compile, the warm-up), and 2
+    # rounds of the 9 rows took 14 minutes there (the README's ladder)
+    iters, warmup = args.iters or (10 if gpu else 3), args.warmup if args.warmup is not None else (5 if gpu else 3)
     rounds = args.rounds or (3 if gpu else 2)
     common = dict(device=args.device, device_type=dev.type, preset=args.preset, model=model, batch_size=B,
                   seq_len=T, iters=iters, warmup=warmup, compile=not args.no_compile,
@@ -475,7 +487,8 @@ def main(argv=None):
             row = run_worker({**common, "kind": kind, "step": kind}, label)
             runs[label].append(row)
             clock = f", the clock {statistics.median(row['clock_ms']):.1f} ms" if "clock_ms" in row else ""
-            faults = f", {sum(row['faults']):,} page faults" if "faults" in row else ""
+            n = sum(row.get("faults", []))
+            faults = f", {n:,} page fault{'s' * (n != 1)}" if "faults" in row else ""
             print(f"  {label:<18} {statistics.median(row['ms']):,.1f} ms/iter{clock}{faults}", flush=True)
 
     done_rows = [row for done in runs.values() for row in done]

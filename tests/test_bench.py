@@ -35,9 +35,23 @@ def test_an_unknown_gpu_has_no_mfu_unless_its_peak_is_given():
     assert bench.cuda_peak("NVIDIA GeForce RTX 4090", 165.0) == (165.0, "--peak-tflops")
 
 
-def test_the_ladder_is_every_step_with_a_training_loop():
+def test_the_steps_that_can_be_timed_are_every_step_with_a_training_loop():
     steps = bench.trainer_steps()
-    assert steps[0] == "10_training" and "15_grad_accum" in steps
+    assert steps[0] == "10_training" and "15_grad_accum" in steps and "18_kv_cache" in steps
+
+
+def test_the_default_ladder_is_steps_10_to_16():
+    # 17 and 18 train as 16 does on one process; leaving them out keeps the default run within 15 minutes
+    assert bench.default_steps() == [s for s in bench.trainer_steps() if int(s[:2]) <= 16]
+    assert bench.default_steps()[-1] == "16_ddp"
+
+
+def test_steps_all_is_every_trainer_step():
+    assert bench.step_list("all") == bench.trainer_steps()
+
+
+def test_steps_are_given_by_number_in_the_order_given():
+    assert bench.step_list("15,10") == ["15_grad_accum", "10_training"]
 
 
 def make_bench(*args):
@@ -221,6 +235,12 @@ def test_every_row_runs_once_a_round_in_a_rotated_order_with_the_control_last(sc
     assert [label for label, _ in asked] == ["10_training", "15_grad_accum", "15_grad_accum again",
                                              "15_grad_accum", "10_training", "15_grad_accum again",
                                              "10_training", "15_grad_accum", "15_grad_accum again"]
+
+
+def test_without_steps_the_rows_are_the_default_ladder_then_the_control(scripted_rows, tmp_path):
+    ms = {label: [[1.0]] for label in [*bench.default_steps(), "16_ddp again"]}
+    asked = scripted_rows(ms, "--rounds", "1", "--json", str(tmp_path / "b.json"))
+    assert [label for label, _ in asked] == [*bench.default_steps(), "16_ddp again"]
 
 
 def test_a_rows_time_is_the_median_of_its_iterations_and_its_spread_the_range_of_its_round_medians(
