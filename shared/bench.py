@@ -5,24 +5,24 @@
     make bench ARGS="--steps all"                every trainer step, 17 and 18 too
     make bench ARGS="--no-compile"               the eager ladder
 
-The default rows are steps 10 to 16, where a lesson can change the speed of a training iteration; 17 and 18 train
-as 16 does on one process (their lessons are the data and generation: make bench ARGS=--generate times 18's), and
-leaving them out keeps the default run within 15 minutes on 2 slow cores. Each row is one training iteration (forward, backward, the step's clipping if it has any, optimizer step) on one
-micro-batch. A step's row runs that step's own training loop (its main(), with its own defaults on this device),
-with validation, checkpoints, export and the sample left out; each run is a process of its own, so that no
-setting (TF32, threads) leaks into the next. The reference row, hf_gpt2, trains transformers.GPT2LMHeadModel the
-way the last step trains its own model. The rows whose step compiles (12 on, and hf_gpt2) are compiled on every
-device unless --no-compile; the compile time is reported apart and is not in ms/iter.
+The default rows are steps 10 to 16. 17 and 18 train as 16 does on one process (their lessons are the data and
+generation: make bench ARGS=--generate times 18's), and leaving them out keeps the default run within 15 minutes on
+2 slow cores. Each row is one training iteration (forward, backward, the step's clipping if it has any, optimizer
+step) on one micro-batch. A step's row runs that step's own training loop (its main(), with its own defaults on
+this device), with validation, checkpoints, export and the sample left out; each run is a process of its own, so
+that no setting (TF32, threads) leaks into the next. The reference row, hf_gpt2, trains
+transformers.GPT2LMHeadModel the way the last step trains its own model. The rows whose step compiles (12 on, and
+hf_gpt2) are compiled on every device unless --no-compile; the compile time is reported apart and is not in ms/iter.
 
 The machine's own noise is measured, not assumed away: the rows run in --rounds rounds, every row once a round
 (--warmup iterations, then --iters timed ones), in a rotated order, so that a slow minute of the machine hits
 every row alike. A row's ms/iter is the median of its timed iterations; its spread is the range of its rounds'
-medians over that median. The last step's row runs once more at the end of every round, as a control: its two rows
-differ only by the noise. On a CPU a worker also touches --heap-pad-mb of new heap after its warm-up and frees it
-(glibc keeps it): a process's heap keeps growing for many iterations, and each new page is a page fault that an
-iteration would otherwise pay for in its ms. The faults of the timed iterations are counted and printed. And each
-timed iteration has a clock beside it: a 2048 x 2048 matmul timed just before and just after it (outside its ms),
-which shows how fast the machine was then (a row's median is in the clock column).
+medians over that median. The last timed step's row (16 by default) runs once more at the end of every round, as a
+control: its two rows differ only by the noise. On a CPU a worker also touches --heap-pad-mb of new heap after its
+warm-up and frees it (glibc keeps it): a process's heap keeps growing for many iterations, and each new page is a page
+fault that an iteration would otherwise pay for in its ms. The faults of the timed iterations are counted and
+printed. And each timed iteration has a clock beside it: a 2048 x 2048 matmul timed just before and just after it
+(outside its ms), which shows how fast the machine was then (a row's median is in the clock column).
 
 MFU (model FLOPs utilisation) = FLOPs per token x tokens/s / peak FLOP/s. FLOPs per token = 6N + 12 L H Q T:
 6 per parameter (2 forward, 4 backward) plus attention's scores and weighted sums; N counts the parameters
@@ -82,14 +82,14 @@ def step_list(text: str) -> list[str]:
     steps = []
     for n in text.split(","):
         if not n.strip():
-            raise argparse.ArgumentTypeError(f"{text!r} has an empty step; give numbers such as 10,15")
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty step; give numbers such as 10,15, or all")
         try:
             step = resolve(n)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{e}; the trainer steps are {', '.join(trainer_steps())}")
+            raise argparse.ArgumentTypeError(f"{e}; the trainer steps are {', '.join(trainer_steps())} (or all)")
         if step not in trainer_steps():
             raise argparse.ArgumentTypeError(f"step {step} has no training loop to time; the trainer steps are "
-                                             f"{', '.join(trainer_steps())}")
+                                             f"{', '.join(trainer_steps())} (or all)")
         steps.append(step)
     return steps
 

@@ -27,7 +27,7 @@ def test_the_peak_of_a_known_gpu_is_its_datasheet_dense_bf16(name, tflops):
 @pytest.mark.parametrize("steps, batch", [(None, 16), (["17_fineweb_hellaswag", "18_kv_cache"], 64)])
 def test_a_gpus_batch_is_the_smallest_of_the_timed_steps_own(steps, batch):
     # at step 17's 64, step 10's fp32 attention scores alone would take 3.2 GB a layer
-    assert bench.default_batch_size(steps or bench.trainer_steps(), "gpt2") == batch
+    assert bench.default_batch_size(steps or bench.default_steps(), "gpt2") == batch
 
 
 def test_an_unknown_gpu_has_no_mfu_unless_its_peak_is_given():
@@ -241,6 +241,14 @@ def test_without_steps_the_rows_are_the_default_ladder_then_the_control(scripted
     ms = {label: [[1.0]] for label in [*bench.default_steps(), "16_ddp again"]}
     asked = scripted_rows(ms, "--rounds", "1", "--json", str(tmp_path / "b.json"))
     assert [label for label, _ in asked] == [*bench.default_steps(), "16_ddp again"]
+
+
+def test_on_a_cpu_a_default_run_is_2_rounds_of_3_warm_up_and_3_timed_iterations(scripted_rows, tmp_path):
+    # 9 rows x 2 rounds took 12.5 and 14.0 minutes on slow 2 cores (the README's ladder): within the 15 allowed
+    ms = {label: [[1.0]] * 2 for label in [*bench.default_steps(), "16_ddp again"]}
+    asked = scripted_rows(ms, "--json", str(tmp_path / "b.json"))
+    assert len(asked) == 2 * len(ms)
+    assert {(spec["warmup"], spec["iters"]) for spec in scripted_rows.specs} == {(3, 3)}
 
 
 def test_a_rows_time_is_the_median_of_its_iterations_and_its_spread_the_range_of_its_round_medians(
