@@ -79,6 +79,9 @@ def step_list(text: str) -> list[str]:
     """An argparse type: '10,15' -> ['10_training', '15_grad_accum'], each a trainer step; 'all': every one."""
     if text.strip() == "all":
         return trainer_steps()
+    if "all" in [n.strip() for n in text.split(",")]:
+        raise argparse.ArgumentTypeError(f"{text!r}: all stands alone (every trainer step); or give numbers such as "
+                                         "10,15")
     steps = []
     for n in text.split(","):
         if not n.strip():

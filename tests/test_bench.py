@@ -1,5 +1,6 @@
 """make bench (shared/bench.py): what it computes and writes, and the flags it refuses. No timing is asserted here:
 speeds are what `make bench` measures, on the machine it runs on."""
+import argparse
 import json
 import os
 import re
@@ -48,6 +49,11 @@ def test_the_default_ladder_is_steps_10_to_16():
 
 def test_steps_all_is_every_trainer_step():
     assert bench.step_list("all") == bench.trainer_steps()
+
+
+def test_all_among_numbers_is_refused_as_standing_alone():
+    with pytest.raises(argparse.ArgumentTypeError, match="all stands alone"):
+        bench.step_list("all,10")
 
 
 def test_steps_are_given_by_number_in_the_order_given():
