@@ -406,8 +406,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=cli.positive_int, help="B; default: 1 on a CPU; on a GPU the smallest "
                    "of the timed steps' own (gpt2: 16 with any of steps 10-16, 64 for steps 17 and 18 alone)")
     p.add_argument("--seq-len", type=cli.positive_int, help="T; default: the preset's (1024 for gpt2)")
-    p.add_argument("--rounds", type=cli.positive_int, help="rounds of every row, in a rotated order, the last step's "
-                   "row again at the end of each as a control (default: 2 on a CPU, 3 on a GPU)")
+    p.add_argument("--rounds", type=cli.positive_int, help="rounds of every row, in a rotated order, the last timed "
+                   "step's row again at the end of each as a control (default: 2 on a CPU, 3 on a GPU)")
     p.add_argument("--iters", type=cli.positive_int, help="timed iterations a row a round (default: 3 on a CPU, "
                    "10 on a GPU)")
     p.add_argument("--warmup", type=cli.non_negative_int, help="iterations a row a round before the timed ones "
@@ -454,7 +454,7 @@ def main(argv=None):
     # 3 warm-up iterations on a CPU: each of the first iterations touches memory the process never had, and every
     # new page costs a fault (on a VM with free page reporting, one in the host as well); a step that does not
     # compile runs its first forward and backward in iteration 0, a compiled one while compiling (the README's ladder)
-    # on a CPU, 2 rounds of 3: a process costs 30-60 s on slow 2 cores (its start, the compile, the warm-up), and 2
+    # on a CPU, 2 rounds of 3: a process costs 30-65 s on slow 2 cores (its start, the compile, the warm-up), and 2
     # rounds of the 9 rows took 14 minutes there (the README's ladder)
     iters, warmup = args.iters or (10 if gpu else 3), args.warmup if args.warmup is not None else (5 if gpu else 3)
     rounds = args.rounds or (3 if gpu else 2)
