@@ -4,6 +4,7 @@
     make bench ARGS="--steps 10,15 --rounds 1"   steps 10 and 15 (and hf_gpt2, and the control), one round
     make bench ARGS="--steps all"                every trainer step, 17 and 18 too
     make bench ARGS="--no-compile"               the eager ladder
+    make bench ARGS="--compare A.json B.json"    two runs' rows side by side (their --json files)
 
 The default rows are steps 10 to 16. 17 and 18 train as 16 does on one process (their lessons are the data and
 generation: make bench ARGS=--generate times 18's), and leaving them out keeps the default run within 15 minutes on
@@ -104,6 +105,30 @@ def json_path(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / 'bench.json'}")
     cli.out_dir(str(path.parent))
     return path
+
+
+def bench_json(text: str) -> dict:
+    """An argparse type: a bench.json that make bench wrote, read now -> its machine and rows, and its path."""
+    try:
+        run = json.loads(Path(text).read_text())
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{text}: no such file (make bench writes runs/bench.json, or --json's file)")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{text} cannot be read as JSON ({e})")
+    rows = run.get("rows") if isinstance(run, dict) else None
+    number = (int, float)
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(r, dict) and isinstance(r.get("step"), str) and isinstance(r.get("ms_per_iter"), number)
+            and r["ms_per_iter"] > 0 and isinstance(r.get("mfu"), (*number, type(None))) for r in rows):
+        raise argparse.ArgumentTypeError(f"{text} is not a ladder that make bench wrote (each row needs a step, its "
+                                         "ms_per_iter and its mfu)")
+    machine = run.get("machine")
+    return {"path": text, "machine": machine if isinstance(machine, dict) else {}, "rows": rows}
+
+
+def apart(x: float, y: float) -> float:
+    """How far apart two times are: the slower over the faster, less 1."""
+    return max(x, y) / min(x, y) - 1
 
 
 def default_batch_size(steps: list[str], preset: str) -> int:
@@ -375,6 +400,44 @@ def table(rows: list[dict], flops: int) -> str:
     return "\n".join(lines) + f"\nFLOPs per token = 6N + 12 L H Q T = {flops:,}"
 
 
+def compare(a: dict, b: dict, within: float = 0.05) -> None:
+    """Two runs side by side, row by row: each one's ms/iter and MFU, and how far apart they are."""
+    for name, run in (("A", a), ("B", b)):
+        m = run["machine"]
+        clock = f", median clock {m['median_clock_ms']:.1f} ms" if isinstance(m.get("median_clock_ms"), float) else ""
+        print(f"{name}: {run['path']} ({m.get('command', 'make bench')}, {m.get('minutes', '?')} minutes, on "
+              f"{m.get('device', 'an unknown device')}{clock})")
+    theirs = {r["step"]: r for r in b["rows"]}
+    pairs = [(r, theirs[r["step"]]) for r in a["rows"] if r["step"] in theirs]
+    if not pairs:
+        sys.exit(f"error: {a['path']} and {b['path']} have no row in common: compare runs of the same steps")
+    w = max([22] + [len(r["step"]) for r, _ in pairs])
+    head = f"{'step':<{w}} {'ms/iter A':>10} {'ms/iter B':>10} {'apart':>7} {'MFU A':>7} {'MFU B':>7} {'apart':>7}"
+    print(head + "\n" + "-" * len(head))
+    far, far_mfu = [], []  # (how far apart, the row)
+    for r, s in pairs:
+        d = apart(r["ms_per_iter"], s["ms_per_iter"])
+        far.append((d, r["step"]))
+        line = f"{r['step']:<{w}} {r['ms_per_iter']:10.1f} {s['ms_per_iter']:10.1f} {100 * d:6.1f}%"
+        if r.get("mfu") and s.get("mfu"):
+            far_mfu.append((apart(r["mfu"], s["mfu"]), r["step"]))
+            line += f" {100 * r['mfu']:6.1f}% {100 * s['mfu']:6.1f}% {100 * far_mfu[-1][0]:6.1f}%"
+        else:
+            line += f" {'-':>7} {'-':>7} {'-':>7}"
+        print(line)
+    mine = {r["step"] for r in a["rows"]}
+    only = [r["step"] for r in a["rows"] if r["step"] not in theirs] + [s["step"] for s in b["rows"]
+                                                                         if s["step"] not in mine]
+    if only:
+        print(f"in one run only, not compared: {', '.join(only)}")
+    print("apart: the slower over the faster, less 1")
+    for what, found in (("ms/iter", far), ("MFU", far_mfu)):
+        if found:
+            d, step = max(found)
+            print(f"{what}: {sum(x <= within for x, _ in found)} of {len(found)} rows within {100 * within:.0f}% "
+                  f"(the farthest apart: {step}, {100 * d:.1f}%)")
+
+
 def bar_chart(rows: list[dict], title: str) -> str:
     """An SVG of tokens/s, one bar a row, with the MFU beside it."""
     width, left, bar, gap = 760, 150, 22, 8
@@ -430,11 +493,15 @@ def main(argv=None):
                    "and without the KV cache of the last step that has one, beside transformers' generate")
     p.add_argument("--prompt-tokens", type=cli.positive_int, default=32, help="with --generate: the prompt's length")
     p.add_argument("--new-tokens", type=cli.positive_int, default=256, help="with --generate: tokens to write")
+    p.add_argument("--compare", nargs=2, type=bench_json, metavar=("A.json", "B.json"), help="time nothing: show two "
+                   "runs' rows side by side (their --json files) and how far apart each row is")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.heap_pad_mb and args.returned_memory:
         p.error("--heap-pad-mb with --returned-memory: glibc would hand the pad straight back (drop one of them)")
     if args.heap_pad_mb and args.warmup == 0:
         p.error("--heap-pad-mb with --warmup 0: the pad is grown after the warm-up, and there is none (drop one of them)")
+    if args.compare:
+        return compare(*args.compare)
     if args.generate:
         return generation(args)
 

@@ -93,6 +93,65 @@ def test_a_json_path_that_is_a_directory_is_refused(tmp_path):
     assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr
 
 
+def ladder(path, *rows, **machine) -> str:
+    """A bench.json as make bench writes it, with rows of (step, ms/iter, MFU)."""
+    path.write_text(json.dumps({"machine": machine, "rows": [{"step": step, "ms_per_iter": ms, "mfu": mfu}
+                                                             for step, ms, mfu in rows]}))
+    return str(path)
+
+
+def test_how_far_apart_two_times_are_is_the_slower_over_the_faster():
+    assert bench.apart(100.0, 104.0) == bench.apart(104.0, 100.0) == pytest.approx(0.04)
+
+
+def test_compare_shows_each_rows_two_times_and_mfus_and_how_far_apart(tmp_path, capsys):
+    a = ladder(tmp_path / "a.json", ("10_training", 100.0, 0.30), ("15_grad_accum", 50.0, 0.60))
+    b = ladder(tmp_path / "b.json", ("10_training", 104.0, 0.29), ("15_grad_accum", 55.0, 0.55))
+    bench.main(["--compare", a, b])
+    printed = capsys.readouterr().out
+    assert re.search(r"10_training +100\.0 +104\.0 +4\.0% +30\.0% +29\.0% +3\.4%", printed)
+    assert re.search(r"15_grad_accum +50\.0 +55\.0 +10\.0% +60\.0% +55\.0% +9\.1%", printed)
+
+
+def test_compare_counts_the_rows_within_5_percent_and_names_the_farthest(tmp_path, capsys):
+    a = ladder(tmp_path / "a.json", ("10_training", 100.0, 0.30), ("15_grad_accum", 50.0, 0.60))
+    b = ladder(tmp_path / "b.json", ("10_training", 104.0, 0.29), ("15_grad_accum", 55.0, 0.55))
+    bench.main(["--compare", a, b])
+    printed = capsys.readouterr().out
+    assert "ms/iter: 1 of 2 rows within 5% (the farthest apart: 15_grad_accum, 10.0%)" in printed
+    assert "MFU: 1 of 2 rows within 5% (the farthest apart: 15_grad_accum, 9.1%)" in printed
+
+
+def test_compare_names_the_rows_in_one_run_only_and_leaves_them_out(tmp_path, capsys):
+    a = ladder(tmp_path / "a.json", ("10_training", 100.0, None), ("17_fineweb_hellaswag", 50.0, None))
+    b = ladder(tmp_path / "b.json", ("10_training", 100.0, None))
+    bench.main(["--compare", a, b])
+    printed = capsys.readouterr().out
+    assert "in one run only, not compared: 17_fineweb_hellaswag" in printed
+    assert "ms/iter: 1 of 1 rows within 5%" in printed and "MFU:" not in printed  # no MFU to compare
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "no such file"), ("{not json", "cannot be read as JSON"), ('{"rows": []}', "is not a ladder"),
+    ('{"rows": [{"step": "10_training", "ms_per_iter": "fast"}]}', "is not a ladder")])
+def test_compare_refuses_a_file_that_is_not_a_ladder_with_its_error_line_and_where_the_help_is(tmp_path, capsys, text, message):
+    bad = tmp_path / "bad.json"
+    if text is not None:
+        bad.write_text(text)
+    good = ladder(tmp_path / "good.json", ("10_training", 100.0, 0.3))
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--compare", good, str(bad)])
+    said = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and message in said[0] and str(bad) in said[0] and len(said) == 2
+
+
+def test_compare_refuses_two_runs_with_no_row_in_common(tmp_path):
+    a = ladder(tmp_path / "a.json", ("10_training", 100.0, 0.3))
+    b = ladder(tmp_path / "b.json", ("15_grad_accum", 50.0, 0.6))
+    with pytest.raises(SystemExit, match="no row in common"):
+        bench.main(["--compare", a, b])
+
+
 def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys):
     bench.main(["--preset", "tiny", "--seq-len", "16", "--steps", "15", "--iters", "1", "--warmup", "0", "--rounds",
                 "1", "--no-compile", "--peak-tflops", "1", "--device", "cpu", "--no-reference", "--json",
