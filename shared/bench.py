@@ -116,18 +116,26 @@ def bench_json(text: str) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise argparse.ArgumentTypeError(f"{text} cannot be read as JSON ({e})")
     rows = run.get("rows") if isinstance(run, dict) else None
-    number = (int, float)
     if not isinstance(rows, list) or not rows or not all(
-            isinstance(r, dict) and isinstance(r.get("step"), str) and isinstance(r.get("ms_per_iter"), number)
-            and r["ms_per_iter"] > 0 and isinstance(r.get("mfu"), (*number, type(None))) for r in rows):
+            isinstance(r, dict) and isinstance(r.get("step"), str) and measured(r.get("ms_per_iter"))
+            and (r.get("mfu") is None or measured(r["mfu"])) for r in rows):
         raise argparse.ArgumentTypeError(f"{text} is not a ladder that make bench wrote (each row needs a step, its "
-                                         "ms_per_iter and its mfu)")
+                                         "ms_per_iter, a positive number, and its mfu, one or null)")
+    steps = [r["step"] for r in rows]
+    if len(set(steps)) < len(steps):
+        twice = sorted({s for s in steps if steps.count(s) > 1})
+        raise argparse.ArgumentTypeError(f"{text} has the row {', '.join(twice)} more than once")
     machine = run.get("machine")
     return {"path": text, "machine": machine if isinstance(machine, dict) else {}, "rows": rows}
 
 
+def measured(value) -> bool:
+    """A time or an MFU as make bench writes it: a positive, finite number (JSON's true is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def apart(x: float, y: float) -> float:
-    """How far apart two times are: the slower over the faster, less 1."""
+    """How far apart two times (or MFUs) are: the larger over the smaller, less 1."""
     return max(x, y) / min(x, y) - 1
 
 
@@ -404,38 +412,47 @@ def compare(a: dict, b: dict, within: float = 0.05) -> None:
     """Two runs side by side, row by row: each one's ms/iter and MFU, and how far apart they are."""
     for name, run in (("A", a), ("B", b)):
         m = run["machine"]
-        clock = f", median clock {m['median_clock_ms']:.1f} ms" if isinstance(m.get("median_clock_ms"), float) else ""
-        print(f"{name}: {run['path']} ({m.get('command', 'make bench')}, {m.get('minutes', '?')} minutes, on "
-              f"{m.get('device', 'an unknown device')}{clock})")
+        about = [m["command"]] if isinstance(m.get("command"), str) else []
+        if measured(m.get("minutes")):
+            about.append(f"{m['minutes']} minutes")
+        if isinstance(m.get("device"), str):
+            about.append(f"on {m['device']}")
+        if measured(m.get("median_clock_ms")):
+            about.append(f"median clock {m['median_clock_ms']:.1f} ms")
+        print(f"{name}: {run['path']}" + (f" ({', '.join(about)})" if about else ""))
+    setup = ("device", "preset", "batch_size", "seq_len", "compile", "rounds", "warmup", "iters")
+    differ = [f"{k} ({a['machine'][k]}, {b['machine'][k]})" for k in setup
+              if k in a["machine"] and k in b["machine"] and a["machine"][k] != b["machine"][k]]
+    if differ:
+        print(f"the runs were not set up alike: {'; '.join(differ)}")
     theirs = {r["step"]: r for r in b["rows"]}
     pairs = [(r, theirs[r["step"]]) for r in a["rows"] if r["step"] in theirs]
     if not pairs:
         sys.exit(f"error: {a['path']} and {b['path']} have no row in common: compare runs of the same steps")
     w = max([22] + [len(r["step"]) for r, _ in pairs])
-    head = f"{'step':<{w}} {'ms/iter A':>10} {'ms/iter B':>10} {'apart':>7} {'MFU A':>7} {'MFU B':>7} {'apart':>7}"
+    head = f"{'step':<{w}} {'ms/iter A':>10} {'ms/iter B':>10} {'apart':>8} {'MFU A':>7} {'MFU B':>7} {'apart':>8}"
     print(head + "\n" + "-" * len(head))
-    far, far_mfu = [], []  # (how far apart, the row)
+    far, far_mfu = [], []  # (how far apart in %, to the 0.1 shown; the row)
     for r, s in pairs:
-        d = apart(r["ms_per_iter"], s["ms_per_iter"])
-        far.append((d, r["step"]))
-        line = f"{r['step']:<{w}} {r['ms_per_iter']:10.1f} {s['ms_per_iter']:10.1f} {100 * d:6.1f}%"
-        if r.get("mfu") and s.get("mfu"):
-            far_mfu.append((apart(r["mfu"], s["mfu"]), r["step"]))
-            line += f" {100 * r['mfu']:6.1f}% {100 * s['mfu']:6.1f}% {100 * far_mfu[-1][0]:6.1f}%"
+        far.append((round(100 * apart(r["ms_per_iter"], s["ms_per_iter"]), 1), r["step"]))
+        line = f"{r['step']:<{w}} {r['ms_per_iter']:10.1f} {s['ms_per_iter']:10.1f} {far[-1][0]:7.1f}%"
+        if r.get("mfu") is not None and s.get("mfu") is not None:
+            far_mfu.append((round(100 * apart(r["mfu"], s["mfu"]), 1), r["step"]))
+            line += f" {100 * r['mfu']:6.1f}% {100 * s['mfu']:6.1f}% {far_mfu[-1][0]:7.1f}%"
         else:
-            line += f" {'-':>7} {'-':>7} {'-':>7}"
+            line += f" {'-':>7} {'-':>7} {'-':>8}"
         print(line)
     mine = {r["step"] for r in a["rows"]}
     only = [r["step"] for r in a["rows"] if r["step"] not in theirs] + [s["step"] for s in b["rows"]
                                                                          if s["step"] not in mine]
     if only:
         print(f"in one run only, not compared: {', '.join(only)}")
-    print("apart: the slower over the faster, less 1")
+    print("apart: the larger over the smaller, less 1 (in ms/iter, the slower over the faster)")
     for what, found in (("ms/iter", far), ("MFU", far_mfu)):
         if found:
             d, step = max(found)
-            print(f"{what}: {sum(x <= within for x, _ in found)} of {len(found)} rows within {100 * within:.0f}% "
-                  f"(the farthest apart: {step}, {100 * d:.1f}%)")
+            print(f"{what}: {sum(x <= 100 * within for x, _ in found)} of {len(found)} rows within "
+                  f"{100 * within:.0f}% (the farthest apart: {step}, {d:.1f}%)")
 
 
 def bar_chart(rows: list[dict], title: str) -> str:
@@ -494,12 +511,15 @@ def main(argv=None):
     p.add_argument("--prompt-tokens", type=cli.positive_int, default=32, help="with --generate: the prompt's length")
     p.add_argument("--new-tokens", type=cli.positive_int, default=256, help="with --generate: tokens to write")
     p.add_argument("--compare", nargs=2, type=bench_json, metavar=("A.json", "B.json"), help="time nothing: show two "
-                   "runs' rows side by side (their --json files) and how far apart each row is")
+                   "runs' rows side by side (their --json files) and how far apart each row is; the flags that "
+                   "choose what to time have no say")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.heap_pad_mb and args.returned_memory:
         p.error("--heap-pad-mb with --returned-memory: glibc would hand the pad straight back (drop one of them)")
     if args.heap_pad_mb and args.warmup == 0:
         p.error("--heap-pad-mb with --warmup 0: the pad is grown after the warm-up, and there is none (drop one of them)")
+    if args.compare and args.generate:
+        p.error("--compare with --generate: --compare times nothing (drop one of them)")
     if args.compare:
         return compare(*args.compare)
     if args.generate:

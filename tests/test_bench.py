@@ -106,7 +106,7 @@ def test_how_far_apart_two_times_are_is_the_slower_over_the_faster():
 
 def test_compare_shows_each_rows_two_times_and_mfus_and_how_far_apart(tmp_path, capsys):
     a = ladder(tmp_path / "a.json", ("10_training", 100.0, 0.30), ("15_grad_accum", 50.0, 0.60))
-    b = ladder(tmp_path / "b.json", ("10_training", 104.0, 0.29), ("15_grad_accum", 55.0, 0.55))
+    b = ladder(tmp_path / "b.json", ("15_grad_accum", 55.0, 0.55), ("10_training", 104.0, 0.29))  # another order
     bench.main(["--compare", a, b])
     printed = capsys.readouterr().out
     assert re.search(r"10_training +100\.0 +104\.0 +4\.0% +30\.0% +29\.0% +3\.4%", printed)
@@ -122,26 +122,60 @@ def test_compare_counts_the_rows_within_5_percent_and_names_the_farthest(tmp_pat
     assert "MFU: 1 of 2 rows within 5% (the farthest apart: 15_grad_accum, 9.1%)" in printed
 
 
-def test_compare_names_the_rows_in_one_run_only_and_leaves_them_out(tmp_path, capsys):
-    a = ladder(tmp_path / "a.json", ("10_training", 100.0, None), ("17_fineweb_hellaswag", 50.0, None))
-    b = ladder(tmp_path / "b.json", ("10_training", 100.0, None))
+def test_compare_heads_each_run_with_its_command_minutes_device_and_clock(tmp_path, capsys):
+    a = ladder(tmp_path / "a.json", ("10_training", 100.0, 0.3), command="make bench", minutes=12.0,
+               device="AMD EPYC, 2 cores", median_clock_ms=43.36)
+    b = ladder(tmp_path / "b.json", ("10_training", 100.0, 0.3))  # a file without its machine: nothing made up
+    bench.main(["--compare", a, b])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == [f"A: {a} (make bench, 12.0 minutes, on AMD EPYC, 2 cores, median clock 43.4 ms)",
+                           f"B: {b}"]
+
+
+def test_compare_says_which_settings_of_the_two_runs_differ(tmp_path, capsys):
+    a = ladder(tmp_path / "a.json", ("10_training", 100.0, 0.3), preset="gpt2", seq_len=1024, iters=3)
+    b = ladder(tmp_path / "b.json", ("10_training", 100.0, 0.3), preset="tiny", seq_len=64, iters=3)
+    bench.main(["--compare", a, b])
+    assert "the runs were not set up alike: preset (gpt2, tiny); seq_len (1024, 64)\n" in capsys.readouterr().out
+
+
+def test_compare_names_the_rows_of_either_run_alone_and_leaves_them_out(tmp_path, capsys):
+    a = ladder(tmp_path / "a.json", ("10_training", 100.0, 0.3), ("17_fineweb_hellaswag", 50.0, 0.6))
+    b = ladder(tmp_path / "b.json", ("10_training", 100.0, 0.3), ("18_kv_cache", 50.0, 0.6))
     bench.main(["--compare", a, b])
     printed = capsys.readouterr().out
-    assert "in one run only, not compared: 17_fineweb_hellaswag" in printed
-    assert "ms/iter: 1 of 1 rows within 5%" in printed and "MFU:" not in printed  # no MFU to compare
+    assert "in one run only, not compared: 17_fineweb_hellaswag, 18_kv_cache" in printed
+    assert "ms/iter: 1 of 1 rows within 5%" in printed
+
+
+def test_compare_leaves_a_row_without_an_mfu_in_either_run_out_of_the_mfu_count(tmp_path, capsys):
+    # an unknown GPU's rows have no MFU (null) unless --peak-tflops is given
+    a = ladder(tmp_path / "a.json", ("10_training", 100.0, 0.3), ("15_grad_accum", 50.0, 0.6))
+    b = ladder(tmp_path / "b.json", ("10_training", 100.0, 0.3), ("15_grad_accum", 50.0, None))
+    bench.main(["--compare", a, b])
+    printed = capsys.readouterr().out
+    assert re.search(r"15_grad_accum +50\.0 +50\.0 +0\.0% +- +- +-\n", printed)
+    assert "MFU: 1 of 1 rows within 5%" in printed
 
 
 @pytest.mark.parametrize("text, message", [
-    (None, "no such file"), ("{not json", "cannot be read as JSON"), ('{"rows": []}', "is not a ladder"),
-    ('{"rows": [{"step": "10_training", "ms_per_iter": "fast"}]}', "is not a ladder")])
-def test_compare_refuses_a_file_that_is_not_a_ladder_with_its_error_line_and_where_the_help_is(tmp_path, capsys, text, message):
+    (None, "no such file"), ("{not json", "cannot be read as JSON"), ("[1, 2]", "is not a ladder"),
+    ('{"rows": []}', "is not a ladder"), ('{"rows": {"step": "10_training"}}', "is not a ladder"),
+    ('{"rows": [{"step": "10_training", "ms_per_iter": "fast", "mfu": 0.3}]}', "is not a ladder"),
+    ('{"rows": [{"step": "10_training", "ms_per_iter": 0, "mfu": 0.3}]}', "is not a ladder"),
+    ('{"rows": [{"step": "10_training", "ms_per_iter": true, "mfu": 0.3}]}', "is not a ladder"),
+    ('{"rows": [{"step": "10_training", "ms_per_iter": NaN, "mfu": 0.3}]}', "is not a ladder"),
+    ('{"rows": [{"step": "10_training", "ms_per_iter": 100, "mfu": -0.3}]}', "is not a ladder"),
+    ('{"rows": [{"step": "10_training", "ms_per_iter": 100}, {"step": "10_training", "ms_per_iter": 90}]}',
+     "has the row 10_training more than once")])
+def test_compare_refuses_a_bad_file_with_one_error_line_naming_it(tmp_path, capsys, text, message):
     bad = tmp_path / "bad.json"
     if text is not None:
         bad.write_text(text)
     good = ladder(tmp_path / "good.json", ("10_training", 100.0, 0.3))
     with pytest.raises(SystemExit) as stop:
         bench.main(["--compare", good, str(bad)])
-    said = capsys.readouterr().err.splitlines()
+    said = capsys.readouterr().err.splitlines()  # the error line, then where the help is
     assert stop.value.code == 2 and message in said[0] and str(bad) in said[0] and len(said) == 2
 
 
@@ -150,6 +184,13 @@ def test_compare_refuses_two_runs_with_no_row_in_common(tmp_path):
     b = ladder(tmp_path / "b.json", ("15_grad_accum", 50.0, 0.6))
     with pytest.raises(SystemExit, match="no row in common"):
         bench.main(["--compare", a, b])
+
+
+def test_compare_with_generate_is_refused(tmp_path, capsys):
+    a = ladder(tmp_path / "a.json", ("10_training", 100.0, 0.3))
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--compare", a, a, "--generate"])
+    assert stop.value.code == 2 and "--compare times nothing" in capsys.readouterr().err
 
 
 def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys):
