@@ -147,8 +147,9 @@ def encoded(texts_, workers: int):
         return
     import multiprocessing
 
-    # spawn: safe beside torch's threads. The workers ignore Ctrl-C: the parent stops them, and says how to go on.
-    with multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+    # spawn: safe beside torch's threads. The workers ignore Ctrl-C; the parent stops them (below), says how to go on.
+    pool = multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
+    try:
         pending = collections.deque()  # at most 2 chunks a worker in flight: memory stays flat
         for chunk in batched(texts_, CHUNK):  # read here, not in the pool's thread: a bad document stops the run
             pending.append(pool.apply_async(encode, (chunk,)))
@@ -156,6 +157,9 @@ def encoded(texts_, workers: int):
                 yield from pending.popleft().get()
         while pending:
             yield from pending.popleft().get()
+    finally:  # on Ctrl-C too, the chunks in flight finish: Pool.terminate() can kill a worker halfway through
+        pool.close()  # sending its tokens, and then wait forever for the rest
+        pool.join()
 
 
 # ---- the shards
