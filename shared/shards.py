@@ -147,10 +147,11 @@ def encoded(texts_, workers: int):
         return
     import multiprocessing
 
-    # spawn: safe beside torch's threads. The workers ignore Ctrl-C; the parent stops them (below), says how to go on.
+    # spawn: safe beside torch's threads. The workers ignore Ctrl-C; the parent lets the chunks in flight finish
+    # (below) and says how to go on.
     pool = multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
     try:
-        pending = collections.deque()  # at most 2 chunks a worker in flight: memory stays flat
+        pending = collections.deque()  # at most 2 chunks a worker, plus one, in flight: memory stays flat
         for chunk in batched(texts_, CHUNK):  # read here, not in the pool's thread: a bad document stops the run
             pending.append(pool.apply_async(encode, (chunk,)))
             if len(pending) > 2 * workers:
