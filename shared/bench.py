@@ -542,7 +542,7 @@ def main(argv=None):
     # new page costs a fault (on a VM with free page reporting, one in the host as well); a step that does not
     # compile runs its first forward and backward in iteration 0, a compiled one while compiling (the README's ladder)
     # on a CPU, 2 rounds of 3: a process costs 30-65 s on slow 2 cores (its start, the compile, the warm-up), and 2
-    # rounds of the 9 rows took 10-14 minutes there in eight runs (the README's ladder)
+    # rounds of the 9 rows took 10-14 minutes there in ten runs (the README's ladder)
     iters, warmup = args.iters or (10 if gpu else 3), args.warmup if args.warmup is not None else (5 if gpu else 3)
     rounds = args.rounds or (3 if gpu else 2)
     common = dict(device=args.device, device_type=dev.type, preset=args.preset, model=model, batch_size=B,

@@ -354,7 +354,7 @@ def test_without_steps_the_rows_are_the_default_ladder_then_the_control(scripted
 
 
 def test_on_a_cpu_a_default_run_is_2_rounds_of_3_warm_up_and_3_timed_iterations(scripted_rows, tmp_path):
-    # 9 rows x 2 rounds took 10.0 to 14.0 minutes in eight runs on slow 2 cores (the README's ladder): within 15
+    # 9 rows x 2 rounds took 10.0 to 14.0 minutes in ten runs on slow 2 cores (the README's ladder): within 15
     ms = {label: [[1.0]] * 2 for label in [*bench.default_steps(), "16_ddp again"]}
     asked = scripted_rows(ms, "--json", str(tmp_path / "b.json"))
     assert len(asked) == 2 * len(ms)
