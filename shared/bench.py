@@ -4,6 +4,7 @@
     make bench ARGS="--steps 10,15 --rounds 1"   steps 10 and 15 (and hf_gpt2, and the control), one round
     make bench ARGS="--steps all"                every trainer step, 17 and 18 too
     make bench ARGS="--no-compile"               the eager ladder
+    make bench ARGS="--rounds 4"                 twice the rounds, for two runs that must agree within 5% a row
     make bench ARGS="--compare A.json B.json"    two runs' rows side by side (their --json files)
 
 The default rows are steps 10 to 16. 17 and 18 train as 16 does on one process (their lessons are the data and
