@@ -7,9 +7,11 @@
 #   make data ARGS="--source fineweb-edu --out data/edu_fineweb10B"   text to token shards (step 17 on)
 #   make gpu-check         every accelerator path in one command, with one summary (on a CPU: says so, exits 0)
 #   make diff N=08         what step 08 adds to step 07
-#   make mistake [N=08] [M=untied-head]   the classic mistakes; one made in a copy of a step, and its tests run
+#   make mistake [N=08] [M=untied-head]   the classic mistakes (N=08: those in step 08's code); M=: one made in a
+#                          copy of a step, and its tests run
 #   make book              the steps as a site to read in a browser (book/index.html)
 #   make setup [CPU=1]     create .venv and install the pinned dependencies (CPU=1: torch's CPU build)
+#   make help              this list of commands
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -17,11 +19,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REGISTRY := $(PYTHON) -m shared.steps
 
-.PHONY: list setup step test bench data gpu-check mistake book diff clean
+.PHONY: help list setup step test bench data gpu-check mistake book diff clean
 .DEFAULT_GOAL := list
 
 list:
 	@$(REGISTRY) list
+
+help:
+	@sed -n 's/^#   //p' Makefile
 
 setup: $(STAMP)
 

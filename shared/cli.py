@@ -48,9 +48,13 @@ def out_dir(text: str) -> Path:
 
 def existing_dir(text: str) -> Path:
     """An argparse type: a directory that is there already (a typo must not make a new, empty one)."""
-    if not Path(text).is_dir():
+    path = Path(text)
+    if path.is_file():  # --resume runs/10_training/checkpoint.pt: the directory was meant
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory: give the directory that holds it, "
+                                         f"{path.parent}")
+    if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a directory")
-    return Path(text)
+    return path
 
 
 class ArgumentParser(argparse.ArgumentParser):

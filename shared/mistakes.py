@@ -268,9 +268,12 @@ MISTAKES = [
 BY_ID = {m.id: m for m in MISTAKES}
 
 
-def listing() -> str:
-    lines = [f"{'id':<30} {'step':<5} what", "-" * 100]
-    lines += [f"{m.id:<30} {m.step:<5} {m.what}" for m in MISTAKES]
+def listing(step: str | None = None) -> str:
+    """The mistakes, or those that apply to one step (its own and those of earlier steps in the code it carries)."""
+    chosen = [m for m in MISTAKES if step is None or step in m.steps()]
+    lines = [f"{'id':<30} {'step':<5} what", "-" * 100] + [f"{m.id:<30} {m.step:<5} {m.what}" for m in chosen]
+    if step and not chosen:
+        lines.append(f"(no mistake applies to {step})")
     return "\n".join(lines + ["", "make mistake M=<id> [N=<step>] makes one in a temporary copy and runs its tests"])
 
 
@@ -390,19 +393,17 @@ def main(argv=None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.check:
         return check()
-    if not args.id:
-        if args.step:
-            p.error("N= needs M=: make mistake N=08 M=untied-head (make mistake lists the ids)")
-        print(listing())
+    try:
+        step = resolve(args.step) if args.step else None
+    except ValueError as e:
+        p.error(str(e))
+    if not args.id:  # the list: every mistake, or (N=) those that apply to that step
+        print(listing(step))
         return 0
     if args.id not in BY_ID:
         p.error(f"no mistake {args.id!r}; the ids: {', '.join(BY_ID)}")
     mistake = BY_ID[args.id]
-    try:
-        step = resolve(args.step) if args.step else resolve(mistake.step)
-    except ValueError as e:
-        p.error(str(e))
-    return show(mistake, step)
+    return show(mistake, step or resolve(mistake.step))
 
 
 if __name__ == "__main__":

@@ -300,7 +300,8 @@ def shard_files(out: Path) -> tuple[Path, list[Path]]:
         try:
             shard = np.load(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as e:
-            sys.exit(f"error: {path} is not a readable .npy shard ({e}). Delete it and run make data again with "
+            why = "no .npy header" if "pickle" in str(e) else e  # numpy takes a file without one for a pickle
+            sys.exit(f"error: {path} is not a readable .npy shard ({why}). Delete it and run make data again with "
                      f"--out {out}: it remakes it.")
         if shard.dtype != np.uint16 or shard.ndim != 1:
             sys.exit(f"error: {path} holds {shard.dtype} of shape {shard.shape}, not a 1-D array of uint16 token ids "

@@ -33,6 +33,10 @@ from hypothesis import settings
 from shared.steps import STEPS_DIR, all_steps
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never need the hub
+# `make test N=03` puts N (and MAKEFLAGS, which carries it) in the environment: a make a test starts must not see it
+MAKE_VARIABLES = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "N", "M", "ARGS", "NPROC")
+for name in MAKE_VARIABLES:
+    os.environ.pop(name, None)
 settings.register_profile("steps", max_examples=20, deadline=None)  # keeps `make test` in minutes on 2 cores
 settings.load_profile("steps")
 

@@ -218,6 +218,25 @@ def test_a_bad_item_names_the_file_and_the_line(step, tmp_path, line):
 
 
 @pytest.mark.main_needs("hellaswag")
+def test_a_file_that_is_not_text_is_refused_with_one_line(step, tmp_path):
+    path = tmp_path / "items.pt"
+    path.write_bytes(bytes(range(256)) * 4)  # 0x80 and above alone are not UTF-8
+    with pytest.raises(SystemExit) as exit:
+        step.main.hellaswag.load(str(path))
+    assert str(exit.value.code) == (f"error: --hellaswag {path}: {path} is not text (not UTF-8), so not a HellaSwag "
+                                    ".jsonl file")
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_a_bad_hellaswag_file_stops_the_run_before_any_shard_is_made(step, tmp_path, monkeypatch):
+    monkeypatch.setattr(step.main, "shakespeare_shards", lambda args: pytest.fail("shards made before --hellaswag"))
+    path = write_items(tmp_path / "items.jsonl", ["not json"])
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--hellaswag", str(path), "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert str(exit.value.code).startswith(f"error: {path}, line 1: not a HellaSwag item")
+
+
+@pytest.mark.main_needs("hellaswag")
 def test_hellaswag_val_offline_says_where_to_put_the_file(step, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
     monkeypatch.setattr(step.main.hellaswag.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(

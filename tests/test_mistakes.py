@@ -32,6 +32,13 @@ def test_the_list_names_every_mistake_with_its_step():
         assert f"{m.id:<30} {m.step:<5} {m.what}" in r.stdout
 
 
+def test_the_list_of_one_step_names_the_mistakes_in_its_code_and_no_other():
+    r = make_mistake("N=08")
+    assert r.returncode == 0
+    for m in mistakes.MISTAKES:
+        assert (f"{m.id:<30} {m.step:<5} {m.what}" in r.stdout) == ("08_gpt2" in m.steps()), m.id
+
+
 def test_the_curriculums_two_examples_are_registered():
     assert {"untied-head", "heads-merged-wrong"} <= set(mistakes.BY_ID)
     assert "08_gpt2" in mistakes.BY_ID["untied-head"].steps()
@@ -59,7 +66,7 @@ def test_the_untied_head_in_step_08_shows_163_037_184_parameters_and_exits_0_and
     (["M=no-such-thing"], "no mistake 'no-such-thing'; the ids: sinusoid-halves"),
     (["M=untied-head", "N=03"], "untied-head is not in step 03_feedforward: it applies to 08_gpt2"),
     (["M=untied-head", "N=99"], "unknown step '99'"),
-    (["N=08"], "N= needs M="),
+    (["N=99"], "unknown step '99'"),
 ])
 def test_a_wrong_id_or_step_gets_one_error_line(args, message):
     r = make_mistake(*args)

@@ -126,6 +126,7 @@ def refused(call, *words):
         call()
     message = str(exit.value.code)
     assert message.startswith("error:") and all(w in message for w in words), message
+    return message
 
 
 def test_other_settings_in_the_same_directory_are_refused(sources, tmp_path):
@@ -147,6 +148,14 @@ def test_a_cut_off_file_is_named(sources, tmp_path):
     path = tmp_path / "docs_train_000002.npy"
     path.write_bytes(path.read_bytes()[:1000])  # the header and a part of the data
     refused(lambda: shards.shard_files(tmp_path), str(path))
+
+
+def test_a_file_of_random_bytes_is_named_as_no_npy_not_as_a_pickle_to_trust(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path)
+    path = tmp_path / "docs_train_000001.npy"
+    path.write_bytes(bytes(range(256)) * 8)
+    said = refused(lambda: shards.shard_files(tmp_path), str(path), "no .npy header", "make data again")
+    assert "allow_pickle" not in said
 
 
 def test_a_shard_of_another_dtype_is_named(sources, tmp_path):

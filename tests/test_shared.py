@@ -1,6 +1,7 @@
 """The project's helpers: the step registry behind the Makefile, data files, tokenizers, device, run log."""
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from shared import cli, data, device, runlog, shapes
-from shared.steps import all_steps, resolve
-from tests.conftest import data_dir_copy
+from shared.steps import ROOT, all_steps, resolve
+from tests.conftest import MAKE_VARIABLES, data_dir_copy
 
 
 def sh(*cmd):
@@ -30,6 +31,18 @@ def test_unknown_step_prints_the_list_and_exits_nonzero():
 def test_make_list_shows_every_step_with_its_lesson():
     out = sh("make", "-s", "list").stdout
     assert all(s in out for s in all_steps()) and "sqrt(d_model)" in out
+
+
+def test_make_help_lists_every_target_of_the_makefile():
+    out = sh("make", "-s", "help").stdout
+    phony = re.search(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.M)[1].split()
+    assert all(f"make {target}" in out for target in phony if target != "clean"), out
+
+
+def test_the_makes_a_test_starts_see_none_of_make_tests_own_variables():
+    # under `make test N=03`, a make started with N=03 in its environment would run step 03 (or refuse, as
+    # `make mistake N=03 ARGS=` did): conftest.py takes them out
+    assert not set(MAKE_VARIABLES) & set(os.environ)
 
 
 def test_make_diff_shows_what_a_step_adds():

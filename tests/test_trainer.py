@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -315,6 +316,21 @@ def test_a_finished_run_leaves_metrics_a_checkpoint_and_the_model(step, tmp_path
     assert "preset tiny" in out and "ROMEO:" in out  # the header, and a sample at the end
 
 
+@pytest.mark.first_and_last
+@pytest.mark.main_mentions("a step of {args.total_batch_size:,} tokens is")
+def test_a_step_of_more_tokens_than_the_data_says_so_before_its_long_first_iteration(step, tmp_path, capsys,
+                                                                                     monkeypatch):
+    from shared import data
+
+    corpus = data.shakespeare()  # the fixture's twentieth of tiny shakespeare; a fifth of it, about 3,000 training tokens
+    monkeypatch.setattr(data, "shakespeare", lambda: corpus[: len(corpus) // 5])
+    run(step, tmp_path, "--max-steps", "1", "--total-batch-size", "4096")  # 64 micro-batches of 2 x 32
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note:"))
+    assert re.fullmatch(r"note: a step of 4,096 tokens is 1\.\dx the training tokens, and its first log line comes "
+                        r"after all 64 micro-batches; a smaller --total-batch-size \(a multiple of 64\) makes it "
+                        r"shorter", note), note
+
+
 @pytest.mark.main_needs("Loader")
 def test_step_09_writes_with_the_trained_model(step, tmp_path, capsys, finished):
     finished(step, tmp_path)
@@ -338,3 +354,11 @@ def test_resume_from_a_directory_that_is_not_there_makes_none(step, tmp_path, ca
     with pytest.raises(SystemExit):
         run(step, tmp_path / "run", "--resume", str(tmp_path / "typo"))
     assert "typo is not a directory" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+@pytest.mark.main_needs("Loader")
+def test_resume_given_the_checkpoint_file_names_the_directory_to_give(step, tmp_path, finished, capsys):
+    finished(step, tmp_path)
+    with pytest.raises(SystemExit):
+        run(step, tmp_path / "run", "--resume", str(tmp_path / checkpoint.NAME))
+    assert f"is a file, not a directory: give the directory that holds it, {tmp_path}" in capsys.readouterr().err

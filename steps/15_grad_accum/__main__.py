@@ -227,6 +227,10 @@ def main(argv=None):
           f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.total_batch_size:,} tokens = "
           f"{micro_steps} micro-batch{'es' * (micro_steps > 1)} of {args.batch_size} x {args.seq_len}, "
           f"{len(train_ids):,} training tokens, dtype {precision}")
+    if args.total_batch_size > len(train_ids):  # GPT-2's 524,288 on tiny shakespeare: some windows twice a step
+        print(f"note: a step of {args.total_batch_size:,} tokens is {args.total_batch_size / len(train_ids):.1f}x the "
+              f"training tokens, and its first log line comes after all {micro_steps} micro-batches; a smaller "
+              f"--total-batch-size (a multiple of {args.total_batch_size // micro_steps:,}) makes it shorter")
     shapes.show(model, loader.next_batch()[0][:4], depth=3)
     loader.pos = 0
     fast, compile_note = compiled(model, args, *loader.next_batch())  # fast: the model to train, compiled or not

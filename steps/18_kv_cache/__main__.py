@@ -357,6 +357,7 @@ def main(argv=None):
 
     tok = data.gpt2_tokenizer()  # GPT-2's BPE: 50257 tokens
     config = GPTConfig(args.seq_len, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout)
+    items = hellaswag.load(args.hellaswag) if args.hellaswag else None  # a bad file stops the run before the shards
     args.data = args.data or shakespeare_shards(args)
     val_file, train_files = shards.shard_files(args.data)  # checked: each a 1-D uint16 array, as its manifest says
     run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size,
@@ -375,7 +376,6 @@ def main(argv=None):
     if len(val) <= args.seq_len:
         sys.exit(f"error: --seq-len {args.seq_len} does not fit {val_file}: a window needs {args.seq_len + 1} tokens")
     val_ids = torch.from_numpy(val.astype(np.int64)).to(args.device)  # once: 8 bytes a token
-    items = hellaswag.load(args.hellaswag) if args.hellaswag else None
     model = GPT(config).to(args.device)
     loader = Loader(train_files, args.batch_size, args.seq_len, args.seed, args.shuffle, rank=args.rank,
                     world=args.world, device=args.device)
@@ -388,6 +388,10 @@ def main(argv=None):
           f"{f' on each of {args.world} processes' * (args.world > 1)}, {loader.tokens:,} training tokens in "
           f"{len(train_files)} shard{'s' * (len(train_files) > 1)} ({'shuffled' if args.shuffle else 'in order'}), "
           f"dtype {precision}")
+    if args.total_batch_size > loader.tokens:  # GPT-2's 524,288 on tiny shakespeare: some windows twice a step
+        print(f"note: a step of {args.total_batch_size:,} tokens is {args.total_batch_size / loader.tokens:.1f}x the "
+              f"training tokens, and its first log line comes after all {micro_steps} micro-batches; a smaller "
+              f"--total-batch-size (a multiple of {args.total_batch_size // micro_steps:,}) makes it shorter")
     shapes.show(model, loader.next_batch()[0][:4], depth=3)
     loader.pos = 0
     ddp = model

@@ -57,6 +57,8 @@ def load(spec: str) -> list[dict]:
         lines = path.read_text().splitlines()
     except OSError as e:
         sys.exit(f"error: --hellaswag {spec}: cannot read {path} ({e.strerror}); give val or a .jsonl file")
+    except UnicodeDecodeError:
+        sys.exit(f"error: --hellaswag {spec}: {path} is not text (not UTF-8), so not a HellaSwag .jsonl file")
     items = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
