@@ -4,7 +4,7 @@ import torch
 
 def show(model: torch.nn.Module, *inputs: torch.Tensor, depth: int = 2) -> None:
     """Print rows(model, *inputs, depth=depth)."""
-    print("shapes through one forward pass:")
+    print(f"shapes through one forward pass of {len(inputs[0])} rows (a training batch may have more):")
     for name, kind, shape in rows(model, *inputs, depth=depth):
         print(f"  {name:<24} {kind:<20} {shape}")
 

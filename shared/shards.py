@@ -227,6 +227,7 @@ def prepare(source: str, out: Path, shard_tokens: int = 100_000_000, max_tokens:
                 bar.set_postfix(documents=f"{doc:,}", refresh=False)
             if total >= (max_tokens or math.inf):
                 break
+        bar.set_postfix(documents=f"{doc:,}")  # the last count, not the last CHUNK's
     if fill:  # the rest: a last, shorter shard
         save_shard(out, prefix, manifest, buf[:fill], next_at=(doc, 0))
     if not manifest["shards"]:

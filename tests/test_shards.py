@@ -56,6 +56,12 @@ def test_decoded_shards_give_back_every_document_in_order_each_after_one_end_of_
     assert [enc.decode(p[1:].tolist()) for p in pieces] == documents
 
 
+def test_the_progress_bar_ends_with_the_documents_the_summary_counts(sources, documents, tmp_path, capsys):
+    shards.prepare(sources["jsonl"], tmp_path, shard_tokens=SHARD, progress=True)
+    bar = capsys.readouterr().err.split("\r")[-1]  # tqdm redraws its line; the last drawing is what stays
+    assert f"documents={len(documents)}" in bar, bar  # 300; without its last update the bar stopped at 256
+
+
 def test_shards_are_uint16_in_build_nanogpts_layout_with_validation_first(sources, tmp_path):
     manifest = prepare(sources["jsonl"], tmp_path)
     names = sorted(p.name for p in tmp_path.glob("*.npy"))

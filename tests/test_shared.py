@@ -218,6 +218,13 @@ def test_shapes_name_a_shared_module_after_the_parent_running_it(capsys):
     assert "0.0 " in out and "1.0 " in out  # not 0.0 twice
 
 
+def test_the_shapes_say_how_many_rows_they_were_taken_on(capsys):
+    # a trainer shows 4 windows of its batch of 8: the header must not leave (4, 64, ...) against "batch 8" a puzzle
+    shapes.show(torch.nn.Linear(2, 3), torch.zeros(4, 2))
+    assert capsys.readouterr().out.splitlines()[0] == ("shapes through one forward pass of 4 rows (a training batch "
+                                                       "may have more):")
+
+
 def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0():
     r = subprocess.run(["make", "-s", "gpu-check", "ARGS="], capture_output=True, text=True, timeout=300)
     if torch.cuda.is_available():
