@@ -339,6 +339,13 @@ def on(results: list, step: str, mistake: Mistake) -> list:
     return list(ran.items())
 
 
+def reading(mistake: Mistake, step: str) -> str:
+    """Where to read about it: the diary of the step it is made in, where that names it; else the mistake's own."""
+    diary = f"diary/{step}.md"
+    names_it = (ROOT / diary).exists() and f"make mistake M={mistake.id}" in (ROOT / diary).read_text()
+    return diary if names_it and not mistake.read.startswith(diary) else mistake.read
+
+
 def show(mistake: Mistake, step: str) -> int:
     if step not in mistake.steps():
         sys.exit(f"error: {mistake.id} is not in step {step}: it applies to {', '.join(mistake.steps()) or 'no step'}")
@@ -346,7 +353,7 @@ def show(mistake: Mistake, step: str) -> int:
         root = copy_project(Path(tmp))
         print(f"{mistake.id}: {mistake.what}. Made in a temporary copy of step {step}; steps/ is untouched:\n")
         print(make(mistake, root, step))
-        print(f"running {', '.join(mistake.tests)} on step {step} ...", flush=True)
+        print(f"running the tests named for it on step {step} ...", flush=True)
         results = on(run_tests(root, mistake, [step]), step, mistake)
     if not results:
         print(f"none of its tests runs on step {step}")
@@ -354,7 +361,7 @@ def show(mistake: Mistake, step: str) -> int:
     for name, failure in results:
         print(f"  {'FAILED' if failure else 'passed'}  {name}" + (f"\n          {failure}" if failure else ""))
     caught = all(failure for _, failure in results)
-    print(f"\n{'caught' if caught else 'NOT caught'}: read {mistake.read}, and the test"
+    print(f"\n{'caught' if caught else 'NOT caught'}: read {reading(mistake, step)}, and the test"
           f"{'s' * (len(results) > 1)} above in tests/.")
     return 0 if caught else 1
 

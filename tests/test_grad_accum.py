@@ -30,7 +30,8 @@ def test_k_micro_batches_give_the_gradient_and_loss_of_one_batch_k_times_as_larg
     big.backward()
     # fp32: the same sums, added up micro-batch by micro-batch instead of at once. 1e-6 is about ten float32
     # rounding steps at these values (losses near 4.6, gradients below 1); summing the k losses would be off by k.
-    torch.testing.assert_close(loss, big.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss, big.detach(), atol=1e-6, rtol=0, msg=lambda _: f"{k} micro-batches log a loss "
+                               f"of {loss.item():.4f}, one batch {k} times as large {big.item():.4f}")
     for n, p in model.named_parameters():
         torch.testing.assert_close(accumulated[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
 

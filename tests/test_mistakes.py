@@ -79,6 +79,13 @@ def test_every_mistake_is_named_in_the_diary_of_its_step(mistake):
     assert f"make mistake M={mistake.id}" in diary
 
 
+def test_after_the_tests_a_learner_is_sent_to_the_diary_of_the_step_the_mistake_was_made_in_where_it_names_it():
+    no_mask, untied = mistakes.BY_ID["no-causal-mask"], mistakes.BY_ID["untied-head"]
+    assert mistakes.reading(no_mask, "02_attention") == "diary/02_attention.md"  # made there, named there
+    assert mistakes.reading(no_mask, "05_decoder") == no_mask.read  # its own pointer, with the section
+    assert mistakes.reading(untied, "12_compile_flash") == untied.read  # diary 12 does not name it
+
+
 def test_ctrl_c_leaves_no_copy_behind(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # where tempfile makes the copy
     proc = subprocess.Popen([sys.executable, "-m", "shared.mistakes", "--id", "untied-head"], cwd=ROOT, env=env,
