@@ -57,11 +57,11 @@ RESULT = "bench-result: "  # a worker's last line: this, then its row as JSON
 # glibc hands every freed buffer above its mmap threshold (at most 32 MB by default) back to the kernel, and the next
 # iteration page-faults it in again: the logits alone are 103 MB in bf16 at B=1, T=1024, and a row took 1.4-1.5x as
 # long. The workers keep freed memory for reuse instead (glibc's environment variables; other C libraries ignore
-# them). make step does not set them: see the README's ladder.
+# them). make step does not set them: see docs/bench.md.
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 # Even so, a process's heap keeps growing for a dozen iterations and more (its free pieces no longer fit), and each
 # new page is a page fault: one of step 11's timed iterations had 75,248 and took 2,162 ms, against 1,565-1,777 ms
-# for those with none (the README's ladder). On a CPU the workers touch this much new heap after the warm-up and
+# for those with none (docs/bench.md). On a CPU the workers touch this much new heap after the warm-up and
 # free it, and glibc keeps it: see grow_heap.
 HEAP_PAD_MB = 2048
 LADDER_LAST = 16  # the default rows end here: 17 and 18 train as 16 does on one process
@@ -541,7 +541,7 @@ def main(argv=None):
     T = args.seq_len or preset["seq_len"]
     # 3 warm-up iterations on a CPU: each of the first iterations touches memory the process never had, and every
     # new page costs a fault (on a VM with free page reporting, one in the host as well); a step that does not
-    # compile runs its first forward and backward in iteration 0, a compiled one while compiling (the README's ladder)
+    # compile runs its first forward and backward in iteration 0, a compiled one while compiling (docs/bench.md)
     # on a CPU, 2 rounds of 3: a process costs 30-65 s on slow 2 cores (its start, the compile, the warm-up), and 2
     # rounds of the 9 rows took 10-14 minutes there in ten runs (the README's ladder)
     iters, warmup = args.iters or (10 if gpu else 3), args.warmup if args.warmup is not None else (5 if gpu else 3)
