@@ -569,8 +569,8 @@ def main(argv=None) -> int:
                    "curves the pages draw, NN_name/metrics.jsonl in it (default runs/, where make step writes them)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    print("running each step up to its shapes, and collecting the tests ...", flush=True)
-    try:
+    try:  # a Ctrl-C can land while the first line is still being written: that too is an interruption
+        print("running each step up to its shapes, and collecting the tests ...", flush=True)
         pages = write(args.out, *gather(), runs_dir=args.runs)
     except KeyboardInterrupt:
         print("make book: interrupted; run it again for a whole book", file=sys.stderr)

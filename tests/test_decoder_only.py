@@ -63,6 +63,23 @@ def test_untrained_tied_logits_are_of_order_1_whatever_the_input_scale(step, inp
     assert 0.9 < logits.std().item() < 1.1
 
 
+@pytest.mark.needs("DecoderOnlyLM")
+@pytest.mark.parametrize("input_scale, low, high", [("sqrt(d_model)", 4.0, 9.0), ("1", -1.0, 2.0)])
+def test_untrained_tied_logits_favour_the_input_token_itself_through_the_scaled_embedding(step, input_scale, low,
+                                                                                          high):
+    # One row is not in a random direction: the input token's own. The residual stream carries its embedding (x
+    # sqrt(d_model): entries ~1) up to the last LayerNorm, so its logit starts near 6 here, not ~1 (1.3 at scale 1).
+    torch.manual_seed(0)
+    model = step.model.DecoderOnlyLM(vocab_size=50257, d_model=64, n_heads=4, n_layers=2, d_ff=256, dropout=0.0)
+    if input_scale == "1":
+        model.embed.d_model = 1
+    idx = torch.randint(50257, (4, 32))
+    with torch.no_grad():
+        own = model(idx).gather(-1, idx[..., None])  # (B, T, 1): each position's logit of its own input token
+    # the mean of 128 such logits: 6.1 and 1.3 measured; the bounds leave room for other seeds, not for the effect
+    assert low < own.mean().item() < high
+
+
 @pytest.mark.check("reference")
 @pytest.mark.needs("DecoderOnlyLM")
 def test_matches_marian_for_causal_lm_logits(step):

@@ -186,10 +186,12 @@ def test_a_corrupt_checkpoint_is_refused_with_a_message(step, saved, tmp_path, d
 
 
 @pytest.mark.needs("GPT.from_pretrained")
-def test_a_config_this_gpt_does_not_compute_is_refused(step, tmp_path):
-    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, activation_function="relu"))
+@pytest.mark.parametrize("setting", [{"activation_function": "relu"}, {"scale_attn_weights": False}],
+                         ids=lambda s: next(iter(s)))  # scores not divided by sqrt(head size): other logits
+def test_a_config_this_gpt_does_not_compute_is_refused(step, tmp_path, setting):
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, **setting))
     hf.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="activation_function"):
+    with pytest.raises(ValueError, match=next(iter(setting))):
         step.model.GPT.from_pretrained(str(tmp_path))
 
 

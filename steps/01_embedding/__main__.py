@@ -13,7 +13,7 @@ STEP = "01_embedding"
 
 
 class CharLM(nn.Module):
-    """Embedder -> linear head: the logits at position t see the character at t (and t itself) only."""
+    """Embedder -> linear head: the logits at position t see only the character at t and its position t."""
 
     def __init__(self, vocab_size: int, d_model: int, max_len: int, dropout: float):
         super().__init__()

@@ -37,7 +37,7 @@ def hide(x, gen, fraction: float = 0.15):
     lengths = torch.randint(S // 2, S + 1, (B, 1), generator=gen)  # (B, 1)
     pad = torch.arange(S) >= lengths  # (B, S), True past each row's length
     hidden = (torch.rand(x.shape, generator=gen) < fraction) & ~pad  # (B, S), the positions to fill in
-    y = x.masked_fill(~hidden, -100)
+    y = x.masked_fill(~hidden, -100)  # (B, S): the hidden characters; -100 elsewhere, which the loss ignores
     return x.masked_fill(hidden, MASK).masked_fill(pad, PAD), y
 
 

@@ -194,7 +194,7 @@ class Transformer(nn.Module):
         """Feed back the most likely token until every row has said EOS. -> (B, <= max_new_tokens) ids."""
         memory, src_mask = self.encode(src)
         out = torch.full((src.size(0), 1), bos_id, dtype=torch.long, device=src.device)  # (B, 1)
-        done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
+        done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)  # (B,) rows that have said EOS
         for _ in range(max_new_tokens):
             nxt = self.decode(out, memory, src_mask)[:, -1].argmax(-1)  # (B,) most likely next token
             nxt = nxt.masked_fill(done, self.pad_id)  # rows that are finished only pad

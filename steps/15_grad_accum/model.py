@@ -39,7 +39,7 @@ HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # openai-community
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # What GPT computes. A config.json that says otherwise is refused, rather than loaded into a model that differs.
 GPT2_FIXED = {"model_type": "gpt2", "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-              "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True}
+              "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True}
 
 
 def hub_download(name: str) -> Path:
