@@ -390,7 +390,7 @@ def main(argv=None):
     print(f"HellaSwag: {shards.plural(len(items), 'item')} at every evaluation" if items else
           "HellaSwag: off (--hellaswag val, or --hellaswag FILE, scores it at every evaluation)")
 
-    fused = args.device.type in ("cpu", "cuda")  # one kernel updates every parameter, where torch has one
+    fused = args.device.type in ("cpu", "cuda")  # each parameter updated in one fused pass, where torch has it
     opt = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=BETAS, eps=EPS, fused=fused)
     start = 0
     if state:
