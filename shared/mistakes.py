@@ -272,8 +272,6 @@ def listing(step: str | None = None) -> str:
     """The mistakes, or those that apply to one step (its own and those of earlier steps in the code it carries)."""
     chosen = [m for m in MISTAKES if step is None or step in m.steps()]
     lines = [f"{'id':<30} {'step':<5} what", "-" * 100] + [f"{m.id:<30} {m.step:<5} {m.what}" for m in chosen]
-    if step and not chosen:
-        lines.append(f"(no mistake applies to {step})")
     return "\n".join(lines + ["", "make mistake M=<id> [N=<step>] makes one in a temporary copy and runs its tests"])
 
 

@@ -64,7 +64,7 @@ def test_untrained_tied_logits_are_of_order_1_whatever_the_input_scale(step, inp
 
 
 @pytest.mark.needs("DecoderOnlyLM")
-@pytest.mark.parametrize("input_scale, low, high", [("sqrt(d_model)", 4.0, 9.0), ("1", -1.0, 2.0)])
+@pytest.mark.parametrize("input_scale, low, high", [("sqrt(d_model)", 5.0, 7.5), ("1", 0.5, 2.0)])
 def test_untrained_tied_logits_favour_the_input_token_itself_through_the_scaled_embedding(step, input_scale, low,
                                                                                           high):
     # One row is not in a random direction: the input token's own. The residual stream carries its embedding (x
@@ -76,7 +76,8 @@ def test_untrained_tied_logits_favour_the_input_token_itself_through_the_scaled_
     idx = torch.randint(50257, (4, 32))
     with torch.no_grad():
         own = model(idx).gather(-1, idx[..., None])  # (B, T, 1): each position's logit of its own input token
-    # the mean of 128 such logits: 6.1 and 1.3 measured; the bounds leave room for other seeds, not for the effect
+    # the mean of 128 such logits: 6.1 and 1.3 at seed 0, 5.9-6.4 and 1.25-1.6 over seeds 0-7; the bounds allow that
+    # spread (another torch may draw other numbers), and keep the two cases apart by 3 or more
     assert low < own.mean().item() < high
 
 

@@ -322,7 +322,7 @@ def test_a_step_of_more_tokens_than_the_data_says_so_before_its_long_first_itera
                                                                                      monkeypatch):
     from shared import data
 
-    corpus = data.shakespeare()  # the fixture's twentieth of tiny shakespeare; a fifth of it, about 3,000 training tokens
+    corpus = data.shakespeare()  # the fixture's twentieth of tiny shakespeare; a fifth: about 3,000 training tokens
     monkeypatch.setattr(data, "shakespeare", lambda: corpus[: len(corpus) // 5])
     run(step, tmp_path, "--max-steps", "1", "--total-batch-size", "4096")  # 64 micro-batches of 2 x 32
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note:"))
