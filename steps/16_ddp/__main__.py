@@ -48,7 +48,8 @@ class Loader:
     the next batch starts B*T tokens later; past the end of the split it starts again at 0. The position is
     its whole state, so a checkpoint that saves it resumes on exactly the next batch.
     With `world` processes, the next world batches are read at once, rank r taking the r-th: together the ranks
-    read what one process reads in world micro-steps, and no two ranks read the same window."""
+    read what one process reads in world micro-steps, and no two ranks read the same window. At the end of the
+    split they start again at 0 together, when fewer than world batches are left: those few are never read."""
 
     def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, pos: int = 0, rank: int = 0, world: int = 1):
         self.ids, self.B, self.T, self.pos = ids, batch_size, seq_len, pos  # ids on the device: batches are views
