@@ -234,7 +234,7 @@ def test_a_steps_worker_on_a_cpu_has_a_clock_beside_each_timed_iteration(steps_w
 
 def test_a_steps_worker_on_a_cpu_counts_the_page_faults_of_each_timed_iteration(steps_worker):
     _, row = steps_worker
-    assert len(row["faults"]) == 2 and min(row["faults"]) >= 0
+    assert len(row["faults"]) == 2 and all(isinstance(f, int) and f >= 0 for f in row["faults"])  # a count each
 
 
 def test_a_steps_worker_takes_its_peak_memory_before_the_heaps_pad(steps_worker):

@@ -120,7 +120,9 @@ def test_a_step_without_a_run_says_how_to_make_one(built):
 
 def test_the_index_names_the_reference_every_step_matches(built):
     index = (built / "index.html").read_text()
-    for row in re.findall(r"<tr><td><a .*?</tr>", index):
+    rows = re.findall(r"<tr><td><a .*?</tr>", index)
+    assert len(rows) == len(all_steps())  # a row a step: the loop below checks every one
+    for row in rows:
         assert text_of(re.findall(r"<td>(.*?)</td>", row)[-1]).strip(), row  # the cell after the parameters
 
 

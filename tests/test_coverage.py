@@ -1,6 +1,8 @@
 """Every step keeps the four shared checks. Tests pick their steps by the names a step defines, so a rename
-would quietly deselect a step's tests; this test fails instead, naming the step and the missing kind."""
+would quietly deselect a step's tests; these tests fail instead, naming the step and the missing kind, or the
+test that no step is left for."""
 import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,28 @@ def test_renaming_a_part_of_a_step_is_reported(monkeypatch):
     monkeypatch.setattr(model, "TokenEmbedder", model.Embedder, raising=False)
     monkeypatch.delattr(model, "Embedder")
     assert "01_embedding" not in shared_checks()["shapes"]
+
+
+def step_tests():
+    """(file::test, its marks and its module's) for every test that takes a step."""
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        module = importlib.import_module(f"tests.{path.stem}")
+        module_marks = getattr(module, "pytestmark", [])
+        module_marks = module_marks if isinstance(module_marks, list) else [module_marks]
+        for name, fn in vars(module).items():
+            if name.startswith("test_") and callable(fn) and "step" in inspect.signature(fn).parameters:
+                marks = [*getattr(fn, "pytestmark", []), *(getattr(m, "mark", m) for m in module_marks)]
+                yield f"{path.name}::{name}", marks
+
+
+def test_every_test_of_a_step_runs_on_some_step():
+    lost = [name for name, marks in step_tests() if not steps_for(marks)]
+    assert not lost, f"no step has what these tests ask for (a part renamed?): {', '.join(lost)}"
+
+
+def test_a_rename_that_leaves_a_test_no_step_is_reported(monkeypatch):
+    """The check above can fail: rename step 18's KVCache, and the KV-cache tests have no step left."""
+    model = importlib.import_module("steps.18_kv_cache.model")
+    monkeypatch.setattr(model, "Cache", model.KVCache, raising=False)
+    monkeypatch.delattr(model, "KVCache")
+    assert any(name.startswith("test_kv_cache.py::") for name, marks in step_tests() if not steps_for(marks))

@@ -99,6 +99,7 @@ def test_two_processes_end_the_step_with_the_gradients_and_parameters_of_one_pro
     # AdamW's first moment after one step is 0.1 x the (clipped) gradient: the gradients, compared in fp32. They
     # are sums of the same terms in another order: 1e-5 of a value is about a hundred float32 rounding steps, and
     # 1e-9 absolute a few at gradients below 1e-2, for the values near 0.
+    assert two["optimizer"]["state"].keys() == one["optimizer"]["state"].keys() and two["optimizer"]["state"]
     for (i, a), b in zip(two["optimizer"]["state"].items(), one["optimizer"]["state"].values()):
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"], atol=1e-9, rtol=1e-5, msg=f"parameter {i}")
     # The first update is lr x g / (|g| + eps), about lr = 3e-3 x sign(g): a rounding-sized difference in g moves a

@@ -59,7 +59,7 @@ def test_untrained_tied_logits_are_of_order_1_whatever_the_input_scale(step, inp
         model.embed.d_model = 1  # the Embedder multiplies by sqrt(self.d_model)
     with torch.no_grad():
         logits = model(torch.randint(50257, (4, 32)))
-    # 8.2M logits: their std is known to far better than 10%; 0.9..1.1 is the claim "of order 1", made precise.
+    # 6.4M logits: their std is known to far better than 10%; 0.9..1.1 is the claim "of order 1", made precise.
     assert 0.9 < logits.std().item() < 1.1
 
 

@@ -82,12 +82,20 @@ def test_adams_first_step_moves_every_weight_by_about_lr_whatever_the_size_of_it
 
 @pytest.mark.main_needs("lr_at")
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
-def test_a_run_logs_the_scheduled_lr_and_a_clipped_step(step, tmp_path):
+def test_a_run_logs_the_scheduled_lr_and_a_clipped_step(step, tmp_path, monkeypatch):
+    clips, clip = [], torch.nn.utils.clip_grad_norm_
+    def recording_clip(parameters, max_norm, *rest, **kwargs):
+        norm = clip(parameters, max_norm, *rest, **kwargs)
+        clips.append((max_norm, norm.item()))
+        return norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "6", "--warmup-steps", "2",
                     "--lr", "1e-3", "--out", str(tmp_path)])
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     args = SimpleNamespace(lr=1e-3, warmup_steps=2, max_steps=6)
-    assert [r["lr"] for r in rows if "loss" in r] == [step.main.lr_at(it, args) for it in range(6)]
+    assert [r["lr"] for r in rows] == [step.main.lr_at(it, args) for it in range(6)]
+    assert [max_norm for max_norm, _ in clips] == [step.main.CLIP] * 6  # one clip an optimizer step, to norm 1.0
+    assert [r["grad_norm"] for r in rows] == [norm for _, norm in clips]  # the log shows the norm before the clip
 
 
 @pytest.mark.main_needs("lr_at")

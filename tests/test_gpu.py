@@ -113,6 +113,8 @@ def test_batches_reach_the_gpu_from_pinned_memory(step, tmp_path, monkeypatch):
 def test_the_padded_ids_are_never_sampled_on_the_device(step):
     model = small_gpt(step, vocab=50257).eval()
     idx = torch.zeros(64, 1, dtype=torch.long, device=CUDA)
+    with torch.no_grad():
+        assert torch.all(model(idx)[0][..., 50257:] == float("-inf"))  # masked on the device, before any sampling
     out = model.generate(idx, 60, temperature=100.0)  # nearly uniform: every real id is likely, the padding never
     assert out.max().item() < 50257
 

@@ -29,7 +29,7 @@ def test_bf16_logits_are_within_a_few_bf16_rounding_steps_of_fp32(step):
         with step.main.autocast(SimpleNamespace(device=CPU, dtype="bf16")):
             bf16 = model(idx[:, :-1])[0][..., :1000]
     assert bf16.dtype == torch.bfloat16  # autocast is on: the last matmul ran in bf16
-    # bf16 keeps 8 significant bits, so one rounding is off by up to 2^-9 of the value. A logit goes through a few
+    # bf16 keeps 8 significant bits, so one rounding is off by up to 2^-8 of the value. A logit goes through a few
     # (the inputs of each matmul, its output): 0.37% of the largest logit was measured here; 2^-6 (1.6%) allows
     # four roundings at the largest logit. A matmul left in a lower precision, or wrong weights, is far beyond it.
     tolerance = 2**-6 * fp32.abs().max().item()

@@ -226,9 +226,9 @@ def test_the_shapes_say_how_many_rows_they_were_taken_on(capsys):
 
 
 def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0():
-    r = subprocess.run(["make", "-s", "gpu-check", "ARGS="], capture_output=True, text=True, timeout=300)
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: make gpu-check runs the checks instead")
+    r = subprocess.run(["make", "-s", "gpu-check", "ARGS="], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().splitlines() == [
         "make gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"]
 

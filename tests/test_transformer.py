@@ -86,6 +86,7 @@ def test_greedy_decode_picks_the_argmax_of_a_full_forward_pass_each_time(step):
     model = small(step).eval()
     src = SRC[:1]
     out = model.greedy_decode(src, bos_id=1, eos_id=2, max_new_tokens=8)
+    assert 1 <= out.size(1) <= 8
     tgt = torch.tensor([[1]])
     for _ in range(out.size(1)):  # the slow way: recompute everything for each new token
         tgt = torch.cat([tgt, model(src, tgt)[:, -1].argmax(-1, keepdim=True)], dim=1)

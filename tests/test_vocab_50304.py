@@ -53,8 +53,11 @@ def test_padded_ids_get_no_probability_and_no_gradient(step):
 @PADDED
 def test_sampling_never_returns_a_padded_id_even_when_its_row_would_win(step):
     model = tiny(step)
-    with torch.no_grad():  # rows that would take nearly all the probability, were they not masked
-        model.transformer.wte.weight[100:] = 10 * model.transformer.ln_f(torch.ones(16))
+    with torch.no_grad():  # ln_f's output is now n + 10, n of mean 0 over the features: a padded row of ones scores
+        model.transformer.ln_f.bias.fill_(10.0)  # 16 x 10 = 160 for every hidden state, a real row (std 0.02) about 1
+        model.transformer.wte.weight[100:] = 1.0
+        unmasked = model.transformer.ln_f(torch.randn(64, 16)) @ model.transformer.wte.weight.T  # (64, 128)
+    assert torch.all(unmasked.softmax(-1)[:, 100:].sum(-1) > 0.99)  # unmasked, the padded ids would win every draw
     out = model.generate(torch.zeros(4, 1, dtype=torch.long), max_new_tokens=15,
                          generator=torch.Generator().manual_seed(0))
     assert out.max() < 100
