@@ -99,15 +99,6 @@ def step_list(text: str) -> list[str]:
     return steps
 
 
-def json_path(text: str) -> Path:
-    """An argparse type: a file whose directory can be written to (made now)."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / 'bench.json'}")
-    cli.out_dir(str(path.parent))
-    return path
-
-
 def bench_json(text: str) -> dict:
     """An argparse type: a bench.json that make bench wrote, read now -> its machine and rows, and its path."""
     try:
@@ -497,7 +488,7 @@ def main(argv=None):
                    "whose step compiles, 12 on, and hf_gpt2 are compiled on every device)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run; auto (the "
                    "default) = cuda, else mps, else cpu")
-    p.add_argument("--json", type=json_path, default=Path("runs/bench.json"), help="where the rows go (default: "
+    p.add_argument("--json", type=cli.out_file, default="runs/bench.json", help="where the rows go (default: "
                    "runs/bench.json); the chart goes beside it, as .svg")
     p.add_argument("--no-reference", action="store_true", help="leave out the transformers GPT-2 row")
     p.add_argument("--returned-memory", action="store_true", help="leave glibc's default: freed buffers over 32 MB "

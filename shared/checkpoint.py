@@ -10,14 +10,21 @@ from pathlib import Path
 import torch
 
 NAME = "checkpoint.pt"
+KEYS = {"config": dict, "iter": int, "model": dict, "optimizer": dict, "loader": int, "rng": dict}  # what a step saves
 
 
 def save(out: Path, state: dict) -> Path:
     """Write DIR/checkpoint.pt whole under a temporary name, then rename it: a crash mid-write leaves the last
-    good checkpoint in place, never a broken file under the real name."""
+    good checkpoint in place, never a broken file under the real name. A write that fails (a full disk) stops the
+    run with one line."""
     path, tmp = Path(out) / NAME, Path(out) / f"{NAME}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic on one file system
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic on one file system
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = f"; {path} is the last one written" if path.exists() else ""
+        sys.exit(f"error: cannot write a checkpoint to {out} ({os.strerror(e.errno) if e.errno else e}){kept}")
     return path
 
 
@@ -32,8 +39,10 @@ def load(out: Path) -> dict:
     except Exception as e:  # truncated, not a torch file, or pickled objects other than tensors
         sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}): truncated, damaged or not a "
                  f"checkpoint. Delete it, or start the run afresh with another --out.")
-    if not isinstance(state, dict) or "config" not in state:
-        sys.exit(f"error: {path} is not a checkpoint of this project (no run config in it)")
+    if not isinstance(state, dict):
+        sys.exit(f"error: {path} is not a checkpoint of this project (not a dict of the run's state)")
+    if missing := [k for k, kind in KEYS.items() if not isinstance(state.get(k), kind)]:
+        sys.exit(f"error: {path} is not a checkpoint of this project (no {', no '.join(missing)} of the right kind)")
     return state
 
 

@@ -35,6 +35,8 @@ seed = checked(int, lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}"
 def out_dir(text: str) -> Path:
     """An argparse type: a directory we can write to, made now, so that a bad --out fails before any work."""
     path = Path(text)
+    if not text.strip():  # Path("") is ".": the run would write into whatever directory it was started in
+        raise argparse.ArgumentTypeError("expected a directory, got ''")
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")
     try:
@@ -43,6 +45,16 @@ def out_dir(text: str) -> Path:
             pass
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot write to {text} ({os.strerror(e.errno) if e.errno else e})")
+    return path
+
+
+def out_file(text: str) -> Path:
+    """An argparse type: a file whose directory can be written to (made now). A default given as text is checked
+    too (argparse converts a str default), so a missing runs/ is made before the work, not found after it."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / 'results.json'}")
+    out_dir(str(path.parent))
     return path
 
 

@@ -7,6 +7,7 @@ Every use checks the file's sha256, so a damaged copy is named instead of silent
 import base64
 import functools
 import hashlib
+import http.client
 import os
 import sys
 import urllib.request
@@ -58,10 +59,10 @@ def download(name: str, url: str, sha256: str, path: Path) -> None:
         if hashlib.sha256(blob).hexdigest() != sha256:
             raise OSError("checksum mismatch")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
+        tmp = path.with_suffix(f".{os.getpid()}.part")  # one a process: two downloading at once do not mix
         tmp.write_bytes(blob)
         tmp.replace(path)  # atomic: a half-written file never has the real name
-    except OSError as e:
+    except (OSError, http.client.HTTPException) as e:  # IncompleteRead, a connection cut mid-file, is not an OSError
         sys.exit(
             f"error: {name} is not in {data_dir()}/ and could not be downloaded ({e}).\n"
             f"Download {url}\nand save it as {path}, or set GPT2STEPS_DATA to a directory that holds {name}."

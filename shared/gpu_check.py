@@ -67,7 +67,7 @@ def summary(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="make gpu-check", description=__doc__.split("\n\n")[0], hint='make gpu-check '
                            'ARGS="--help"')
-    p.add_argument("--json", type=Path, default=Path("runs/gpu-check.json"), help="where the results go")
+    p.add_argument("--json", type=cli.out_file, default="runs/gpu-check.json", help="where the results go")
     p.add_argument("--tests-only", action="store_true", help="only the tests marked gpu (a minute or two)")
     args = p.parse_args(argv)
     import torch

@@ -6,6 +6,26 @@ import time
 from pathlib import Path
 
 
+def rows_before(path: Path, start: int) -> list[dict]:
+    """The rows of a resumed run's iterations before `start`. A metrics.jsonl that is gone, or a line cut off by a
+    crash, does not stop the resume: what can be read is kept, and a note says what is left out."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, ValueError) as e:
+        print(f"note: {path} cannot be read ({type(e).__name__}): the log starts again at iteration {start}", flush=True)
+        return []
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            keep = row["iter"] < start
+        except (ValueError, KeyError, TypeError):
+            print(f"note: {path}, line {n}, is damaged: the log keeps the {len(rows)} rows before it", flush=True)
+            break
+        rows += [row] * keep
+    return rows
+
+
 class RunLog:
     """Log of one training run of `total` iterations, printing every `every`-th (0: about 25 lines a run)."""
 
@@ -16,8 +36,7 @@ class RunLog:
         self.baseline = baseline
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        old = (self.out / "metrics.jsonl").read_text().splitlines() if start else []
-        self.rows: list[dict] = [r for r in map(json.loads, old) if r["iter"] < start]
+        self.rows: list[dict] = rows_before(self.out / "metrics.jsonl", start) if start else []
         self.file = open(self.out / "metrics.jsonl", "w")
         self.file.writelines(json.dumps(r) + "\n" for r in self.rows)
         self.total, self.every, self.first = total, every or max(1, math.ceil(total / 25)), start

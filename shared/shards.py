@@ -57,6 +57,9 @@ def open_source(source: str, out: Path | None = None):
         return docs, "edufineweb"
     path = Path(source)
     skip = out.resolve() if out else None
+    if path.is_dir() and skip and (skip == path.resolve() or skip in path.resolve().parents):
+        sys.exit(f"error: --out {out} is the --source directory or holds it, and the shards made there are not read as "
+                 "source: give an --out outside it")
     files = sorted(p for p in path.rglob("*") if p.suffix in KINDS and (skip is None or skip not in p.resolve().parents)
                    ) if path.is_dir() else [path]
     if not path.exists():
@@ -75,8 +78,8 @@ def open_source(source: str, out: Path | None = None):
 
 def parquet_records(files: list[Path], source: str):
     """The text column of local .parquet files, one row group (a few MB) at a time, so that memory stays flat however
-    large the files: datasets' streaming parquet reader grew with the file, 10x the text gave 2.4x the peak memory
-    (diary 17); pyarrow read row group by row group did not."""
+    large the files: datasets' streaming parquet reader grew with the file, 10x the text gave about 2x the peak
+    memory (diary 17); pyarrow read row group by row group did not."""
     import pyarrow.parquet as pq
 
     for path in files:
@@ -147,6 +150,8 @@ def encoded(texts_, workers: int):
         return
     import multiprocessing
 
+    encode([])  # the tokenizer loaded here first: a missing or damaged file stops the run with its one line here; in a
+    # worker its exit would only end that worker, and the pool would wait for the lost chunk forever
     # spawn: safe beside torch's threads. The workers ignore Ctrl-C; the parent lets the chunks in flight finish
     # (below) and says how to go on.
     pool = multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
@@ -209,7 +214,11 @@ def prepare(source: str, out: Path, shard_tokens: int = 100_000_000, max_tokens:
 
     with tqdm(total=max_tokens, initial=done, unit="tok", unit_scale=True, disable=quiet or not progress,
               desc=f"tokenizing {source}", dynamic_ncols=True) as bar:  # closed however the loop ends
-        buf = np.empty(shard_tokens, dtype=np.uint16)  # one shard at a time: memory does not grow with the source
+        try:
+            buf = np.empty(shard_tokens, dtype=np.uint16)  # one shard at a time: memory does not grow with the source
+        except MemoryError:
+            sys.exit(f"error: a shard of {shard_tokens:,} tokens needs {2 * shard_tokens / 2**30:,.1f} GiB of memory "
+                     "at once; give a smaller --shard-tokens (the default, 100,000,000, needs 0.2 GiB)")
         fill, total = 0, done
         for tokens in encoded(texts(itertools.islice(docs, doc, None), source, first=doc), workers):
             tokens, start = tokens[offset:], offset  # a document cut by the last shard goes on where it was cut
@@ -235,7 +244,7 @@ def prepare(source: str, out: Path, shard_tokens: int = 100_000_000, max_tokens:
     manifest["complete"] = True
     write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
     say(f"{out}: {plural(len(manifest['shards']), 'shard')}, {total:,} tokens, "
-        f"{sum(s['documents'] for s in manifest['shards']):,} documents")
+        f"{plural(sum(s['documents'] for s in manifest['shards']), 'document')}")
     if len(manifest["shards"]) == 1:
         say(f"note: one shard only, and the first shard is the validation split: training needs more. Make them "
             f"again into another --out with a smaller --shard-tokens (e.g. {max(1, total // 10):,}: about 10 shards)")
@@ -262,13 +271,17 @@ def save_shard(out: Path, prefix: str, manifest: dict, tokens: np.ndarray, next_
     write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
 
 
+SHARD_KEYS = ("file", "tokens", "documents", "sha256", "next")  # what save_shard records of each
+
+
 def read_manifest(out: Path) -> dict | None:
     path = out / MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
-        assert isinstance(manifest["shards"], list) and all("file" in s and "tokens" in s for s in manifest["shards"])
+        assert isinstance(manifest["shards"], list) and isinstance(manifest["complete"], bool)
+        assert all(isinstance(s, dict) and all(k in s for k in SHARD_KEYS) for s in manifest["shards"])
         return manifest
     except (ValueError, KeyError, TypeError, AssertionError):
         sys.exit(f"error: {path} is damaged (not the manifest make data writes). Delete {out} and prepare it again.")

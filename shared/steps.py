@@ -30,7 +30,7 @@ def resolve(n: str) -> str:
     """'7', '07' or '07_decoder_only' -> '07_decoder_only'; anything else raises ValueError."""
     n = n.strip()
     for step in all_steps():
-        if n == step or (n.isdigit() and int(n) == int(step[:2])):
+        if n == step or (n.isascii() and n.isdigit() and int(n) == int(step[:2])):  # not '²', not '٨'
             return step
     raise ValueError(f"unknown step {n!r}" if n else "no step given (use N=08)")
 

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.conftest import data_dir_copy, small_run_flags
+from tests.conftest import data_dir_copy, mentions, small_run_flags
 
 FAST = ["--max-steps", "2", "--device", "cpu", "--seed", "0"]
 
@@ -59,6 +59,11 @@ def test_out_naming_a_file_is_refused(step, tmp_path, capsys):
 
 
 @pytest.mark.main_needs("evaluate")
+def test_an_empty_out_is_refused_not_taken_as_the_current_directory(step, capsys):
+    refuses(step, ["--out", ""], capsys, "argument --out", "expected a directory, got ''")
+
+
+@pytest.mark.main_needs("evaluate")
 def test_out_that_cannot_be_written_is_refused(step, capsys):
     refuses(step, ["--out", "/proc/forbidden"], capsys, "argument --out", "cannot write to /proc/forbidden")
 
@@ -92,6 +97,15 @@ def test_a_diverging_run_stops_at_the_first_nan_naming_the_iteration_and_lr(step
     assert rows[-1]["loss"] is None and len(rows) < 20  # stopped at the first non-finite loss
     assert f"at iteration {rows[-1]['iter']} (lr {rows[-1]['lr']:g})" in said  # the lr of that iteration
     assert json.loads((tmp_path / "summary.json").read_text())["diverged"]["iter"] == rows[-1]["iter"]
+
+
+@pytest.mark.main_needs("Loader")
+@pytest.mark.main_lacks("shards")  # from step 17 the data is shards, with a check of its own
+def test_a_batch_larger_than_the_training_split_is_refused_with_the_batch_size_that_fits(step, tmp_path, capsys):
+    # tiny shakespeare's training split is 304,222 tokens: 4,753 batches of 64 tokens and one more for the last target
+    total = ["--total-batch-size", "320000"] if mentions(step, "--total-batch-size") else []  # one micro-batch
+    refuses(step, [*FAST, "--seq-len", "64", "--batch-size", "5000", *total, "--out", str(tmp_path / "run")], capsys,
+            "a batch of 5000 x 64 tokens does not fit the 304,222 training tokens", "--batch-size 4753 or less")
 
 
 @pytest.mark.main_needs("evaluate")

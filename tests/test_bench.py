@@ -353,6 +353,12 @@ def test_without_steps_the_rows_are_the_default_ladder_then_the_control(scripted
     assert [label for label, _ in asked] == [*bench.default_steps(), "16_ddp again"]
 
 
+def test_the_default_json_goes_into_runs_made_if_there_is_none(scripted_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no runs/ yet
+    scripted_rows({"10_training": [[1.0]], "10_training again": [[1.0]]}, "--steps", "10", "--rounds", "1")
+    assert (tmp_path / "runs" / "bench.json").is_file() and (tmp_path / "runs" / "bench.svg").is_file()
+
+
 def test_on_a_cpu_a_default_run_is_2_rounds_of_3_warm_up_and_3_timed_iterations(scripted_rows, tmp_path):
     # 9 rows x 2 rounds took 10.0 to 14.0 minutes in ten runs on slow 2 cores (the README's ladder): within 15
     ms = {label: [[1.0]] * 2 for label in [*bench.default_steps(), "16_ddp again"]}

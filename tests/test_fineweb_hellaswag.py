@@ -1,6 +1,7 @@
 """Step 17's lesson and every step after it: training on token shards (read memory-mapped, in a seeded shuffled
 order that resumes exactly) and HellaSwag scored completion style. The shards' making is in test_shards.py."""
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -237,10 +238,11 @@ def test_a_bad_hellaswag_file_stops_the_run_before_any_shard_is_made(step, tmp_p
 
 
 @pytest.mark.main_needs("hellaswag")
-def test_hellaswag_val_offline_says_where_to_put_the_file(step, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [OSError("no network"), http.client.IncompleteRead(b"{", 100)],
+                         ids=["offline", "cut off mid-file"])
+def test_hellaswag_val_offline_says_where_to_put_the_file(step, tmp_path, monkeypatch, failure):
     monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
-    monkeypatch.setattr(step.main.hellaswag.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(
-        OSError("no network")))
+    monkeypatch.setattr(step.main.hellaswag.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(failure))
     with pytest.raises(SystemExit) as exit:
         step.main.hellaswag.load("val")
     message = str(exit.value.code)

@@ -13,7 +13,7 @@ import pytest
 
 from shared import data, shards
 from shared.steps import ROOT
-from tests.conftest import ctrl_c_as_in_a_terminal
+from tests.conftest import ctrl_c_as_in_a_terminal, data_dir_copy
 
 SHARD = 2_000  # tokens a shard: a few documents each, so that shards cut documents
 
@@ -177,6 +177,14 @@ def test_a_damaged_manifest_is_named(sources, tmp_path):
     refused(lambda: shards.shard_files(tmp_path), "manifest.json is damaged")
 
 
+def test_a_manifest_edited_by_hand_without_a_shards_sha256_is_named_by_verify(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["shards"][0]["sha256"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    refused(lambda: shards.verify(tmp_path), "manifest.json is damaged")
+
+
 def test_shards_without_a_manifest_are_read_as_they_are(sources, tmp_path):
     prepare(sources["jsonl"], tmp_path)  # as build-nanogpt's fineweb.py leaves them: .npy files only
     (tmp_path / "manifest.json").unlink()
@@ -226,6 +234,27 @@ def test_a_bad_document_stops_a_run_of_two_workers_too(tmp_path):
                         str(tmp_path / "out"), "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "document 1 has no text in a 'text' field (what it has: body)" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_damaged_tokenizer_stops_a_run_of_two_workers_with_one_line(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    data_dir_copy(tmp_path / "data", monkeypatch, damaged="r50k_base.tiktoken")  # the subprocess inherits the setting
+    (tmp_path / "a.txt").write_text("a document\n\nanother one\n")
+    r = subprocess.run([sys.executable, "-m", "shared.shards", "--source", str(tmp_path / "a.txt"), "--out",
+                        str(tmp_path / "out"), "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("r50k_base.tiktoken is damaged") == 1 and "Traceback" not in r.stderr
+
+
+def test_a_shard_too_large_for_memory_is_refused_with_what_it_needs(sources, tmp_path):
+    refused(lambda: shards.prepare(sources["jsonl"], tmp_path, shard_tokens=10**14, progress=False), "a shard of 100,000,000,000,000 tokens "
+            "needs 186,264.5 GiB of memory", "smaller --shard-tokens")
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_an_out_that_is_the_source_directory_or_holds_it_is_refused(tmp_path, out):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("a document\n")
+    refused(lambda: prepare(str(tmp_path / "texts"), tmp_path / "texts" / out), "is the --source directory or holds it")
 
 
 def test_make_data_shows_its_error_line_and_where_the_help_is(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The project's helpers: the step registry behind the Makefile, data files, tokenizers, device, run log."""
 import argparse
+import http.client
 import json
 import os
 import re
@@ -23,7 +24,7 @@ def test_a_step_is_named_by_number_padded_number_or_full_name():
 
 
 def test_unknown_step_prints_the_list_and_exits_nonzero():
-    for n in ("99", "", "embedding"):
+    for n in ("99", "", "embedding", "²", "٨"):  # digits to str.isdigit, not to int() or a learner
         r = sh(sys.executable, "-m", "shared.steps", "resolve", n)
         assert r.returncode == 2 and "01_embedding" in r.stderr and "Traceback" not in r.stderr
 
@@ -80,6 +81,25 @@ def test_download_with_a_wrong_checksum_is_refused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="checksum"):
         data.shakespeare()
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
+
+
+def test_a_download_cut_off_mid_file_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+
+    class CutOff:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            pass
+
+        def read(self):  # what http.client raises when the connection ends before Content-Length
+            raise http.client.IncompleteRead(b"First Citizen", 1115381)
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: CutOff())
+    with pytest.raises(SystemExit, match="could not be downloaded .*IncompleteRead"):
+        data.shakespeare()
+    assert not list(tmp_path.iterdir())
 
 
 def test_gpt2_tokenizer_works_offline_with_gpt2_ids():
@@ -182,6 +202,24 @@ def test_run_log_stops_at_a_nan_loss_naming_the_iteration_and_the_lr(tmp_path):
     assert rows[1]["loss"] is None
 
 
+def test_a_resumed_run_log_keeps_the_rows_before_its_start(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"iter": i, "loss": 1.0}) + "\n" for i in range(5)))
+    log = runlog.RunLog(tmp_path, total=10, start=3)  # a checkpoint of iteration 2: rows 3 and 4 are done again
+    assert [r["iter"] for r in log.rows] == [0, 1, 2]
+
+
+def test_a_resumed_run_log_without_its_metrics_file_starts_a_new_one_with_a_note(tmp_path, capsys):
+    log = runlog.RunLog(tmp_path, total=10, start=3)
+    assert log.rows == [] and "metrics.jsonl cannot be read (FileNotFoundError)" in capsys.readouterr().out
+
+
+def test_a_resumed_run_log_keeps_the_rows_before_a_line_cut_off_by_a_crash(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 1.0}\n{"iter": 1, "loss": 1.0}\n{"iter": 2, "lo')
+    log = runlog.RunLog(tmp_path, total=10, start=3)
+    assert [r["iter"] for r in log.rows] == [0, 1]
+    assert "metrics.jsonl, line 3, is damaged: the log keeps the 2 rows before it" in capsys.readouterr().out
+
+
 def test_run_log_summary_is_valid_json_whatever_the_values(tmp_path):
     log = runlog.RunLog(tmp_path, total=1)
     log.close(val_loss=float("inf"), ok=1.0)
@@ -208,6 +246,14 @@ def test_out_dir_is_made_and_checked_when_parsed(tmp_path):
         cli.out_dir(str(tmp_path / "file"))
     with pytest.raises(argparse.ArgumentTypeError, match="cannot write to /proc/forbidden"):
         cli.out_dir("/proc/forbidden")
+
+
+def test_an_out_file_is_refused_where_it_names_a_directory_and_its_directory_is_made(tmp_path):
+    assert cli.out_file(str(tmp_path / "a" / "r.json")) == tmp_path / "a" / "r.json" and (tmp_path / "a").is_dir()
+    with pytest.raises(argparse.ArgumentTypeError, match="is a directory; give a file name"):
+        cli.out_file(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write to /proc/forbidden"):
+        cli.out_file("/proc/forbidden/r.json")
 
 
 def test_shapes_name_a_shared_module_after_the_parent_running_it(capsys):

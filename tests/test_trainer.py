@@ -1,6 +1,7 @@
 """Step 10's lesson and every trainer after it (the steps whose __main__.py has a Loader): GPT-2's init, the data
 loader, checkpoints that resume exactly, Ctrl-C, and the trained model written as a GPT2LMHeadModel directory.
 The shared run tests (loss falls, same seed, the log) are in test_steps.py; bad input in test_bad_input.py."""
+import errno
 import importlib
 import json
 import math
@@ -239,7 +240,8 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_work(step, tmp_pat
 
 
 @pytest.mark.main_needs("Loader")
-@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "no checkpoint", "a pickled object"])
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "no checkpoint", "a pickled object", "no iter",
+                                    "a config that is not a dict"])
 def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, damage, finished):
     finished(step, tmp_path)
     path = tmp_path / checkpoint.NAME
@@ -249,25 +251,35 @@ def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, dama
         path.write_text("hello")
     elif damage == "no checkpoint":
         path.unlink()
-    else:  # weights_only=True refuses to build objects: loading a checkpoint cannot run its code
+    elif damage == "a pickled object":  # weights_only=True refuses to build objects: loading cannot run its code
         torch.save({"config": {}, "hook": subprocess.Popen}, path)
+    else:  # readable, but not what a step saves
+        state = torch.load(path, weights_only=True)
+        torch.save({k: v for k, v in state.items() if k != "iter"} if damage == "no iter" else {**state, "config": "x"},
+                   path)
     with pytest.raises(SystemExit) as exit:
         run(step, tmp_path, "--max-steps", "2", "--resume", str(tmp_path))
     assert str(exit.value.code).startswith("error: ") and str(path) in str(exit.value.code)
     assert "\n" not in str(exit.value.code)
 
 
-def test_a_checkpoint_is_never_left_half_written(tmp_path, monkeypatch):
-    checkpoint.save(tmp_path, {"config": {"n": 1}})
+def a_state(n: int) -> dict:
+    return {"config": {"n": n}, "iter": n, "model": {}, "optimizer": {}, "loader": 0, "rng": {}}
 
-    def crash(obj, f):  # a full disk, or the power going, halfway through the write
+
+def test_a_checkpoint_is_never_left_half_written(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, a_state(1))
+
+    def crash(obj, f):  # a full disk halfway through the write
         open(f, "wb").write(b"half a checkpoint")
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        checkpoint.save(tmp_path, {"config": {"n": 2}})
-    assert checkpoint.load(tmp_path)["config"] == {"n": 1}
+    with pytest.raises(SystemExit) as exit:
+        checkpoint.save(tmp_path, a_state(2))
+    assert str(exit.value.code) == (f"error: cannot write a checkpoint to {tmp_path} (No space left on device); "
+                                    f"{tmp_path / checkpoint.NAME} is the last one written")
+    assert checkpoint.load(tmp_path)["config"] == {"n": 1} and not (tmp_path / f"{checkpoint.NAME}.tmp").exists()
 
 
 @pytest.mark.main_needs("Loader")

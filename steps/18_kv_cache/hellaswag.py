@@ -4,6 +4,7 @@ loss over the ending's tokens) is its answer. acc compares the summed losses, ac
 does not favour short endings). GPT-2 124M: acc 0.2859, acc_norm 0.2955 on the 10,042 validation items; chance: 0.25.
 """
 import hashlib
+import http.client
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ def val_file() -> Path:
         try:
             with urllib.request.urlopen(URL, timeout=30) as r:
                 blob = r.read()
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:  # HTTPException: a connection cut mid-file (IncompleteRead)
             sys.exit(f"error: hellaswag_val.jsonl is not in {data.data_dir()}/ and could not be downloaded ({e}).\n"
                      f"Download {URL}\nand save it as {path}, or give a file: --hellaswag FILE.")
         path.parent.mkdir(parents=True, exist_ok=True)
