@@ -106,7 +106,8 @@ def parse_with_preset(p: argparse.ArgumentParser, argv, presets: dict[str, dict]
     values as the defaults, so that a flag given on the command line overrides its preset's value and --help
     shows the values in force. args.preset is the name of the preset used."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    first, _ = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    help_asked = lambda a: a == "-h" or (len(a) > 3 and "--help".startswith(a))  # --he, --hel: argparse's abbreviations
+    first, _ = p.parse_known_args([a for a in argv if not help_asked(a)])
     name = pick(first) if first.preset == "auto" else first.preset
     p.set_defaults(**presets[name])
     args = p.parse_args(argv)

@@ -61,6 +61,8 @@ def test_the_flash_kernel_runs_the_causal_case_and_gives_the_written_out_attenti
 def test_a_compiled_model_gives_the_eager_logits_on_the_device(step):
     model, idx = small_gpt(step).eval(), torch.randint(1000, (2, 64), device=CUDA)
     torch.backends.cuda.matmul.allow_tf32 = False  # both in fp32: only the fusion differs
+    # 1e-4, ten times the CPU test's 1e-5, for CUDA's kernels' other orders of summing: a guess, as no GPU has run this
+    # yet (make gpu-check records the difference when one does; tighten it then)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(idx)[0], model(idx)[0], atol=1e-4, rtol=0)
 

@@ -256,6 +256,16 @@ def test_an_out_file_is_refused_where_it_names_a_directory_and_its_directory_is_
         cli.out_file("/proc/forbidden/r.json")
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h", "--he", "--hel"])  # argparse takes a prefix of a flag as the flag
+def test_help_shows_the_presets_values_as_the_defaults_however_it_is_asked_for(flag, capsys):
+    p = argparse.ArgumentParser(prog="x", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="auto")
+    p.add_argument("--width", type=int, help="the width")
+    with pytest.raises(SystemExit):
+        cli.parse_with_preset(p, [flag], {"tiny": {"width": 3}}, lambda args: "tiny")
+    assert "the width (default: 3)" in capsys.readouterr().out
+
+
 def test_shapes_name_a_shared_module_after_the_parent_running_it(capsys):
     shared = torch.nn.Linear(2, 2)
     model = torch.nn.Sequential(torch.nn.Sequential(shared), torch.nn.Sequential(shared))
