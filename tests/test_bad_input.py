@@ -180,6 +180,15 @@ def test_a_truncated_checkpoint_is_refused(step, saved, tmp_path, capsys):
 
 
 @pytest.mark.main_needs("stream")
+@pytest.mark.parametrize("vocab, words", [(1000, "the prompt has token 15496, but this model knows only 1000 tokens"),
+                                          (50304, "this model has 50,304 tokens, GPT-2's tokenizer 50,257")])
+def test_a_model_whose_vocabulary_is_not_the_tokenizers_is_refused(step, tmp_path, capsys, vocab, words):
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path)
+    refuses(step, ["--model", str(tmp_path), "--prompt", "Hello"], capsys, words)
+
+
+@pytest.mark.main_needs("stream")
 def test_a_config_whose_heads_do_not_divide_n_embd_is_refused(step, saved, tmp_path, capsys):
     for f in saved.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())

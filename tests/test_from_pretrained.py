@@ -1,5 +1,8 @@
 """Step 09's lesson: GPT.from_pretrained (HF's GPT-2 weights, Conv1D transposed), top-k sampling, the generation
 command. All offline: the checkpoints are randomly initialised GPT2LMHeadModels saved to a temporary directory."""
+import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +12,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from shared.steps import ROOT
+from tests.conftest import ctrl_c_as_in_a_terminal
 from tests.test_gpt2 import gpt2_params, rows
 
 pytestmark = pytest.mark.per_model_file  # model.py's from_pretrained; the command tests run on step 09 alone
@@ -186,6 +191,31 @@ def test_a_corrupt_checkpoint_is_refused_with_a_message(step, saved, tmp_path, d
 
 
 @pytest.mark.needs("GPT.from_pretrained")
+def test_a_trainers_out_given_for_its_model_directory_names_the_directory_to_give(step, saved, tmp_path):
+    hf, _ = saved
+    hf.save_pretrained(tmp_path / "model")  # as a trainer leaves it: runs/NN_x/model/
+    with pytest.raises(ValueError) as error:
+        step.model.GPT.from_pretrained(str(tmp_path))
+    assert f"give {tmp_path / 'model'}, where a trainer's --out keeps it" in str(error.value)
+
+
+@pytest.mark.needs("GPT.from_pretrained")
+@pytest.mark.parametrize("setting, words", [
+    ({"n_positions": -1}, "{'n_positions': -1}; every size must be a whole number above 0"),
+    ({"n_positions": "64"}, "{'n_positions': '64'}; every size must be a whole number above 0"),
+    ({"n_layer": 10_000_000}, "config.json says n_layer 10000000; the weights hold 2 blocks"),  # not 10M blocks built
+])
+def test_a_config_json_with_impossible_sizes_is_refused_before_the_model_is_built(step, saved, tmp_path, setting, words):
+    hf, _ = saved
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | setting))
+    with pytest.raises(ValueError) as error:
+        step.model.GPT.from_pretrained(str(tmp_path))
+    assert words in str(error.value)
+
+
+@pytest.mark.needs("GPT.from_pretrained")
 @pytest.mark.parametrize("setting", [{"activation_function": "relu"}, {"scale_attn_weights": False}],
                          ids=lambda s: next(iter(s)))  # scores not divided by sqrt(head size): other logits
 def test_a_config_this_gpt_does_not_compute_is_refused(step, tmp_path, setting):
@@ -255,3 +285,14 @@ def test_command_without_a_model_falls_back_to_an_untrained_one_when_offline(ste
     out = run(step, capsys, "--prompt", "Hello", "--max-new-tokens", "2", "--num-samples", "1")
     assert "warning: could not download gpt2" in out.err and "untrained GPT-2" in out.err
     assert "random, 124,439,808 parameters" in out.out and "Hello" in out.out
+
+
+@pytest.mark.main_needs("stream")
+def test_ctrl_c_while_it_writes_stops_it_in_one_line(step):
+    proc = subprocess.Popen([sys.executable, "-m", f"steps.{step.name}", "--model", "random", "--device", "cpu",
+                             "--max-new-tokens", "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
+    assert proc.stdout.readline().startswith(f"step {step.name} on cpu: random")  # built: the writing begins
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-2000:]

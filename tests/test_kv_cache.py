@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from tests.conftest import small_run_flags
 
@@ -175,6 +175,17 @@ def test_generate_only_with_the_cache_and_without_writes_the_same_greedy_text(st
 def test_generate_only_refuses_bad_input_in_one_line(step, saved, flags, words):
     with pytest.raises(SystemExit) as exit:
         step.main.main(["--generate-only", "--model", str(saved), "--device", "cpu", *flags])
+    assert str(exit.value.code).startswith("error:") and words in str(exit.value.code)
+
+
+@pytest.mark.main_needs("generate_only")
+@pytest.mark.parametrize("vocab, words", [(1000, "the prompt has token 15496, but this model knows only 1000 tokens"),
+                                          (50304, "this model has 50,304 tokens, GPT-2's tokenizer 50,257")])
+def test_generate_only_refuses_a_model_whose_vocabulary_is_not_the_tokenizers(step, tmp_path, vocab, words):
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--generate-only", "--model", str(tmp_path), "--device", "cpu", "--prompt", "Hello"])
     assert str(exit.value.code).startswith("error:") and words in str(exit.value.code)
 
 

@@ -65,6 +65,9 @@ def main(argv=None):
     ids = tok.encode(args.prompt, allowed_special="all") or [tok.eot_token]  # an empty prompt: a new document
     if max(ids) >= config.vocab_size:
         sys.exit(f"error: the prompt has token {max(ids)}, but this model knows only {config.vocab_size} tokens")
+    if config.vocab_size > tok.n_vocab:  # it could sample an id that has no text
+        sys.exit(f"error: this model has {config.vocab_size:,} tokens, GPT-2's tokenizer {tok.n_vocab:,}: the ids "
+                 "past it could be sampled and have no text")
     if len(ids) > config.block_size:
         print(f"warning: the prompt has {len(ids)} tokens; the model sees the last {config.block_size} of them",
               file=sys.stderr)
@@ -87,4 +90,7 @@ def stream(model, tok, idx, args, gen) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while it writes: the text so far stays, without a traceback
+        sys.exit("interrupted")

@@ -1,6 +1,7 @@
 """GPT-2 (Radford et al., 2019): the decoder-only Transformer of step 07 with GPT-2's changes and names."""
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 # What GPT computes. A config.json that says otherwise is refused, rather than loaded into a model that differs.
 GPT2_FIXED = {"model_type": "gpt2", "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
               "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True}
+SIZES = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")  # config.json's names, in GPTConfig's order
 
 
 def hub_download(name: str) -> Path:
@@ -55,7 +57,9 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     files = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
     weights = next((path / f for f in files if (path / f).exists()), None)
     if weights is None or not (path / "config.json").exists():
-        raise ValueError(f"{path} needs a config.json and one of {', '.join(files)}")
+        inside = (path / "model" / "config.json").exists()  # a trainer's --out, given for its model/ directory
+        inside = f": give {path / 'model'}, where a trainer's --out keeps it" if inside else ""
+        raise ValueError(f"{path} needs a config.json and one of {', '.join(files)}{inside}")
     try:
         shards = [weights]
         if weights.name.endswith(".index.json"):  # a big checkpoint in several files, named in the index
@@ -64,7 +68,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         for f in shards:  # tensors only: safetensors, or a pickle read with weights_only=True
             state |= load_file(f) if f.suffix == ".safetensors" else torch.load(f, "cpu", weights_only=True, mmap=True)
         config = json.loads((path / "config.json").read_text())
-        GPTConfig(config["n_positions"], config["vocab_size"], config["n_layer"], config["n_head"], config["n_embd"])
+        GPTConfig(*(config[k] for k in SIZES))
     except Exception as e:  # truncated, corrupt or not a GPT-2 checkpoint: say so, without a traceback
         raise ValueError(f"{path} does not hold a readable GPT-2 checkpoint ({type(e).__name__}: {e})") from None
     return config, state
@@ -197,8 +201,14 @@ class GPT(nn.Module):
         hf, theirs = load_checkpoint(path)
         if unlike := {k: hf[k] for k, v in GPT2_FIXED.items() if hf.get(k, v) != v}:
             raise ValueError(f"{name_or_dir}: config.json has {unlike}; this GPT is {GPT2_FIXED}")
+        if bad := {k: hf[k] for k in SIZES if type(hf[k]) is not int or hf[k] < 1}:
+            raise ValueError(f"{name_or_dir}: config.json has {bad}; every size must be a whole number above 0")
+        blocks = len({m[1] for k in theirs if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", k))})
+        if blocks != hf["n_layer"]:  # before the model is built: a wrong n_layer of 10 million would take all memory
+            raise ValueError(f"{name_or_dir}: config.json says n_layer {hf['n_layer']}; the weights hold {blocks} "
+                             "blocks")
         with torch.device("meta"):  # shapes only, no memory: the checkpoint's tensors become the parameters
-            model = cls(GPTConfig(hf["n_positions"], hf["vocab_size"], hf["n_layer"], hf["n_head"], hf["n_embd"]))
+            model = cls(GPTConfig(*(hf[k] for k in SIZES)))
         ours = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: wte's tensor again
         # The hub's files have no "transformer." in their keys, and keep the causal mask as a buffer (attn.bias).
         theirs = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in theirs.items()

@@ -509,6 +509,11 @@ def show_sample(model, tok, args):
     the prefill (the prompt, in one forward) and of the decoding (a token a forward), and the cache's size."""
     model.eval()
     ids = tok.encode(args.prompt, allowed_special="all") or [tok.eot_token]  # an empty prompt: a new document
+    if max(ids) >= model.config.vocab_size:
+        sys.exit(f"error: the prompt has token {max(ids)}, but this model knows only {model.config.vocab_size} tokens")
+    if model.config.vocab_size > tok.n_vocab:  # it could sample an id that has no text
+        sys.exit(f"error: this model has {model.config.vocab_size:,} tokens, GPT-2's tokenizer {tok.n_vocab:,}: the "
+                 "ids past it could be sampled and have no text")
     if len(ids) > model.config.block_size:
         print(f"note: the prompt has {len(ids):,} tokens; the model sees the last {model.config.block_size}")
     if len(ids) + args.max_new_tokens - 1 > model.config.block_size:  # the last token sampled is not fed back
