@@ -152,11 +152,13 @@ def test_generate_only_streams_a_sample_and_times_the_prefill_and_the_decoding(s
 
 
 @pytest.mark.main_needs("generate_only")
-def test_generate_only_past_the_context_says_it_slides(step, saved, capsys):
+@pytest.mark.parametrize("cache", ["--cache", "--no-cache"])
+def test_generate_only_past_the_context_says_it_slides(step, saved, capsys, cache):
     step.main.main(["--generate-only", "--model", str(saved), "--prompt", "word " * 80, "--max-new-tokens", "3",
-                    "--device", "cpu"])
+                    "--device", "cpu", cache])
     out = capsys.readouterr().out
     assert "the model sees the last 64" in out and "a sliding window" in out
+    assert ("the cache is filled again" in out) == (cache == "--cache")  # no cache, nothing to fill
 
 
 @pytest.mark.main_needs("generate_only")

@@ -518,7 +518,8 @@ def show_sample(model, tok, args):
         print(f"note: the prompt has {len(ids):,} tokens; the model sees the last {model.config.block_size}")
     if len(ids) + args.max_new_tokens - 1 > model.config.block_size:  # the last token sampled is not fed back
         print(f"note: past {model.config.block_size} tokens, the model's context, each new token reads only the last "
-              f"{model.config.block_size}: the cache is filled again from them for every token (a sliding window)")
+              f"{model.config.block_size}" + (": the cache is filled again from them for every token" if args.cache
+                                               else "") + " (a sliding window)")
     gen = torch.Generator(args.device).manual_seed(args.seed)  # sampling draws on the model's device
     for i in range(args.num_samples):
         print("-" * 60)
