@@ -12,7 +12,8 @@ def rows_before(path: Path, start: int) -> list[dict]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, ValueError) as e:
-        print(f"note: {path} cannot be read ({type(e).__name__}): the log starts again at iteration {start}", flush=True)
+        print(f"note: {path} cannot be read ({type(e).__name__}): the log starts again at iteration {start}",
+              flush=True)
         return []
     rows = []
     for n, line in enumerate(lines, 1):
@@ -22,7 +23,8 @@ def rows_before(path: Path, start: int) -> list[dict]:
         except (ValueError, KeyError, TypeError):
             print(f"note: {path}, line {n}, is damaged: the log keeps the {len(rows)} rows before it", flush=True)
             break
-        rows += [row] * keep
+        if keep:
+            rows.append(row)
     return rows
 
 

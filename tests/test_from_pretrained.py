@@ -205,7 +205,8 @@ def test_a_trainers_out_given_for_its_model_directory_names_the_directory_to_giv
     ({"n_positions": "64"}, "{'n_positions': '64'}; every size must be a whole number above 0"),
     ({"n_layer": 10_000_000}, "config.json says n_layer 10000000; the weights hold 2 blocks"),  # not 10M blocks built
 ])
-def test_a_config_json_with_impossible_sizes_is_refused_before_the_model_is_built(step, saved, tmp_path, setting, words):
+def test_a_config_json_with_impossible_sizes_is_refused_before_the_model_is_built(step, saved, tmp_path, setting,
+                                                                                  words):
     hf, _ = saved
     hf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -64,20 +64,22 @@ def test_missing_data_file_offline_says_what_to_put_where(tmp_path, monkeypatch)
     assert "tinyshakespeare.txt" in message and str(tmp_path) in message and "GPT2STEPS_DATA" in message
 
 
+class Response:
+    """What urlopen returns, as a context manager; read() gives what `read` gives (or raises)."""
+
+    def __init__(self, read):
+        self.read = read
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        pass
+
+
 def test_download_with_a_wrong_checksum_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
-
-    class Wrong:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            pass
-
-        def read(self):
-            return b"not shakespeare"
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: Wrong())
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: Response(lambda: b"not shakespeare"))
     with pytest.raises(SystemExit, match="checksum"):
         data.shakespeare()
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
@@ -86,17 +88,10 @@ def test_download_with_a_wrong_checksum_is_refused(tmp_path, monkeypatch):
 def test_a_download_cut_off_mid_file_is_refused_with_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
 
-    class CutOff:
-        def __enter__(self):
-            return self
+    def cut_off():  # what http.client raises when the connection ends before Content-Length
+        raise http.client.IncompleteRead(b"First Citizen", 1115381)
 
-        def __exit__(self, *a):
-            pass
-
-        def read(self):  # what http.client raises when the connection ends before Content-Length
-            raise http.client.IncompleteRead(b"First Citizen", 1115381)
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: CutOff())
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: Response(cut_off))
     with pytest.raises(SystemExit, match="could not be downloaded .*IncompleteRead"):
         data.shakespeare()
     assert not list(tmp_path.iterdir())

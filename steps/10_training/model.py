@@ -57,9 +57,8 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     files = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
     weights = next((path / f for f in files if (path / f).exists()), None)
     if weights is None or not (path / "config.json").exists():
-        inside = (path / "model" / "config.json").exists()  # a trainer's --out, given for its model/ directory
-        inside = f": give {path / 'model'}, where a trainer's --out keeps it" if inside else ""
-        raise ValueError(f"{path} needs a config.json and one of {', '.join(files)}{inside}")
+        hint = f": give {path / 'model'}, where a trainer's --out keeps it" if (path / "model").is_dir() else ""
+        raise ValueError(f"{path} needs a config.json and one of {', '.join(files)}{hint}")
     try:
         shards = [weights]
         if weights.name.endswith(".index.json"):  # a big checkpoint in several files, named in the index
@@ -207,7 +206,8 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_dir}: config.json has {unlike}; this GPT is {GPT2_FIXED}")
         if bad := {k: hf[k] for k in SIZES if type(hf[k]) is not int or hf[k] < 1}:
             raise ValueError(f"{name_or_dir}: config.json has {bad}; every size must be a whole number above 0")
-        blocks = len({m[1] for k in theirs if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", k))})
+        numbered = [re.match(r"(?:transformer\.)?h\.(\d+)\.", k) for k in theirs]  # h.0.attn..., h.1.mlp...
+        blocks = len({m[1] for m in numbered if m})  # the blocks the weights hold
         if blocks != hf["n_layer"]:  # before the model is built: a wrong n_layer of 10 million would take all memory
             raise ValueError(f"{name_or_dir}: config.json says n_layer {hf['n_layer']}; the weights hold {blocks} "
                              "blocks")

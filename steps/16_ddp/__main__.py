@@ -296,8 +296,9 @@ def main(argv=None):
             return
     train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())), args.seq_len, "--seq-len")
     if args.world * args.batch_size * args.seq_len + 1 > len(train_ids):  # every rank's batch, B*T each, + 1
-        sys.exit(f"error: a batch of {args.batch_size} x {args.seq_len} tokens" + f" on each of {args.world} processes"
-                 * (args.world > 1) + f" does not fit the {len(train_ids):,} training tokens (use --batch-size "
+        ranks = f" on each of {args.world} processes" if args.world > 1 else ""
+        sys.exit(f"error: a batch of {args.batch_size} x {args.seq_len} tokens{ranks} does not fit the "
+                 f"{len(train_ids):,} training tokens (use --batch-size "
                  f"{(len(train_ids) - 1) // (args.world * args.seq_len)} or less)")
     train_ids, val_ids = train_ids.to(args.device), val_ids.to(args.device)  # once: 8 bytes a token, 2.7 MB
     model = GPT(config).to(args.device)
