@@ -30,7 +30,7 @@ def save(out: Path, state: dict) -> Path:
 
 def load(out: Path) -> dict:
     """Read DIR/checkpoint.pt with weights_only=True (tensors and plain data only: loading runs no code).
-    Exits with one line when it is missing, truncated or not a checkpoint."""
+    Exits with one line when it is missing, truncated, not a checkpoint or holds weights that are nan or inf."""
     path = Path(out) / NAME
     if not path.exists():
         sys.exit(f"error: no checkpoint to resume from: {path} does not exist")
@@ -43,6 +43,9 @@ def load(out: Path) -> dict:
         sys.exit(f"error: {path} is not a checkpoint of this project (not a dict of the run's state)")
     if missing := [k for k, kind in KEYS.items() if not isinstance(state.get(k), kind)]:
         sys.exit(f"error: {path} is not a checkpoint of this project (no {', no '.join(missing)} of the right kind)")
+    if bad := [k for k, w in state["model"].items() if torch.is_tensor(w) and not w.float().isfinite().all()]:
+        sys.exit(f"error: {path} has nan or inf in {bad[0]} ({len(bad)} tensors): damaged. Delete it, or start the "
+                 "run afresh with another --out.")
     return state
 
 

@@ -1,4 +1,5 @@
 """A live log line every few iterations, metrics.jsonl (every iteration), summary.json and loss.svg at the end."""
+import fcntl
 import json
 import math
 import sys
@@ -39,7 +40,13 @@ class RunLog:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = rows_before(self.out / "metrics.jsonl", start) if start else []
-        self.file = open(self.out / "metrics.jsonl", "w")
+        self.file = open(self.out / "metrics.jsonl", "a")  # not "w": emptied only once this run holds the lock
+        try:  # one run at a time in a directory; the lock goes when the file is closed or the process ends
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"error: another run is writing to {self.out} now: wait for it to end, or give this one another "
+                     "--out")
+        self.file.truncate(0)
         self.file.writelines(json.dumps(r) + "\n" for r in self.rows)
         self.total, self.every, self.first = total, every or max(1, math.ceil(total / 25)), start
         self.start = self.t0 = time.perf_counter()

@@ -17,6 +17,13 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def tf32_as_before(monkeypatch):
+    """A test that turns TF32 on or off (choose_dtype turns it on) leaves the next test the setting it found."""
+    for backend in (torch.backends.cuda.matmul, torch.backends.cudnn):
+        monkeypatch.setattr(backend, "allow_tf32", backend.allow_tf32)
+
+
 def small_gpt(step, vocab: int = 1000, seed: int = 0):
     torch.manual_seed(seed)
     config = step.model.GPTConfig(block_size=64, vocab_size=vocab, n_layer=2, n_head=4, n_embd=64, dropout=0.0)

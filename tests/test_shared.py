@@ -197,6 +197,16 @@ def test_run_log_stops_at_a_nan_loss_naming_the_iteration_and_the_lr(tmp_path):
     assert rows[1]["loss"] is None
 
 
+def test_a_second_run_log_in_the_same_directory_stops_while_the_first_runs(tmp_path):
+    first = runlog.RunLog(tmp_path, total=10)
+    first.log(0, 2.5, 0.5)
+    with pytest.raises(SystemExit, match=f"error: another run is writing to {tmp_path} now"):
+        runlog.RunLog(tmp_path, total=10)
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1  # the first run's row is still there
+    first.close()
+    runlog.RunLog(tmp_path, total=10)  # once it has ended, the directory is free
+
+
 def test_a_resumed_run_log_keeps_the_rows_before_its_start(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"iter": i, "loss": 1.0}) + "\n" for i in range(5)))
     log = runlog.RunLog(tmp_path, total=10, start=3)  # a checkpoint of iteration 2: rows 3 and 4 are done again

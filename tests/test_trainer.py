@@ -210,6 +210,17 @@ def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoint(step, tmp_path,
 
 
 @pytest.mark.main_needs("Loader")
+def test_a_run_into_a_directory_another_run_is_writing_to_stops(step, tmp_path):
+    other = runlog.RunLog(tmp_path, total=10)  # a run started a moment earlier, not yet at its first checkpoint
+    other.log(0, 2.5, 0.5)
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "2")
+    assert str(exit.value.code).startswith(f"error: another run is writing to {tmp_path} now")
+    assert len(metrics(tmp_path)[0]) == 1 and not (tmp_path / checkpoint.NAME).exists()  # the other run's, untouched
+    other.close()
+
+
+@pytest.mark.main_needs("Loader")
 def test_resuming_with_another_config_says_what_differs(step, tmp_path, finished):
     finished(step, tmp_path)  # --lr 1e-3
     with pytest.raises(SystemExit) as exit:
@@ -241,7 +252,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_work(step, tmp_pat
 
 @pytest.mark.main_needs("Loader")
 @pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "no checkpoint", "a pickled object", "no iter",
-                                    "a config that is not a dict"])
+                                    "a config that is not a dict", "a nan weight"])
 def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, damage, finished):
     finished(step, tmp_path)
     path = tmp_path / checkpoint.NAME
@@ -253,6 +264,10 @@ def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, dama
         path.unlink()
     elif damage == "a pickled object":  # weights_only=True refuses to build objects: loading cannot run its code
         torch.save({"config": {}, "hook": subprocess.Popen}, path)
+    elif damage == "a nan weight":  # a bit flipped on disk, or a run's state edited by hand
+        state = torch.load(path, weights_only=True)
+        next(iter(state["model"].values()))[0] = float("nan")
+        torch.save(state, path)
     else:  # readable, but not what a step saves
         state = torch.load(path, weights_only=True)
         torch.save({k: v for k, v in state.items() if k != "iter"} if damage == "no iter" else {**state, "config": "x"},
