@@ -11,6 +11,7 @@
 #                          copy of a step, and its tests run
 #   make book              the steps as a site to read in a browser (book/index.html)
 #   make setup [CPU=1]     create .venv and install the pinned dependencies (CPU=1: torch's CPU build)
+#   make clean             remove .venv, runs/, book/ and hypothesis's cache (data/ stays: it took long to make)
 #   make help              this list of commands
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -73,4 +74,4 @@ diff:
 	{ diff -ru -x __pycache__ --color=auto steps/$$p steps/$$s; test $$? -le 1; }
 
 clean:
-	rm -rf $(VENV) runs .hypothesis
+	rm -rf $(VENV) runs book .hypothesis

@@ -17,14 +17,15 @@ transformers.GPT2LMHeadModel the way the last step trains its own model. The row
 hf_gpt2) are compiled on every device unless --no-compile; the compile time is reported apart and is not in ms/iter.
 
 The machine's own noise is measured, not assumed away: the rows run in --rounds rounds, every row once a round
-(--warmup iterations, then --iters timed ones), in a rotated order, so that a slow minute of the machine hits
-every row alike. A row's ms/iter is the median of its timed iterations; its spread is the range of its rounds'
-medians over that median. The last timed step's row (16 by default) runs once more at the end of every round, as a
-control: its two rows differ only by the noise. On a CPU a worker also touches --heap-pad-mb of new heap after its
-warm-up and frees it (glibc keeps it): a process's heap keeps growing for many iterations, and each new page is a page
-fault that an iteration would otherwise pay for in its ms. The faults of the timed iterations are counted and
-printed. And each timed iteration has a clock beside it: a 2048 x 2048 matmul timed just before and just after it
-(outside its ms), which shows how fast the machine was then (a row's median is in the clock column).
+(--warmup iterations, then --iters timed ones), in an order rotated by one row a round, so that a slow minute
+of the machine falls on different rows in different rounds (a steady drift over the whole run is not taken out:
+the clock column shows it). A row's ms/iter is the median of its timed iterations; its spread is the range of its
+rounds' medians over that median. The last timed step's row (16 by default) runs once more at the end of every
+round, as a control: its two rows differ only by the noise. On a CPU a worker also touches --heap-pad-mb of new heap
+after its warm-up and frees it (glibc keeps it): a process's heap keeps growing for many iterations, and each new
+page is a page fault that an iteration would otherwise pay for in its ms. The faults of the timed iterations are
+counted and printed. And each timed iteration has a clock beside it: a 2048 x 2048 matmul timed just before and just
+after it (outside its ms), which shows how fast the machine was then (a row's median is in the clock column).
 
 MFU (model FLOPs utilisation) = FLOPs per token x tokens/s / peak FLOP/s. FLOPs per token = 6N + 12 L H Q T:
 6 per parameter (2 forward, 4 backward) plus attention's scores and weighted sums; N counts the parameters
@@ -52,7 +53,8 @@ from shared.steps import ROOT, all_steps, resolve
 
 REFERENCE = "hf_gpt2"
 VOCAB = 50257
-PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, NVIDIA's datasheets
+# dense bf16, NVIDIA's datasheets, by a part of the name torch gives; the NVL cards (not checked here) are unknown
+PEAK_TFLOPS = {"NVL": None, "H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
 RESULT = "bench-result: "  # a worker's last line: this, then its row as JSON
 # glibc hands every freed buffer above its mmap threshold (at most 32 MB by default) back to the kernel, and the next
 # iteration page-faults it in again: the logits alone are 103 MB in bf16 at B=1, T=1024, and a row took 1.4-1.5x as
@@ -65,6 +67,8 @@ KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOL
 # free it, and glibc keeps it: see grow_heap.
 HEAP_PAD_MB = 2048
 LADDER_LAST = 16  # the default rows end here: 17 and 18 train as 16 does on one process
+LADDER_ONLY = ("steps", "batch_size", "rounds", "iters", "warmup", "no_compile", "returned_memory", "heap_pad_mb",
+               "peak_tflops")  # the flags --generate has no use for
 
 
 def trainer_steps() -> list[str]:
@@ -95,8 +99,21 @@ def step_list(text: str) -> list[str]:
         if step not in trainer_steps():
             raise argparse.ArgumentTypeError(f"step {step} has no training loop to time; the trainer steps are "
                                              f"{', '.join(trainer_steps())} (or all)")
+        if step in steps:
+            raise argparse.ArgumentTypeError(f"{text!r} names step {step} twice: a row is timed once a round")
         steps.append(step)
     return steps
+
+
+def memory_mb() -> int:
+    """This machine's memory in MB."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+
+
+def heap_pad(text: str) -> int:
+    """An argparse type: --heap-pad-mb, from 0 to half this machine's memory (the rest is the model's)."""
+    most = memory_mb() // 2
+    return cli.checked(int, lambda v: 0 <= v <= most, f"MB from 0 to half this machine's memory, {most:,}")(text)
 
 
 def bench_json(text: str) -> dict:
@@ -163,11 +180,11 @@ def time_step(spec: dict) -> dict:
 
     from shared import checkpoint, runlog
 
-    main = importlib.import_module(f"steps.{spec['step']}.__main__")
+    main = importlib.import_module(f"steps.{spec['kind']}.__main__")
     row = {"dtype": "fp32", "compile": "no", "compile_s": None}
     after = {}  # iteration -> the clock's tick after it
     if spec.get("clock"):
-        tick, row["clock_dtype"] = matmul_clock(torch.device("cpu"))
+        tick, row["clock_dtype"] = matmul_clock()
         log, row["faults"], since = runlog.RunLog.log, [], [minor_faults()]
 
         def log_then_tick(self, it, *args, **kwargs):
@@ -205,7 +222,7 @@ def time_step(spec: dict) -> dict:
             row["compile_s"] = round(time.perf_counter() - start, 1) if fast is not model else None
             return fast, note
         main.compiled = timed_compile
-    text = (ROOT / "steps" / spec["step"] / "__main__.py").read_text()
+    text = (ROOT / "steps" / spec["kind"] / "__main__.py").read_text()
     B, T = spec["batch_size"], spec["seq_len"]
     with tempfile.TemporaryDirectory() as out:
         flags = ["--preset", spec["preset"], "--batch-size", str(B), "--seq-len", str(T), "--device", spec["device"],
@@ -229,7 +246,8 @@ def time_step(spec: dict) -> dict:
 
 def time_reference(spec: dict) -> dict:
     """transformers.GPT2LMHeadModel (SDPA attention) trained as the last step trains: the same dtype, GPT-3's
-    fused AdamW, clipping at 1.0, compiled as the steps' rows are, on the same micro-batches."""
+    fused AdamW (decaying every parameter, where the steps leave biases and gains alone: the same arithmetic but for
+    0.1% of the parameters), clipping at 1.0, compiled as the steps' rows are, on the same micro-batches."""
     import torch
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -248,19 +266,30 @@ def time_reference(spec: dict) -> dict:
     assert model.config._attn_implementation == "sdpa"
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                             fused=dev.type in ("cpu", "cuda"))
-    fast = torch.compile(model) if spec.get("compile", dev.type == "cuda") else model
     B, T = spec["batch_size"], spec["seq_len"]
     tok = data.gpt2_tokenizer()
     ids = torch.tensor(tok.encode(data.shakespeare()[: 4 * B * T * 8]), device=dev)  # enough text for a few batches
-    row = {"dtype": "bf16" if bf16 else "fp32", "compile": "yes" if fast is not model else "no", "compile_s": None}
+    row = {"dtype": "bf16" if bf16 else "fp32", "compile": "no", "compile_s": None}
+    fast = model
+    if spec.get("compile", dev.type == "cuda"):  # as the steps' compiled(): one forward and backward compiles both
+        start = time.perf_counter()
+        try:
+            fast = torch.compile(model)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                fast(input_ids=ids[: B * T].view(B, T)).logits.float().mean().backward()
+            row["compile"], row["compile_s"] = "yes", round(time.perf_counter() - start, 1)
+        except Exception as e:  # no C++ compiler, a device it does not support: the eager model, and why
+            fast = model
+            print(f"compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); running eager", flush=True)
+        model.zero_grad(set_to_none=True)
     ms, after = [], {}  # after: iteration -> the clock's tick after it
     if spec.get("clock"):
-        tick, row["clock_dtype"] = matmul_clock(dev)
+        tick, row["clock_dtype"] = matmul_clock()
         row["faults"] = []
-    for it in range(-1 if fast is not model else 0, spec["warmup"] + spec["iters"]):  # -1: the call that compiles
+    for it in range(spec["warmup"] + spec["iters"]):
         faults = minor_faults()
         start = time.perf_counter()
-        pos = (max(it, 0) * B * T) % (len(ids) - B * T - 1)
+        pos = (it * B * T) % (len(ids) - B * T - 1)
         x, y = ids[pos : pos + B * T].view(B, T), ids[pos + 1 : pos + B * T + 1].view(B, T)  # (B, T) each
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -272,9 +301,6 @@ def time_reference(spec: dict) -> dict:
         opt.step()
         loss.item()  # waits for the device
         elapsed = (time.perf_counter() - start) * 1000
-        if it < 0:
-            row["compile_s"] = round(elapsed / 1000, 1)  # compiling, with one iteration
-            continue
         if it >= spec["warmup"]:
             ms.append(elapsed)
             if spec.get("clock"):
@@ -310,15 +336,16 @@ def grow_heap(mb: int) -> None:
 CLOCK_N = 2048  # the clock's matmul is CLOCK_N x CLOCK_N by CLOCK_N x CLOCK_N: 2 CLOCK_N^3 FLOPs
 
 
-def matmul_clock(dev):
-    """tick() -> the ms of one large matmul now (the median of 5), in bf16 where this CPU has it, fp32 elsewhere.
+def matmul_clock():
+    """tick() -> the ms of one large matmul on the CPU now (the median of 5), in bf16 where this CPU has it, fp32
+    elsewhere (only a CPU's rows have a clock).
     A shared machine's speed drifts over tens of seconds; make bench prints how closely the training iterations
     drift with the matmul (the correlation)."""
     import torch
 
     from shared import device
 
-    dtype = torch.bfloat16 if device.bf16_native(dev)[0] else torch.float32
+    dtype = torch.bfloat16 if device.bf16_native(torch.device("cpu"))[0] else torch.float32
     a, b = torch.randn(CLOCK_N, CLOCK_N, dtype=dtype), torch.randn(CLOCK_N, CLOCK_N, dtype=dtype)
     a @ b  # the first call warms the thread pool
 
@@ -377,9 +404,11 @@ def run_worker(spec: dict, label: str) -> dict:
 def cuda_peak(name: str, given: float | None) -> tuple[float | None, str]:
     if given:
         return given, "--peak-tflops"
-    for key, tflops in PEAK_TFLOPS.items():  # "H100 PCIe" before "H100"
-        if key in name:
+    for key, tflops in PEAK_TFLOPS.items():  # "NVL" and "H100 PCIe" before "H100"
+        if key in name and tflops:
             return float(tflops), f"datasheet, {key}, dense bf16"
+        if key in name:
+            break
     return None, f"unknown GPU {name}: give --peak-tflops for an MFU"
 
 
@@ -394,7 +423,8 @@ def table(rows: list[dict], flops: int) -> str:
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "     -"
         compiled = f"{r['compile_s']:6.0f} s" if r["compile_s"] is not None else "      no"
         clock = f"{r['clock_ms_median']:8.1f}" if r["clock_ms_median"] is not None else "       -"
-        lines.append(f"{r['step']:<{w}} {r['ms_per_iter']:9.1f} {100 * r['spread']:6.1f}% {clock:>8} "
+        spread = f"{100 * r['spread']:6.1f}%" if r["spread"] is not None else "      -"
+        lines.append(f"{r['step']:<{w}} {r['ms_per_iter']:9.1f} {spread} {clock:>8} "
                      f"{r['tok_per_s']:9,.0f} {speedup:>6} {mfu:>6} {r['peak_mem_mb']:8,.0f}  {r['dtype']:<5} "
                      f"{compiled:>8}  {r['lesson']}")
     return "\n".join(lines) + f"\nFLOPs per token = 6N + 12 L H Q T = {flops:,}"
@@ -412,7 +442,8 @@ def compare(a: dict, b: dict, within: float = 0.05) -> None:
         if measured(m.get("median_clock_ms")):
             about.append(f"median clock {m['median_clock_ms']:.1f} ms")
         print(f"{name}: {run['path']}" + (f" ({', '.join(about)})" if about else ""))
-    setup = ("device", "preset", "batch_size", "seq_len", "compile", "rounds", "warmup", "iters")
+    setup = ("device", "torch", "threads", "preset", "batch_size", "seq_len", "compile", "rounds", "warmup", "iters",
+             "keep_freed_memory", "heap_pad_mb")
     differ = [f"{k} ({a['machine'][k]}, {b['machine'][k]})" for k in setup
               if k in a["machine"] and k in b["machine"] and a["machine"][k] != b["machine"][k]]
     if differ:
@@ -487,21 +518,23 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="the eager ladder: compile no row (by default the rows "
                    "whose step compiles, 12 on, and hf_gpt2 are compiled on every device)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run; auto (the "
-                   "default) = cuda, else mps, else cpu")
-    p.add_argument("--json", type=cli.out_file, default="runs/bench.json", help="where the rows go (default: "
-                   "runs/bench.json); the chart goes beside it, as .svg")
+                   "default) = cuda, else mps, else cpu. mps takes a CPU's defaults and has no clock: give "
+                   "--peak-tflops for an MFU")
+    p.add_argument("--json", type=cli.out_file, help="where the rows go (default: runs/bench.json, with --generate "
+                   "runs/bench-generate.json); the chart goes beside it, as .svg")
     p.add_argument("--no-reference", action="store_true", help="leave out the transformers GPT-2 row")
     p.add_argument("--returned-memory", action="store_true", help="leave glibc's default: freed buffers over 32 MB "
                    "go back to the kernel and fault in again, as under make step (by default the workers keep them)")
-    p.add_argument("--heap-pad-mb", type=cli.non_negative_int, help="on a CPU, the MB of new heap each worker "
+    p.add_argument("--heap-pad-mb", type=heap_pad, help="on a CPU, the MB of new heap each worker "
                    f"touches after its warm-up and frees, for the timed iterations to grow into without page faults "
                    f"(default: {HEAP_PAD_MB:,}; 0: none, to see the faults)")
     p.add_argument("--peak-tflops", type=cli.positive_float, help="the peak TFLOP/s for the MFU column: for a GPU "
                    "this does not know (A100, H100 and H200 it does); on a CPU it replaces the measured peak")
     p.add_argument("--generate", action="store_true", help="time generation instead: greedy decoding, batch 1, with "
                    "and without the KV cache of the last step that has one, beside transformers' generate")
-    p.add_argument("--prompt-tokens", type=cli.positive_int, default=32, help="with --generate: the prompt's length")
-    p.add_argument("--new-tokens", type=cli.positive_int, default=256, help="with --generate: tokens to write")
+    p.add_argument("--prompt-tokens", type=cli.positive_int, help="with --generate: the prompt's length (default: "
+                   "32)")
+    p.add_argument("--new-tokens", type=cli.positive_int, help="with --generate: tokens to write (default: 256)")
     p.add_argument("--compare", nargs=2, type=bench_json, metavar=("A.json", "B.json"), help="time nothing: show two "
                    "runs' rows side by side (their --json files) and how far apart each row is; the flags that "
                    "choose what to time have no say")
@@ -509,13 +542,28 @@ def main(argv=None):
     if args.heap_pad_mb and args.returned_memory:
         p.error("--heap-pad-mb with --returned-memory: glibc would hand the pad straight back (drop one of them)")
     if args.heap_pad_mb and args.warmup == 0:
-        p.error("--heap-pad-mb with --warmup 0: the pad is grown after the warm-up, and there is none (drop one of them)")
+        p.error("--heap-pad-mb with --warmup 0: the pad is grown after the warm-up, and there is none (drop one of "
+                "them)")
     if args.compare and args.generate:
         p.error("--compare with --generate: --compare times nothing (drop one of them)")
+    ladder_only = [f"--{k.replace('_', '-')}" for k in LADDER_ONLY
+                   if getattr(args, k) is not None and getattr(args, k) is not False]  # given: --heap-pad-mb 0 too
+    if args.generate and ladder_only:
+        p.error(f"--generate with {', '.join(ladder_only)}: they set up the training ladder, which --generate does not "
+                "time (drop them)")
+    if not args.generate and (args.prompt_tokens or args.new_tokens):
+        p.error("--prompt-tokens and --new-tokens go with --generate")
     if args.compare:
         return compare(*args.compare)
+    try:
+        args.json = args.json or cli.out_file("runs/bench-generate.json" if args.generate else "runs/bench.json")
+    except argparse.ArgumentTypeError as e:
+        p.error(f"argument --json: {e}")
     if args.generate:
         return generation(args)
+    if args.json.suffix == ".svg":
+        p.error(f"argument --json: {args.json} would be overwritten by the chart, which goes beside it as .svg: give "
+                "a name that ends in .json")
 
     import torch
 
@@ -534,7 +582,7 @@ def main(argv=None):
     # new page costs a fault (on a VM with free page reporting, one in the host as well); a step that does not
     # compile runs its first forward and backward in iteration 0, a compiled one while compiling (docs/bench.md)
     # on a CPU, 2 rounds of 3: a process costs 30-65 s on slow 2 cores (its start, the compile, the warm-up), and 2
-    # rounds of the 9 rows took 10-14 minutes there in ten runs (the README's ladder)
+    # rounds of the 9 rows took 10-14 minutes there in ten runs (docs/bench.md)
     iters, warmup = args.iters or (10 if gpu else 3), args.warmup if args.warmup is not None else (5 if gpu else 3)
     rounds = args.rounds or (3 if gpu else 2)
     common = dict(device=args.device, device_type=dev.type, preset=args.preset, model=model, batch_size=B,
@@ -543,7 +591,7 @@ def main(argv=None):
                   heap_pad_mb=0 if dev.type != "cpu" or args.returned_memory or warmup == 0 else
                   HEAP_PAD_MB if args.heap_pad_mb is None else args.heap_pad_mb)
     flops = flops_per_token(**model, seq_len=T)
-    name = torch.cuda.get_device_name(dev) if gpu else cpu_name()
+    name = device_name(dev)
     print(f"make bench on {name} ({dev.type}, torch {torch.__version__}, {torch.get_num_threads()} threads): "
           f"{args.preset} preset, B={B}, T={T}; {rounds} round{'s' * (rounds > 1)} of every row, {warmup} warm-up + "
           f"{iters} timed iterations a row a round; "
@@ -553,20 +601,21 @@ def main(argv=None):
     print(f"FLOPs per token = 6N + 12 L H Q T = {flops:,} (N without the position embeddings)")
     if gpu:
         peak, source = cuda_peak(name, args.peak_tflops)
-    else:  # the median clock of the run, unless given
-        peak, source = args.peak_tflops, "--peak-tflops"
+    else:  # on a CPU the median clock of the run, unless given
+        peak = args.peak_tflops
+        source = "--peak-tflops" if peak else f"no clock on {dev.type}: give --peak-tflops for an MFU"
     if peak:
         print(f"peak: {peak:.3f} TFLOP/s ({source})")
 
     labels = steps + ([] if args.no_reference else [REFERENCE])
-    control = f"{steps[-1]} again"  # the last step: compiled where steps compile, so a row quick to repeat
+    control = f"{steps[-1]} again"  # the last step's row once more: a process of its own, as every run of a row
     runs = {label: [] for label in [*labels, control]}  # each run's row, round after round
     for r in range(rounds):
         order = labels[r % len(labels):] + labels[: r % len(labels)] + [control]  # rotated; the control last
         print(f"round {r + 1} of {rounds}: {', '.join(order)}", flush=True)
         for label in order:
             kind = steps[-1] if label == control else label
-            row = run_worker({**common, "kind": kind, "step": kind}, label)
+            row = run_worker({**common, "kind": kind}, label)
             runs[label].append(row)
             clock = f", the clock {statistics.median(row['clock_ms']):.1f} ms" if "clock_ms" in row else ""
             n = sum(row.get("faults", []))
@@ -595,7 +644,7 @@ def main(argv=None):
                      else re.split(r"[:(,]", lesson(kind))[0].strip(),
                      "ms_per_iter": round(ms_per_iter, 2),
                      "clock_ms_median": round(statistics.median(clock), 2) if clock else None,
-                     "spread": round((max(medians) - min(medians)) / ms_per_iter, 4),
+                     "spread": round((max(medians) - min(medians)) / ms_per_iter, 4) if rounds > 1 else None,
                      "round_ms": [round(m, 2) for m in medians], "tok_per_s": round(tok_per_s, 1),
                      "mfu": round(flops * tok_per_s / (peak * 1e12), 4) if peak else None,
                      "peak_mem_mb": round(max(row["peak_mem_mb"] for row in done), 1), "dtype": done[0]["dtype"],
@@ -606,34 +655,39 @@ def main(argv=None):
 
     print(f"\npeak: {f'{peak:.3f} TFLOP/s' if peak else 'unknown'} ({source})")
     print(table(rows, flops))
-    first, again = rows[len(steps) - 1], rows[-1]
+    first, again = next(r for r in rows if r["step"] == steps[-1]), rows[-1]
     print(f"noise: the control row ({control}) differs from {steps[-1]} by "
           f"{100 * abs(again['ms_per_iter'] - first['ms_per_iter']) / first['ms_per_iter']:.1f}%; "
           + (f"a row's spread is the range of its {rounds} rounds' medians. " if rounds > 1 else
              "a spread needs 2 rounds or more. ") + "Compile times are not in ms/iter.")
+    correlation = together(runs) if every else None
     if every:
-        r = together(runs)
         print(f"the clock ({CLOCK_N} x {CLOCK_N} matmul, {done_rows[0]['clock_dtype']}) beside the {len(every)} timed "
               f"iterations: fastest {every[0]:.1f} ms, median {typical:.1f} ms, slowest {every[-1]:.1f} ms (a row's "
               "median in the clock column). The clock and the iterations' ms (each over its row's median): "
-              f"correlation {r:.2f}"
+              f"correlation {correlation:.2f}"
               + (" (the clock moved by less than 5%: too little for the correlation to say much)."
                  if every[-1] < 1.05 * every[0] else "."))
     faults = [(f, row["step"]) for row in rows for f in row["faults"]]
     if faults:
         most, where = max(faults)
+        if common["heap_pad_mb"]:
+            why = (f"each worker touched {common['heap_pad_mb']:,} MB of new heap after its warm-up and freed it, for "
+                   "the iterations to grow into")
+        elif args.returned_memory:
+            why = "--returned-memory: glibc hands freed buffers back, so every iteration faults"
+        elif warmup == 0:
+            why = "no warm-up, so no heap grown after it"
+        else:
+            why = "no heap grown after the warm-up (--heap-pad-mb 0)"
         print(f"page faults in the {len(faults)} timed iterations: {sum(f for f, _ in faults):,}, at most {most:,} in "
-              f"one ({where}); " + (f"each worker touched {common['heap_pad_mb']:,} MB of new heap after its warm-up "
-                                    "and freed it, for the iterations to grow into" if common["heap_pad_mb"] else
-                                    "--returned-memory: glibc hands freed buffers back, so every iteration faults"
-                                    if args.returned_memory else "no warm-up, so no heap grown after it" if warmup == 0 else
-                                    "no heap grown after the warm-up (--heap-pad-mb 0)"))
+              f"one ({where}); {why}")
     machine = {"device": name, "device_type": dev.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "peak_tflops": peak, "peak_source": source, "preset": args.preset, **model, "batch_size": B,
                "seq_len": T, "rounds": rounds, "warmup": warmup, "iters": iters, "compile": not args.no_compile,
                "keep_freed_memory": not args.returned_memory, "heap_pad_mb": common["heap_pad_mb"],
                "median_clock_ms": typical,
-               "clock_correlation": round(together(runs), 3) if typical else None,
+               "clock_correlation": round(correlation, 3) if every else None,
                "flops_per_token": flops, "minutes": round((time.perf_counter() - began) / 60, 1),
                "command": "make bench" + (f' ARGS="{" ".join(sys.argv[1:])}"' if argv is None and sys.argv[1:] else "")}
     args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
@@ -661,7 +715,7 @@ def generation(args) -> None:
     torch.manual_seed(0)
     config = model_py.GPTConfig(block_size=args.seq_len or preset["seq_len"], n_layer=preset["n_layer"],
                                 n_head=preset["n_head"], n_embd=preset["n_embd"], dropout=0.0)
-    n = args.new_tokens
+    args.prompt_tokens, n = args.prompt_tokens or 32, args.new_tokens or 256
     if args.prompt_tokens + n > config.block_size:  # past it our steps slide a window; transformers' GPT-2 stops
         sys.exit(f"error: --prompt-tokens {args.prompt_tokens} + --new-tokens {n} is more than the context of "
                  f"{config.block_size} positions: give fewer, or a longer --seq-len")
@@ -671,7 +725,7 @@ def generation(args) -> None:
         ours.save_pretrained(Path(tmp))
         theirs = GPT2LMHeadModel.from_pretrained(tmp).eval().to(dev)
     prompt = torch.randint(50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    name = device_name(dev)
     print(f"make bench --generate on {name} ({dev.type}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads): step {step}, {args.preset} sizes, context {config.block_size}, fp32, batch 1, a "
           f"{args.prompt_tokens}-token prompt, {n} new tokens, greedy")
@@ -697,14 +751,20 @@ def generation(args) -> None:
     print(f"the cache: {base['KV cache'] / base['no cache']:.2f}x without it"
           + (f", {base['KV cache'] / base['transformers']:.2f}x transformers" if "transformers" in base else "")
           + f"; the rows wrote {'the same' if same else 'different'} tokens")
-    if args.json == Path("runs/bench.json"):  # the default: keep the ladder's file
-        args.json = Path("runs/bench-generate.json")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": {"device": name, "torch": torch.__version__, "step": step,
                                                  "preset": args.preset, "block_size": config.block_size,
                                                  "prompt_tokens": args.prompt_tokens, "new_tokens": n},
                                      "rows": rows, "same_tokens": same}, indent=1) + "\n")
     print(f"rows: {args.json}")
+
+
+def device_name(dev) -> str:
+    """The GPU's name, or the CPU's (mps: the Mac's CPU beside it)."""
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return cpu_name() if dev.type == "cpu" else f"{dev.type} ({cpu_name()})"
 
 
 def cpu_name() -> str:

@@ -95,13 +95,18 @@ def collect_tests() -> subprocess.Popen:
     env = {**os.environ, "GPT2STEPS_EVERY_STEP": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=",
                              "-p", "no:cacheprovider"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.STDOUT, text=True)
 
 
-def tests_by_step(proc: subprocess.Popen) -> dict[str, dict[str, list[str]]]:
+def tests_by_step(proc: subprocess.Popen) -> tuple[dict[str, dict[str, list[str]]], str]:
     """step -> test file -> the names of its tests that run on the step (one name for all its parameters). A test
-    with no step of its own (one of shared/ code, such as bf16's detection) goes with the first step its file tests."""
+    with no step of its own (one of shared/ code, such as bf16's detection) goes with the first step its file tests.
+    And why there are none, where pytest could not collect them ('' where it could)."""
     out, _ = proc.communicate()
+    if proc.returncode not in (0, 5):  # 5: no tests at all
+        said = [line for line in out.splitlines() if line.startswith(("ERROR", "E "))] or out.splitlines() or [""]
+        return {}, (f"pytest could not collect the tests (exit {proc.returncode}: {said[-1].strip()[:200]}), so the "
+                    "pages list none; make test shows why")
     found: dict[str, dict[str, list[str]]] = {}
     unstepped: dict[str, list[str]] = {}  # file -> its tests that take no step
     first: dict[str, str] = {}  # file -> the first step it tests
@@ -121,7 +126,7 @@ def tests_by_step(proc: subprocess.Popen) -> dict[str, dict[str, list[str]]]:
     for path, names in unstepped.items():
         if path in first and names:
             found[first[path]][path] += [n for n in names if n not in found[first[path]][path]]
-    return found
+    return found, ""
 
 
 # --- the diff, as `make diff` shows it -------------------------------------------------------------------------
@@ -182,9 +187,10 @@ def diff_html(prev: str, step: str) -> str:
         if f.only_in:
             side = step if f.only_in == "new" else prev
             parts.append(f'<h3 class="file" id="diff-{f.name}">{html.escape(f.name)}: only in {side}</h3>')
-            if f.only_in == "new":
-                parts.append(f'<details><summary>the whole file ({len(highlighted_lines(STEPS_DIR / side / f.name))}'
-                             f' lines)</summary>{code_box(STEPS_DIR / side / f.name)}</details>')
+            if f.only_in == "new":  # all of it is the lesson: shown open, as added lines
+                n = len(highlighted_lines(STEPS_DIR / side / f.name))
+                parts.append(f'<details open><summary>the whole file ({n} lines)</summary>'
+                             f'{code_box(STEPS_DIR / side / f.name, "add")}</details>')
             continue
         added = sum(k == "+" for _, lines in f.hunks for k, *_ in lines)
         removed = sum(k == "-" for _, lines in f.hunks for k, *_ in lines)
@@ -203,9 +209,10 @@ def diff_html(prev: str, step: str) -> str:
     return "\n".join(parts)
 
 
-def code_box(path: Path) -> str:
+def code_box(path: Path, kind: str = "ctx") -> str:
+    """A file's lines, numbered and highlighted; kind "add" shows them as added (a file new in the step)."""
     lines = highlighted_lines(path)
-    rows = "".join(f'<tr class="ctx"><td class="n">{i}</td><td class="code">{code}</td></tr>'
+    rows = "".join(f'<tr class="{kind}"><td class="n">{i}</td><td class="code">{code}</td></tr>'
                    for i, code in enumerate(lines, 1))
     return f'<div class="scroll"><table class="diff {STYLE}">{rows}</table></div>'
 
@@ -303,20 +310,21 @@ def diary_html(step: str, diary_dir: Path, tests: set[str]) -> str:
 
 
 def shapes_html(step: str, f: Facts) -> str:
+    size = (f"<p>At GPT-2 124M's size (<code>GPTConfig()</code>): {f.gpt2_parameters:,} parameters.</p>"
+            if f.gpt2_parameters else "")
     if not f.rows:
-        return gap(f.gap)
+        return gap(f.gap) + size
     rows = "".join(f"<tr><td><code>{html.escape(name)}</code></td><td>{html.escape(kind)}</td>"
                    f"<td><code>{html.escape(str(tuple(shape)))}</code></td></tr>" for name, kind, shape in f.rows)
     return (f"<p>What <code>make step N={step[:2]} ARGS=\"--device cpu\"</code> prints at its start: "
             f"{html.escape(f.header)}. One forward pass over a small batch, each module's output:</p>"
             f'<div class="scroll"><table class="shapes"><tr><th>module</th><th>type</th><th>output shape</th></tr>'
-            f"{rows}</table></div>" + (f"<p>At GPT-2 124M's size (<code>GPTConfig()</code>): "
-                                       f"{f.gpt2_parameters:,} parameters.</p>" if f.gpt2_parameters else ""))
+            f"{rows}</table></div>" + size)
 
 
-def tests_html(step: str, tests: dict[str, list[str]], up: str) -> str:
+def tests_html(step: str, tests: dict[str, list[str]], up: str, no_tests: str = "") -> str:
     if not tests:
-        return gap("No test of the suite runs on this step.")
+        return gap(f"{no_tests[0].upper()}{no_tests[1:]}." if no_tests else "No test of the suite runs on this step.")
     parts = [f"<p>The tests that check this step: {sum(map(len, tests.values()))} in {len(tests)} files, one "
              "name for all of a test's cases (with the tests of the shared code this step brought). "
              f"<code>make test N={step[:2]}</code> runs them, and the project's own tests besides.</p>"]
@@ -420,7 +428,7 @@ def curve_html(step: str, runs_dir: Path) -> str:
 
 
 def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], diary_dir: Path,
-              runs_dir: Path, up: str) -> str:
+              runs_dir: Path, up: str, no_tests: str = "") -> str:
     """up: the project's root, relative to the book's directory (.. for book/)."""
     step = steps[i]
     names = {n for ns in tests.values() for n in ns}
@@ -443,7 +451,7 @@ def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], d
                         for p in sorted((STEPS_DIR / step).glob("*.py")))),
             section("The shapes", "shapes", lambda: shapes_html(step, f)),
             section("The mistakes to make on purpose", "mistakes", lambda: mistakes_html(step, names)),
-            section("The tests", "tests", lambda: tests_html(step, tests, up)),
+            section("The tests", "tests", lambda: tests_html(step, tests, up, no_tests)),
             section("The loss curve", "curve", lambda: curve_html(step, runs_dir))]
     return page(f"{step}: {lesson(step)}", "\n".join(body), nav)
 
@@ -514,19 +522,20 @@ ul.tests { columns: 2 22rem; column-gap: 2.5rem; font-size: .9rem; } ul.tests li
 """
 
 
-def gather() -> tuple[dict[str, Facts], dict[str, dict[str, list[str]]]]:
-    """What the pages need from running code: each step's facts, and the tests that run on it."""
+def gather() -> tuple[dict[str, Facts], dict[str, dict[str, list[str]]], str]:
+    """What the pages need from running code: each step's facts, the tests that run on it, and why there are no
+    tests where pytest could not collect them."""
     collecting = collect_tests()  # in another process while the steps run here: 2 cores, both busy
     try:
         found = {s: facts(s) for s in all_steps()}
-        return found, tests_by_step(collecting)
+        return found, *tests_by_step(collecting)
     finally:
         collecting.kill()  # gone already, but not after Ctrl-C
 
 
 def write(out: Path, found: dict[str, Facts], tests: dict, diary_dir: Path = ROOT / "diary",
-          runs_dir: Path = ROOT / "runs") -> list[Path]:
-    """Writes the site to out; returns the pages written, the index first."""
+          runs_dir: Path = ROOT / "runs", no_tests: str = "") -> list[Path]:
+    """Writes the site to out; returns the pages written, the index first. no_tests: why no page lists tests."""
     steps = all_steps()
     out.mkdir(parents=True, exist_ok=True)
     (out / "book.css").write_text(CSS + HtmlFormatter(style="friendly").get_style_defs(f".{STYLE}"))
@@ -536,7 +545,7 @@ def write(out: Path, found: dict[str, Facts], tests: dict, diary_dir: Path = ROO
     for i, s in enumerate(steps):
         pages.append(out / f"{s}.html")
         pages[-1].write_text(step_page(i, steps, found.get(s, Facts(gap="not gathered")), tests.get(s, {}),
-                                       diary_dir, runs_dir, up))
+                                       diary_dir, runs_dir, up, no_tests))
     return pages
 
 
@@ -545,6 +554,8 @@ SOURCES = ("steps", "diary", "tests", "shared", "docs", ".ci", ".git")  # the pr
 
 def book_dir(text: str) -> Path:
     """An argparse type: a directory to write the book to, anywhere but the project's root or its sources."""
+    if not text.strip():  # "" would resolve to the directory make book runs in: the project's root
+        return cli.out_dir(text)  # which refuses it
     path = Path(text).resolve()
     if path == ROOT or any(path.is_relative_to(ROOT / d) for d in SOURCES):
         raise argparse.ArgumentTypeError(f"{text} is the project's own: the book goes to a directory of its own "
@@ -564,17 +575,24 @@ def runs_dir(text: str) -> Path:
 
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="make book", description=__doc__.split("\n\n")[0], hint='make book ARGS="--help"')
-    p.add_argument("--out", type=book_dir, default=BOOK, help="the directory to write the site to (default book/)")
+    p.add_argument("--out", type=book_dir, default=str(BOOK), help="the directory to write the site to (default "
+                   "book/)")  # a str default goes through book_dir too
     p.add_argument("--runs", type=runs_dir, default=ROOT / "runs", help="the directory of the runs whose loss "
                    "curves the pages draw, NN_name/metrics.jsonl in it (default runs/, where make step writes them)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     try:  # a Ctrl-C can land while the first line is still being written: that too is an interruption
         print("running each step up to its shapes, and collecting the tests ...", flush=True)
-        pages = write(args.out, *gather(), runs_dir=args.runs)
+        found, tests, no_tests = gather()
+        if no_tests:
+            print(f"make book: {no_tests}", file=sys.stderr)
+        pages = write(args.out, found, tests, runs_dir=args.runs, no_tests=no_tests)
     except KeyboardInterrupt:
         print("make book: interrupted; run it again for a whole book", file=sys.stderr)
         return 130
+    except OSError as e:  # the disk filled, or --out changed under the run
+        print(f"make book: cannot write the book to {args.out} ({e.strerror or e}: {e.filename})", file=sys.stderr)
+        return 1
     print(f"{len(pages)} pages in {time.perf_counter() - start:.0f} s; open {pages[0].resolve().as_uri()}")
     return 0
 

@@ -9,9 +9,10 @@ import sys
 import time
 
 import pytest
+import torch
 
-from shared import bench
-from shared.steps import ROOT
+from shared import bench, device
+from shared.steps import ROOT, all_steps
 
 
 def test_flops_per_token_of_gpt2_small_is_6n_plus_attention():
@@ -31,25 +32,29 @@ def test_a_gpus_batch_is_the_smallest_of_the_timed_steps_own(steps, batch):
     assert bench.default_batch_size(steps or bench.default_steps(), "gpt2") == batch
 
 
-def test_an_unknown_gpu_has_no_mfu_unless_its_peak_is_given():
-    assert bench.cuda_peak("NVIDIA GeForce RTX 4090", None)[0] is None
-    assert bench.cuda_peak("NVIDIA GeForce RTX 4090", 165.0) == (165.0, "--peak-tflops")
+@pytest.mark.parametrize("name", ["NVIDIA GeForce RTX 4090", "NVIDIA H100 NVL"])  # NVL: not the SXM card's peak
+def test_an_unknown_gpu_has_no_mfu_unless_its_peak_is_given(name):
+    assert bench.cuda_peak(name, None)[0] is None
+    assert bench.cuda_peak(name, 165.0) == (165.0, "--peak-tflops")
 
 
-def test_the_steps_that_can_be_timed_are_every_step_with_a_training_loop():
-    steps = bench.trainer_steps()
-    assert steps[0] == "10_training" and "15_grad_accum" in steps and "18_kv_cache" in steps
+def test_the_steps_that_can_be_timed_are_every_step_from_10_on():
+    assert bench.trainer_steps() == [s for s in all_steps() if int(s[:2]) >= 10]  # step 10 brings the training loop
 
 
 def test_the_default_ladder_is_steps_10_to_16():
     # 17 and 18 train as 16 does on one process; leaving them out keeps the default run within 15 minutes
     assert bench.default_steps() == ["10_training", "11_mixed_precision", "12_compile_flash", "13_vocab_50304",
                                      "14_gpt3_hparams", "15_grad_accum", "16_ddp"]
-    assert bench.default_steps()[-1] == "16_ddp"
 
 
-def test_steps_all_is_every_trainer_step():
-    assert bench.step_list("all") == bench.trainer_steps()
+def test_steps_all_is_every_step_from_10_on():
+    assert bench.step_list("all") == [s for s in all_steps() if int(s[:2]) >= 10]
+
+
+def test_a_step_given_twice_is_refused():
+    with pytest.raises(argparse.ArgumentTypeError, match="'10,15,10' names step 10_training twice"):
+        bench.step_list("10,15,10")
 
 
 def test_all_among_numbers_is_refused_as_standing_alone():
@@ -91,6 +96,40 @@ def test_generate_past_the_context_is_refused_with_the_flags_to_change():
 def test_a_json_path_that_is_a_directory_is_refused(tmp_path):
     r = make_bench("--json", str(tmp_path))
     assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_json_path_the_chart_would_overwrite_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--json", str(tmp_path / "ladder.svg")])
+    assert stop.value.code == 2 and "would be overwritten by the chart" in capsys.readouterr().err
+
+
+def test_a_heap_pad_beyond_half_the_machines_memory_is_refused():
+    r = make_bench("--heap-pad-mb", "100000000")
+    assert r.returncode == 2 and "half this machine's memory" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flags", [["--steps", "10"], ["--rounds", "2"], ["--no-compile"], ["--heap-pad-mb", "0"]])
+def test_generate_with_a_flag_of_the_training_ladder_is_refused(flags, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--generate", *flags])
+    assert stop.value.code == 2 and f"--generate with {flags[0]}: they set up the training ladder" in \
+        capsys.readouterr().err
+
+
+def test_generation_lengths_without_generate_are_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--new-tokens", "10"])
+    assert stop.value.code == 2 and "--prompt-tokens and --new-tokens go with --generate" in capsys.readouterr().err
+
+
+def test_generate_writes_its_rows_beside_the_ladders_not_over_them(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    written = []
+    monkeypatch.setattr(bench, "generation", lambda args: written.append(args.json))
+    bench.main(["--generate"])
+    bench.main(["--generate", "--json", "runs/bench.json"])  # asked for by name: taken as given
+    assert written == [bench.Path("runs/bench-generate.json"), bench.Path("runs/bench.json")]
 
 
 def ladder(path, *rows, **machine) -> str:
@@ -140,6 +179,16 @@ def test_compare_says_which_settings_of_the_two_runs_differ(tmp_path, capsys):
     b = ladder(tmp_path / "b.json", ("10_training", 100.0, 0.3), preset="tiny", seq_len=64, iters=3)
     bench.main(["--compare", a, b])
     assert "the runs were not set up alike: preset (gpt2, tiny); seq_len (1024, 64)\n" in capsys.readouterr().out
+
+
+def test_compare_counts_the_memory_settings_threads_and_torch_as_setup(tmp_path, capsys):
+    a = ladder(tmp_path / "a.json", ("10_training", 100.0, 0.3), torch="2.13.0", threads=2, keep_freed_memory=True,
+               heap_pad_mb=2048)
+    b = ladder(tmp_path / "b.json", ("10_training", 100.0, 0.3), torch="2.12.0", threads=4, keep_freed_memory=False,
+               heap_pad_mb=0)
+    bench.main(["--compare", a, b])
+    assert ("the runs were not set up alike: torch (2.13.0, 2.12.0); threads (2, 4); keep_freed_memory (True, False); "
+            "heap_pad_mb (2048, 0)\n") in capsys.readouterr().out
 
 
 def test_compare_names_the_rows_of_either_run_alone_and_leaves_them_out(tmp_path, capsys):
@@ -213,7 +262,7 @@ def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys)
 @pytest.fixture(scope="module")
 def steps_worker():
     """One run of a step's worker process on the CPU (tiny sizes): its output and its row."""
-    spec = dict(kind="15_grad_accum", step="15_grad_accum", device="cpu", device_type="cpu", preset="tiny",
+    spec = dict(kind="15_grad_accum", device="cpu", device_type="cpu", preset="tiny",
                 batch_size=1, seq_len=16, warmup=1, iters=2, compile=False, clock=True, heap_pad_mb=1024)
     r = subprocess.run([sys.executable, "-m", "shared.bench", "--worker", json.dumps(spec)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env={**os.environ, **bench.KEEP_FREED_MEMORY})
@@ -230,6 +279,12 @@ def test_a_steps_worker_times_its_iterations_without_the_shapes_printout(steps_w
 def test_a_steps_worker_on_a_cpu_has_a_clock_beside_each_timed_iteration(steps_worker):
     _, row = steps_worker
     assert len(row["clock_ms"]) == len(row["ms"]) == 2 and min(row["clock_ms"]) > 0
+
+
+def test_a_steps_worker_leaves_its_clocks_ticks_out_of_its_iterations_ms(steps_worker):
+    _, row = steps_worker
+    # a tick is 5 large matmuls, each of about a clock's ms; a tiny model's iteration is far shorter than 4 of them
+    assert max(row["ms"]) < 4 * min(row["clock_ms"])
 
 
 def test_a_steps_worker_on_a_cpu_counts_the_page_faults_of_each_timed_iteration(steps_worker):
@@ -290,8 +345,8 @@ def test_the_clock_beside_an_iteration_is_the_mean_of_the_ticks_before_and_after
     assert bench.beside({0: 10.0, 1: 12.0}, [0, 1]) == [10.0, 11.0]  # no warm-up: no tick before iteration 0
 
 
-def test_the_clocks_ticks_are_not_in_the_iterations_ms(monkeypatch):
-    def slow_clock(dev):
+def test_the_reference_rows_clock_ticks_are_not_in_its_iterations_ms(monkeypatch):
+    def slow_clock():
         return (lambda: time.sleep(0.3) or 1.0), "float32"  # a tick of 300 ms: far longer than a tiny iteration
     monkeypatch.setattr(bench, "matmul_clock", slow_clock)
     spec = dict(device="cpu", model=dict(n_layer=1, n_head=2, n_embd=32), batch_size=1, seq_len=16, warmup=1, iters=3,
@@ -304,6 +359,19 @@ def test_the_reference_row_trains_transformers_gpt2_with_sdpa():
     spec = dict(device="cpu", model=dict(n_layer=2, n_head=2, n_embd=32), batch_size=2, seq_len=16, warmup=1, iters=2)
     row = bench.time_reference(spec)
     assert row["ms_per_iter"] > 0 and row["peak_mem_mb"] > 0 and row["dtype"] in ("fp32", "bf16")
+
+
+def test_a_reference_row_whose_compile_fails_runs_eager_and_says_why(monkeypatch, capsys):
+    def broken(model):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+    spec = dict(device="cpu", model=dict(n_layer=1, n_head=2, n_embd=32), batch_size=1, seq_len=16, warmup=0, iters=2,
+                compile=True)
+    row = bench.time_reference(spec)
+    assert row["compile"] == "no" and row["compile_s"] is None and len(row["ms"]) == 2
+    assert "compile failed (RuntimeError: no C++ compiler found); running eager" in capsys.readouterr().out
 
 
 def test_a_compiled_reference_row_reports_its_compile_time_apart_from_its_iterations():
@@ -360,7 +428,7 @@ def test_the_default_json_goes_into_runs_made_if_there_is_none(scripted_rows, tm
 
 
 def test_on_a_cpu_a_default_run_is_2_rounds_of_3_warm_up_and_3_timed_iterations(scripted_rows, tmp_path):
-    # 9 rows x 2 rounds took 10.0 to 14.0 minutes in ten runs on slow 2 cores (the README's ladder): within 15
+    # 9 rows x 2 rounds took 10.0 to 14.0 minutes in ten runs on slow 2 cores (docs/bench.md): within 15
     ms = {label: [[1.0]] * 2 for label in [*bench.default_steps(), "16_ddp again"]}
     asked = scripted_rows(ms, "--json", str(tmp_path / "b.json"))
     assert len(asked) == 2 * len(ms)
@@ -384,7 +452,7 @@ def test_a_rows_ms_are_its_own_not_scaled_by_the_clock_whose_median_it_shows(scr
     row, control = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert row["ms_per_iter"] == 105.0 and row["clock_ms_median"] == 21.0
     assert row["ms"] == [100.0, 110.0] and row["clock_ms"] == [20.0, 22.0]
-    assert re.search(r"^15_grad_accum +105\.0 +0\.0% +21\.0 +610 ", capsys.readouterr().out, re.M)
+    assert re.search(r"^15_grad_accum +105\.0 +- +21\.0 +610 ", capsys.readouterr().out, re.M)  # one round: no spread
 
 
 def test_a_row_without_a_clock_shows_a_dash_in_the_clock_column():
@@ -425,7 +493,17 @@ def test_a_clock_that_hardly_moved_is_said_to_say_little(scripted_rows, tmp_path
 def test_one_round_has_no_spread_to_speak_of(scripted_rows, tmp_path, capsys):
     ms = {"15_grad_accum": [[100.0]], "15_grad_accum again": [[100.0]]}
     scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))
-    assert "a spread needs 2 rounds or more" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "a spread needs 2 rounds or more" in out and re.search(r"^15_grad_accum +100\.0 +- ", out, re.M)
+    assert [r["spread"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]] == [None, None]
+
+
+def test_on_mps_there_is_no_clock_and_the_peak_is_asked_for(scripted_rows, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(device, "pick", lambda name: torch.device("mps"))
+    ms = {"15_grad_accum": [[100.0]], "15_grad_accum again": [[100.0]]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"), peak=None)
+    assert {spec["clock"] for spec in scripted_rows.specs} == {False}
+    assert "peak: unknown (no clock on mps: give --peak-tflops for an MFU)" in capsys.readouterr().out
 
 
 def test_on_a_cpu_the_workers_pad_the_heap_unless_freed_memory_goes_back(scripted_rows, tmp_path):

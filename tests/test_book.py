@@ -93,6 +93,22 @@ def test_every_diary_is_rendered_with_no_markdown_left_in_its_text(built, name):
     diary = section((built / f"{name}.html").read_text(), "diary")
     prose = text_of(re.sub(r"<(pre|code)\b.*?</\1>", "", diary, flags=re.S))
     assert "<h3>" in diary and "**" not in prose and "`" not in prose
+    assert "|---" not in prose and "](" not in prose and not re.search(r"^#", prose, re.M)  # tables, links, headings
+
+
+@pytest.mark.parametrize("name", all_steps(), ids=lambda s: f"page{s[:2]}")
+def test_every_table_of_a_diary_is_an_html_table(built, name):
+    text = (ROOT / "diary" / f"{name}.md").read_text()
+    tables = len(re.findall(r"^\|? *:?-{3,}.*\|.*$", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M), re.M))
+    assert section((built / f"{name}.html").read_text(), "diary").count("<table") == tables
+
+
+def test_the_code_of_a_diff_and_of_a_diarys_shell_block_is_highlighted(built):
+    page = (built / "08_gpt2.html").read_text()
+    assert re.search(r'<span class="k[nd]?">', section(page, "diff"))  # a keyword: def, class, import
+    blocks = re.findall(r"<pre[^>]*><code>.*?</code></pre>", section(page, "diary"), re.S)
+    shell = [b for b in blocks if text_of(b).startswith("make step N=08")]  # diary 08's ```sh block
+    assert shell and '<span class="nv">N</span>' in shell[0]  # N= highlighted as a variable
 
 
 def test_a_test_named_in_the_diary_links_to_it_in_the_pages_list_of_tests(built):
@@ -100,6 +116,18 @@ def test_a_test_named_in_the_diary_links_to_it_in_the_pages_list_of_tests(built)
     name = "test_gpt2_small_has_124_439_808_parameters"
     assert f'<a href="#{name}"><code>{name}</code></a>' in section(page, "diary")
     assert f'<li id="{name}">' in section(page, "tests")
+
+
+def test_a_file_new_in_a_step_is_shown_whole_as_added_lines(built):
+    diff = section((built / "17_fineweb_hellaswag.html").read_text(), "diff")
+    new = diff.split('id="diff-hellaswag.py"', 1)[1].split("</details>", 1)[0]
+    assert "<details open>" in new and new.count('<tr class="add">') == len(
+        (STEPS_DIR / "17_fineweb_hellaswag" / "hellaswag.py").read_text().splitlines())
+
+
+def test_a_page_without_shapes_still_gives_the_parameters_at_gpt2s_size(built):
+    shapes = text_of(section((built / "09_from_pretrained.html").read_text(), "shapes"))
+    assert "124,439,808 parameters" in shapes
 
 
 def test_a_page_shows_the_shapes_and_the_parameters_of_the_steps_run(built):
@@ -143,8 +171,8 @@ def test_a_page_lists_the_mistakes_of_earlier_steps_in_the_code_it_carries(built
 
 def test_a_code_box_has_as_many_lines_as_its_file(built):
     code = section((built / "01_embedding.html").read_text(), "diff")
-    rows = code.split('id="diff-__init__.py"', 1)[1].split("</table>", 1)[0].count("<tr")
-    assert rows == len((STEPS_DIR / "01_embedding" / "__init__.py").read_text().splitlines())
+    rows = code.split('id="diff-model.py"', 1)[1].split("</table>", 1)[0].count("<tr")
+    assert rows == len((STEPS_DIR / "01_embedding" / "model.py").read_text().splitlines())
 
 
 def test_a_missing_or_unreadable_diary_costs_its_page_one_line_not_the_book(tmp_path):
@@ -152,15 +180,30 @@ def test_a_missing_or_unreadable_diary_costs_its_page_one_line_not_the_book(tmp_
     shutil.copytree(ROOT / "diary", diaries)
     (diaries / "03_feedforward.md").unlink()
     (diaries / "04_encoder.md").write_bytes(b"# 04\n\n\xff\xfe not UTF-8")
-    runs = tmp_path / "runs" / "05_decoder"
-    runs.mkdir(parents=True)
-    (runs / "metrics.jsonl").write_text('{"iter": 0, "loss": 3.0}\n{"iter": 1, "lo')  # a run killed mid-line
     pages = book.write(tmp_path / "book", {}, {}, diary_dir=diaries, runs_dir=tmp_path / "runs")
     assert len(pages) == len(PAGES)
     assert "diary/03_feedforward.md is missing" in (tmp_path / "book" / "03_feedforward.html").read_text()
     assert "diary/04_encoder.md could not be read" in (tmp_path / "book" / "04_encoder.html").read_text()
-    assert "its last line is cut off" in (tmp_path / "book" / "05_decoder.html").read_text()
     assert "<h3>" in section((tmp_path / "book" / "05_decoder.html").read_text(), "diary")  # the others as ever
+
+
+def test_tests_pytest_could_not_collect_are_said_to_be_missing_on_every_page(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "--no-such-flag"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tests, why = book.tests_by_step(proc)
+    assert tests == {} and why.startswith("pytest could not collect the tests (exit 4: ")
+    book.write(tmp_path / "book", {}, tests, runs_dir=tmp_path / "runs", no_tests=why)
+    page = text_of(section((tmp_path / "book" / "01_embedding.html").read_text(), "tests"))
+    assert "Pytest could not collect the tests" in page and "No test of the suite runs" not in page
+
+
+def test_a_book_that_cannot_be_written_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(book, "gather", lambda: ({}, {}, ""))  # no steps run: the writing is what is tried
+    (tmp_path / "book" / "index.html").mkdir(parents=True)  # a directory where the index goes
+    assert book.main(["--out", str(tmp_path / "book")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"make book: cannot write the book to {tmp_path / 'book'} (Is a directory") and \
+        err.count("\n") == 1
 
 
 def test_ctrl_c_stops_make_book_in_one_line(tmp_path):
@@ -170,7 +213,7 @@ def test_ctrl_c_stops_make_book_in_one_line(tmp_path):
     assert proc.stdout.readline().startswith("running each step")  # the work has begun
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to make book and its pytest
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert proc.returncode == 130 and err == "make book: interrupted; run it again for a whole book\n", err[-2000:]
 
 
 def write_run(runs: Path, step: str, lines: list[str], summary: dict | None = None) -> Path:
@@ -201,8 +244,9 @@ def test_a_diverged_run_says_so_over_its_curve(tmp_path):
 def test_a_step_that_cannot_run_says_why_on_its_page(tmp_path, monkeypatch):
     data_dir_copy(tmp_path, monkeypatch, missing="tinyshakespeare.txt")
     found = book.facts("01_embedding")
-    assert found.rows == [] and "could not run here, so no shapes: error:" in found.gap
-    assert "tinyshakespeare.txt" in found.gap and "downloading" not in found.gap
+    shapes = text_of(book.shapes_html("01_embedding", found))  # the page's shapes section
+    assert found.rows == [] and "could not run here, so no shapes: error:" in shapes
+    assert "tinyshakespeare.txt" in shapes and "downloading" not in shapes
 
 
 @pytest.mark.parametrize("flags, said", [
@@ -210,12 +254,24 @@ def test_a_step_that_cannot_run_says_why_on_its_page(tmp_path, monkeypatch):
     (["--out", "steps/02_attention"], "is the project's own"),
     (["--runs", "nowhere"], "nowhere is not a directory"),
     (["--runs", "steps"], "steps has no run in it"),
-], ids=["out-a-file", "out-in-steps", "runs-missing", "runs-without-runs"])
-def test_a_bad_flag_is_refused_in_one_line_before_any_work(tmp_path, flags, said):
+    (["--out", ""], "expected a directory, got ''"),
+], ids=["out-a-file", "out-in-steps", "runs-missing", "runs-without-runs", "out-empty"])
+def test_a_bad_flag_is_refused_with_its_error_line_and_the_help_hint_before_any_work(tmp_path, flags, said):
     (tmp_path / "FILE").write_text("")
     flags = [str(tmp_path / "FILE") if f == "FILE" else f for f in flags]
     r = subprocess.run([sys.executable, "-m", "shared.book", *flags], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 2 and "--help" in r.stderr.splitlines()[1]  # the error, where the help is
+    assert "running each step" not in r.stdout  # refused before any work
+
+
+def test_a_default_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    (tmp_path / "book").write_text("")  # where book/ should be
+    monkeypatch.setattr(book, "BOOK", tmp_path / "book")
+    monkeypatch.setattr(book, "gather", lambda: pytest.fail("work began before the refusal"))
+    with pytest.raises(SystemExit) as stop:
+        book.main([])
+    assert stop.value.code == 2 and "is a file, not a directory" in capsys.readouterr().err
 
 
 # --- in a real browser --------------------------------------------------------------------------------------------
