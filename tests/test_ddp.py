@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from shared import runlog
 from shared.steps import ROOT
 from tests.conftest import SMALL_TRAINER, token_loader
 
@@ -228,6 +229,19 @@ def test_a_process_group_that_cannot_form_fails_within_its_timeout_with_one_line
     assert proc.returncode == 1
     assert "error: rank 1 of 2 could not join the process group at 127.0.0.1:" in err and "within 1 s" in err
     assert "Traceback" not in err and "frame #" not in err
+
+
+@pytest.mark.main_needs("join_process_group")
+@pytest.mark.newest  # only_rank_0_speaks as step 16 brought it, carried unchanged (make diff)
+def test_a_run_into_the_out_of_a_running_one_stops_with_rank_0s_line_and_no_traceback(step, tmp_path):
+    other = runlog.RunLog(tmp_path, total=10)  # a run already writing there
+    port = free_port()
+    procs = [start_rank(step, r, 2, port, *ONE_STEP, "--out", str(tmp_path), twentieth=True) for r in (0, 1)]
+    (_, err0), (_, err1) = [p.communicate(timeout=120) for p in procs]
+    assert err0.strip() == f"error: another run is writing to {tmp_path} now: wait for it to end, or give this one " \
+        "another --out" and procs[0].returncode == 1
+    assert err1 == "" and procs[1].returncode != 0  # rank 0 left: rank 1's next exchange failed, and it says nothing
+    other.close()
 
 
 @pytest.mark.main_needs("join_process_group")

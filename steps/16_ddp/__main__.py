@@ -218,10 +218,12 @@ def leave_process_group(args) -> None:
 
 def only_rank_0_speaks(rank: int) -> None:
     """The ranks run the same program on the same numbers: rank 0 prints for all of them (its log, its refusals).
-    The others print nothing, except a crash of their own."""
+    The others print nothing, except a crash of their own: not the failed exchange of a rank that rank 0 left
+    (rank 0 stopped alone, as when another run holds --out, and has said why)."""
     if rank != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
-        sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=sys.__stderr__)
+        sys.excepthook = lambda kind, e, tb: None if "Connection closed by peer" in str(e) else \
+            traceback.print_exception(kind, e, tb, file=sys.__stderr__)
 
 
 def rng_states() -> dict:
