@@ -739,6 +739,8 @@ def generation(args) -> None:
     with torch.no_grad():
         for label, run in runs.items():
             run(4)  # warm-up: the first calls allocate
+            if dev.type == "cuda":
+                torch.cuda.synchronize()  # the warm-up's kernels done before the clock starts
             start = time.perf_counter()
             out[label] = run(n)
             if dev.type == "cuda":

@@ -149,12 +149,17 @@ MISTAKES = [
             "loss = model(x, y)[1]",
             "_, loss = model(x, y)",
             ("test_a_training_forwards_logits_are_freed_before_its_backward",), "diary/10_training.md"),
+    Mistake("weights-in-bf16", "11", "the model itself cast to bf16 (model.bfloat16()), not autocast: the weights "
+            "lose their small updates", "__main__.py",
+            "    model = GPT(config).to(args.device)",
+            "    model = GPT(config).to(args.device).bfloat16()",
+            ("test_the_weights_stay_fp32_when_training_in_bf16",), "diary/11_mixed_precision.md, The mistake to avoid"),
     Mistake("bf16-where-emulated", "11", "--dtype auto trusting torch.cuda.is_bf16_supported(), which says yes "
             "where bf16 is only emulated", "shared/device.py",
             "if major >= 8:  # Ampere (A100, RTX 30xx) and later have bf16 tensor cores",
             "if torch.cuda.is_bf16_supported():  # yes on a T4 too, where bf16 is emulated",
             ("test_bf16_is_native_on_a_gpu_of_compute_capability_8_or_newer",),
-            "diary/11_mixed_precision.md, The mistake to avoid"),
+            "diary/11_mixed_precision.md, What this step adds"),
     Mistake("is-causal-with-pads", "12", "is_causal=True for a padded batch too: causal, but the pads are seen",
             "model.py",
             "out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)",

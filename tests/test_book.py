@@ -188,10 +188,10 @@ def test_a_missing_or_unreadable_diary_costs_its_page_one_line_not_the_book(tmp_
 
 
 def test_tests_pytest_could_not_collect_are_said_to_be_missing_on_every_page(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "--no-such-flag"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    failing = "print('tests/test_gpt2.py::test_a'); print('ERROR tests/test_x.py - ImportError: no x'); exit(2)"
+    proc = subprocess.Popen([sys.executable, "-c", failing], stdout=subprocess.PIPE, text=True)  # as pytest fails
     tests, why = book.tests_by_step(proc)
-    assert tests == {} and why.startswith("pytest could not collect the tests (exit 4: ")
+    assert tests == {} and why.startswith("pytest could not collect the tests (exit 2: ERROR tests/test_x.py - ")
     book.write(tmp_path / "book", {}, tests, runs_dir=tmp_path / "runs", no_tests=why)
     page = text_of(section((tmp_path / "book" / "01_embedding.html").read_text(), "tests"))
     assert "Pytest could not collect the tests" in page and "No test of the suite runs" not in page

@@ -139,3 +139,13 @@ def test_the_log_says_the_dtype_and_why(step, tmp_path, capsys):
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"step {step.name} on"))
     native, why = device.bf16_native(CPU)
     assert f"dtype {'bf16' if native else 'fp32'} ({why})" in header
+
+
+@pytest.mark.main_needs("autocast")
+@pytest.mark.first_and_last  # make mistake M=weights-in-bf16 runs it on every step
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_the_weights_stay_fp32_when_training_in_bf16(step, tmp_path):
+    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "2", "--dtype", "bf16",
+                    "--out", str(tmp_path)])
+    weights = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # autocast computes in bf16; the weights stay fp32

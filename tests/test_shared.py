@@ -6,6 +6,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,6 +294,45 @@ def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0():
     r = subprocess.run(["make", "-s", "gpu-check", "ARGS="], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().splitlines() == [
         "make gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"]
+
+
+def test_a_gpu_check_that_runs_out_of_time_kills_the_processes_its_command_started(tmp_path):
+    from shared import gpu_check
+
+    child = tmp_path / "child.pid"
+    spawn = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+             f"time.sleep(60)']); open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    start = time.monotonic()
+    assert gpu_check.within([sys.executable, "-c", spawn], 2) is None
+    assert time.monotonic() - start < 30
+    pid = int(child.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]  # gone
+
+
+def test_a_gpu_checks_short_run_reports_its_losses_and_peak_even_from_a_crashed_run(tmp_path, monkeypatch):
+    from shared import gpu_check
+
+    asked = []
+
+    def crashed(cmd, seconds, capture=False):  # a run killed by a signal: no peak line, a line cut off
+        asked.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"iter": 0, "loss": 10.9}\n{"iter": 1, "loss": 9.5}\n{"iter": 2, "lo')
+        return subprocess.CompletedProcess(cmd, -9, "", "")
+    monkeypatch.setattr(gpu_check, "within", crashed)
+    row = gpu_check.short_run("17_fineweb_hellaswag", tmp_path / "run", 40)
+    assert row["status"] == "failed" and row["losses"] == [10.9, 9.5] and row["peak_mb"] is None
+    assert "--no-compile" in asked[0] and asked[0][asked[0].index("--warmup-steps") + 1] == "1"
+    assert not (tmp_path / "run").exists()  # its checkpoint and model are not kept
+
+
+def test_a_gpu_checks_short_run_with_no_time_left_is_skipped_and_says_why(tmp_path):
+    from shared import gpu_check
+
+    row = gpu_check.short_run("10_training", tmp_path / "run", 0)
+    assert row == {"check": "10_training --preset gpt2 --max-steps 5", "status": "skipped", "why": gpu_check.OUT_OF_TIME}
 
 
 def test_the_gpu_check_summary_names_what_failed_and_what_was_skipped_and_why():

@@ -210,6 +210,7 @@ def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoint(step, tmp_path,
 
 
 @pytest.mark.main_needs("Loader")
+@pytest.mark.first_and_last  # the lock is RunLog's (shared/runlog.py), which every trainer uses alike
 def test_a_run_into_a_directory_another_run_is_writing_to_stops(step, tmp_path):
     other = runlog.RunLog(tmp_path, total=10)  # a run started a moment earlier, not yet at its first checkpoint
     other.log(0, 2.5, 0.5)
