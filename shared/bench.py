@@ -549,8 +549,9 @@ def main(argv=None):
     ladder_only = [f"--{k.replace('_', '-')}" for k in LADDER_ONLY
                    if getattr(args, k) is not None and getattr(args, k) is not False]  # given: --heap-pad-mb 0 too
     if args.generate and ladder_only:
-        p.error(f"--generate with {', '.join(ladder_only)}: they set up the training ladder, which --generate does not "
-                "time (drop them)")
+        one = len(ladder_only) == 1
+        p.error(f"--generate with {', '.join(ladder_only)}: {'a flag' if one else 'flags'} of the training ladder, "
+                f"which --generate does not time (drop {'it' if one else 'them'})")
     if not args.generate and (args.prompt_tokens or args.new_tokens):
         p.error("--prompt-tokens and --new-tokens go with --generate")
     if args.compare:

@@ -113,7 +113,7 @@ def test_a_heap_pad_beyond_half_the_machines_memory_is_refused():
 def test_generate_with_a_flag_of_the_training_ladder_is_refused(flags, capsys):
     with pytest.raises(SystemExit) as stop:
         bench.main(["--generate", *flags])
-    assert stop.value.code == 2 and f"--generate with {flags[0]}: they set up the training ladder" in \
+    assert stop.value.code == 2 and f"--generate with {flags[0]}: a flag of the training ladder" in \
         capsys.readouterr().err
 
 

@@ -252,6 +252,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_work(step, tmp_pat
 
 
 @pytest.mark.main_needs("Loader")
+@pytest.mark.first_and_last  # shared/checkpoint.py's load and check, which every trainer calls alike
 @pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "no checkpoint", "a pickled object", "no iter",
                                     "a config that is not a dict", "a nan weight"])
 def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, damage, finished):
