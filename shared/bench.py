@@ -740,12 +740,10 @@ def generation(args) -> None:
     with torch.no_grad():
         for label, run in runs.items():
             run(4)  # warm-up: the first calls allocate
-            if dev.type == "cuda":
-                torch.cuda.synchronize()  # the warm-up's kernels done before the clock starts
+            synchronize(dev)  # the warm-up's kernels done before the clock starts
             start = time.perf_counter()
             out[label] = run(n)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(dev)
             seconds = time.perf_counter() - start
             rows.append({"row": label, "seconds": round(seconds, 3), "tok_per_s": round(n / seconds, 1)})
             print(f"  {label:<14} {seconds:8.2f} s  {n / seconds:9.1f} tokens/s", flush=True)
@@ -759,6 +757,16 @@ def generation(args) -> None:
                                                  "prompt_tokens": args.prompt_tokens, "new_tokens": n},
                                      "rows": rows, "same_tokens": same}, indent=1) + "\n")
     print(f"rows: {args.json}")
+
+
+def synchronize(dev) -> None:
+    """Waits until the device has done what it was given (a GPU runs behind the Python that feeds it)."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type == "mps":
+        torch.mps.synchronize()
 
 
 def device_name(dev) -> str:

@@ -591,7 +591,8 @@ def main(argv=None) -> int:
         print("make book: interrupted; run it again for a whole book", file=sys.stderr)
         return 130
     except OSError as e:  # the disk filled, or --out changed under the run
-        print(f"make book: cannot write the book to {args.out} ({e.strerror or e}: {e.filename})", file=sys.stderr)
+        where = f": {e.filename}" if e.filename else ""  # a full disk names no file
+        print(f"make book: cannot write the book to {args.out} ({e.strerror or e}{where})", file=sys.stderr)
         return 1
     print(f"{len(pages)} pages in {time.perf_counter() - start:.0f} s; open {pages[0].resolve().as_uri()}")
     return 0

@@ -44,8 +44,9 @@ def load(out: Path) -> dict:
     if missing := [k for k, kind in KEYS.items() if not isinstance(state.get(k), kind)]:
         sys.exit(f"error: {path} is not a checkpoint of this project (no {', no '.join(missing)} of the right kind)")
     if bad := [k for k, w in state["model"].items() if torch.is_tensor(w) and not w.float().isfinite().all()]:
-        sys.exit(f"error: {path} has nan or inf in {bad[0]} ({len(bad)} tensors): damaged. Delete it, or start the "
-                 "run afresh with another --out.")
+        sys.exit(f"error: {path} has nan or inf in {bad[0]} ({len(bad)} tensors): the run diverged before it was "
+                 "saved, or the file is damaged. Start the run afresh with another --out (a smaller --lr if it "
+                 "diverged).")
     return state
 
 

@@ -2,6 +2,7 @@
 import fcntl
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ class RunLog:
         except BlockingIOError:
             sys.exit(f"error: another run is writing to {self.out} now: wait for it to end, or give this one another "
                      "--out")
+        except OSError as e:  # a file system without locks (some network mounts): run, unguarded
+            print(f"note: {self.out} cannot be locked ({os.strerror(e.errno)}): nothing stops a second run from "
+                  "writing there at the same time", flush=True)
         self.file.truncate(0)
         self.file.writelines(json.dumps(r) + "\n" for r in self.rows)
         self.total, self.every, self.first = total, every or max(1, math.ceil(total / 25)), start

@@ -1,6 +1,7 @@
 """make book (shared/book.py): a page for every step, whose diff is make diff's, whose links resolve and whose
 diary is rendered; a bad diary costs its page one line, not the book; and every page loads in a real Chromium at a
 desktop and a phone width, with no error and no sideways scroll. Screenshots go to runs/book-shots/."""
+import errno
 import html
 import json
 import os
@@ -195,6 +196,17 @@ def test_tests_pytest_could_not_collect_are_said_to_be_missing_on_every_page(tmp
     book.write(tmp_path / "book", {}, tests, runs_dir=tmp_path / "runs", no_tests=why)
     page = text_of(section((tmp_path / "book" / "01_embedding.html").read_text(), "tests"))
     assert "Pytest could not collect the tests" in page and "No test of the suite runs" not in page
+
+
+def test_a_full_disk_stops_the_book_in_one_line_naming_no_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(book, "gather", lambda: ({}, {}, ""))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a full disk raises it: no file name
+    monkeypatch.setattr(book, "write", full)
+    assert book.main(["--out", str(tmp_path / "book")]) == 1
+    assert capsys.readouterr().err == f"make book: cannot write the book to {tmp_path / 'book'} (No space left on " \
+        "device)\n"
 
 
 def test_a_book_that_cannot_be_written_stops_in_one_line(tmp_path, monkeypatch, capsys):

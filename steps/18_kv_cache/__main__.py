@@ -266,12 +266,15 @@ def leave_process_group(args) -> None:
 
 def only_rank_0_speaks(rank: int) -> None:
     """The ranks run the same program on the same numbers: rank 0 prints for all of them (its log, its refusals).
-    The others print nothing, except a crash of their own: not the failed exchange of a rank that rank 0 left
-    (rank 0 stopped alone, as when another run holds --out, and has said why)."""
+    The others print nothing, except a crash of their own. When rank 0 stops alone (another run is writing to
+    --out), their next exchange with it fails: rank 0 has said why, and they stay quiet."""
     if rank != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
-        sys.excepthook = lambda kind, e, tb: None if "Connection closed by peer" in str(e) else \
-            traceback.print_exception(kind, e, tb, file=sys.__stderr__)
+
+        def crash(kind, e, tb):
+            if "Connection closed by peer" not in str(e):  # gloo's words when rank 0 has gone
+                traceback.print_exception(kind, e, tb, file=sys.__stderr__)
+        sys.excepthook = crash
 
 
 def rng_states() -> dict:
