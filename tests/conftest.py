@@ -145,6 +145,16 @@ def offline(*args, **kwargs):
     raise urllib.error.URLError("no network")
 
 
+@pytest.fixture
+def compile_fails(monkeypatch):
+    """torch.compile as on a machine without a C++ compiler: it fails at the first call of the compiled model."""
+    def broken(model):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+
+
 def steps_for(marks, only: str | None = None) -> list[Step]:
     """The steps a test with these marks runs on: those with every name and text its marks ask for."""
     def wanted(kind):

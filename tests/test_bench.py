@@ -366,12 +366,8 @@ def test_the_reference_row_trains_transformers_gpt2_with_sdpa():
     assert row["ms_per_iter"] > 0 and row["peak_mem_mb"] > 0 and row["dtype"] in ("fp32", "bf16")
 
 
-def test_a_reference_row_whose_compile_fails_runs_eager_and_says_why(monkeypatch, capsys):
-    def broken(model):
-        def call(*args, **kwargs):
-            raise RuntimeError("no C++ compiler found")
-        return call
-    monkeypatch.setattr(torch, "compile", broken)
+@pytest.mark.usefixtures("compile_fails")
+def test_a_reference_row_whose_compile_fails_runs_eager_and_says_why(capsys):
     spec = dict(device="cpu", model=dict(n_layer=1, n_head=2, n_embd=32), batch_size=1, seq_len=16, warmup=0, iters=2,
                 compile=True)
     row = bench.time_reference(spec)

@@ -98,13 +98,8 @@ def test_compile_is_off_by_default_on_a_cpu_and_says_how_to_force_it(step):
 
 
 @pytest.mark.main_needs("compiled")
-def test_a_failing_compile_falls_back_to_eager_and_says_why(step, monkeypatch):
-    def broken(model):
-        def call(*args, **kwargs):
-            raise RuntimeError("no C++ compiler found")
-        return call
-
-    monkeypatch.setattr(torch, "compile", broken)
+@pytest.mark.usefixtures("compile_fails")
+def test_a_failing_compile_falls_back_to_eager_and_says_why(step):
     model, x, y = small_batch(step)
     fast, note = step.main.compiled(model, SimpleNamespace(compile=True, device=CPU, dtype="fp32"), x, y)
     assert fast is model and note == "compile failed (RuntimeError: no C++ compiler found); running eager"
