@@ -1,4 +1,4 @@
-# gpt2-steps. Every target works as the first command on a fresh clone: it makes .venv when missing.
+# gpt2-steps. Every target works as the first command on a fresh clone: those that need .venv make it first.
 #   make list              the steps and their lessons
 #   make step N=08         run a stage (ARGS="--max-steps 60 --device cpu" passes flags to it)
 #   make step N=16 NPROC=2 a stage on 2 processes (torchrun), from step 16 on

@@ -102,6 +102,12 @@ MISTAKES = [
             'return rearrange(idx != pad_id, "b s -> b 1 s 1")',
             ("test_padding_does_not_change_the_real_positions", "test_encoder_matches_torch_transformer_encoder"),
             "diary/04_encoder.md, The mistake to avoid"),
+    Mistake("target-not-shifted", "05", "the decoder's output at t scored on the token it read there, not the next one",
+            "__main__.py",
+            "return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD)",
+            "return F.cross_entropy(logits.flatten(0, 1), tgt[:, :-1].flatten(), ignore_index=PAD)",
+            ("test_training_reads_the_target_without_its_last_token_and_scores_each_position_on_the_next",),
+            "diary/05_decoder.md, The mistake to avoid"),
     Mistake("separate-output-matrix", "06", "the pre-softmax linear layer as a matrix of its own, not the shared "
             "embedding", "model.py",
             "self.out_proj.weight = self.encoder.embed.tok.weight",

@@ -10,7 +10,7 @@ runs): the run tests use `main_needs("evaluate")`, the steps whose run trains an
 `@pytest.mark.lacks("GPTConfig.padded_vocab_size")` leaves out the steps that define the name;
 `@pytest.mark.main_lacks("param_groups")` those whose __main__.py defines it.
 `@pytest.mark.per_model_file` marks a test of model.py alone: it runs once per distinct model.py, leaving out a
-step whose model.py is byte for byte the step before's (steps 11, 14 and 15 change only __main__.py). With
+step whose model.py is byte for byte the step before's (steps 11, 14, 15, 16 and 17 leave it as it was). With
 --step it runs on the step asked for.
 `@pytest.mark.check("shapes")` marks one of the four checks every step must have; test_coverage.py fails when a
 step has none of a kind. `pytest --step 03_feedforward` (or `make test N=03`) keeps one step's tests.

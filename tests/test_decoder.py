@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers.models.marian.modeling_marian import MarianDecoder
@@ -85,6 +86,22 @@ def test_decoder_output_at_t_ignores_later_targets(step, T, t):
     memory_mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
     torch.testing.assert_close(dec(tgt, memory, mask, memory_mask)[:, : t + 1],
                                dec(changed, memory, mask, memory_mask)[:, : t + 1])
+
+
+@pytest.mark.needs("Decoder")
+@pytest.mark.main_needs("loss_of")
+def test_training_reads_the_target_without_its_last_token_and_scores_each_position_on_the_next(step):
+    """Teacher forcing, as the step trains: the decoder reads tgt[:, :-1] (BOS first), and its output at t is scored
+    against tgt[:, t + 1]. A stand-in model that puts all its weight on that next token scores 0 only so."""
+    read = []
+
+    def next_token_model(src, tgt_in):
+        read.append(tgt_in)
+        return 100.0 * F.one_hot(TGT[:, 1:], 50).float()  # (B, T-1, vocab 50): certain of each next token
+
+    loss = step.main.loss_of(next_token_model, SRC, TGT)
+    assert torch.equal(read[0], TGT[:, :-1])
+    assert loss.item() < 1e-6  # 49 e^-100 per position; a target off by one position costs about 100
 
 
 @pytest.mark.needs("Decoder")
