@@ -50,7 +50,7 @@ def test_decoded_shards_give_back_every_document_in_order_each_after_one_end_of_
     prepare(sources["jsonl"], tmp_path)
     tokens = every_token(tmp_path)
     starts = np.flatnonzero(tokens == shards.EOT)
-    assert starts[0] == 0 and len(starts) == len(documents)  # encode_ordinary never makes 50256 itself
+    assert len(starts) == len(documents) and starts[0] == 0  # encode_ordinary never makes 50256 itself
     enc = data.gpt2_tokenizer()
     pieces = np.split(tokens, starts[1:])
     assert [enc.decode(p[1:].tolist()) for p in pieces] == documents

@@ -246,6 +246,7 @@ def join_process_group(args) -> None:
         args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # this machine's k-th GPU
         torch.cuda.set_device(args.device)
     backend = "nccl" if args.device.type == "cuda" else "gloo"
+    import torch._dynamo  # before the group exists: imported after it (AdamW does), it keeps the group alive at exit
     try:
         dist.init_process_group(backend, rank=args.rank, world_size=args.world,
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
