@@ -83,11 +83,11 @@ def test_two_ranks_read_disjoint_windows_whose_union_is_what_one_process_reads(s
 def test_the_gpt2_preset_is_build_nanogpts_10b_token_run(step):
     # build-nanogpt's train_gpt2.py: B=64, T=1024, 2^19 tokens a step for 19,073 steps (10B tokens, one epoch of its
     # FineWeb-Edu sample), lr 6e-4 warmed up over 715 steps and decayed to 10%; AdamW (0.9, 0.95), eps 1e-8, decay 0.1
-    # on the 2-D parameters, the gradient clipped at 1.0; validation every 250 steps over 20 batches of 64 windows
-    run = {k: v for k, v in step.main.PRESETS["gpt2"].items() if k not in ("eval_every", "save_every")}
-    assert run == dict(n_layer=12, n_head=12, n_embd=768, batch_size=64, seq_len=1024, total_batch_size=2**19, lr=6e-4,
-                       max_steps=19_073, warmup_steps=715, val_windows=20 * 64)
-    assert step.main.PRESETS["gpt2"]["eval_every"] == 250
+    # on the 2-D parameters, the gradient clipped at 1.0; validation every 250 steps over 20 batches of 64 windows, a
+    # checkpoint every 5,000
+    assert step.main.PRESETS["gpt2"] == dict(n_layer=12, n_head=12, n_embd=768, batch_size=64, seq_len=1024,
+                                             total_batch_size=2**19, lr=6e-4, max_steps=19_073, warmup_steps=715,
+                                             eval_every=250, save_every=5_000, val_windows=20 * 64)
     assert (step.main.BETAS, step.main.EPS, step.main.WEIGHT_DECAY, step.main.CLIP, step.main.MIN_LR) == \
         ((0.9, 0.95), 1e-8, 0.1, 1.0, 0.1)
 
@@ -103,7 +103,7 @@ def test_shards_as_build_nanogpts_fineweb_py_writes_them_are_read_as_they_are(st
     val, train = shards.shard_files(tmp_path)
     assert (val.name, [f.name for f in train]) == ("edufineweb_val_000000.npy",
                                                   ["edufineweb_train_000001.npy", "edufineweb_train_000002.npy"])
-    x, y = step.main.Loader(train, batch_size=24, seq_len=8, shuffle=False).next_batch()  # every window, in order
+    x, _ = step.main.Loader(train, batch_size=24, seq_len=8, shuffle=False).next_batch()  # every window, in order
     assert torch.equal(x.flatten(), torch.from_numpy(np.concatenate([t[:96] for t in tokens[1:]]).astype(np.int64)))
 
 
