@@ -8,6 +8,7 @@ bench (steps 10, 12, 15 and transformers' GPT-2, compiled) with the MFU against 
 runs/gpu-check.json. What the 8 minutes do not reach is reported as skipped. Without a CUDA device it says so in
 one line and exits 0.
 """
+import argparse
 import importlib
 import json
 import math
@@ -136,7 +137,7 @@ def summary(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="make gpu-check", description=__doc__.split("\n\n")[0], hint='make gpu-check '
                            'ARGS="--help"')
-    p.add_argument("--json", type=cli.out_file, default="runs/gpu-check.json", help="where the results go")
+    p.add_argument("--json", type=Path, default="runs/gpu-check.json", help="where the results go")
     p.add_argument("--tests-only", action="store_true", help="only the tests marked gpu (2.5 minutes at most)")
     args = p.parse_args(argv)
     import torch
@@ -146,6 +147,10 @@ def main(argv=None) -> int:
         print("make gpu-check: no CUDA device here (torch.cuda.is_available() is False)"
               + (", and the MPS device this has is not covered" if mps else "") + ": nothing to check")
         return 0
+    try:  # checked here, not by argparse: without a GPU nothing is written, not even runs/
+        cli.out_file(str(args.json))
+    except argparse.ArgumentTypeError as e:
+        p.error(f"argument --json: {e}")
     from shared.bench import trainer_steps
 
     card = torch.cuda.get_device_name(0)

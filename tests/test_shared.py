@@ -296,6 +296,24 @@ def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0():
         "make gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"]
 
 
+def test_gpu_check_without_a_gpu_writes_nothing_not_even_the_json_directory(tmp_path, monkeypatch):
+    from shared import gpu_check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--json", str(tmp_path / "runs" / "gpu-check.json")]) == 0
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gpu_check_on_a_gpu_refuses_an_unwritable_json_before_any_check(tmp_path, monkeypatch, capsys):
+    from shared import gpu_check
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the --json check comes before any GPU call
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--json", str(tmp_path / "a_file" / "gpu-check.json")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0] == (f"make gpu-check: error: argument --json: "
+                                                       f"{tmp_path / 'a_file'} is a file, not a directory")
+
+
 def test_a_gpu_check_that_runs_out_of_time_kills_the_processes_its_command_started(tmp_path):
     from shared import gpu_check
 
