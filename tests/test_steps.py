@@ -55,8 +55,9 @@ def forty(tmp_path_factory):
 
 @pytest.mark.check("loss")
 @pytest.mark.main_needs("evaluate")
-def test_a_40_iteration_run_cuts_the_loss_by_a_tenth(step, forty):
-    # on the step's own data: tiny shakespeare from step 07 on, the letter-reversal task in steps 05 and 06
+def test_a_40_iteration_run_cuts_the_loss_by_at_least_a_tenth(step, forty):
+    # on the step's own data: tiny shakespeare (characters in 01-04, GPT-2 tokens from 07 on), reversing letters in
+    # 05 and 06
     rows, printed, out, _ = forty(step)
     losses = [r["loss"] for r in rows]
     assert [r["iter"] for r in rows] == list(range(40))

@@ -254,12 +254,19 @@ def join_process_group(args) -> None:
         sys.exit(1)
 
 
+LAST_BARRIER = []  # leave_process_group's, kept to the end of the process
+
+
 def leave_process_group(args) -> None:
-    """Wait for every rank, then leave the group. While a rank waits, gloo's threads let go of the tensors of the last
-    exchange; one that does so after Python has begun to exit aborts the process ("terminate called ...")."""
+    """Wait for every rank, then leave the group. The barrier's work holds on to the tensors of the exchanges before
+    it; kept to the end of the process, it is never gloo's thread that lets go of them last. Freeing a tensor Python
+    knows needs the GIL, and the main thread holds the GIL while it waits for that thread to stop, when the group is
+    freed (here, or later by DDP, which holds it): a deadlock."""
     if args.world > 1:
-        dist.barrier(device_ids=[args.device.index] if args.device.type == "cuda" else None)
+        everyone = dist.barrier(async_op=True, device_ids=[args.device.index] if args.device.type == "cuda" else None)
+        everyone.wait()
         dist.destroy_process_group()
+        LAST_BARRIER.append(everyone)
 
 
 def only_rank_0_speaks(rank: int) -> None:
