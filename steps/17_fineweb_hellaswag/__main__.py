@@ -260,7 +260,7 @@ LAST_BARRIER = []  # leave_process_group's, kept to the end of the process
 def leave_process_group(args) -> None:
     """Wait for every rank, then leave the group. The barrier's work holds on to the tensors of the exchanges before
     it; kept to the end of the process, it is never gloo's thread that lets go of them last. Freeing a tensor Python
-    knows needs the GIL, and the main thread holds the GIL while it waits for that thread to stop, when the group is
+    made needs the GIL, and the main thread holds the GIL while it waits for that thread to stop, when the group is
     freed (here, or later by DDP, which holds it): a deadlock."""
     if args.world > 1:
         everyone = dist.barrier(async_op=True, device_ids=[args.device.index] if args.device.type == "cuda" else None)
