@@ -7,6 +7,7 @@ A part that cannot be made (no diary, no data to run the model on) is said on it
 """
 import argparse
 import contextlib
+import functools
 import html
 import importlib
 import io
@@ -110,12 +111,13 @@ def tests_by_step(proc: subprocess.Popen) -> tuple[dict[str, dict[str, list[str]
     found: dict[str, dict[str, list[str]]] = {}
     unstepped: dict[str, list[str]] = {}  # file -> its tests that take no step
     first: dict[str, str] = {}  # file -> the first step it tests
+    step_names = set(all_steps())
     for line in out.splitlines():
         path, sep, rest = line.partition("::")
         if not sep or not path.startswith("tests/"):
             continue
         name, _, params = rest.partition("[")
-        steps = sorted(set(params.rstrip("]").split("-")) & set(all_steps())) if params else []
+        steps = sorted(set(params.rstrip("]").split("-")) & step_names) if params else []
         if not steps and name not in unstepped.setdefault(path, []):
             unstepped[path].append(name)
         for step in steps:
@@ -171,13 +173,17 @@ def diff(prev: str, step: str) -> list[FileDiff]:
 
 def highlighted_lines(path: Path) -> list[str]:
     """The file's lines as highlighted HTML, one string a line (pygments closes its spans at each line's end)."""
-    text = path.read_text()
+    return list(highlighted(path.name, path.read_text()))
+
+
+@functools.cache  # a step's file is highlighted once, though two diffs show it: its own and the next step's
+def highlighted(name: str, text: str) -> tuple[str, ...]:
     try:
-        lexer = get_lexer_for_filename(path.name, stripnl=False, ensurenl=False)
+        lexer = get_lexer_for_filename(name, stripnl=False, ensurenl=False)
     except ClassNotFound:
         lexer = TextLexer(stripnl=False, ensurenl=False)
     lines = highlight(text, lexer, HtmlFormatter(nowrap=True)).split("\n")
-    return lines[:-1] if text.endswith("\n") else lines  # the last newline ends a line; it starts none
+    return tuple(lines[:-1] if text.endswith("\n") else lines)  # the last newline ends a line; it starts none
 
 
 def diff_html(prev: str, step: str) -> str:
@@ -334,11 +340,18 @@ def tests_html(step: str, tests: dict[str, list[str]], up: str, no_tests: str = 
     return "\n".join(parts)
 
 
-def mistakes_html(step: str, tests: set[str]) -> str:
+@functools.cache  # the same for every page: each mistake's steps, found once
+def mistakes_by_step() -> dict[str, list]:
     from shared.mistakes import MISTAKES
+
+    steps = {m.id: m.steps() for m in MISTAKES}
+    return {s: [m for m in MISTAKES if s in steps[m.id]] for s in all_steps()}
+
+
+def mistakes_html(step: str, tests: set[str]) -> str:
     from shared.steps import resolve
 
-    mine = [m for m in MISTAKES if step in m.steps()]
+    mine = mistakes_by_step().get(step, [])
     if not mine:
         return gap("No classic mistake is registered for this step (`make mistake` lists them all).")
     items = []

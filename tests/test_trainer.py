@@ -1,8 +1,10 @@
 """Step 10's lesson and every trainer after it (the steps whose __main__.py has a Loader): GPT-2's init, the data
 loader, checkpoints that resume exactly, Ctrl-C, and the trained model written as a GPT2LMHeadModel directory.
 The shared run tests (loss falls, same seed, the log) are in test_steps.py; bad input in test_bad_input.py."""
+import contextlib
 import errno
 import importlib
+import io
 import json
 import math
 import os
@@ -148,31 +150,47 @@ def interrupt_after(iteration, monkeypatch):
     monkeypatch.setattr(runlog.RunLog, "log", log_then_ctrl_c)
 
 
+SIX = ["--max-steps", "6", "--eval-every", "3"]
+
+
+@pytest.fixture(scope="session")
+def interrupted(tmp_path_factory):
+    """interrupted(step): a run of SIX stopped by Ctrl-C after iteration 3 (made once a step, read, never written):
+    its directory, its exit code and what it printed."""
+    runs = {}
+
+    def run_of(step):
+        if step.name not in runs:
+            out, printed = tmp_path_factory.mktemp(f"interrupted-{step.name}"), io.StringIO()
+            with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(printed), \
+                    contextlib.redirect_stderr(printed), pytest.raises(SystemExit) as exit:
+                interrupt_after(3, m)
+                run(step, out, *SIX)
+            runs[step.name] = out, exit.value.code, printed.getvalue()
+        return runs[step.name]
+
+    return run_of
+
+
 @pytest.mark.main_needs("Loader")
-def test_a_run_stopped_by_ctrl_c_and_resumed_logs_the_losses_of_one_run(step, tmp_path, monkeypatch, capsys):
-    args = ["--max-steps", "6", "--eval-every", "3"]
-    whole = run(step, tmp_path / "whole", *args)
-    with monkeypatch.context() as m:
-        interrupt_after(3, m)
-        with pytest.raises(SystemExit) as exit:
-            run(step, tmp_path / "split", *args)
-    said = capsys.readouterr().err
-    assert exit.value.code == 130 and "interrupted: 4 iterations done" in said and "--resume" in said
-    assert len(metrics(tmp_path / "split")[0]) == 4
-    resumed = run(step, tmp_path / "split", *args, "--resume", str(tmp_path / "split"))
+def test_a_run_stopped_by_ctrl_c_and_resumed_logs_the_losses_of_one_run(step, tmp_path, interrupted):
+    whole = run(step, tmp_path / "whole", *SIX)
+    stopped, code, said = interrupted(step)
+    assert code == 130 and "interrupted: 4 iterations done" in said and "--resume" in said
+    assert len(metrics(stopped)[0]) == 4
+    shutil.copytree(stopped, tmp_path / "split")  # resumed in a copy: the stopped run stays for the next test
+    resumed = run(step, tmp_path / "split", *SIX, "--resume", str(tmp_path / "split"))
     assert resumed == whole  # every training loss and every validation loss, digit for digit
 
 
 @pytest.mark.main_needs("Loader")
-def test_ctrl_c_leaves_the_loss_curve_so_far_and_a_summary_marked_interrupted(step, tmp_path, monkeypatch, capsys):
-    interrupt_after(3, monkeypatch)
-    with pytest.raises(SystemExit):
-        run(step, tmp_path, "--max-steps", "6", "--eval-every", "3")
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["interrupted"]["iters_done"] == 4 and f"--resume {tmp_path}" in summary["interrupted"]["resume"]
-    assert abs(summary["val_loss"] - metrics(tmp_path)[1][-1][1]) <= 1e-6  # the last one; metrics.jsonl rounds
-    assert "validation" in (tmp_path / "loss.svg").read_text()
-    assert f"loss curve: {tmp_path / 'loss.svg'}" in capsys.readouterr().out
+def test_ctrl_c_leaves_the_loss_curve_so_far_and_a_summary_marked_interrupted(step, interrupted):
+    stopped, _, said = interrupted(step)
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["interrupted"]["iters_done"] == 4 and f"--resume {stopped}" in summary["interrupted"]["resume"]
+    assert abs(summary["val_loss"] - metrics(stopped)[1][-1][1]) <= 1e-6  # the last one; metrics.jsonl rounds
+    assert "validation" in (stopped / "loss.svg").read_text()
+    assert f"loss curve: {stopped / 'loss.svg'}" in said
 
 
 def first_and_last_trainer():
