@@ -34,16 +34,20 @@ def run(step, out, *extra):
 
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory):
-    """finished(step, tmp_path): a copy, in tmp_path, of one finished 3-iteration run of the step (made once)."""
-    runs = {}
+    """finished(step, tmp_path): a copy, in tmp_path, of one finished 3-iteration run of the step (made once);
+    finished.printed[step.name]: what it printed (kept from the test that made it, whose capsys it is not)."""
+    runs, printed = {}, {}
 
     def copy_of(step, tmp_path):
         if step.name not in runs:
-            runs[step.name] = tmp_path_factory.mktemp(f"run-{step.name}")
-            run(step, runs[step.name], "--max-steps", "3", "--eval-every", "2", "--lr", "1e-3")
+            runs[step.name], said = tmp_path_factory.mktemp(f"run-{step.name}"), io.StringIO()
+            with contextlib.redirect_stdout(said):
+                run(step, runs[step.name], "--max-steps", "3", "--eval-every", "2", "--lr", "1e-3")
+            printed[step.name] = said.getvalue()
         shutil.copytree(runs[step.name], tmp_path, dirs_exist_ok=True)
         return tmp_path
 
+    copy_of.printed = printed
     return copy_of
 
 
@@ -358,14 +362,13 @@ def test_save_pretrained_files_are_readable_as_the_umask_allows(step, tmp_path):
 
 
 @pytest.mark.main_needs("Loader")
-def test_a_finished_run_leaves_metrics_a_checkpoint_and_the_model(step, tmp_path, capsys):
-    losses, vals = run(step, tmp_path, "--max-steps", "3", "--eval-every", "2")
+def test_a_finished_run_leaves_metrics_a_checkpoint_and_the_model(step, tmp_path, finished):
+    losses, vals = metrics(finished(step, tmp_path))  # --max-steps 3 --eval-every 2
     assert [i for i, _ in losses] == [0, 1, 2] and [i for i, _ in vals] == [1, 2]
     written = {p.name for p in tmp_path.iterdir()}
     assert {"metrics.jsonl", "summary.json", "loss.svg", checkpoint.NAME, "model"} <= written
     assert "validation" in (tmp_path / "loss.svg").read_text()  # both curves in the picture
-    out = capsys.readouterr().out
-    assert "preset tiny" in out and "ROMEO:" in out  # the header, and a sample at the end
+    assert "preset tiny" in finished.printed[step.name] and "ROMEO:" in finished.printed[step.name]  # header, sample
 
 
 @pytest.mark.first_and_last
