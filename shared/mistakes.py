@@ -314,8 +314,9 @@ def make(mistake: Mistake, root: Path, step: str) -> str:
     return "".join(diff)
 
 
-def run_tests(root: Path, mistake: Mistake, steps: list[str] | None) -> list[tuple]:
-    """Runs the mistake's tests in the copy, as pytest reports them."""
+def run_tests(root: Path, mistake: Mistake, step: str | None) -> list[tuple]:
+    """Runs the mistake's tests in the copy, on one step or on all, as pytest reports them. The tests of a mistake
+    in shared/ code name no step: they run whatever the step."""
     from shared import data
 
     report = root / "report.xml"
@@ -323,8 +324,8 @@ def run_tests(root: Path, mistake: Mistake, steps: list[str] | None) -> list[tup
                    if any(f"def {name}(" in f.read_text() for name in mistake.tests))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", " or ".join(mistake.tests),
            f"--junitxml={report}", "-o", "junit_family=xunit1", "--tb=no", *files]
-    if steps and len(steps) == 1:
-        cmd += ["--step", steps[0]]
+    if step and not mistake.file.startswith("shared/"):
+        cmd += ["--step", step]
     env = {**os.environ, "GPT2STEPS_DATA": str(data.data_dir()), "PYTHONDONTWRITEBYTECODE": "1",
            "GPT2STEPS_EVERY_STEP": "1"}  # no test left to the first and last step alone: the mistake is in all
     subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -372,7 +373,7 @@ def show(mistake: Mistake, step: str) -> int:
         print(f"{mistake.id}: {mistake.what}. Made in a temporary copy of step {step}; steps/ is untouched:\n")
         print(make(mistake, root, step))
         print(f"running the tests named for it on step {step} ...", flush=True)
-        results = on(run_tests(root, mistake, [step]), step, mistake)
+        results = on(run_tests(root, mistake, step), step, mistake)
     if not results:
         print(f"none of its tests runs on step {step}")
         return 1
@@ -394,7 +395,7 @@ def check() -> int:
             root = copy_project(Path(tmp))
             for step in steps:
                 make(mistake, root, step)
-            results = run_tests(root, mistake, steps if mistake.file.startswith("shared/") else None)
+            results = run_tests(root, mistake, None)
         for step in steps:
             ran = on(results, step, mistake)
             if not ran:
