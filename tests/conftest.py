@@ -191,30 +191,23 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("step", chosen, ids=[s.name for s in chosen])
 
 
-def steps_named(item) -> set[str]:
-    """The steps in a collected test's parameters (its `step`, or a step's name it is parametrized by)."""
-    return set(item.callspec.id.split("-")) & set(all_steps()) if hasattr(item, "callspec") else set()
-
-
 def first_step_of_each_file(items) -> dict[Path, str]:
-    """file -> the first step its tests run on when no step is chosen (a test that takes a step: the steps its marks
-    pick; one parametrized by step names: those)."""
-    first, seen = {}, {}
+    """file -> the first step its tests run on when no step is chosen (the steps their marks pick)."""
+    first, seen = {}, set()
     for i in items:
-        key = (i.path, i.originalname)
-        if key not in seen:
-            seen[key] = ([s.name for s in steps_for(list(i.iter_markers()))] if "step" in i.fixturenames else [])
-        for name in [*seen[key], *steps_named(i)]:
-            first[i.path] = min(first.get(i.path, name), name)
+        if "step" in i.fixturenames and (i.path, i.originalname) not in seen:
+            seen.add((i.path, i.originalname))
+            for s in steps_for(list(i.iter_markers()))[:1]:
+                first[i.path] = min(first.get(i.path, s.name), s.name)
     return first
 
 
 def pytest_collection_modifyitems(config, items):
     """A test that applies to none of the selected steps is left out, not reported as skipped; so is a gpu test
     where there is no CUDA device (make gpu-check runs them where there is one). With --step (make test N=..), a
-    test parametrized by step names stays on those steps, and one that names no step (a test of shared code) stays
-    with the first step its file tests, as the book's pages list them; the tests of the project's tools (the bench,
-    the book, make data, make mistake) run in the whole suite only."""
+    test that takes no step (a test of shared code) stays only with the first step its file tests, as the book's
+    pages list it; the tests of the project's tools (the bench, the book, make data, make mistake) run in the whole
+    suite only."""
     step = config.getoption("--step")
     first = first_step_of_each_file(items) if step else {}
 
@@ -223,9 +216,7 @@ def pytest_collection_modifyitems(config, items):
             return True
         if i.get_closest_marker("gpu") and not torch.cuda.is_available():
             return True
-        if step and "step" not in i.fixturenames:
-            return step not in steps_named(i) if steps_named(i) else first.get(i.path) != step
-        return False
+        return bool(step) and "step" not in i.fixturenames and first.get(i.path) != step
 
     empty = [i for i in items if left_out(i)]
     if empty:

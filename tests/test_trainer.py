@@ -20,7 +20,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from shared import checkpoint, runlog
-from tests.conftest import small_run_flags, steps_for, token_loader
+from tests.conftest import small_run_flags, token_loader
 
 RUN = ["--device", "cpu", "--seed", "0"]
 pytestmark = pytest.mark.usefixtures("first_twentieth_of_the_corpus")
@@ -197,16 +197,11 @@ def test_ctrl_c_leaves_the_loss_curve_so_far_and_a_summary_marked_interrupted(st
     assert f"loss curve: {stopped / 'loss.svg'}" in said
 
 
-def first_and_last_trainer():
-    trainers = steps_for([pytest.mark.main_needs("Loader").mark])
-    return sorted({trainers[0].name, trainers[-1].name}) if trainers else []
-
-
 # A real terminal, a real process: run on the first trainer and the newest (the signal handling is the same code in
 # every trainer, as make diff shows; the in-process test above runs on each of them).
-@pytest.mark.parametrize("name", first_and_last_trainer())
-def test_ctrl_c_in_a_terminal_saves_a_checkpoint_and_prints_how_to_resume(name, tmp_path):
-    step = next(s for s in steps_for([pytest.mark.main_needs("Loader").mark]) if s.name == name)
+@pytest.mark.main_needs("Loader")
+@pytest.mark.first_and_last
+def test_ctrl_c_in_a_terminal_saves_a_checkpoint_and_prints_how_to_resume(step, tmp_path):
     cmd = [sys.executable, "-m", f"steps.{step.name}", *RUN, *small_run_flags(step), "--max-steps", "100000",
            "--log-every", "1", "--out", str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
