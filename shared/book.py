@@ -333,8 +333,9 @@ def tests_html(step: str, tests: dict[str, list[str]], up: str, no_tests: str = 
         return gap(f"{no_tests[0].upper()}{no_tests[1:]}." if no_tests else "No test of the suite runs on this step.")
     parts = [f"<p>The tests that check this step: {sum(map(len, tests.values()))} in {len(tests)} files, one "
              "name for all of a test's cases (with the tests of the shared code this step brought). "
-             f"<code>make test N={step[:2]}</code> runs these; the tests of the project's tools (the bench, the book, "
-             "make data, make mistake) run in the whole <code>make test</code>.</p>"]
+             f"<code>make test N={step[:2]}</code> runs these; the files that test no step (the bench's, the book's, "
+             "make data's, make mistake's, the shared helpers', the suite's own coverage) run in the whole "
+             "<code>make test</code>.</p>"]
     for path, names in sorted(tests.items()):
         items = "".join(f'<li id="{n}"><code>{n.replace("_", "_<wbr>")}</code></li>' for n in names)
         parts.append(f'<h3 class="file"><a href="{up}/{path}">{path}</a></h3><ul class="tests">{items}</ul>')

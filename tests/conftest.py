@@ -10,11 +10,13 @@ runs): the run tests use `main_needs("evaluate")`, the steps whose run trains an
 `@pytest.mark.lacks("GPTConfig.padded_vocab_size")` leaves out the steps that define the name;
 `@pytest.mark.main_lacks("param_groups")` those whose __main__.py defines it.
 `@pytest.mark.per_model_file` marks a test of model.py alone: it runs once per distinct model.py, leaving out a
-step whose model.py is byte for byte the step before's (steps 11, 14, 15, 16 and 17 leave it as it was). With
---step it runs on the step asked for.
+step whose model.py is byte for byte the step before's (steps 11, 14, 15, 16 and 17 leave it as it was).
+`@pytest.mark.first_and_last` and `@pytest.mark.newest` keep a slow test to the first and newest of its steps, or to
+the newest. With --step, each of these three runs on the step asked for.
 `@pytest.mark.check("shapes")` marks one of the four checks every step must have; test_coverage.py fails when a
-step has none of a kind. `pytest --step 03_feedforward` (or `make test N=03`) keeps one step's tests.
+step has none of a kind. `pytest --step 03` (or 3, 03_feedforward, `make test N=03`) keeps one step's tests.
 """
+import functools
 import importlib
 import inspect
 import os
@@ -30,7 +32,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from shared.steps import STEPS_DIR, all_steps
+from shared.steps import STEPS_DIR, all_steps, resolve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never need the hub
 # `make test N=03` puts N (and MAKEFLAGS, which carries it) in the environment: a make a test starts must not see it
@@ -61,7 +63,16 @@ def pytest_addoption(parser):
 CHECKS = ("shapes", "parameters", "reference", "loss")  # the four checks every step must have (see test_coverage)
 
 
+def chosen_step(given: str | None) -> str | None:
+    """--step 3, 03 or 03_feedforward -> '03_feedforward'; an unknown step stops pytest with one line."""
+    try:
+        return None if given is None else resolve(given)
+    except ValueError as e:
+        raise pytest.UsageError(f"--step: {e}; the steps: {', '.join(all_steps())}") from None
+
+
 def pytest_configure(config):
+    config.option.step = chosen_step(config.option.step)
     config.addinivalue_line("markers", "needs(*names): run on every step whose model.py defines these names")
     config.addinivalue_line("markers", "main_needs(*names): run on every step whose __main__.py defines these")
     config.addinivalue_line("markers", "main_mentions(*texts): run on every step whose __main__.py has these texts")
@@ -178,7 +189,7 @@ def pytest_generate_tests(metafunc):
     if "step" not in metafunc.fixturenames:
         return
     chosen = steps_for(list(metafunc.definition.iter_markers()), metafunc.config.getoption("--step"))
-    if os.environ.get("GPT2STEPS_EVERY_STEP"):  # make mistake --check: a mistake changes the steps in between too
+    if os.environ.get("GPT2STEPS_EVERY_STEP"):  # make mistake (its tests), make book (its list): every step
         marked = lambda name: False
     else:
         marked = metafunc.definition.get_closest_marker
@@ -191,32 +202,34 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("step", chosen, ids=[s.name for s in chosen])
 
 
-def first_step_of_each_file(items) -> dict[Path, str]:
-    """file -> the first step its tests run on when no step is chosen (the steps their marks pick)."""
-    first, seen = {}, set()
-    for i in items:
-        if "step" in i.fixturenames and (i.path, i.originalname) not in seen:
-            seen.add((i.path, i.originalname))
-            for s in steps_for(list(i.iter_markers()))[:1]:
-                first[i.path] = min(first.get(i.path, s.name), s.name)
-    return first
+def step_tests(module: ModuleType) -> dict[str, list]:
+    """A test module's tests that take a step: name -> their marks and the module's."""
+    module_marks = getattr(module, "pytestmark", [])
+    module_marks = [getattr(m, "mark", m) for m in (module_marks if isinstance(module_marks, list) else [module_marks])]
+    return {name: [*getattr(fn, "pytestmark", []), *module_marks] for name, fn in vars(module).items()
+            if name.startswith("test_") and callable(fn) and "step" in inspect.signature(fn).parameters}
+
+
+@functools.cache
+def first_step_of(module: ModuleType) -> str | None:
+    """The first step a test module's tests run on when no step is chosen (the steps their marks pick)."""
+    return min((steps[0].name for marks in step_tests(module).values() if (steps := steps_for(marks))), default=None)
 
 
 def pytest_collection_modifyitems(config, items):
     """A test that applies to none of the selected steps is left out, not reported as skipped; so is a gpu test
     where there is no CUDA device (make gpu-check runs them where there is one). With --step (make test N=..), a
     test that takes no step (a test of shared code) stays only with the first step its file tests, as the book's
-    pages list it; the tests of the project's tools (the bench, the book, make data, make mistake) run in the whole
-    suite only."""
+    pages list it; the files with no test of a step (the bench's, the book's, make data's, make mistake's, the
+    shared helpers' and this suite's own coverage checks) run in the whole suite only."""
     step = config.getoption("--step")
-    first = first_step_of_each_file(items) if step else {}
 
     def left_out(i) -> bool:
         if any(m.kwargs.get("reason", "").startswith("got empty parameter set") for m in i.iter_markers("skip")):
             return True
         if i.get_closest_marker("gpu") and not torch.cuda.is_available():
             return True
-        return bool(step) and "step" not in i.fixturenames and first.get(i.path) != step
+        return bool(step) and "step" not in i.fixturenames and first_step_of(i.module) != step
 
     empty = [i for i in items if left_out(i)]
     if empty:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from shared.steps import ROOT, all_steps
+from tests import conftest
 from tests.conftest import CHECKS, steps_for
 
 
@@ -43,13 +44,8 @@ def test_renaming_a_part_of_a_step_is_reported(monkeypatch):
 def step_tests():
     """(file::test, its marks and its module's) for every test that takes a step."""
     for path in sorted(Path(__file__).parent.glob("test_*.py")):
-        module = importlib.import_module(f"tests.{path.stem}")
-        module_marks = getattr(module, "pytestmark", [])
-        module_marks = module_marks if isinstance(module_marks, list) else [module_marks]
-        for name, fn in vars(module).items():
-            if name.startswith("test_") and callable(fn) and "step" in inspect.signature(fn).parameters:
-                marks = [*getattr(fn, "pytestmark", []), *(getattr(m, "mark", m) for m in module_marks)]
-                yield f"{path.name}::{name}", marks
+        for name, marks in conftest.step_tests(importlib.import_module(f"tests.{path.stem}")).items():
+            yield f"{path.name}::{name}", marks
 
 
 def test_every_test_of_a_step_runs_on_some_step():
@@ -67,13 +63,27 @@ def test_a_rename_that_leaves_a_test_no_step_is_reported(monkeypatch):
 
 def test_one_stages_tests_are_its_own_and_the_shared_code_tests_of_its_files():
     """make test N=11 keeps the tests that run on step 11 and the tests of shared code in the files whose first step
-    is 11 (bf16's detection, in test_mixed_precision.py), as the book's page 11 lists them; none of the project's
-    tools' (test_shared.py here; the bench, the book, make data and make mistake alike). Two files: quick to collect."""
-    r = subprocess.run([sys.executable, "-m", "pytest", "--step", "11_mixed_precision", "--collect-only", "-q", "-o",
-                        "addopts=", "-p", "no:cacheprovider", "tests/test_mixed_precision.py", "tests/test_shared.py"],
+    is 11 (bf16's detection, in test_mixed_precision.py), as the book's page 11 lists them, even asked for by name
+    alone; none of a file with no test of a step (test_shared.py here; the bench's, the book's, make data's, make
+    mistake's alike). Three files, two of them one test: quick to collect."""
+    bf16 = "tests/test_mixed_precision.py::test_bf16_is_native_on_a_gpu_of_compute_capability_8_or_newer"
+    stepped = "tests/test_steps.py::test_help_lists_max_steps_device_seed_out"
+    r = subprocess.run([sys.executable, "-m", "pytest", "--step", "11", "--collect-only", "-q", "-o", "addopts=",
+                        "-p", "no:cacheprovider", "tests/test_shared.py", bf16, stepped],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     ids = [line for line in r.stdout.splitlines() if "::" in line]
-    assert r.returncode == 0 and ids, r.stdout + r.stderr
-    assert all(i.startswith("tests/test_mixed_precision.py::") for i in ids)
-    assert any("::test_bf16_is_native_on_a_gpu_of_compute_capability_8_or_newer[" in i for i in ids)  # no step
-    assert any(i.endswith("[11_mixed_precision]") for i in ids)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not [i for i in ids if i.startswith("tests/test_shared.py::")]
+    assert len([i for i in ids if i.startswith(bf16 + "[")]) == 4  # its four GPUs; it takes no step
+    assert f"{stepped}[11_mixed_precision]" in ids  # --step 11 is 11_mixed_precision
+
+
+@pytest.mark.parametrize("given, chosen", [("3", "03_feedforward"), ("03", "03_feedforward"),
+                                           ("03_feedforward", "03_feedforward"), (None, None)])
+def test_step_takes_a_number_or_a_name(given, chosen):
+    assert conftest.chosen_step(given) == chosen
+
+
+def test_an_unknown_step_stops_pytest_with_one_line_naming_the_steps():
+    with pytest.raises(pytest.UsageError, match=r"--step: unknown step '99'; the steps: 01_embedding, "):
+        conftest.chosen_step("99")
