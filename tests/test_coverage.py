@@ -2,7 +2,6 @@
 would quietly deselect a step's tests; these tests fail instead, naming the step and the missing kind, or the
 test that no step is left for."""
 import importlib
-import inspect
 import subprocess
 import sys
 from pathlib import Path
