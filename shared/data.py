@@ -31,6 +31,13 @@ def data_dir() -> Path:
     return Path(os.environ.get("GPT2STEPS_DATA", "data"))
 
 
+def not_in_data_dir(name: str) -> str:
+    """'NAME is not in DIR/', saying so when DIR is itself missing or a file: a mistyped $GPT2STEPS_DATA."""
+    where = data_dir()
+    state = "" if where.is_dir() else " (a file, not a directory)" if where.exists() else " (no such directory)"
+    return f"{name} is not in {where}/{state}"
+
+
 def fetch(name: str) -> bytes:
     """The contents of a data file, downloaded on first use and checked against its sha256 on every use.
 
@@ -64,7 +71,7 @@ def download(name: str, url: str, sha256: str, path: Path) -> None:
         tmp.replace(path)  # atomic: a half-written file never has the real name
     except (OSError, http.client.HTTPException) as e:  # IncompleteRead, a connection cut mid-file, is not an OSError
         sys.exit(
-            f"error: {name} is not in {data_dir()}/ and could not be downloaded ({e}).\n"
+            f"error: {not_in_data_dir(name)} and could not be downloaded ({e}).\n"
             f"Download {url}\nand save it as {path}, or set GPT2STEPS_DATA to a directory that holds {name}."
         )
 
@@ -114,10 +121,11 @@ def split(ids: torch.Tensor, block_size: int, flag: str = "--block-size",
     does not fit in one of them."""
     n = int(len(ids) * (1 - val_fraction))
     train, val = ids[:n], ids[n:]
+    longest = min(len(train), len(val)) - 1  # a window that fits both splits
     for name, part in ("training", train), ("validation", val):
         if len(part) <= block_size:
             sys.exit(f"error: {flag} {block_size} does not fit the {name} split: a window needs "
-                     f"{block_size + 1} ids and the split has {len(part):,} (use {flag} {len(part) - 1} or less)")
+                     f"{block_size + 1} ids and the split has {len(part):,} (use {flag} {longest} or less)")
     return train, val
 
 

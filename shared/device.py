@@ -1,5 +1,8 @@
 """Pick the device: auto = cuda, else mps, else cpu. An unavailable choice exits with a message.
-Also: whether the device computes in bf16 natively, which decides what `--dtype auto` means."""
+Also: whether the device computes in bf16 natively, which decides what `--dtype auto` means, and running out of
+its memory as one line instead of a traceback."""
+import functools
+import re
 import sys
 from pathlib import Path
 
@@ -40,3 +43,23 @@ def bf16_native(device: torch.device) -> tuple[bool, str]:
             return True, f"this CPU has {' and '.join(found)}"
         return False, "this CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated, and slower than fp32"
     return False, f"bf16 autocast is not chosen automatically on {device.type}"
+
+
+def explain_out_of_memory(main):
+    """main, with torch running out of memory (the CPU's allocator, CUDA or MPS) said in one line, exit 1."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except RuntimeError as e:
+            if not (isinstance(e, torch.OutOfMemoryError) or re.search(r"can't allocate memory|out of memory", str(e))):
+                raise
+            size = re.search(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]i?B)", str(e), re.IGNORECASE)  # torch's words
+            if size and size[2] == "bytes":  # the CPU's allocator counts bytes; CUDA and MPS say MiB, GiB, GB
+                what = f"a tensor of {int(size[1]) / 2**30:,.1f} GiB"
+            else:
+                what = f"a tensor of {size[1]} {size[2]}" if size else "a tensor"
+            sys.exit(f"error: out of memory: {what} did not fit. Make the run smaller: a smaller --batch-size "
+                     "first, then a shorter window or a smaller model")
+    return run
+

@@ -3,6 +3,7 @@ import fcntl
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ class RunLog:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = rows_before(self.out / "metrics.jsonl", start) if start else []
+        self.kept = len(self.rows)  # rows of an earlier run, not timed by this one
         self.file = open(self.out / "metrics.jsonl", "a")  # not "w": emptied only once this run holds the lock
         try:  # one run at a time in a directory; the lock goes when the file is closed or the process ends
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,6 +113,10 @@ class RunLog:
             prefix, name, value = self.baseline
             below = (prefix, {k: [(r["iter"], r[f"{prefix}_{k}"]) for r in acc] for k in ("acc", "acc_norm")}
                      | {f"{name}: acc_norm {value}": [(acc[0]["iter"], value), (acc[-1]["iter"], value)]})
+        if timed := [r for r in self.rows[self.kept:] if "ms" in r]:  # this run's iterations, not the evaluations
+            ms, tok = statistics.median(r["ms"] for r in timed), [r["tok_per_s"] for r in timed if "tok_per_s" in r]
+            print(f"speed: median {ms:.2f} ms an iteration" + (f", {statistics.median(tok):,.0f} tok/s" if tok else "")
+                  + f" over this run's {len(timed)} iterations; {clock(time.perf_counter() - self.start)} in all")
         drawn = len(curves["train"]) > 1  # a curve needs two points
         if drawn:
             (self.out / "loss.svg").write_text(loss_svg(curves, below=below))

@@ -9,6 +9,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tests.conftest import data_dir_copy, mentions, small_run_flags
@@ -195,6 +196,21 @@ def test_a_config_whose_heads_do_not_divide_n_embd_is_refused(step, saved, tmp_p
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"n_head": 5}))
     refuses(step, ["--model", str(tmp_path)], capsys, "n_embd 32 is not divisible by n_head 5")
+
+
+# ---- every step's command
+
+def more_memory_than_any_machine_has(*args, **kwargs):
+    torch.empty(2**58, dtype=torch.uint8)  # 256 PiB, beyond any address space: torch's CPU allocator refuses it
+
+
+def test_running_out_of_memory_is_one_line_naming_the_tensor_and_the_flag_to_lower(step, tmp_path, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(torch.nn.Embedding, "forward", more_memory_than_any_machine_has)  # every step embeds tokens
+    generates = hasattr(step.main, "stream")  # step 09 only generates; every other step trains
+    run = ["--model", "random"] if generates else [*FAST, *small_run_flags(step), "--out", str(tmp_path / "run")]
+    refuses(step, run, capsys, "error: out of memory: a tensor of 268,435,456.0 GiB did not fit",
+            "a smaller --batch-size")
 
 
 # ---- as a learner types it: through make, in a terminal

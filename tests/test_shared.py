@@ -66,6 +66,17 @@ def test_missing_data_file_offline_says_what_to_put_where(tmp_path, monkeypatch)
     assert "tinyshakespeare.txt" in message and str(tmp_path) in message and "GPT2STEPS_DATA" in message
 
 
+@pytest.mark.parametrize("typo, said", [("no-such-dir", "(no such directory)"),
+                                        ("a-file", "(a file, not a directory)")])
+def test_a_data_directory_that_is_missing_or_a_file_is_named_as_such(tmp_path, monkeypatch, typo, said):
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path / typo))
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(SystemExit) as exit:
+        data.shakespeare()
+    assert str(exit.value.code).startswith(f"error: tinyshakespeare.txt is not in {tmp_path / typo}/ {said}")
+
+
 class Response:
     """What urlopen returns, as a context manager; read() gives what `read` gives (or raises)."""
 
@@ -154,6 +165,13 @@ def test_a_window_longer_than_a_split_is_refused_with_the_longest_that_fits():
     assert len(train) == 90 and len(val) == 10
 
 
+def test_a_window_longer_than_both_splits_is_refused_with_the_longest_that_fits_both():
+    with pytest.raises(SystemExit) as exit:
+        data.split(torch.arange(100), block_size=500)  # the training split is named first, but 89 would not fit
+    assert "--block-size 500 does not fit the training split" in str(exit.value.code)
+    assert "--block-size 9 or less" in str(exit.value.code)
+
+
 def test_unavailable_device_exits_with_a_message():
     for name in ("cuda", "mps"):
         available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[name]
@@ -161,6 +179,26 @@ def test_unavailable_device_exits_with_a_message():
             with pytest.raises(SystemExit, match=f"--device {name} is not available"):
                 device.pick(name)
     assert device.pick("cpu") == torch.device("cpu")
+
+
+def raises(error):
+    @device.explain_out_of_memory
+    def main():
+        raise error
+    return main
+
+
+def test_a_cuda_out_of_memory_is_one_line_with_the_size_torch_gave():
+    main = raises(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 3.12 GiB is free."))  # CUDA's words in torch 2
+    with pytest.raises(SystemExit) as exit:
+        main()
+    assert str(exit.value.code).startswith("error: out of memory: a tensor of 20.00 GiB did not fit.")
+
+
+def test_any_other_runtime_error_is_not_called_out_of_memory():
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        raises(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))()
 
 
 def test_run_log_writes_metrics_summary_and_a_loss_curve(tmp_path, capsys):
@@ -225,6 +263,21 @@ def test_a_resumed_run_log_keeps_the_rows_before_a_line_cut_off_by_a_crash(tmp_p
     log = runlog.RunLog(tmp_path, total=10, start=3)
     assert [r["iter"] for r in log.rows] == [0, 1]
     assert "metrics.jsonl, line 3, is damaged: the log keeps the 2 rows before it" in capsys.readouterr().out
+
+
+def test_run_log_ends_with_the_median_speed_of_this_runs_iterations_only(tmp_path, capsys, monkeypatch):
+    earlier = [{"iter": i, "loss": 1.0, "lr": 0.1, "ms": 1000.0, "tok_per_s": 100} for i in range(3)]  # a slow run
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier))
+    clock = iter([0.0, 0.010, 0.040, 0.070, 0.080, 5.0])  # start, 3 (10 ms), evaluation, 4 (30 ms), 5 (10 ms), end
+    monkeypatch.setattr(runlog, "time", argparse.Namespace(perf_counter=lambda: next(clock)))
+    log = runlog.RunLog(tmp_path, total=100, every=1000, start=3)
+    log.log(3, 1.0, 0.1, tokens=100)
+    log.log_val(3, 1.0)  # not an iteration: no ms, and its time is not the next iteration's
+    log.log(4, 1.0, 0.1, tokens=100)
+    log.log(5, 1.0, 0.1, tokens=100)
+    log.close()
+    assert ("speed: median 10.00 ms an iteration, 10,000 tok/s over this run's 3 iterations; 0:05 in all"
+            in capsys.readouterr().out)
 
 
 def test_run_log_summary_is_valid_json_whatever_the_values(tmp_path):

@@ -40,6 +40,7 @@ def evaluate(model, ids, args) -> float:
     return total / count
 
 
+@device.explain_out_of_memory
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=300)
     p.add_argument("--batch-size", type=cli.positive_int, default=32, help="windows per batch")

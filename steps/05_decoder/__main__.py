@@ -69,6 +69,7 @@ def evaluate(model, args, words: int = 1000) -> float:
     return total / count
 
 
+@device.explain_out_of_memory
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=600)
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="words per batch")

@@ -51,6 +51,7 @@ def evaluate(model, args, words: int = 1000) -> float:
     return total / count
 
 
+@device.explain_out_of_memory
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=600)
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="words per batch")
@@ -62,7 +63,7 @@ def main(argv=None):
     p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
     p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--size", default="auto", choices=["auto", "small", "base"],
-                   help="base = the paper's base model (the sizes above are then ignored); auto = base on a "
+                   help="base = the paper's base model (the sizes above are then ignored); auto = base on a CUDA "
                    "GPU, small elsewhere")
     args = p.parse_args(argv)
     if args.d_model % args.n_heads:

@@ -31,6 +31,7 @@ def evaluate(model, ids, args) -> float:
     return total / count
 
 
+@device.explain_out_of_memory
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=1000)
     p.add_argument("--batch-size", type=cli.positive_int, default=4, help="windows per batch")
@@ -43,7 +44,7 @@ def main(argv=None):
     p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=40, help="tokens to write after each prompt")
     p.add_argument("--size", default="auto", choices=["auto", "small", "base"],
-                   help="base = the paper's base sizes (the sizes above are then ignored); auto = base on a "
+                   help="base = the paper's base sizes (the sizes above are then ignored); auto = base on a CUDA "
                    "GPU, small elsewhere")
     args = p.parse_args(argv)
     if args.d_model % args.n_heads:

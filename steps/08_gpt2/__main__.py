@@ -30,6 +30,7 @@ def evaluate(model, ids, args) -> float:
     return total / count
 
 
+@device.explain_out_of_memory
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=1000)
     p.add_argument("--batch-size", type=cli.positive_int, default=4, help="windows per batch")
@@ -41,7 +42,7 @@ def main(argv=None):
     p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=40, help="tokens to write after each prompt")
     p.add_argument("--size", default="auto", choices=["auto", "small", "124M"],
-                   help="124M = GPT-2 small (the sizes above are then ignored); auto = 124M on a "
+                   help="124M = GPT-2 small (the sizes above are then ignored); auto = 124M on a CUDA "
                    "GPU, small elsewhere")
     args = p.parse_args(argv)
     if args.n_embd % args.n_head:

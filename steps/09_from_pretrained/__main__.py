@@ -17,6 +17,7 @@ STEP = "09_from_pretrained"
 temperature = cli.checked(float, lambda v: 0.01 <= v <= 100, "a temperature from 0.01 to 100")
 
 
+@device.explain_out_of_memory
 def main(argv=None):
     p = cli.ArgumentParser(prog=f"python -m steps.{STEP}", description=__doc__,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,

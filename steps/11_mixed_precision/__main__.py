@@ -105,6 +105,7 @@ def rng_states() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+@device.explain_out_of_memory
 def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=PRESETS["tiny"]["max_steps"])
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="sizes and batch: tiny (minutes on a "

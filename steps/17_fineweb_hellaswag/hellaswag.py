@@ -33,7 +33,7 @@ def val_file() -> Path:
             with urllib.request.urlopen(URL, timeout=30) as r:
                 blob = r.read()
         except (OSError, http.client.HTTPException) as e:  # HTTPException: a connection cut mid-file (IncompleteRead)
-            sys.exit(f"error: hellaswag_val.jsonl is not in {data.data_dir()}/ and could not be downloaded ({e}).\n"
+            sys.exit(f"error: {data.not_in_data_dir('hellaswag_val.jsonl')} and could not be downloaded ({e}).\n"
                      f"Download {URL}\nand save it as {path}, or give a file: --hellaswag FILE.")
         path.parent.mkdir(parents=True, exist_ok=True)
         for target, content in (record, hashlib.sha256(blob).hexdigest().encode() + b"\n"), (path, blob):
