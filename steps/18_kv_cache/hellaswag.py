@@ -1,7 +1,8 @@
-"""HellaSwag (Zellers et al., 2019), scored completion style as GPT-2's and GPT-3's evaluations do: each item is a
-context and 4 endings; the model reads context + ending for each, and the ending it finds most likely (the lowest
-loss over the ending's tokens) is its answer. acc compares the summed losses, acc_norm the losses per token (which
-does not favour short endings). GPT-2 124M: acc 0.2859, acc_norm 0.2955 on the 10,042 validation items; chance: 0.25.
+"""HellaSwag (Zellers et al., 2019), scored completion style, as in GPT-3's paper and llm.c's GPT-2 numbers: each
+item is a context and 4 endings; the model reads context + ending for each, and the ending it finds most likely
+(the lowest loss over the ending's tokens) is its answer. acc compares the summed losses, acc_norm the losses per
+token (which does not favour short endings). GPT-2 124M: acc 0.2859, acc_norm 0.2955 on the 10,042 validation
+items; chance: 0.25.
 """
 import hashlib
 import http.client
