@@ -2,6 +2,7 @@
 speeds are what `make bench` measures, on the machine it runs on."""
 import argparse
 import json
+import mmap
 import os
 import re
 import subprocess
@@ -296,6 +297,14 @@ def test_a_steps_worker_leaves_its_clocks_ticks_out_of_its_iterations_ms(steps_w
 def test_a_steps_worker_on_a_cpu_counts_the_page_faults_of_each_timed_iteration(steps_worker):
     _, row = steps_worker
     assert len(row["faults"]) == 2 and all(isinstance(f, int) and f >= 0 for f in row["faults"])  # a count each
+
+
+def test_the_fault_counter_counts_the_pages_new_memory_takes():
+    new = mmap.mmap(-1, 64 << 20)  # 64 MB the process never had (an anonymous mapping, not the heap's free space)
+    before = bench.minor_faults()
+    for offset in range(0, len(new), 4096):
+        new[offset] = 1  # a write to each 4 KB page: a fault each (16,384 here)
+    assert bench.minor_faults() - before >= 32  # at the least one a 2 MB page, where the kernel maps huge pages
 
 
 def test_a_steps_worker_takes_its_peak_memory_before_the_heaps_pad(steps_worker):

@@ -57,10 +57,13 @@ def test_a_0_1_float_mask_is_added_to_the_scores_and_hides_nothing(step):
 def test_on_a_cpu_sdpa_given_a_mask_and_is_causal_applies_both(step):
     # torch's documentation says the two together raise; torch 2.13 on a CPU applies both instead (diary 12).
     q, k, v = torch.randn(3, 1, 2, 7, 8).unbind(0)
-    pads = step.model.padded_causal_mask(torch.tensor([[0, 0, 0, 1, 1, 1, 1]]))
+    real = torch.tensor([0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    pads = (real | torch.eye(7, dtype=torch.bool))[None, None]  # (1, 1, T, T): real keys and itself, no causal part
     both = F.scaled_dot_product_attention(q, k, v, attn_mask=pads, is_causal=True)
     combined = F.scaled_dot_product_attention(q, k, v, attn_mask=pads & step.model.causal_mask(7))
     torch.testing.assert_close(both, combined, atol=ATOL, rtol=0)
+    for one in dict(attn_mask=pads), dict(is_causal=True):  # and neither alone gives it: neither was dropped
+        assert not torch.allclose(F.scaled_dot_product_attention(q, k, v, **one), both, atol=ATOL)
 
 
 @pytest.mark.main_needs("compiled")

@@ -16,13 +16,9 @@ from tests.conftest import CHECKS, steps_for
 def shared_checks() -> dict[str, set[str]]:
     """kind -> the steps that some test marked @pytest.mark.check(kind) runs on."""
     covered = {kind: set() for kind in CHECKS}
-    for path in sorted(Path(__file__).parent.glob("test_*.py")):
-        module = importlib.import_module(f"tests.{path.stem}")
-        for name, fn in vars(module).items():
-            marks = getattr(fn, "pytestmark", [])
-            if name.startswith("test_") and (kinds := [m.args[0] for m in marks if m.name == "check"]):
-                for kind in kinds:
-                    covered[kind] |= {s.name for s in steps_for(marks)}
+    for _, marks in step_tests():  # a test's own marks and its module's: a module's filter narrows its checks too
+        for kind in (m.args[0] for m in marks if m.name == "check"):
+            covered[kind] |= {s.name for s in steps_for(marks)}
     return covered
 
 

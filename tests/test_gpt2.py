@@ -98,8 +98,10 @@ def test_forgetting_to_tie_gives_163_037_184_parameters(step):
     """The classic mistake: a separate lm_head adds another 50257 x 768 matrix."""
     with torch.device("meta"):
         model = step.model.GPT(step.model.GPTConfig())
+        tied = sum(p.numel() for p in model.parameters())  # parameters() counts a shared tensor once
         model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight))  # untied
-    assert sum(p.numel() for p in model.parameters()) == 124_439_808 + 50257 * 768 == 163_037_184
+    assert (tied, sum(p.numel() for p in model.parameters())) == (124_439_808, 124_439_808 + 50257 * 768)
+    assert 124_439_808 + 50257 * 768 == 163_037_184
 
 
 @pytest.mark.needs("GPTConfig", "GPT")
@@ -167,6 +169,7 @@ def test_the_reference_init_is_large_enough_to_tell_the_exact_gelu_from_gpt2s(st
     print(f"exact GELU: logits {at_gpt2s_init:.1e} from HF's at init 0.02, {at_ours:.1e} at {INIT}; "
           f"the tanh GELU as written: {as_written:.1e} at {INIT}")
     assert at_gpt2s_init < ATOL < 10 * ATOL < at_ours
+    assert as_written < ATOL  # the model as written passes where the exact GELU fails by ten times the tolerance
 
 
 @pytest.mark.needs("GPTConfig", "GPT")

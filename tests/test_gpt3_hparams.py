@@ -101,4 +101,4 @@ def test_a_run_logs_the_scheduled_lr_and_a_clipped_step(step, tmp_path, monkeypa
 @pytest.mark.main_needs("lr_at")
 def test_a_run_shorter_than_its_warmup_only_warms_up(step):
     args = SimpleNamespace(lr=1e-3, warmup_steps=30, max_steps=20)
-    assert [step.main.lr_at(it, args) for it in (0, 19)] == [1e-3 / 30, 1e-3 * 20 / 30]
+    assert [step.main.lr_at(it, args) for it in (0, 19)] == pytest.approx([1e-3 / 30, 1e-3 * 20 / 30], rel=1e-12)

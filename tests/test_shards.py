@@ -41,6 +41,21 @@ def prepare(source, out, **kw):
     return shards.prepare(source, out, shard_tokens=SHARD, progress=False, **kw)
 
 
+def stopped_at_the_third_shard(monkeypatch, source, out):
+    """prepare(source, out) stopped (by Ctrl-C, or a kill) while it makes its third shard."""
+    save = shards.save_shard
+
+    def save_or_stop(out, prefix, manifest, tokens, next_at):
+        if len(manifest["shards"]) == 2:
+            raise KeyboardInterrupt
+        save(out, prefix, manifest, tokens, next_at)
+
+    with monkeypatch.context() as m:
+        m.setattr(shards, "save_shard", save_or_stop)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(source, out)
+
+
 def every_token(out) -> np.ndarray:
     val, train = shards.shard_files(out)
     return np.concatenate([np.load(p) for p in [val, *train]])
@@ -95,17 +110,7 @@ def test_the_manifest_records_each_shards_tokens_documents_and_sha256(sources, t
 
 def test_a_prepare_stopped_after_two_shards_goes_on_to_the_shards_of_one_run(sources, tmp_path, monkeypatch):
     prepare(sources["jsonl"], tmp_path / "whole")
-    save = shards.save_shard
-
-    def killed_at_the_third(out, prefix, manifest, tokens, next_at):
-        if len(manifest["shards"]) == 2:
-            raise KeyboardInterrupt  # Ctrl-C, or a kill, while the third shard is being made
-        save(out, prefix, manifest, tokens, next_at)
-
-    with monkeypatch.context() as m:
-        m.setattr(shards, "save_shard", killed_at_the_third)
-        with pytest.raises(KeyboardInterrupt):
-            prepare(sources["jsonl"], tmp_path / "split")
+    stopped_at_the_third_shard(monkeypatch, sources["jsonl"], tmp_path / "split")
     assert len(list((tmp_path / "split").glob("*.npy"))) == 2
     assert shards.read_manifest(tmp_path / "split")["shards"][-1]["next"][1] > 0  # the cut is inside a document
     prepare(sources["jsonl"], tmp_path / "split")
@@ -283,17 +288,8 @@ def test_a_source_smaller_than_a_shard_is_named_with_what_to_do(sources, tmp_pat
 def test_shards_made_inside_the_source_directory_are_not_read_as_source(documents, tmp_path, monkeypatch):
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
-    save = shards.save_shard
-
-    def stopped_at_the_third(out, prefix, manifest, tokens, next_at):
-        if len(manifest["shards"]) == 2:
-            raise KeyboardInterrupt
-        save(out, prefix, manifest, tokens, next_at)
-
-    with monkeypatch.context() as m:
-        m.setattr(shards, "save_shard", stopped_at_the_third)
-        with pytest.raises(KeyboardInterrupt):
-            prepare(str(tmp_path / "texts"), tmp_path / "texts" / "shards")  # its manifest.json is a .json file
+    # stopped, it leaves its manifest.json, a .json file, in the source directory
+    stopped_at_the_third_shard(monkeypatch, str(tmp_path / "texts"), tmp_path / "texts" / "shards")
     prepare(str(tmp_path / "texts"), tmp_path / "texts" / "shards")
     prepare(str(tmp_path / "texts" / "docs.jsonl"), tmp_path / "alone")
     assert np.array_equal(every_token(tmp_path / "texts" / "shards"), every_token(tmp_path / "alone"))

@@ -387,7 +387,10 @@ def test_step_09_writes_with_the_trained_model(step, tmp_path, capsys, finished)
     generate = importlib.import_module("steps.09_from_pretrained.__main__")
     generate.main(["--model", str(tmp_path / "model"), "--prompt", "ROMEO:", "--max-new-tokens", "3",
                    "--num-samples", "1", "--device", "cpu"])
-    assert f"step 09_from_pretrained on cpu: {tmp_path / 'model'}" in capsys.readouterr().out
+    out, header = capsys.readouterr().out, f"step 09_from_pretrained on cpu: {tmp_path / 'model'}"
+    assert header in out
+    after_the_prompt = out.split(header, 1)[1].split("ROMEO:", 1)
+    assert len(after_the_prompt) == 2 and after_the_prompt[1].strip("-\n")  # the prompt, then what the model wrote
 
 
 @pytest.mark.main_needs("Loader")

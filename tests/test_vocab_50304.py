@@ -24,8 +24,9 @@ def test_gpt2_small_has_124_475_904_parameters(step):
 def test_forgetting_to_tie_adds_a_second_padded_table(step):
     with torch.device("meta"):
         model = step.model.GPT(step.model.GPTConfig())
+        tied = sum(p.numel() for p in model.parameters())  # parameters() counts a shared tensor once
         model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))  # untied
-    assert sum(p.numel() for p in model.parameters()) == 124_475_904 + 50304 * 768
+    assert (tied, sum(p.numel() for p in model.parameters())) == (124_475_904, 124_475_904 + 50304 * 768)
 
 
 @PADDED
