@@ -62,4 +62,3 @@ def explain_out_of_memory(main):
             sys.exit(f"error: out of memory: {what} did not fit. Make the run smaller: a smaller --batch-size "
                      "first, then a shorter window or a smaller model")
     return run
-

@@ -204,8 +204,8 @@ def more_memory_than_any_machine_has(*args, **kwargs):
     torch.empty(2**58, dtype=torch.uint8)  # 256 PiB, beyond any address space: torch's CPU allocator refuses it
 
 
-def test_running_out_of_memory_is_one_line_naming_the_tensor_and_the_flag_to_lower(step, tmp_path, capsys,
-                                                                                  monkeypatch):
+def test_running_out_of_memory_is_one_line_with_the_tensors_size_and_the_flag_to_lower(step, tmp_path, capsys,
+                                                                                        monkeypatch):
     monkeypatch.setattr(torch.nn.Embedding, "forward", more_memory_than_any_machine_has)  # every step embeds tokens
     generates = hasattr(step.main, "stream")  # step 09 only generates; every other step trains
     run = ["--model", "random"] if generates else [*FAST, *small_run_flags(step), "--out", str(tmp_path / "run")]

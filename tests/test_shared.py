@@ -180,7 +180,8 @@ def test_unavailable_device_exits_with_a_message(name, monkeypatch):
         device.pick(name)
 
 
-def raises(error):
+def main_raising(error):
+    """A step's main, as every step wraps it, that raises `error`."""
     @device.explain_out_of_memory
     def main():
         raise error
@@ -188,7 +189,7 @@ def raises(error):
 
 
 def test_a_cuda_out_of_memory_is_one_line_with_the_size_torch_gave():
-    main = raises(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+    main = main_raising(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
                                          "capacity of 79.19 GiB of which 3.12 GiB is free."))  # CUDA's words in torch 2
     with pytest.raises(SystemExit) as exit:
         main()
@@ -197,7 +198,7 @@ def test_a_cuda_out_of_memory_is_one_line_with_the_size_torch_gave():
 
 def test_any_other_runtime_error_is_not_called_out_of_memory():
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
-        raises(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))()
+        main_raising(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))()
 
 
 def test_run_log_writes_metrics_summary_and_a_loss_curve(tmp_path, capsys):
