@@ -13,19 +13,21 @@ NAME = "checkpoint.pt"
 KEYS = {"config": dict, "iter": int, "model": dict, "optimizer": dict, "loader": int, "rng": dict}  # what a step saves
 
 
-def save(out: Path, state: dict) -> Path:
-    """Write DIR/checkpoint.pt whole under a temporary name, then rename it: a crash mid-write leaves the last
-    good checkpoint in place, never a broken file under the real name. A write that fails (a full disk) stops the
-    run with one line."""
+def save(out: Path, state: dict) -> None:
+    """Write DIR/checkpoint.pt whole under a temporary name, on the disk, then rename it: a crash mid-write (of the
+    run or of the machine) leaves the last good checkpoint in place, never a broken file under the real name. A
+    write that fails (a full disk) stops the run with one line."""
     path, tmp = Path(out) / NAME, Path(out) / f"{NAME}.tmp"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)  # into a file it is given, a failed write is an OSError (into a path, a RuntimeError)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes on the disk before the name: else a crash could keep the name only
         os.replace(tmp, path)  # atomic on one file system
     except OSError as e:
         tmp.unlink(missing_ok=True)
         kept = f"; {path} is the last one written" if path.exists() else ""
         sys.exit(f"error: cannot write a checkpoint to {out} ({os.strerror(e.errno) if e.errno else e}){kept}")
-    return path
 
 
 def load(out: Path) -> dict:
@@ -43,6 +45,10 @@ def load(out: Path) -> dict:
         sys.exit(f"error: {path} is not a checkpoint of this project (not a dict of the run's state)")
     if missing := [k for k, kind in KEYS.items() if not isinstance(state.get(k), kind)]:
         sys.exit(f"error: {path} is not a checkpoint of this project (no {', no '.join(missing)} of the right kind)")
+    rng, opt = state["rng"], state["optimizer"]
+    if not (torch.is_tensor(rng.get("cpu")) and isinstance(rng.get("cuda"), list)
+            and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        sys.exit(f"error: {path} is not a checkpoint of this project (its rng or optimizer is not as a step saves it)")
     if bad := [k for k, w in state["model"].items() if torch.is_tensor(w) and not w.float().isfinite().all()]:
         sys.exit(f"error: {path} has nan or inf in {bad[0]} ({len(bad)} tensors): the run diverged before it was "
                  "saved, or the file is damaged. Start the run afresh with another --out (a smaller --lr if it "

@@ -4,6 +4,7 @@ Every value is checked when it is parsed: a bad one stops the run with `error: a
 and a pointer to --help) and exit code 2, before any data is read or any model is built.
 """
 import argparse
+import atexit
 import math
 import os
 import sys
@@ -33,12 +34,14 @@ seed = checked(int, lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}"
 
 
 def out_dir(text: str) -> Path:
-    """An argparse type: a directory we can write to, made now, so that a bad --out fails before any work."""
+    """An argparse type: a directory we can write to, made now, so that a bad --out fails before any work. What it
+    made goes again at exit if nothing was written there: a refused run leaves no empty directory behind."""
     path = Path(text)
     if not text.strip():  # Path("") is ".": the run would write into whatever directory it was started in
         raise argparse.ArgumentTypeError("expected a directory, got ''")
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")
+    atexit.register(remove_if_empty, [d for d in (path, *path.parents) if not d.exists()])  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -46,6 +49,15 @@ def out_dir(text: str) -> Path:
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot write to {text} ({os.strerror(e.errno) if e.errno else e})")
     return path
+
+
+def remove_if_empty(dirs: list[Path]) -> None:
+    """Remove each directory, deepest first, up to the first that holds something (rmdir removes only empty ones)."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def out_file(text: str) -> Path:
@@ -93,7 +105,7 @@ def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
                    help="where to run; auto = cuda, else mps, else cpu")
     p.add_argument("--seed", type=seed, default=1337,
                    help="random seed: the same seed gives the same losses on the same machine and thread count")
-    p.add_argument("--out", type=out_dir, default=Path("runs") / step,
+    p.add_argument("--out", type=out_dir, default=str(Path("runs") / step),  # text: argparse checks it too
                    help="directory for metrics.jsonl, summary.json and loss.svg (from step 10 on, also "
                    "checkpoint.pt and model/)")
     p.add_argument("--log-every", type=non_negative_int, default=0,
@@ -106,7 +118,7 @@ def parse_with_preset(p: argparse.ArgumentParser, argv, presets: dict[str, dict]
     values as the defaults, so that a flag given on the command line overrides its preset's value and --help
     shows the values in force. args.preset is the name of the preset used."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    help_asked = lambda a: a == "-h" or (len(a) > 3 and "--help".startswith(a))  # --he, --hel: argparse's abbreviations
+    help_asked = lambda a: a == "-h" or (len(a) >= 3 and "--help".startswith(a))  # --h, --he: argparse's abbreviations
     first, _ = p.parse_known_args([a for a in argv if not help_asked(a)])
     name = pick(first) if first.preset == "auto" else first.preset
     p.set_defaults(**presets[name])

@@ -115,11 +115,10 @@ def bpe(ranks_file: bytes):
     )
 
 
-def split(ids: torch.Tensor, block_size: int, flag: str = "--block-size",
-          val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def split(ids: torch.Tensor, block_size: int, flag: str = "--block-size") -> tuple[torch.Tensor, torch.Tensor]:
     """First 90% for training, last 10% for validation. Exits, naming `flag`, when a window of block_size + 1 ids
     does not fit in one of them."""
-    n = int(len(ids) * (1 - val_fraction))
+    n = int(len(ids) * 0.9)
     train, val = ids[:n], ids[n:]
     longest = min(len(train), len(val)) - 1  # a window that fits both splits
     for name, part in ("training", train), ("validation", val):

@@ -326,7 +326,7 @@ def run_tests(root: Path, mistake: Mistake, step: str | None) -> list[tuple]:
            f"--junitxml={report}", "-o", "junit_family=xunit1", "--tb=no", *files]
     if step and not mistake.file.startswith("shared/"):
         cmd += ["--step", step]
-    env = {**os.environ, "GPT2STEPS_DATA": str(data.data_dir()), "PYTHONDONTWRITEBYTECODE": "1",
+    env = {**os.environ, "GPT2STEPS_DATA": str(data.data_dir().resolve()), "PYTHONDONTWRITEBYTECODE": "1",
            "GPT2STEPS_EVERY_STEP": "1"}  # no test left to the first and last step alone: the mistake is in all
     subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not report.exists():

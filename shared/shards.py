@@ -49,7 +49,8 @@ def open_source(source: str, out: Path | None = None):
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach us as exceptions: one line each
     if source == "fineweb-edu":
-        if not online("huggingface.co"):
+        routed = {"HTTPS_PROXY", "https_proxy", "HF_ENDPOINT"} & os.environ.keys()  # a proxy or a mirror: no direct way
+        if not routed and not online("huggingface.co"):
             sys.exit("error: --source fineweb-edu streams from the Hugging Face hub, which cannot be reached from here "
                      "(offline?). Use local files instead: --source PATH (a .parquet, .jsonl or .txt file, or a "
                      "directory of them).")
@@ -179,10 +180,20 @@ def sha256(path: Path) -> str:
 
 
 def write_atomic(path: Path, write) -> None:
+    """write(f) into a temporary file, on the disk, then rename it: a half-written shard never has the real name. A
+    failed write (a full disk) stops with one line; no temporary file is left, however it stops."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)  # atomic: a half-written shard never has the real name
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes on the disk before the name: else a crash could keep the name only
+        os.replace(tmp, path)  # atomic on one file system
+    except OSError as e:
+        sys.exit(f"error: cannot write {path} ({os.strerror(e.errno) if e.errno else e}). The complete shards and "
+                 "the manifest are kept: make room, then run the same command to go on")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare(source: str, out: Path, shard_tokens: int = 100_000_000, max_tokens: int | None = None,
@@ -271,7 +282,13 @@ def save_shard(out: Path, prefix: str, manifest: dict, tokens: np.ndarray, next_
     write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
 
 
-SHARD_KEYS = ("file", "tokens", "documents", "sha256", "next")  # what save_shard records of each
+SHARD_KEYS = {"file": str, "tokens": int, "documents": int, "sha256": str, "next": list}  # what save_shard records
+
+
+def well_formed(shard) -> bool:
+    """A shard's record as save_shard writes it: every key, of its type; next is [document, offset]."""
+    return (isinstance(shard, dict) and all(isinstance(shard.get(k), kind) for k, kind in SHARD_KEYS.items())
+            and len(shard["next"]) == 2 and all(isinstance(n, int) for n in shard["next"]))
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -280,11 +297,12 @@ def read_manifest(out: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-        assert isinstance(manifest["shards"], list) and isinstance(manifest["complete"], bool)
-        assert all(isinstance(s, dict) and all(k in s for k in SHARD_KEYS) for s in manifest["shards"])
-        return manifest
-    except (ValueError, KeyError, TypeError, AssertionError):
+    except ValueError:  # not JSON, or not UTF-8
+        manifest = None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("shards"), list)
+            and isinstance(manifest.get("complete"), bool) and all(map(well_formed, manifest["shards"]))):
         sys.exit(f"error: {path} is damaged (not the manifest make data writes). Delete {out} and prepare it again.")
+    return manifest
 
 
 def shard_files(out: Path) -> tuple[Path, list[Path]]:

@@ -230,6 +230,12 @@ def test_make_step_of_a_diverging_run_stops_nonzero_without_a_traceback(tmp_path
     assert r.returncode != 0 and "error: the loss is nan at iteration" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_refused_run_leaves_no_empty_out_directory_behind(tmp_path):
+    r = make_step("N=10", f"ARGS=--out {tmp_path / 'new' / 'run'} --n-embd 10 --n-head 3")
+    assert r.returncode != 0 and "not divisible by --n-head" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # new/run was made to check it can be written, and removed at exit
+
+
 def test_make_step_with_a_bad_flag_stops_nonzero_without_a_traceback():
     r = make_step("N=09", "ARGS=--temperature 1e-45")
     assert r.returncode != 0 and "argument --temperature" in r.stderr and "Traceback" not in r.stderr

@@ -231,6 +231,19 @@ def test_a_context_longer_than_the_model_loses_its_start_not_the_ending(step):
     assert len(row) == 32 and row[start:] == tok.encode_ordinary(" the end.")
 
 
+@pytest.mark.main_needs("hellaswag")
+def test_an_ending_as_long_as_the_model_keeps_its_first_tokens_after_the_contexts_last(step, saved_model):
+    model, tok = saved_model[0], data.gpt2_tokenizer()
+    item = {"ctx": "The end", "endings": ["word " * 40, "b", "c", "d"], "label": 0}
+    row, start = step.main.hellaswag.rows(item, tok, 32)[0]
+    assert start == 1 and row == [tok.encode_ordinary("The end")[-1], *tok.encode_ordinary(" " + "word " * 40)[:31]]
+    summed, mean = step.main.hellaswag.ending_losses(model, [item], tok, CPU, 32, contextlib.nullcontext())
+    with torch.no_grad():
+        logits = model(torch.tensor([row]))[0][0]  # (32, vocab)
+    # all 31 predictions are the ending's; fp32, the same forward: equal but for the order of the float sums
+    assert abs(summed[0, 0] - F.cross_entropy(logits[:-1], torch.tensor(row[1:]), reduction="sum")) < 1e-4
+
+
 def write_items(path, lines: list[str]):
     path.write_text("".join(line + "\n" for line in lines))
     return path

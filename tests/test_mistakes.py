@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,6 +85,15 @@ def test_after_the_tests_a_learner_is_sent_to_the_diary_of_the_step_the_mistake_
     assert mistakes.reading(no_mask, "02_attention") == "diary/02_attention.md"  # made there, named there
     assert mistakes.reading(no_mask, "05_decoder") == no_mask.read  # its own pointer, with the section
     assert mistakes.reading(untied, "12_compile_flash") == untied.read  # diary 12 does not name it
+
+
+def test_the_copys_tests_read_the_projects_data_directory_not_one_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPT2STEPS_DATA", raising=False)  # a learner's clone: data/ beside the Makefile
+    handed = {}
+    monkeypatch.setattr(subprocess, "run", lambda cmd, cwd, env, **kw: handed.update(cwd=cwd, env=env))
+    with pytest.raises(SystemExit):  # no pytest ran, so no report
+        mistakes.run_tests(tmp_path, mistakes.BY_ID["untied-head"], "08_gpt2")
+    assert handed["cwd"] == tmp_path and handed["env"]["GPT2STEPS_DATA"] == str(Path.cwd() / "data")  # absolute
 
 
 def test_ctrl_c_leaves_no_copy_behind(tmp_path):

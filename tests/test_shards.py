@@ -182,6 +182,16 @@ def test_a_damaged_manifest_is_named(sources, tmp_path):
     refused(lambda: shards.shard_files(tmp_path), "manifest.json is damaged")
 
 
+@pytest.mark.parametrize("key, value", [("file", ["docs_val_000000.npy"]), ("next", 7), ("next", [1]),
+                                        ("tokens", "many")])
+def test_a_manifest_edited_by_hand_with_a_value_of_another_kind_is_named(sources, tmp_path, key, value):
+    prepare(sources["jsonl"], tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][0][key] = value
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    refused(lambda: shards.shard_files(tmp_path), "manifest.json is damaged")
+
+
 def test_a_manifest_edited_by_hand_without_a_shards_sha256_is_named_by_verify(sources, tmp_path):
     prepare(sources["jsonl"], tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -207,8 +217,20 @@ def test_verify_finds_a_changed_byte(sources, tmp_path):
 
 
 def test_the_hub_source_offline_says_to_use_a_local_one(tmp_path, monkeypatch):
+    for variable in ("HTTPS_PROXY", "https_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(shards, "online", lambda host, timeout=3.0: False)
     refused(lambda: shards.prepare("fineweb-edu", tmp_path, progress=False), "cannot be reached", "--source PATH")
+
+
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy", "HF_ENDPOINT"])
+def test_through_a_proxy_or_a_mirror_the_hub_is_not_judged_by_a_direct_connection(tmp_path, monkeypatch, variable):
+    import datasets
+
+    monkeypatch.setenv(variable, "http://proxy.example:3128")
+    monkeypatch.setattr(shards, "online", lambda host, timeout=3.0: False)  # no direct connection from here
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: "streamed")  # as datasets would, through it
+    assert shards.open_source("fineweb-edu") == ("streamed", "edufineweb")
 
 
 def parquet_of(path, **columns):
@@ -310,6 +332,15 @@ def test_shards_of_a_prepare_that_did_not_finish_are_used_with_a_note(sources, t
     assert "make data has not finished" in capsys.readouterr().err
 
 
+def test_a_full_disk_stops_make_data_with_one_line_and_leaves_no_temporary_file(sources, tmp_path):
+    (tmp_path / f".{shards.MANIFEST}.{os.getpid()}.tmp").symlink_to("/dev/full")  # every write fails with ENOSPC
+    with pytest.raises(SystemExit) as exit:
+        prepare(sources["jsonl"], tmp_path)  # its first shard is written, then its manifest fails
+    assert str(exit.value.code).startswith(f"error: cannot write {tmp_path / shards.MANIFEST} (No space left on "
+                                           "device). The complete shards and the manifest are kept")
+    assert not list(tmp_path.glob(".*"))
+
+
 def test_ctrl_c_stops_make_data_with_one_line_and_no_worker_traceback(tmp_path):
     text = "\n\n".join([data.shakespeare()] * 8)  # 9 MB: seconds of work for two workers
     (tmp_path / "big.txt").write_text(text)
@@ -323,3 +354,4 @@ def test_ctrl_c_stops_make_data_with_one_line_and_no_worker_traceback(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the parent and its workers
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err and "run the same command to go on" in err
+    assert not list((tmp_path / "out").glob(".*.tmp"))  # a shard cut short by the signal is removed

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared import cli, data, device, runlog, shapes
+from shared import cli, data, device, launch, runlog, shapes
 from shared.steps import ROOT, all_steps, resolve
 from tests.conftest import MAKE_VARIABLES, data_dir_copy
 
@@ -196,6 +196,21 @@ def test_a_cuda_out_of_memory_is_one_line_with_the_size_torch_gave():
     assert str(exit.value.code).startswith("error: out of memory: a tensor of 20.00 GiB did not fit.")
 
 
+def test_a_cpu_allocation_under_a_gib_is_said_in_mib():
+    main = main_raising(RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                                     "allocate memory: you tried to allocate 52428800 bytes. Error code 12 (Cannot "
+                                     "allocate memory)"))  # the CPU's words in torch 2.13
+    with pytest.raises(SystemExit) as exit:
+        main()
+    assert str(exit.value.code).startswith("error: out of memory: a tensor of 50.0 MiB did not fit.")
+
+
+@pytest.mark.parametrize("argv", [[], ["2"], ["x", "steps.16_ddp"], ["0", "steps.16_ddp"]])
+def test_the_launcher_called_by_hand_without_a_count_and_a_module_says_how_to_call_it(argv):
+    with pytest.raises(SystemExit, match="usage: python -m shared.launch NPROC MODULE"):
+        launch.main(argv)
+
+
 def test_any_other_runtime_error_is_not_called_out_of_memory():
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
         main_raising(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))()
@@ -308,6 +323,24 @@ def test_out_dir_is_made_and_checked_when_parsed(tmp_path):
         cli.out_dir("/proc/forbidden")
 
 
+def test_the_default_out_is_checked_when_parsed_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("a file where the runs should go")
+    with pytest.raises(SystemExit) as exit:
+        cli.parser("doc", "01_embedding", max_steps=5).parse_args([])
+    assert exit.value.code == 2 and "argument --out: cannot write to runs/01_embedding (" in capsys.readouterr().err
+
+
+def test_at_exit_out_dir_removes_only_the_empty_directories_it_made(tmp_path):
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    cli.remove_if_empty([tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"])
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "metrics.jsonl").write_text("{}")
+    cli.remove_if_empty([tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"])
+    assert [p.name for p in (tmp_path / "a").rglob("*")] == ["b", "metrics.jsonl"]  # c went, b and a hold a file
+
+
 def test_an_out_file_is_refused_where_it_names_a_directory_and_its_directory_is_made(tmp_path):
     assert cli.out_file(str(tmp_path / "a" / "r.json")) == tmp_path / "a" / "r.json" and (tmp_path / "a").is_dir()
     with pytest.raises(argparse.ArgumentTypeError, match="is a directory; give a file name"):
@@ -316,7 +349,7 @@ def test_an_out_file_is_refused_where_it_names_a_directory_and_its_directory_is_
         cli.out_file("/proc/forbidden/r.json")
 
 
-@pytest.mark.parametrize("flag", ["--help", "-h", "--he", "--hel"])  # argparse takes a prefix of a flag as the flag
+@pytest.mark.parametrize("flag", ["--help", "-h", "--h", "--he", "--hel"])  # argparse takes a prefix as the flag
 def test_help_shows_the_presets_values_as_the_defaults_however_it_is_asked_for(flag, capsys):
     p = argparse.ArgumentParser(prog="x", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="auto")

@@ -2,7 +2,6 @@
 loader, checkpoints that resume exactly, Ctrl-C, and the trained model written as a GPT2LMHeadModel directory.
 The shared run tests (loss falls, same seed, the log) are in test_steps.py; bad input in test_bad_input.py."""
 import contextlib
-import errno
 import importlib
 import io
 import json
@@ -271,7 +270,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_work(step, tmp_pat
 @pytest.mark.main_needs("Loader")
 @pytest.mark.first_and_last  # shared/checkpoint.py's load and check, which every trainer calls alike
 @pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "no checkpoint", "a pickled object", "no iter",
-                                    "a config that is not a dict", "a nan weight"])
+                                    "a config that is not a dict", "no cpu rng", "no param groups", "a nan weight"])
 def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, damage, finished):
     finished(step, tmp_path)
     path = tmp_path / checkpoint.NAME
@@ -289,8 +288,15 @@ def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, dama
         torch.save(state, path)
     else:  # readable, but not what a step saves
         state = torch.load(path, weights_only=True)
-        torch.save({k: v for k, v in state.items() if k != "iter"} if damage == "no iter" else {**state, "config": "x"},
-                   path)
+        if damage == "no iter":
+            del state["iter"]
+        elif damage == "a config that is not a dict":
+            state["config"] = "x"
+        elif damage == "no cpu rng":
+            del state["rng"]["cpu"]
+        else:
+            del state["optimizer"]["param_groups"]
+        torch.save(state, path)
     with pytest.raises(SystemExit) as exit:
         run(step, tmp_path, "--max-steps", "2", "--resume", str(tmp_path))
     assert str(exit.value.code).startswith("error: ") and str(path) in str(exit.value.code)
@@ -298,17 +304,13 @@ def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, dama
 
 
 def a_state(n: int) -> dict:
-    return {"config": {"n": n}, "iter": n, "model": {}, "optimizer": {}, "loader": 0, "rng": {}}
+    return {"config": {"n": n}, "iter": n, "model": {}, "optimizer": {"state": {}, "param_groups": []}, "loader": 0,
+            "rng": {"cpu": torch.get_rng_state(), "cuda": []}}
 
 
-def test_a_checkpoint_is_never_left_half_written(tmp_path, monkeypatch):
+def test_a_checkpoint_is_never_left_half_written(tmp_path):
     checkpoint.save(tmp_path, a_state(1))
-
-    def crash(obj, f):  # a full disk halfway through the write
-        open(f, "wb").write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", crash)
+    (tmp_path / f"{checkpoint.NAME}.tmp").symlink_to("/dev/full")  # a full disk: every write fails with ENOSPC
     with pytest.raises(SystemExit) as exit:
         checkpoint.save(tmp_path, a_state(2))
     assert str(exit.value.code) == (f"error: cannot write a checkpoint to {tmp_path} (No space left on device); "

@@ -1,5 +1,4 @@
 """Step 09: GPT-2 writes: pretrained weights from the HF hub or a saved directory, sampled among the top k tokens."""
-import argparse
 import codecs
 import sys
 
@@ -20,7 +19,7 @@ temperature = cli.checked(float, lambda v: 0.01 <= v <= 100, "a temperature from
 @device.explain_out_of_memory
 def main(argv=None):
     p = cli.ArgumentParser(prog=f"python -m steps.{STEP}", description=__doc__,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           formatter_class=cli.HelpFormatter,
                            hint=f'make step N={STEP[:2]} ARGS="--help"')
     p.add_argument("--model", default="auto", help=f"{', '.join(HUB_NAMES)} (from the hub), a directory written by "
                    "GPT2LMHeadModel.save_pretrained, random (an untrained GPT-2 124M), or auto: gpt2, or random with "

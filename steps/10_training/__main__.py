@@ -140,7 +140,7 @@ def main(argv=None):
     loader.pos = 0
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)  # torch's default, 0.01, decays every
-    # parameter, LayerNorm gains and biases included; step 14 decays the matrices only
+    # parameter, LayerNorm gains and biases included; step 14 decays only the 2-D weights (matrices, embeddings)
     start = 0
     if state:
         model.load_state_dict(state["model"])

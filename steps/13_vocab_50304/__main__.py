@@ -61,8 +61,9 @@ def evaluate(model, ids, args) -> float:
 
 def autocast(args):
     """Inside it, matmuls (linear layers, attention) run in bf16: 7 stored bits of mantissa, fp32's exponent. The loss
-    stays fp32, and on CUDA softmax and LayerNorm too; on a CPU they run in the dtype of their input (bf16 scores:
-    a bf16 softmax). The weights, their gradients and AdamW's state stay fp32 throughout."""
+    stays fp32, and on CUDA LayerNorm too; on a CPU it runs in the dtype of its input. Attention's softmax is inside
+    SDPA's kernel, which keeps the scores and their running max and sum in fp32. The weights, their gradients and
+    AdamW's state stay fp32 throughout."""
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
 
@@ -189,7 +190,7 @@ def main(argv=None):
     print(f"attention: F.scaled_dot_product_attention (flash where the device has it); {compile_note}")
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)  # torch's default, 0.01, decays every
-    # parameter, LayerNorm gains and biases included; step 14 decays the matrices only
+    # parameter, LayerNorm gains and biases included; step 14 decays only the 2-D weights (matrices, embeddings)
     start = 0
     if state:
         model.load_state_dict(state["model"])

@@ -83,8 +83,9 @@ def param_groups(model) -> list[dict]:
 
 def autocast(args):
     """Inside it, matmuls (linear layers, attention) run in bf16: 7 stored bits of mantissa, fp32's exponent. The loss
-    stays fp32, and on CUDA softmax and LayerNorm too; on a CPU they run in the dtype of their input (bf16 scores:
-    a bf16 softmax). The weights, their gradients and AdamW's state stay fp32 throughout."""
+    stays fp32, and on CUDA LayerNorm too; on a CPU it runs in the dtype of its input. Attention's softmax is inside
+    SDPA's kernel, which keeps the scores and their running max and sum in fp32. The weights, their gradients and
+    AdamW's state stay fp32 throughout."""
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
 

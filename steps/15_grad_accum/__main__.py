@@ -87,7 +87,7 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
     gradient of one batch micro_steps times as large. Returns that mean loss (what is logged)."""
     mean = torch.zeros((), device=args.device)
     for _ in range(micro_steps):
-        x, y = loader.next_batch()
+        x, y = loader.next_batch()  # views of the tokens already on the device: nothing is copied
         with autocast(args):
             loss = model(x, y)[1]  # `_, loss =` would keep the (B, T, vocab) logits alive through backward
         loss = loss / micro_steps  # not the sum: a sum would scale the gradient by micro_steps
@@ -98,8 +98,9 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
 
 def autocast(args):
     """Inside it, matmuls (linear layers, attention) run in bf16: 7 stored bits of mantissa, fp32's exponent. The loss
-    stays fp32, and on CUDA softmax and LayerNorm too; on a CPU they run in the dtype of their input (bf16 scores:
-    a bf16 softmax). The weights, their gradients and AdamW's state stay fp32 throughout."""
+    stays fp32, and on CUDA LayerNorm too; on a CPU it runs in the dtype of its input. Attention's softmax is inside
+    SDPA's kernel, which keeps the scores and their running max and sum in fp32. The weights, their gradients and
+    AdamW's state stay fp32 throughout."""
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
 
@@ -275,7 +276,7 @@ def main(argv=None):
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
-            log.log(it, loss.item(), lr, tokens=args.total_batch_size, grad_norm=norm.item())  # stops at a nan
+            log.log(it, loss.item(), lr, tokens=args.total_batch_size, grad_norm=norm.item())  # stops at a nan loss
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:
                 print(f"iter {it:5d} | evaluating {(len(val_ids) - 1) // args.seq_len:,} validation windows ...",
                       flush=True)  # the whole split: seconds on a CPU

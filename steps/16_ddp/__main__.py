@@ -71,7 +71,8 @@ def evaluate(model, ids, args) -> float:
     Each rank takes every world-th batch of windows; the sums of all ranks are added (an all-reduce)."""
     model.eval()
     total, count = 0.0, 0
-    for i, (x, y) in enumerate(data.sequential_windows(ids, args.batch_size, args.seq_len)):  # views, on the device
+    windows = data.sequential_windows(ids, args.batch_size, args.seq_len)  # views of ids, on the device
+    for i, (x, y) in enumerate(windows):
         if i % args.world != args.rank:
             continue  # another rank's
         with autocast(args):
@@ -109,7 +110,7 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
     and the returned loss is averaged over them too: both are those of one process doing every rank's batches."""
     mean = torch.zeros((), device=args.device)
     for i in range(micro_steps):
-        x, y = loader.next_batch()
+        x, y = loader.next_batch()  # views of the tokens already on the device: nothing is copied
         last = i == micro_steps - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():  # all-reduce once
             with autocast(args):
@@ -125,8 +126,9 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
 
 def autocast(args):
     """Inside it, matmuls (linear layers, attention) run in bf16: 7 stored bits of mantissa, fp32's exponent. The loss
-    stays fp32, and on CUDA softmax and LayerNorm too; on a CPU they run in the dtype of their input (bf16 scores:
-    a bf16 softmax). The weights, their gradients and AdamW's state stay fp32 throughout."""
+    stays fp32, and on CUDA LayerNorm too; on a CPU it runs in the dtype of its input. Attention's softmax is inside
+    SDPA's kernel, which keeps the scores and their running max and sum in fp32. The weights, their gradients and
+    AdamW's state stay fp32 throughout."""
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
 
@@ -378,7 +380,8 @@ def main(argv=None):
                 group["lr"] = lr
             opt.step()
             if log:
-                log.log(it, loss.item(), lr, tokens=args.total_batch_size, grad_norm=norm.item())  # stops at a nan
+                log.log(it, loss.item(), lr, tokens=args.total_batch_size,
+                        grad_norm=norm.item())  # stops at a nan loss
             elif not math.isfinite(loss.item()):
                 sys.exit(1)  # the loss is all-reduced: rank 0 sees the same nan and says so
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:

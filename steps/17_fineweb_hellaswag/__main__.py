@@ -35,7 +35,8 @@ STEP = "17_fineweb_hellaswag"
 PRESETS = {
     # A small GPT over GPT-2's 50257 tokens: a default run of a few minutes on a 2-core CPU.
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, batch_size=4, seq_len=64, total_batch_size=512, lr=1e-3,
-                 max_steps=250, eval_every=125, save_every=125, val_windows=512),  # 8 x 64 tokens, 2 micro-batches
+                 max_steps=250, eval_every=125, save_every=125,  # step 14's 8 x 64 tokens, in 2 micro-batches
+                 val_windows=512),
     # build-nanogpt's GPT-2 124M run: 10B tokens of FineWeb-Edu in 19,073 steps of 2^19 tokens. B=64 fits an 80 GB
     # GPU; --batch-size 16 fits 24 GB at the same total batch, in 4 times the micro-batches.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, batch_size=64, seq_len=1024, total_batch_size=524_288,
@@ -116,7 +117,8 @@ def evaluate(model, ids, args) -> float:
     Each rank takes every world-th batch of windows; the sums of all ranks are added (an all-reduce)."""
     model.eval()
     total, count = 0.0, 0
-    for i, (x, y) in enumerate(data.sequential_windows(ids, args.batch_size, args.seq_len)):  # views, on the device
+    windows = data.sequential_windows(ids, args.batch_size, args.seq_len)  # views of ids, on the device
+    for i, (x, y) in enumerate(windows):
         if i % args.world != args.rank:
             continue  # another rank's
         with autocast(args):
@@ -154,7 +156,7 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
     and the returned loss is averaged over them too: both are those of one process doing every rank's batches."""
     mean = torch.zeros((), device=args.device)
     for i in range(micro_steps):
-        x, y = loader.next_batch()
+        x, y = loader.next_batch()  # read from the shards, copied to the device
         last = i == micro_steps - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():  # all-reduce once
             with autocast(args):
@@ -170,8 +172,9 @@ def accumulate(model, loader, micro_steps: int, args) -> torch.Tensor:
 
 def autocast(args):
     """Inside it, matmuls (linear layers, attention) run in bf16: 7 stored bits of mantissa, fp32's exponent. The loss
-    stays fp32, and on CUDA softmax and LayerNorm too; on a CPU they run in the dtype of their input (bf16 scores:
-    a bf16 softmax). The weights, their gradients and AdamW's state stay fp32 throughout."""
+    stays fp32, and on CUDA LayerNorm too; on a CPU it runs in the dtype of its input. Attention's softmax is inside
+    SDPA's kernel, which keeps the scores and their running max and sum in fp32. The weights, their gradients and
+    AdamW's state stay fp32 throughout."""
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
 
@@ -447,7 +450,8 @@ def main(argv=None):
                 group["lr"] = lr
             opt.step()
             if log:
-                log.log(it, loss.item(), lr, tokens=args.total_batch_size, grad_norm=norm.item())  # stops at a nan
+                log.log(it, loss.item(), lr, tokens=args.total_batch_size,
+                        grad_norm=norm.item())  # stops at a nan loss
             elif not math.isfinite(loss.item()):
                 sys.exit(1)  # the loss is all-reduced: rank 0 sees the same nan and says so
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:

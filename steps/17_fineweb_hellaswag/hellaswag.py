@@ -81,11 +81,12 @@ def load(spec: str) -> list[dict]:
 
 def rows(item: dict, tok, block_size: int) -> list[tuple[list[int], int]]:
     """The 4 token rows of an item, context + ending, and where each ending starts. A row longer than the model's
-    context loses the start of its context (the ending is what is scored)."""
+    context loses the start of its context (the ending is what is scored); an ending that alone fills the context
+    keeps its first block_size - 1 tokens, after the context's last."""
     ctx = tok.encode_ordinary(item["ctx"]) or [tok.eot_token]  # no context: the start of a document
     out = []
     for ending in item["endings"]:
-        end = tok.encode_ordinary(" " + ending)  # the space that joins them belongs to the ending's first token
+        end = tok.encode_ordinary(" " + ending)[: block_size - 1]  # the space belongs to the ending's first token
         row = (ctx + end)[-block_size:]
         out.append((row, len(row) - len(end)))
     return out

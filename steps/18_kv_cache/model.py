@@ -157,7 +157,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.n_head)  # each (B, H, T, d_k)
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, H, S, d_k): the keys and values of every position so far
-        # attention(q, k, v, mask) in one fused kernel: the (T, T) weights are computed block by block and never
+        # attention(q, k, v, mask) in one fused kernel: the (T, S) weights are computed block by block and never
         # stored whole. is_causal=True lets it skip the blocks above the diagonal instead of reading a mask.
         if mask is None:  # one new query (T = 1) is the last position: it may see every key, nothing to hide
             out = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1)  # (B, H, T, d_k)
