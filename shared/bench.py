@@ -4,7 +4,7 @@
     make bench ARGS="--steps 10,15 --rounds 1"   steps 10 and 15 (and hf_gpt2, and the control), one round
     make bench ARGS="--steps all"                every trainer step, 17 and 18 too
     make bench ARGS="--no-compile"               the eager ladder
-    make bench ARGS="--rounds 4"                 twice the rounds, for two runs that must agree within 5% a row
+    make bench ARGS="--rounds 4"                 twice a CPU's rounds, for two runs that must agree within 5% a row
     make bench ARGS="--compare A.json B.json"    two runs' rows side by side (their --json files)
 
 The default rows are steps 10 to 16. 17 and 18 train as 16 does on one process (their lessons are the data and
@@ -359,16 +359,16 @@ def matmul_clock():
     return tick, str(dtype).removeprefix("torch.")
 
 
-def together(runs: dict[str, list[dict]]) -> float:
+def together(runs: dict[str, list[dict]]) -> float | None:
     """The correlation of each timed iteration's ms (over the median of its row's, so that the rows line up) with
     the clock beside it: near 1 when the machine's drift slows the iterations and the matmul alike. runs: a row's
-    label -> its runs, one a round."""
+    label -> its runs, one a round. None: too few iterations, or ms or clocks that did not vary."""
     x, y = [], []
     for done in runs.values():
         median = statistics.median(m for row in done for m in row["ms"])
         x += [m / median for row in done for m in row["ms"]]
         y += [c for row in done for c in row["clock_ms"]]
-    return statistics.correlation(x, y) if len(x) > 2 and len(set(x)) > 1 and len(set(y)) > 1 else math.nan
+    return statistics.correlation(x, y) if len(x) > 2 and len(set(x)) > 1 and len(set(y)) > 1 else None
 
 
 def beside(after: dict[int, float], timed: list[int]) -> list[float]:
@@ -666,9 +666,10 @@ def main(argv=None):
         print(f"the clock ({CLOCK_N} x {CLOCK_N} matmul, {done_rows[0]['clock_dtype']}) beside the {len(every)} timed "
               f"iterations: fastest {every[0]:.1f} ms, median {typical:.1f} ms, slowest {every[-1]:.1f} ms (a row's "
               "median in the clock column). The clock and the iterations' ms (each over its row's median): "
-              f"correlation {correlation:.2f}"
+              + (f"correlation {correlation:.2f}" if correlation is not None else "no correlation (too few timed "
+                 "iterations, or a clock that did not move)")
               + (" (the clock moved by less than 5%: too little for the correlation to say much)."
-                 if every[-1] < 1.05 * every[0] else "."))
+                 if correlation is not None and every[-1] < 1.05 * every[0] else "."))
     faults = [(f, row["step"]) for row in rows for f in row["faults"]]
     if faults:
         most, where = max(faults)
@@ -688,7 +689,7 @@ def main(argv=None):
                "seq_len": T, "rounds": rounds, "warmup": warmup, "iters": iters, "compile": not args.no_compile,
                "keep_freed_memory": not args.returned_memory, "heap_pad_mb": common["heap_pad_mb"],
                "median_clock_ms": typical,
-               "clock_correlation": round(correlation, 3) if every else None,
+               "clock_correlation": round(correlation, 3) if correlation is not None else None,
                "flops_per_token": flops, "minutes": round((time.perf_counter() - began) / 60, 1),
                "command": "make bench" + (f' ARGS="{" ".join(sys.argv[1:])}"' if argv is None and sys.argv[1:] else "")}
     args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")

@@ -417,6 +417,8 @@ def main(argv=None) -> int:
     p.add_argument("--id", help="the mistake (make mistake M=<id>); none: the list")
     p.add_argument("--check", action="store_true", help="every mistake on every step it applies to (CI)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.check and (args.id or args.step):
+        p.error("--check makes every mistake on every step, for CI: it takes no M= or N=")
     if args.check:
         return check()
     try:

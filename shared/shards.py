@@ -61,19 +61,22 @@ def open_source(source: str, out: Path | None = None):
     if path.is_dir() and skip and (skip == path.resolve() or skip in path.resolve().parents):
         sys.exit(f"error: --out {out} is the --source directory or holds it, and the shards made there are not read as "
                  "source: give an --out outside it")
-    files = sorted(p for p in path.rglob("*") if p.suffix in KINDS and (skip is None or skip not in p.resolve().parents)
-                   ) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in KINDS and p.is_file()  # not a directory named a.txt
+                   and (skip is None or skip not in p.resolve().parents)) if path.is_dir() else [path]
     if not path.exists():
         sys.exit(f"error: --source {source}: no such file or directory (or give fineweb-edu)")
     kinds = {KINDS.get(p.suffix) for p in files}
     if not files or None in kinds or len(kinds) > 1:
-        sys.exit(f"error: --source {source}: expected .parquet, .jsonl or .txt files, of one kind; found "
+        sys.exit(f"error: --source {source}: expected .parquet, .jsonl, .json or .txt files, of one kind; found "
                  f"{', '.join(sorted({p.suffix or p.name for p in files})) or 'none'}")
     kind, prefix = kinds.pop(), path.stem if path.is_file() else path.name
     if kind == "parquet":
         return parquet_records(files, source), prefix
     extra = {"sample_by": "paragraph"} if kind == "text" else {}  # a .txt: one document per blank-line paragraph
-    docs = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=True, **extra)
+    try:
+        docs = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=True, **extra)
+    except (ValueError, OSError) as e:  # a file unreadable, or gone since it was listed
+        sys.exit(f"error: --source {source} cannot be opened: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     return docs, prefix
 
 
@@ -266,6 +269,13 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'s' * (n != 1)}"
 
 
+def check_ids(tokens: np.ndarray, where) -> None:
+    """Exit when tokens hold an id past GPT-2's last (<|endoftext|>): not GPT-2's tokens, or damaged bytes."""
+    if len(tokens) and (top := int(tokens.max())) > EOT:
+        sys.exit(f"error: {where} holds token id {top:,}, past GPT-2's last, {EOT:,}: its tokens are not GPT-2's, or "
+                 "it is damaged. Make the shards again with make data")
+
+
 def intact(out: Path, shard: dict) -> bool:
     """The shard's file is there with the tokens the manifest records (its header says; the data is not read)."""
     try:
@@ -297,7 +307,7 @@ def read_manifest(out: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-    except ValueError:  # not JSON, or not UTF-8
+    except (ValueError, OSError):  # not JSON, not UTF-8, or not a readable file
         manifest = None
     if not (isinstance(manifest, dict) and isinstance(manifest.get("shards"), list)
             and isinstance(manifest.get("complete"), bool) and all(map(well_formed, manifest["shards"]))):
@@ -349,20 +359,24 @@ def verify(out: Path) -> None:
     manifest = read_manifest(out)
     if manifest is None:
         sys.exit(f"error: {out} has no {MANIFEST} to verify against")
+    if not manifest["shards"]:
+        sys.exit(f"error: {out / MANIFEST} records no shard: nothing to verify. Make them with: "
+                 f"make data ARGS=\"--source ... --out {out}\"")
     for s in manifest["shards"]:
         if not (out / s["file"]).exists():
             sys.exit(f"error: {out / s['file']} is missing. Run make data again with --out {out}: it remakes it")
         if (got := sha256(out / s["file"])) != s["sha256"]:
             sys.exit(f"error: {out / s['file']} is damaged: sha256 {got}, not {s['sha256']} as when it was made. "
                      f"Delete it and run make data again with --out {out}: it remakes it")
-    print(f"{out}: {len(manifest['shards'])} shards, every sha256 as recorded")
+    print(f"{out}: {plural(len(manifest['shards']), 'shard')}, every sha256 as recorded"
+          + ("" if manifest["complete"] else "; make data has not finished: the same command goes on"))
 
 
 def main(argv=None):
     p = cli.ArgumentParser(prog="make data", description=__doc__.split("\n\n")[0], hint='make data ARGS="--help"',
                            epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", help="fineweb-edu (streamed from the hub), or a .parquet, .jsonl (a text field) or "
-                   ".txt file, or a directory of them")
+    p.add_argument("--source", help="fineweb-edu (streamed from the hub), or a .parquet, .jsonl or .json (a text "
+                   "field) or .txt file, or a directory of them")
     p.add_argument("--out", type=cli.out_dir, required=True, help="the directory of shards (made, or continued)")
     p.add_argument("--shard-tokens", type=cli.positive_int, default=100_000_000, help="tokens a shard "
                    "(default 100M, 200 MB)")

@@ -146,6 +146,19 @@ def data_dir_copy(tmp_path, monkeypatch, damaged: str | None = None, missing: st
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
 
 
+def with_a_nan_weight(model_dir: Path, into: Path) -> Path:
+    """A copy of a model/ directory (config.json, model.safetensors) whose first MLP weight holds a nan: what a run
+    that diverged would have saved."""
+    from safetensors.torch import load_file, save_file
+
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    state = load_file(model_dir / "model.safetensors")
+    state["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    save_file(state, into / "model.safetensors", metadata={"format": "pt"})
+    return into
+
+
 def ctrl_c_as_in_a_terminal() -> None:
     """Popen's preexec_fn: Ctrl-C's default action back in the child. A shell's background job (make test &)
     ignores SIGINT, its children inherit that, and Python then installs no KeyboardInterrupt handler."""

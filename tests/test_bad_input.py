@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.conftest import data_dir_copy, mentions, small_run_flags
+from tests.conftest import data_dir_copy, mentions, small_run_flags, with_a_nan_weight
 
 FAST = ["--max-steps", "2", "--device", "cpu", "--seed", "0"]
 
@@ -187,6 +187,12 @@ def test_a_model_whose_vocabulary_is_not_the_tokenizers_is_refused(step, tmp_pat
     GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
         tmp_path)
     refuses(step, ["--model", str(tmp_path), "--prompt", "Hello"], capsys, words)
+
+
+@pytest.mark.main_needs("stream")
+def test_a_model_with_a_nan_weight_is_refused_before_it_writes(step, saved, tmp_path, capsys):
+    refuses(step, ["--model", str(with_a_nan_weight(saved, tmp_path))], capsys,
+            "nan or inf in transformer.h.0.mlp.c_fc.weight (1 tensors), from a run that diverged")
 
 
 @pytest.mark.main_needs("stream")

@@ -492,6 +492,13 @@ def test_without_a_given_peak_the_peak_is_the_median_clock_of_the_run(scripted_r
     assert machine["median_clock_ms"] == 22.0
 
 
+def test_too_few_iterations_for_a_correlation_say_so_and_keep_null_not_nan(scripted_rows, tmp_path, capsys):
+    ms = {"15_grad_accum": [([100.0], [20.0])], "15_grad_accum again": [([50.0], [24.0])]}  # two points
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))
+    assert "no correlation (too few timed iterations" in capsys.readouterr().out
+    assert '"clock_correlation": null' in (tmp_path / "b.json").read_text()  # NaN is not JSON
+
+
 def test_the_clocks_correlation_with_the_iterations_is_printed_and_kept(scripted_rows, tmp_path, capsys):
     ms = {"15_grad_accum": [([100.0, 120.0], [20.0, 24.0])], "15_grad_accum again": [([50.0, 60.0], [20.0, 24.0])]}
     scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))

@@ -2,6 +2,7 @@
 order that resumes exactly) and HellaSwag scored completion style. The shards' making is in test_shards.py."""
 import contextlib
 import http.client
+import io
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from transformers import GPT2LMHeadModel
 
 from shared import data, shards
 from shared.steps import ROOT
-from tests.conftest import small_run_flags
+from tests.conftest import small_run_flags, with_a_nan_weight
 from tests.test_trainer import interrupt_after, metrics
 
 CPU = torch.device("cpu")
@@ -159,6 +160,28 @@ def test_a_data_directory_without_shards_is_refused(step, tmp_path, capsys):
     assert "holds no shards" in str(exit.value.code) and "make data" in str(exit.value.code)
 
 
+@pytest.mark.main_needs("shards")
+def test_without_data_where_data_cannot_be_made_the_run_says_so_in_one_line(step, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").write_text("a file where data/shards/ would go")
+    with pytest.raises(SystemExit) as exit:
+        step.main.main([*small_run_flags(step), "--max-steps", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert str(exit.value.code).startswith("error: cannot make data/shards/tinyshakespeare-")
+    assert "give --data" in str(exit.value.code)
+
+
+@pytest.mark.main_needs("shards")
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_a_shard_with_an_id_past_gpt2s_vocabulary_is_named_not_trained_on(step, small_shards, tmp_path, split):
+    for path in small_shards.glob(f"*_{split}_*.npy"):  # 50,300: a padded row's id (of 50,304), whose loss would
+        np.save(path, np.full_like(np.load(path), 50_300))  # be inf, and "diverged" the wrong word
+    with pytest.raises(SystemExit) as exit:
+        step.main.main([*small_run_flags(step), "--data", str(small_shards), "--max-steps", "1", "--device", "cpu",
+                        "--out", str(tmp_path / "run")])
+    assert re.match(rf"error: {small_shards}/\w+_{split}_\d+\.npy holds token id 50,300, past GPT-2's last, 50,256",
+                    str(exit.value.code))
+
+
 # ---- HellaSwag
 
 ITEMS = [{"ctx": "The cat sat on the", "endings": ["mat.", "moon, far away in the sky.", "roof", "idea"], "label": 0},
@@ -252,7 +275,11 @@ def write_items(path, lines: list[str]):
 @pytest.mark.main_needs("hellaswag")
 @pytest.mark.parametrize("line", ["not json", json.dumps({"ctx": "a", "endings": ["b", "c"], "label": 0}),
                                   json.dumps({"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 4}),
-                                  json.dumps({"endings": ["b", "c", "d", "e"], "label": 1})])
+                                  json.dumps({"endings": ["b", "c", "d", "e"], "label": 1}),
+                                  json.dumps({"ctx": "a", "endings": "bcde", "label": 1}),  # 4 letters, not 4 endings
+                                  json.dumps({"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 2.7}),
+                                  json.dumps({"ctx": "a", "endings": ["b", "c", "d", "e"], "label": float("inf")}),
+                                  "[" * 100_000])  # deeper than json's recursion
 def test_a_bad_item_names_the_file_and_the_line(step, tmp_path, line):
     path = write_items(tmp_path / "items.jsonl", [json.dumps(ITEMS[0]), line])
     with pytest.raises(SystemExit) as exit:
@@ -303,6 +330,30 @@ def test_a_val_file_changed_since_its_download_is_refused(step, tmp_path, monkey
 
 
 @pytest.mark.main_needs("hellaswag")
+@pytest.mark.parametrize("damage", ["a directory of its name", "a sha256 record that is not text"])
+def test_a_val_file_that_cannot_be_read_is_refused_with_what_to_do(step, tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+    if damage == "a directory of its name":
+        (tmp_path / "hellaswag_val.jsonl").mkdir()
+    else:
+        write_items(tmp_path / "hellaswag_val.jsonl", [json.dumps(ITEMS[0])] * step.main.hellaswag.VAL_ITEMS)
+        (tmp_path / "hellaswag_val.jsonl.sha256").write_bytes(b"\xff\xfe")
+    with pytest.raises(SystemExit) as exit:
+        step.main.hellaswag.load("val")
+    assert "cannot be read" in str(exit.value.code) and "Delete both" in str(exit.value.code)
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_a_downloaded_val_file_that_cannot_be_saved_is_refused_with_what_to_do(step, tmp_path, monkeypatch):
+    (tmp_path / "data").write_text("a file where the data directory should be")
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(step.main.hellaswag.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"{}\n"))
+    with pytest.raises(SystemExit) as exit:
+        step.main.hellaswag.load("val")
+    assert str(exit.value.code).startswith(f"error: cannot save {tmp_path / 'data' / 'hellaswag_val.jsonl'} (")
+
+
+@pytest.mark.main_needs("hellaswag")
 def test_a_val_file_with_another_count_of_items_is_refused(step, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
     write_items(tmp_path / "hellaswag_val.jsonl", [json.dumps(ITEMS[0])] * 10)
@@ -323,6 +374,33 @@ def test_eval_only_scores_a_saved_model_and_two_processes_count_what_one_does(st
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert re.search(r"hellaswag acc \S+ acc_norm \S+", r.stdout).group(0) == one  # 9 items: 5 on rank 0, 4 on 1
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_eval_only_with_a_model_of_fewer_tokens_than_gpt2s_is_refused(step, tmp_path):
+    config = step.model.GPTConfig(block_size=32, vocab_size=100, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    step.model.GPT(config).save_pretrained(tmp_path / "model")
+    items = write_items(tmp_path / "items.jsonl", [json.dumps(ITEMS[0])])
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--eval-only", "--model", str(tmp_path / "model"), "--hellaswag", str(items), "--device",
+                        "cpu"])
+    assert str(exit.value.code).endswith("knows 100 tokens; HellaSwag needs GPT-2's 50,257")
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_eval_only_refuses_a_model_with_a_nan_weight_not_scores_it(step, saved_model, tmp_path):
+    items = write_items(tmp_path / "items.jsonl", [json.dumps(ITEMS[0])])
+    nan = with_a_nan_weight(saved_model[1], tmp_path / "nan")
+    with pytest.raises(SystemExit) as exit:  # all its losses would be nan, and argmin would answer ending 0
+        step.main.main(["--eval-only", "--model", str(nan), "--hellaswag", str(items), "--device", "cpu"])
+    assert "nan or inf in transformer.h.0.mlp.c_fc.weight" in str(exit.value.code)
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_hellaswag_with_a_window_of_one_token_is_refused(step, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--seq-len", "1", "--hellaswag", "val", "--device", "cpu", "--out", str(tmp_path)])
+    assert exit.value.code == 2 and "--hellaswag needs --seq-len 2 or more (got 1)" in capsys.readouterr().err
 
 
 @pytest.mark.main_needs("hellaswag")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from shared.steps import ROOT
@@ -175,17 +175,23 @@ def test_a_missing_weight_is_named(step, saved, tmp_path):
 
 
 @pytest.mark.needs("GPT.from_pretrained")
-@pytest.mark.parametrize("damage", ["truncated weights", "config without sizes"])
-def test_a_corrupt_checkpoint_is_refused_with_a_message(step, saved, tmp_path, damage):
+@pytest.mark.parametrize("damage, words", [
+    ("truncated weights", "SafetensorError"), ("config without sizes", "KeyError"),
+    ("a key that is not a name", "7 is not")])
+def test_a_corrupt_checkpoint_is_refused_with_a_message(step, saved, tmp_path, damage, words):
     hf, _ = saved
     hf.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
     if damage == "truncated weights":  # a download that stopped half-way
-        blob = (tmp_path / "model.safetensors").read_bytes()
-        (tmp_path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
-    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "config without sizes":
         (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(ValueError, match="does not hold a readable GPT-2 checkpoint"):
+    else:  # a pickle of what a step never writes
+        torch.save({**load_file(weights), 7: torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+        weights.unlink()
+    with pytest.raises(ValueError, match="does not hold a readable GPT-2 checkpoint") as error:
         step.model.GPT.from_pretrained(str(tmp_path))
+    assert words in str(error.value)
 
 
 @pytest.mark.needs("GPT.from_pretrained")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.conftest import small_run_flags
+from tests.conftest import small_run_flags, with_a_nan_weight
 
 pytestmark = pytest.mark.needs("KVCache")
 # A small GPT-2 with a context of 64 tokens, so that a test can write past it.
@@ -178,6 +178,14 @@ def test_generate_only_refuses_bad_input_in_one_line(step, saved, flags, words):
         step.main.main(["--generate-only", "--model", str(saved), "--device", "cpu", *flags])
     assert str(exit.value.code).startswith("error:") and words in str(exit.value.code)
     assert "\n" not in str(exit.value.code)
+
+
+@pytest.mark.main_needs("generate_only")
+def test_generate_only_refuses_a_model_with_a_nan_weight(step, saved, tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--generate-only", "--model", str(with_a_nan_weight(saved, tmp_path / "nan")), "--device",
+                        "cpu"])
+    assert "nan or inf in transformer.h.0.mlp.c_fc.weight" in str(exit.value.code)
 
 
 @pytest.mark.main_needs("generate_only")

@@ -74,6 +74,13 @@ def test_a_wrong_id_or_step_gets_one_error_line(args, message):
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("args", [["--check", "--id", "untied-head"], ["--check", "--step", "08"]])
+def test_check_with_a_mistake_or_a_step_is_refused_not_run_on_every_mistake(args, capsys):
+    with pytest.raises(SystemExit) as exit:
+        mistakes.main(args)
+    assert exit.value.code == 2 and "--check makes every mistake on every step" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mistake", mistakes.MISTAKES, ids=lambda m: m.id)
 def test_every_mistake_is_named_in_the_diary_of_its_step(mistake):
     diary = next((ROOT / "diary").glob(f"{resolve(mistake.step)}.md")).read_text()

@@ -207,6 +207,30 @@ def test_shards_without_a_manifest_are_read_as_they_are(sources, tmp_path):
     assert val.name == "docs_val_000000.npy" and len(train) == len(list(tmp_path.glob("*_train_*.npy")))
 
 
+def test_verify_of_a_manifest_with_no_shard_is_refused(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [], "complete": True}))
+    refused(lambda: shards.verify(tmp_path), "records no shard")
+
+
+def test_verify_of_an_unfinished_make_data_says_so(sources, tmp_path, capsys):
+    manifest = prepare(sources["jsonl"], tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    shards.verify(tmp_path)
+    assert "every sha256 as recorded; make data has not finished" in capsys.readouterr().out
+
+
+def test_a_directory_named_as_the_manifest_is_refused_as_damaged(tmp_path):
+    (tmp_path / "manifest.json").mkdir()
+    refused(lambda: shards.verify(tmp_path), "manifest.json is damaged")
+
+
+def test_a_source_directory_skips_a_subdirectory_named_like_a_text_file(tmp_path):
+    (tmp_path / "src" / "more.txt").mkdir(parents=True)
+    (tmp_path / "src" / "a.txt").write_text("Some text.\n\nAnother paragraph.\n")
+    manifest = prepare(str(tmp_path / "src"), tmp_path / "out")
+    assert sum(s["documents"] for s in manifest["shards"]) == 2
+
+
 def test_verify_finds_a_changed_byte(sources, tmp_path):
     prepare(sources["jsonl"], tmp_path)
     path = tmp_path / "docs_train_000001.npy"
@@ -243,7 +267,7 @@ def parquet_of(path, **columns):
 
 @pytest.mark.parametrize("make, words", [
     (lambda root: root / "nothing.txt", ["no such file"]),
-    (lambda root: (root / "a.csv").write_text("x") and root / "a.csv", ["expected .parquet, .jsonl or .txt", ".csv"]),
+    (lambda root: (root / "a.csv").write_text("x") and root / "a.csv", ["expected .parquet, .jsonl, .json or", ".csv"]),
     (lambda root: (root / "b.jsonl").write_text('{"body": "x"}\n') and root / "b.jsonl", ["no text", "body"]),
     (lambda root: parquet_of(root / "c.parquet", body=["x"]), ["has no 'text' column", "body"]),
     (lambda root: (root / "d.jsonl").write_text('{"text": "x"}\nnot json\n') and root / "d.jsonl",

@@ -72,6 +72,8 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         state = {}
         for f in shards:  # tensors only: safetensors, or a pickle read with weights_only=True
             state |= load_file(f) if f.suffix == ".safetensors" else torch.load(f, "cpu", weights_only=True, mmap=True)
+        if bad := [k for k, w in state.items() if not (isinstance(k, str) and torch.is_tensor(w))]:
+            raise ValueError(f"{bad[0]!r} is not a named tensor")
         config = json.loads((path / "config.json").read_text())
         GPTConfig(*(config[k] for k in SIZES))
     except Exception as e:  # truncated, corrupt or not a GPT-2 checkpoint: say so, without a traceback

@@ -83,7 +83,9 @@ class Loader:
         for shard in self.order(epoch):
             if n < self.counts[shard]:
                 start = self.order(epoch, shard)[n] * self.T
-                return self.shards[shard][start : start + self.T + 1]
+                tokens = self.shards[shard][start : start + self.T + 1]
+                shards.check_ids(tokens, self.shards[shard].filename)  # an id past the vocabulary: one line
+                return tokens
             n -= self.counts[shard]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +103,12 @@ def shakespeare_shards(args) -> Path:
     text = data.shakespeare()
     out = Path("data") / "shards" / f"tinyshakespeare-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     if args.rank == 0 and not (shards.read_manifest(out) or {}).get("complete"):
-        out.mkdir(parents=True, exist_ok=True)
-        (out.parent / f"{out.name}.txt").write_text(text)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out.parent / f"{out.name}.txt").write_text(text)
+        except OSError as e:  # ./data a file, or read-only
+            sys.exit(f"error: cannot make {out} for tiny shakespeare's shards ({e.strerror}): run from a directory "
+                     "where data/ can be written, or give --data")
         tokens = len(text) // 3 + 1  # about 3.3 characters a token: a little more than the tokens it has
         shards.prepare(str(out.parent / f"{out.name}.txt"), out, tokens // SHAKESPEARE_SHARDS + 1, quiet=True)
     if args.world > 1:
@@ -340,6 +346,8 @@ def main(argv=None):
                                  else "tiny")  # not 19,073 steps on tiny shakespeare
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if args.hellaswag and args.seq_len < 2:  # an ending's first token is predicted from the context's last
+        p.error(f"--hellaswag needs --seq-len 2 or more (got {args.seq_len})")
     args.rank, args.world = rank, world
     if args.total_batch_size % (args.batch_size * args.seq_len * world):  # every rank refuses, rank 0 says so
         p.error(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x --seq-len"
@@ -378,6 +386,7 @@ def main(argv=None):
     val = np.load(val_file, mmap_mode="r")[: args.val_windows * args.seq_len + 1]  # the first --val-windows windows
     if len(val) <= args.seq_len:
         sys.exit(f"error: --seq-len {args.seq_len} does not fit {val_file}: a window needs {args.seq_len + 1} tokens")
+    shards.check_ids(val, val_file)
     val_ids = torch.from_numpy(val.astype(np.int64)).to(args.device)  # once: 8 bytes a token
     model = GPT(config).to(args.device)
     loader = Loader(train_files, args.batch_size, args.seq_len, args.seed, args.shuffle, rank=args.rank,
@@ -485,6 +494,12 @@ def score_only(args, precision: str) -> None:
         model = GPT.from_pretrained(args.model).to(args.device)
     except (OSError, ValueError) as e:
         sys.exit(f"error: --model {args.model}: {e}")
+    if bad := [k for k, w in model.named_parameters() if not w.isfinite().all()]:  # saved from a diverged run
+        sys.exit(f"error: --model {args.model}: nan or inf in {bad[0]} ({len(bad)} tensors), from a run that "
+                 "diverged, or damaged")
+    if model.config.vocab_size < data.gpt2_tokenizer().n_vocab:  # HellaSwag's text has ids past its table
+        sys.exit(f"error: --model {args.model} knows {model.config.vocab_size:,} tokens; HellaSwag needs GPT-2's "
+                 "50,257")
     print(f"step {STEP} on {args.device}: scoring {args.model} ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters) on {shards.plural(len(items), 'HellaSwag item')}, dtype {precision}")
     start = time.perf_counter()

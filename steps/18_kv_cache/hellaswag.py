@@ -36,13 +36,21 @@ def val_file() -> Path:
         except (OSError, http.client.HTTPException) as e:  # HTTPException: a connection cut mid-file (IncompleteRead)
             sys.exit(f"error: {data.not_in_data_dir('hellaswag_val.jsonl')} and could not be downloaded ({e}).\n"
                      f"Download {URL}\nand save it as {path}, or give a file: --hellaswag FILE.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for target, content in (record, hashlib.sha256(blob).hexdigest().encode() + b"\n"), (path, blob):
-            part = target.with_name(f".{target.name}.{os.getpid()}.part")  # each rank its own: no torn file
-            part.write_bytes(content)
-            part.replace(target)
-    blob = path.read_bytes()
-    if record.exists() and hashlib.sha256(blob).hexdigest() != record.read_text().strip():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for target, content in (record, hashlib.sha256(blob).hexdigest().encode() + b"\n"), (path, blob):
+                part = target.with_name(f".{target.name}.{os.getpid()}.part")  # each rank its own: no torn file
+                part.write_bytes(content)
+                part.replace(target)
+        except OSError as e:  # a data directory that is read-only, or a full disk
+            sys.exit(f"error: cannot save {path} ({e.strerror}): save it there yourself, or give a file: "
+                     "--hellaswag FILE.")
+    try:
+        blob, recorded = path.read_bytes(), record.read_text().strip() if record.exists() else None
+    except (OSError, UnicodeDecodeError) as e:  # a directory of that name, a sha256 record that is not text
+        sys.exit(f"error: {path} or {record} cannot be read ({type(e).__name__}). Delete both, and run again to "
+                 "download it afresh.")
+    if recorded and hashlib.sha256(blob).hexdigest() != recorded:
         sys.exit(f"error: {path} has changed since it was downloaded (sha256 in {record}). Delete both, and run "
                  "again to download it afresh.")
     if (n := blob.count(b"\n")) != VAL_ITEMS:
@@ -65,18 +73,26 @@ def load(spec: str) -> list[dict]:
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-            ctx, endings, label = item["ctx"], item["endings"], int(item["label"])  # "2" in the hub's copy
-            assert isinstance(ctx, str) and len(endings) == 4 and all(isinstance(e, str) for e in endings)
-            assert label in (0, 1, 2, 3)
-        except (ValueError, KeyError, TypeError, AssertionError):
+        if (item := item_of(line)) is None:
             sys.exit(f"error: {path}, line {i}: not a HellaSwag item (a JSON object with ctx, a list of 4 endings and "
                      "a label from 0 to 3)")
-        items.append({"ctx": ctx, "endings": endings, "label": label})
+        items.append(item)
     if not items:
         sys.exit(f"error: {path} holds no HellaSwag items")
     return items
+
+
+def item_of(line: str) -> dict | None:
+    """The item on a line of HellaSwag's .jsonl, or None when the line is not one."""
+    try:
+        item = json.loads(line)
+        ctx, endings, label = item["ctx"], item["endings"], item["label"]
+    except (ValueError, KeyError, TypeError, RecursionError):  # not JSON, not an object, or nested too deep
+        return None
+    label = int(label) if label in ("0", "1", "2", "3") else label  # "2" in the hub's copy
+    ok = (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
+          and all(isinstance(e, str) for e in endings) and type(label) is int and label in (0, 1, 2, 3))
+    return {"ctx": ctx, "endings": endings, "label": label} if ok else None
 
 
 def rows(item: dict, tok, block_size: int) -> list[tuple[list[int], int]]:
