@@ -280,7 +280,8 @@ def time_reference(spec: dict) -> dict:
             row["compile"], row["compile_s"] = "yes", round(time.perf_counter() - start, 1)
         except Exception as e:  # no C++ compiler, a device it does not support: the eager model, and why
             fast = model
-            print(f"compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); running eager", flush=True)
+            first = (str(e).splitlines() or [""])[0][:120]  # a message may be empty
+            print(f"compile failed ({type(e).__name__}: {first}); running eager", flush=True)
         model.zero_grad(set_to_none=True)
     ms, after = [], {}  # after: iteration -> the clock's tick after it
     if spec.get("clock"):
@@ -667,7 +668,7 @@ def main(argv=None):
               f"iterations: fastest {every[0]:.1f} ms, median {typical:.1f} ms, slowest {every[-1]:.1f} ms (a row's "
               "median in the clock column). The clock and the iterations' ms (each over its row's median): "
               + (f"correlation {correlation:.2f}" if correlation is not None else "no correlation (too few timed "
-                 "iterations, or a clock that did not move)")
+                 "iterations, or ms or a clock that did not move)")
               + (" (the clock moved by less than 5%: too little for the correlation to say much)."
                  if correlation is not None and every[-1] < 1.05 * every[0] else "."))
     faults = [(f, row["step"]) for row in rows for f in row["faults"]]

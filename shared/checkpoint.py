@@ -26,7 +26,7 @@ def save(out: Path, state: dict) -> None:
         os.replace(tmp, path)  # atomic on one file system
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        kept = f"; {path} is the last one written" if path.exists() else ""
+        kept = f"; {path} is the last one written" if path.is_file() else ""
         sys.exit(f"error: cannot write a checkpoint to {out} ({os.strerror(e.errno) if e.errno else e}){kept}")
 
 
@@ -50,8 +50,8 @@ def load(out: Path) -> dict:
             and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
         sys.exit(f"error: {path} is not a checkpoint of this project (its rng or optimizer is not as a step saves it)")
     if bad := [k for k, w in state["model"].items() if torch.is_tensor(w) and not w.float().isfinite().all()]:
-        sys.exit(f"error: {path} has nan or inf in {bad[0]} ({len(bad)} tensors): the run diverged before it was "
-                 "saved, or the file is damaged. Start the run afresh with another --out (a smaller --lr if it "
+        sys.exit(f"error: {path} has nan or inf in {bad[0]} ({len(bad)} of its tensors): the run diverged before it "
+                 "was saved, or the file is damaged. Start the run afresh with another --out (a smaller --lr if it "
                  "diverged).")
     return state
 

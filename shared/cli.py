@@ -41,7 +41,8 @@ def out_dir(text: str) -> Path:
         raise argparse.ArgumentTypeError("expected a directory, got ''")
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")
-    atexit.register(remove_if_empty, [d for d in (path, *path.parents) if not d.exists()])  # deepest first
+    made = [d for d in (path.absolute(), *path.absolute().parents) if not d.exists()]  # deepest first
+    atexit.register(remove_if_empty, made)  # absolute: the directory the process ends in may be another
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

@@ -12,8 +12,8 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or not argv[0].isdigit() or int(argv[0]) < 1:
-        sys.exit("usage: python -m shared.launch NPROC MODULE [FLAGS ...], NPROC a whole number of processes >= 1")
+    if len(argv) < 2 or not argv[0].isdecimal() or int(argv[0]) < 1:
+        sys.exit("error: python -m shared.launch NPROC MODULE [FLAGS ...], NPROC a whole number of processes >= 1")
     nproc, module, *flags = argv
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))  # no oversubscribing
     os.environ.setdefault("LOGLEVEL", "ERROR")  # torchrun's agent: no warning when Ctrl-C reaches it

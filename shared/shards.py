@@ -1,7 +1,7 @@
 """make data: text to token shards, the training data of step 17 on.
 
     make data ARGS="--source fineweb-edu --out data/edu_fineweb10B"             FineWeb-Edu sample-10BT, streamed
-    make data ARGS="--source texts/ --out data/mine --max-tokens 100000000"     local .parquet, .jsonl or .txt files
+    make data ARGS="--source texts/ --out data/mine --max-tokens 100000000"     local .parquet, .jsonl, .json or .txt
 
 Every document becomes <|endoftext|> (id 50256) and then its GPT-2 tokens (tiktoken's encode_ordinary: the text
 "<|endoftext|>" inside a document stays text). The stream of tokens is cut into shards of --shard-tokens uint16 ids
@@ -52,8 +52,8 @@ def open_source(source: str, out: Path | None = None):
         routed = {"HTTPS_PROXY", "https_proxy", "HF_ENDPOINT"} & os.environ.keys()  # a proxy or a mirror: no direct way
         if not routed and not online("huggingface.co"):
             sys.exit("error: --source fineweb-edu streams from the Hugging Face hub, which cannot be reached from here "
-                     "(offline?). Use local files instead: --source PATH (a .parquet, .jsonl or .txt file, or a "
-                     "directory of them).")
+                     "(offline?). Use local files instead: --source PATH (a .parquet, .jsonl, .json or .txt file, or "
+                     "a directory of them).")
         docs = datasets.load_dataset(HUB[0], name=HUB[1], split="train", streaming=True)
         return docs, "edufineweb"
     path = Path(source)
@@ -76,7 +76,8 @@ def open_source(source: str, out: Path | None = None):
     try:
         docs = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=True, **extra)
     except (ValueError, OSError) as e:  # a file unreadable, or gone since it was listed
-        sys.exit(f"error: --source {source} cannot be opened: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        first = (str(e).splitlines() or [""])[0][:200]  # a message may be empty
+        sys.exit(f"error: --source {source} cannot be opened: {type(e).__name__}: {first}")
     return docs, prefix
 
 
@@ -116,7 +117,7 @@ def texts(docs, source: str, first: int = 0):
             yield text
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid (a bad JSON line, a damaged parquet) is a ValueError
         sys.exit(f"error: --source {source} cannot be read at document {i:,} or the next: "
-                 f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                 f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
 
 
 # ---- tokenizing, on every core
@@ -307,7 +308,7 @@ def read_manifest(out: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (ValueError, OSError):  # not JSON, not UTF-8, or not a readable file
+    except (ValueError, OSError, RecursionError):  # not JSON, not UTF-8, not a readable file, or nested too deep
         manifest = None
     if not (isinstance(manifest, dict) and isinstance(manifest.get("shards"), list)
             and isinstance(manifest.get("complete"), bool) and all(map(well_formed, manifest["shards"]))):
@@ -363,7 +364,7 @@ def verify(out: Path) -> None:
         sys.exit(f"error: {out / MANIFEST} records no shard: nothing to verify. Make them with: "
                  f"make data ARGS=\"--source ... --out {out}\"")
     for s in manifest["shards"]:
-        if not (out / s["file"]).exists():
+        if not (out / s["file"]).is_file():
             sys.exit(f"error: {out / s['file']} is missing. Run make data again with --out {out}: it remakes it")
         if (got := sha256(out / s["file"])) != s["sha256"]:
             sys.exit(f"error: {out / s['file']} is damaged: sha256 {got}, not {s['sha256']} as when it was made. "

@@ -192,7 +192,7 @@ def test_a_model_whose_vocabulary_is_not_the_tokenizers_is_refused(step, tmp_pat
 @pytest.mark.main_needs("stream")
 def test_a_model_with_a_nan_weight_is_refused_before_it_writes(step, saved, tmp_path, capsys):
     refuses(step, ["--model", str(with_a_nan_weight(saved, tmp_path))], capsys,
-            "nan or inf in transformer.h.0.mlp.c_fc.weight (1 tensors), from a run that diverged")
+            "nan or inf in transformer.h.0.mlp.c_fc.weight (1 of its tensors), from a run that diverged")
 
 
 @pytest.mark.main_needs("stream")

@@ -320,10 +320,11 @@ def test_hellaswag_val_offline_says_where_to_put_the_file(step, tmp_path, monkey
 
 
 @pytest.mark.main_needs("hellaswag")
-def test_a_val_file_changed_since_its_download_is_refused(step, tmp_path, monkeypatch):
+@pytest.mark.parametrize("record", ["0" * 64 + "\n", ""], ids=["another download's", "emptied"])
+def test_a_val_file_changed_since_its_download_is_refused(step, tmp_path, monkeypatch, record):
     monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
     write_items(tmp_path / "hellaswag_val.jsonl", [json.dumps(ITEMS[0])] * step.main.hellaswag.VAL_ITEMS)
-    (tmp_path / "hellaswag_val.jsonl.sha256").write_text("0" * 64 + "\n")  # recorded at another download
+    (tmp_path / "hellaswag_val.jsonl.sha256").write_text(record)
     with pytest.raises(SystemExit) as exit:
         step.main.hellaswag.load("val")
     assert "has changed since it was downloaded" in str(exit.value.code)

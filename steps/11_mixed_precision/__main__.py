@@ -204,7 +204,11 @@ def main(argv=None):
             if (it + 1) % args.save_every == 0 or it + 1 == args.max_steps:
                 save(it + 1)
     log.close(val_loss=val_loss, uniform_guess=math.log(tok.n_vocab))
-    model.save_pretrained(args.out / "model")
+    try:
+        model.save_pretrained(args.out / "model")
+    except OSError as e:  # a full disk: the checkpoint written at the last iteration holds the same weights
+        sys.exit(f"error: cannot write {args.out / 'model'} ({e.strerror}); {args.out / checkpoint.NAME} holds the "
+                 "trained weights")
     print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "
           f"make step N=09 ARGS=\"--model {args.out / 'model'}\")")
     show_sample(model, tok, args)

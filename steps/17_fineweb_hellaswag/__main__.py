@@ -478,7 +478,11 @@ def main(argv=None):
     if args.rank != 0:
         return
     log.close(val_loss=val_loss, **bench, uniform_guess=math.log(tok.n_vocab))
-    model.save_pretrained(args.out / "model")
+    try:
+        model.save_pretrained(args.out / "model")
+    except OSError as e:  # a full disk: the checkpoint written at the last iteration holds the same weights
+        sys.exit(f"error: cannot write {args.out / 'model'} ({e.strerror}); {args.out / checkpoint.NAME} holds the "
+                 "trained weights")
     print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "
           f"make step N=09 ARGS=\"--model {args.out / 'model'}\")")
     show_sample(model, tok, args)
@@ -495,8 +499,8 @@ def score_only(args, precision: str) -> None:
     except (OSError, ValueError) as e:
         sys.exit(f"error: --model {args.model}: {e}")
     if bad := [k for k, w in model.named_parameters() if not w.isfinite().all()]:  # saved from a diverged run
-        sys.exit(f"error: --model {args.model}: nan or inf in {bad[0]} ({len(bad)} tensors), from a run that "
-                 "diverged, or damaged")
+        sys.exit(f"error: --model {args.model}: nan or inf in {bad[0]} ({len(bad)} of its tensors), from a run "
+                 "that diverged, or damaged")
     if model.config.vocab_size < data.gpt2_tokenizer().n_vocab:  # HellaSwag's text has ids past its table
         sys.exit(f"error: --model {args.model} knows {model.config.vocab_size:,} tokens; HellaSwag needs GPT-2's "
                  "50,257")

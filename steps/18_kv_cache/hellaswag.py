@@ -50,7 +50,7 @@ def val_file() -> Path:
     except (OSError, UnicodeDecodeError) as e:  # a directory of that name, a sha256 record that is not text
         sys.exit(f"error: {path} or {record} cannot be read ({type(e).__name__}). Delete both, and run again to "
                  "download it afresh.")
-    if recorded and hashlib.sha256(blob).hexdigest() != recorded:
+    if recorded is not None and hashlib.sha256(blob).hexdigest() != recorded:
         sys.exit(f"error: {path} has changed since it was downloaded (sha256 in {record}). Delete both, and run "
                  "again to download it afresh.")
     if (n := blob.count(b"\n")) != VAL_ITEMS:
