@@ -5,6 +5,7 @@ downloaded from its canonical URL; when that fails we say which file to put wher
 Every use checks the file's sha256, so a damaged copy is named instead of silently used.
 """
 import base64
+import contextlib
 import functools
 import hashlib
 import http.client
@@ -60,16 +61,18 @@ def fetch(name: str) -> bytes:
 
 def download(name: str, url: str, sha256: str, path: Path) -> None:
     print(f"downloading {name} from {url}", file=sys.stderr)
+    tmp = path.with_suffix(f".{os.getpid()}.part")  # one a process: two downloading at once do not mix
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
             blob = r.read()
         if hashlib.sha256(blob).hexdigest() != sha256:
             raise OSError("checksum mismatch")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.part")  # one a process: two downloading at once do not mix
         tmp.write_bytes(blob)
         tmp.replace(path)  # atomic: a half-written file never has the real name
     except (OSError, http.client.HTTPException) as e:  # IncompleteRead, a connection cut mid-file, is not an OSError
+        with contextlib.suppress(OSError):  # a write cut short (a full disk): no .part left behind
+            tmp.unlink(missing_ok=True)
         sys.exit(
             f"error: {not_in_data_dir(name)} and could not be downloaded ({e}).\n"
             f"Download {url}\nand save it as {path}, or set GPT2STEPS_DATA to a directory that holds {name}."

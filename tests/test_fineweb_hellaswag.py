@@ -345,13 +345,20 @@ def test_a_val_file_that_cannot_be_read_is_refused_with_what_to_do(step, tmp_pat
 
 
 @pytest.mark.main_needs("hellaswag")
-def test_a_downloaded_val_file_that_cannot_be_saved_is_refused_with_what_to_do(step, tmp_path, monkeypatch):
-    (tmp_path / "data").write_text("a file where the data directory should be")
-    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path / "data"))
+@pytest.mark.parametrize("where", ["a file for a directory", "a full disk"])
+def test_a_downloaded_val_file_that_cannot_be_saved_is_refused_and_leaves_no_part(step, tmp_path, monkeypatch, where):
+    data_dir = tmp_path / "data"
+    if where == "a file for a directory":
+        data_dir.write_text("a file where the data directory should be")
+    else:
+        data_dir.mkdir()
+        (data_dir / f".hellaswag_val.jsonl.{os.getpid()}.part").symlink_to("/dev/full")  # every write fails
+    monkeypatch.setenv("GPT2STEPS_DATA", str(data_dir))
     monkeypatch.setattr(step.main.hellaswag.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"{}\n"))
     with pytest.raises(SystemExit) as exit:
         step.main.hellaswag.load("val")
-    assert str(exit.value.code).startswith(f"error: cannot save {tmp_path / 'data' / 'hellaswag_val.jsonl'} (")
+    assert str(exit.value.code).startswith(f"error: cannot save {data_dir / 'hellaswag_val.jsonl'} (")
+    assert data_dir.is_file() or not list(data_dir.glob(".*.part"))
 
 
 @pytest.mark.main_needs("hellaswag")

@@ -110,6 +110,16 @@ def test_a_download_cut_off_mid_file_is_refused_with_what_to_do(tmp_path, monkey
     assert not list(tmp_path.iterdir())
 
 
+def test_a_download_that_cannot_be_saved_leaves_no_part_file(tmp_path, monkeypatch):
+    blob = data.shakespeare().encode()  # the real file's bytes: its checksum passes
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: Response(lambda: blob))
+    (tmp_path / f"tinyshakespeare.{os.getpid()}.part").symlink_to("/dev/full")  # a full disk: writes fail
+    with pytest.raises(SystemExit, match=r"could not be downloaded \(\[Errno 28\] No space left on device"):
+        data.shakespeare()
+    assert not list(tmp_path.iterdir())
+
+
 def test_gpt2_tokenizer_works_offline_with_gpt2_ids():
     enc = data.gpt2_tokenizer()
     assert enc.encode("Hello world") == [15496, 995] and enc.encode(" the") == [262]

@@ -4,6 +4,7 @@ item is a context and 4 endings; the model reads context + ending for each, and 
 token (which does not favour short endings). GPT-2 124M: acc 0.2859, acc_norm 0.2955 on the 10,042 validation
 items; chance: 0.25.
 """
+import contextlib
 import hashlib
 import http.client
 import json
@@ -36,13 +37,16 @@ def val_file() -> Path:
         except (OSError, http.client.HTTPException) as e:  # HTTPException: a connection cut mid-file (IncompleteRead)
             sys.exit(f"error: {data.not_in_data_dir('hellaswag_val.jsonl')} and could not be downloaded ({e}).\n"
                      f"Download {URL}\nand save it as {path}, or give a file: --hellaswag FILE.")
-        try:
+        parts = {target: target.with_name(f".{target.name}.{os.getpid()}.part") for target in (record, path)}
+        try:  # each rank its own .part: no torn file
             path.parent.mkdir(parents=True, exist_ok=True)
             for target, content in (record, hashlib.sha256(blob).hexdigest().encode() + b"\n"), (path, blob):
-                part = target.with_name(f".{target.name}.{os.getpid()}.part")  # each rank its own: no torn file
-                part.write_bytes(content)
-                part.replace(target)
+                parts[target].write_bytes(content)
+                parts[target].replace(target)
         except OSError as e:  # a data directory that is read-only, or a full disk
+            for part in parts.values():
+                with contextlib.suppress(OSError):
+                    part.unlink(missing_ok=True)
             sys.exit(f"error: cannot save {path} ({e.strerror}): save it there yourself, or give a file: "
                      "--hellaswag FILE.")
     try:
