@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from shared import checkpoint
+
 
 def rows_before(path: Path, start: int) -> list[dict]:
     """The rows of a resumed run's iterations before `start`. A metrics.jsonl that is gone, or a line cut off by a
@@ -34,10 +36,13 @@ def rows_before(path: Path, start: int) -> list[dict]:
 class RunLog:
     """Log of one training run of `total` iterations, printing every `every`-th (0: about 25 lines a run)."""
 
-    def __init__(self, out: Path, total: int, every: int = 0, start: int = 0, baseline: tuple | None = None):
+    def __init__(self, out: Path, total: int, every: int = 0, start: int = 0, baseline: tuple | None = None,
+                 fresh: bool = False):
         """start > 0 continues a resumed run: metrics.jsonl keeps its rows of the iterations before `start`.
         baseline: (prefix, name, value), e.g. ("hellaswag", "GPT-2 124M", 0.2955): the rows' prefix_acc and
-        prefix_acc_norm are drawn in a second panel of the loss curve, with the value as a line to beat."""
+        prefix_acc_norm are drawn in a second panel of the loss curve, with the value as a line to beat.
+        fresh: a new run of a step that saves checkpoints. It checked for an earlier run's checkpoint when it started;
+        it checks again once it holds the directory, before it empties anything: a run may have ended in between."""
         self.baseline = baseline
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -52,6 +57,8 @@ class RunLog:
         except OSError as e:  # a file system without locks (some network mounts): run, unguarded
             print(f"note: {self.out} cannot be locked ({os.strerror(e.errno)}): nothing stops a second run from "
                   "writing there at the same time", flush=True)
+        if fresh:
+            checkpoint.refuse_to_overwrite(self.out)
         self.file.truncate(0)
         self.file.writelines(json.dumps(r) + "\n" for r in self.rows)
         self.total, self.every, self.first = total, every or max(1, math.ceil(total / 25)), start

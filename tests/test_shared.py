@@ -350,6 +350,14 @@ def test_out_dir_leaves_for_exit_the_directories_it_made_and_no_other_as_absolut
     assert registered == [(cli.remove_if_empty, [tmp_path / "old" / "new" / "run", tmp_path / "old" / "new"])]
 
 
+def test_a_fresh_run_log_refuses_a_directory_with_a_checkpoint_and_leaves_its_metrics(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 1.0}\n')
+    (tmp_path / "checkpoint.pt").write_bytes(b"an earlier run's")
+    with pytest.raises(SystemExit, match="already holds a checkpoint of an earlier run"):
+        runlog.RunLog(tmp_path, total=5, fresh=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iter": 0, "loss": 1.0}\n'
+
+
 def test_remove_if_empty_goes_up_from_the_deepest_and_stops_at_the_first_that_holds_something(tmp_path):
     (tmp_path / "a" / "b" / "c").mkdir(parents=True)
     cli.remove_if_empty([tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"])

@@ -226,6 +226,23 @@ def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoint(step, tmp_path,
 
 
 @pytest.mark.main_needs("Loader")
+@pytest.mark.first_and_last  # RunLog's second check (shared/runlog.py), reached by the same call in every trainer
+def test_a_run_that_ends_while_a_new_one_builds_its_model_keeps_its_checkpoint_and_metrics(step, tmp_path, finished,
+                                                                                            monkeypatch):
+    build = step.main.GPT
+
+    def build_while_an_earlier_run_ends(config):  # after the new run's first check, before it takes the directory
+        finished(step, tmp_path)
+        return build(config)
+
+    monkeypatch.setattr(step.main, "GPT", build_while_an_earlier_run_ends)
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "2")
+    assert "already holds a checkpoint" in str(exit.value.code)
+    assert checkpoint.load(tmp_path)["iter"] == 3 and len(metrics(tmp_path)[0]) == 3  # the earlier run's, whole
+
+
+@pytest.mark.main_needs("Loader")
 @pytest.mark.first_and_last  # the lock is RunLog's (shared/runlog.py), which every trainer uses alike
 def test_a_run_into_a_directory_another_run_is_writing_to_stops(step, tmp_path):
     other = runlog.RunLog(tmp_path, total=10)  # a run started a moment earlier, not yet at its first checkpoint

@@ -231,7 +231,7 @@ def main(argv=None):
         checkpoint.save(args.out, {"config": run, "iter": it, "model": model.state_dict(),
                                    "optimizer": opt.state_dict(), "loader": loader.pos, "rng": rng_states()})
 
-    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start)
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, fresh=not state)
     val_loss = math.nan
     with ctrl_c_stops_between_iterations() as stop:
         for it in range(start, args.max_steps):

@@ -449,7 +449,7 @@ def main(argv=None):
             checkpoint.save(args.out, {"config": run, "iter": it, "model": model.state_dict(),
                                        "optimizer": opt.state_dict(), "loader": loader.pos, "rng": rng_states()})
 
-    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, baseline=(
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, fresh=not state, baseline=(
         "hellaswag", "GPT-2 124M", hellaswag.GPT2_ACC_NORM)) if args.rank == 0 else None
     val_loss, bench = math.nan, {}
     with ctrl_c_stops_between_iterations() as stop:
