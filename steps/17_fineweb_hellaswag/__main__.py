@@ -488,12 +488,8 @@ def main(argv=None):
     show_sample(model, tok, args)
 
 
-def score_only(args, precision: str) -> None:
-    """--eval-only: HellaSwag for a trained model, a model/ directory of a trainer step or gpt2 ... gpt2-xl."""
-    if not args.hellaswag:
-        sys.exit("error: --eval-only scores HellaSwag: give --hellaswag val or --hellaswag FILE")
-    items = hellaswag.load(args.hellaswag)
-    join_process_group(args)
+def load_model(args) -> GPT:
+    """--model for --eval-only, refused in one line when it cannot be read or holds nan or inf."""
     try:
         model = GPT.from_pretrained(args.model).to(args.device)
     except (OSError, ValueError) as e:
@@ -501,6 +497,16 @@ def score_only(args, precision: str) -> None:
     if bad := [k for k, w in model.named_parameters() if not w.isfinite().all()]:  # saved from a diverged run
         sys.exit(f"error: --model {args.model}: nan or inf in {bad[0]} ({len(bad)} of its tensors), from a run "
                  "that diverged, or damaged")
+    return model
+
+
+def score_only(args, precision: str) -> None:
+    """--eval-only: HellaSwag for a trained model, a model/ directory of a trainer step or gpt2 ... gpt2-xl."""
+    if not args.hellaswag:
+        sys.exit("error: --eval-only scores HellaSwag: give --hellaswag val or --hellaswag FILE")
+    items = hellaswag.load(args.hellaswag)
+    join_process_group(args)
+    model = load_model(args)
     if model.config.vocab_size < data.gpt2_tokenizer().n_vocab:  # HellaSwag's text has ids past its table
         sys.exit(f"error: --model {args.model} knows {model.config.vocab_size:,} tokens; HellaSwag needs GPT-2's "
                  "50,257")
