@@ -50,9 +50,12 @@ step: $(STAMP)
 	elif ! [[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]]; then echo "error: NPROC=$(NPROC) is not a number of processes" >&2; exit 2; \
 	else $(PY) -m shared.launch $(NPROC) steps.$$s $(ARGS); fi
 
+# One test process per core (pytest-xdist), each on one thread (tests/conftest.py); a file's tests stay in one
+# process, so the runs they share are made once.
+PYTEST := $(PY) -m pytest -n auto --dist loadfile
 test: $(STAMP)
-	@if [ -n "$(N)" ]; then s=$$($(REGISTRY) resolve "$(N)") && $(PY) -m pytest --step $$s $(ARGS); \
-	else $(PY) -m pytest $(ARGS); fi
+	@if [ -n "$(N)" ]; then s=$$($(REGISTRY) resolve "$(N)") && $(PYTEST) --step $$s $(ARGS); \
+	else $(PYTEST) $(ARGS); fi
 
 bench: $(STAMP)
 	@$(PY) -m shared.bench $(ARGS)

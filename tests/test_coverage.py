@@ -1,7 +1,8 @@
 """Every step keeps the four shared checks. Tests pick their steps by the names a step defines, so a rename
 would quietly deselect a step's tests; these tests fail instead, naming the step and the missing kind, or the
-test that no step is left for."""
+test that no step is left for. And the suite's own set-up: one thread in each of make test's processes."""
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,18 @@ def test_step_takes_a_number_or_a_name(given, chosen):
 def test_an_unknown_step_stops_pytest_with_one_line_naming_the_steps():
     with pytest.raises(pytest.UsageError, match=r"--step: unknown step '99'; the steps: 01_embedding, "):
         conftest.chosen_step("99")
+
+
+@pytest.mark.parametrize("worker", ["gw0", None])
+def test_a_test_process_of_make_test_runs_on_one_thread_and_pytest_alone_on_torchs_default(worker):
+    # make test runs one test process per core (pytest-xdist names each in PYTEST_XDIST_WORKER): two threads in each
+    # of two processes on two cores oversubscribe; the processes a test starts get one thread too (OMP_NUM_THREADS)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_XDIST_WORKER", "OMP_NUM_THREADS")}
+    env |= {"PYTEST_XDIST_WORKER": worker} if worker else {}
+    probe = ("import os, torch; default = torch.get_num_threads(); import tests.conftest; "
+             "print(default, torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS'))")
+    r = subprocess.run([sys.executable, "-c", probe],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    default, threads, omp = r.stdout.split()
+    assert (threads, omp) == (("1", "1") if worker else (default, "None"))
