@@ -161,7 +161,8 @@ def flops_per_token(n_layer: int, n_head: int, n_embd: int, seq_len: int) -> int
 
 
 def peak_memory_mb(dev) -> float:
-    """CUDA: the most memory tensors held at once. CPU: the process's peak resident memory (VmHWM)."""
+    """CUDA: the most memory tensors held at once. CPU: the process's peak resident memory (VmHWM; not getrusage's
+    ru_maxrss, which in a process started from a larger one, as the workers are, is that one's peak)."""
     import torch
 
     if dev.type == "cuda":
@@ -280,8 +281,7 @@ def time_reference(spec: dict) -> dict:
             row["compile"], row["compile_s"] = "yes", round(time.perf_counter() - start, 1)
         except Exception as e:  # no C++ compiler, a device it does not support: the eager model, and why
             fast = model
-            first = (str(e).splitlines() or [""])[0][:120]  # a message may be empty
-            print(f"compile failed ({type(e).__name__}: {first}); running eager", flush=True)
+            print(f"compile failed ({cli.one_line(e, 120)}); running eager", flush=True)
         model.zero_grad(set_to_none=True)
     ms, after = [], {}  # after: iteration -> the clock's tick after it
     if spec.get("clock"):

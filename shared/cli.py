@@ -61,6 +61,13 @@ def remove_if_empty(dirs: list[Path]) -> None:
             return
 
 
+def one_line(e: BaseException, width: int = 200) -> str:
+    """An exception for an error message: "RuntimeError: its first line", cut to width; its name alone when its
+    message is empty."""
+    first = str(e).partition("\n")[0][:width]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def out_file(text: str) -> Path:
     """An argparse type: a file whose directory can be written to (made now). A default given as text is checked
     too (argparse converts a str default), so a missing runs/ is made before the work, not found after it."""

@@ -76,8 +76,7 @@ def open_source(source: str, out: Path | None = None):
     try:
         docs = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=True, **extra)
     except (ValueError, OSError) as e:  # a file unreadable, or gone since it was listed
-        first = (str(e).splitlines() or [""])[0][:200]  # a message may be empty
-        sys.exit(f"error: --source {source} cannot be opened: {type(e).__name__}: {first}")
+        sys.exit(f"error: --source {source} cannot be opened: {cli.one_line(e)}")
     return docs, prefix
 
 
@@ -116,8 +115,7 @@ def texts(docs, source: str, first: int = 0):
                          f"{', '.join(k for k, v in record.items() if v is not None) or 'nothing'})")
             yield text
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid (a bad JSON line, a damaged parquet) is a ValueError
-        sys.exit(f"error: --source {source} cannot be read at document {i:,} or the next: "
-                 f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        sys.exit(f"error: --source {source} cannot be read at document {i:,} or the next: {cli.one_line(e)}")
 
 
 # ---- tokenizing, on every core

@@ -173,11 +173,14 @@ def offline(*args, **kwargs):
 
 
 @pytest.fixture
-def compile_fails(monkeypatch):
-    """torch.compile as on a machine without a C++ compiler: it fails at the first call of the compiled model."""
+def compile_fails(monkeypatch, request):
+    """torch.compile as on a machine without a C++ compiler: it fails at the first call of the compiled model, with
+    the message a test gives (parametrize indirect) or "no C++ compiler found"."""
+    message = getattr(request, "param", "no C++ compiler found")
+
     def broken(model):
         def call(*args, **kwargs):
-            raise RuntimeError("no C++ compiler found")
+            raise RuntimeError(message)
         return call
     monkeypatch.setattr(torch, "compile", broken)
 

@@ -109,6 +109,14 @@ def test_a_failing_compile_falls_back_to_eager_and_says_why(step):
     assert all(p.grad is None for p in model.parameters())  # the failed try leaves no gradients behind
 
 
+@pytest.mark.main_needs("compiled")
+@pytest.mark.parametrize("compile_fails", [""], indirect=True)
+def test_a_compile_failing_with_an_empty_message_is_named_not_a_traceback(step, compile_fails):
+    model, x, y = small_batch(step)
+    fast, note = step.main.compiled(model, SimpleNamespace(compile=True, device=CPU, dtype="fp32"), x, y)
+    assert fast is model and note == "compile failed (RuntimeError); running eager"
+
+
 @pytest.mark.main_needs("Loader")
 @pytest.mark.main_lacks("shards")  # from step 17 on, a batch is windows copied out of memory-mapped shards
 def test_the_loaders_batches_are_views_of_its_tokens_not_copies(step):

@@ -299,6 +299,22 @@ def test_a_process_group_that_cannot_form_fails_within_its_timeout_with_one_line
 
 
 @pytest.mark.main_needs("join_process_group")
+@pytest.mark.newest  # join_process_group as step 16 brought it, carried unchanged (make diff)
+def test_a_group_that_fails_with_an_empty_message_is_named_in_one_line(step, monkeypatch, capfd):
+    def fails(*args, **kwargs):
+        raise RuntimeError()
+    monkeypatch.setattr(step.main.dist, "init_process_group", fails)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(SystemExit) as exit:
+        step.main.join_process_group(SimpleNamespace(rank=1, world=2, device=CPU, dist_timeout=5))
+    assert exit.value.code == 1
+    assert capfd.readouterr().err == ("error: rank 1 of 2 could not join the process group at 10.0.0.1:29500 within "
+                                       "5 s (--dist-timeout): RuntimeError\n")
+
+
+@pytest.mark.main_needs("join_process_group")
 @pytest.mark.newest  # only_rank_0_speaks as step 16 brought it, carried unchanged (make diff)
 def test_a_run_into_the_out_of_a_running_one_stops_with_rank_0s_line_and_no_traceback(step, tmp_path):
     other = runlog.RunLog(tmp_path, total=10)  # a run already writing there

@@ -324,6 +324,13 @@ def test_seed_refuses_what_torch_cannot_take(text):
         cli.seed(text)
 
 
+@pytest.mark.parametrize("e, said", [(RuntimeError("no compiler\nat line 3"), "RuntimeError: no compiler"),
+                                     (RuntimeError(), "RuntimeError"),
+                                     (ValueError("x" * 300), "ValueError: " + "x" * 200)])
+def test_an_exception_is_said_in_one_line_its_name_alone_when_its_message_is_empty(e, said):
+    assert cli.one_line(e) == said
+
+
 def test_out_dir_is_made_and_checked_when_parsed(tmp_path):
     assert cli.out_dir(str(tmp_path / "a" / "b")).is_dir()
     (tmp_path / "file").write_text("x")

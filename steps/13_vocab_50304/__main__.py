@@ -95,7 +95,7 @@ def compiled(model, args, x, y):
         return fast, f"compiled in {time.perf_counter() - start:.0f} s"
     except Exception as e:  # torch.compile reports its failures at the first call, as any exception
         model.zero_grad(set_to_none=True)
-        return model, f"compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); running eager"
+        return model, f"compile failed ({cli.one_line(e, 120)}); running eager"
 
 
 @contextlib.contextmanager

@@ -218,7 +218,7 @@ def compiled(model, args, x, y):
         return fast, f"compiled in {time.perf_counter() - start:.0f} s"
     except Exception as e:  # torch.compile reports its failures at the first call, as any exception
         model.zero_grad(set_to_none=True)
-        return model, f"compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); running eager"
+        return model, f"compile failed ({cli.one_line(e, 120)}); running eager"
 
 
 @contextlib.contextmanager
@@ -263,7 +263,7 @@ def join_process_group(args) -> None:
     except (RuntimeError, ValueError) as e:  # every rank says it: each fails on its own, on its own machine
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         print(f"error: rank {args.rank} of {args.world} could not join the process group at {where} within "
-              f"{args.dist_timeout:g} s (--dist-timeout): {str(e).splitlines()[0][:200]}", file=sys.__stderr__)
+              f"{args.dist_timeout:g} s (--dist-timeout): {cli.one_line(e)}", file=sys.__stderr__)
         sys.exit(1)
 
 
