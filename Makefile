@@ -50,12 +50,13 @@ step: $(STAMP)
 	elif ! [[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]]; then echo "error: NPROC=$(NPROC) is not a number of processes" >&2; exit 2; \
 	else $(PY) -m shared.launch $(NPROC) steps.$$s $(ARGS); fi
 
-# One test process per core (pytest-xdist), each on one thread (tests/conftest.py); a file's tests stay in one
-# process, so the runs they share are made once.
-PYTEST := $(PY) -m pytest -n auto --dist loadfile
+# The whole suite: one test process per CPU, at most 4 (pytest-xdist), each on one thread (tests/conftest.py); a
+# file's tests stay in one process, so the runs they share are made once. One stage's tests: one process, where
+# -s shows what a test prints (ARGS="-n 0 -s" for the whole suite).
+WORKERS = $(shell $(PYTHON) -c "import os; print(min(4, os.cpu_count() or 1))")  # each holds torch, some a 124M model
 test: $(STAMP)
-	@if [ -n "$(N)" ]; then s=$$($(REGISTRY) resolve "$(N)") && $(PYTEST) --step $$s $(ARGS); \
-	else $(PYTEST) $(ARGS); fi
+	@if [ -n "$(N)" ]; then s=$$($(REGISTRY) resolve "$(N)") && $(PY) -m pytest --step $$s $(ARGS); \
+	else $(PY) -m pytest -n $(WORKERS) --dist loadfile $(ARGS); fi
 
 bench: $(STAMP)
 	@$(PY) -m shared.bench $(ARGS)

@@ -14,6 +14,8 @@ complete shard, and makes the shards that one run would have made.
 """
 import argparse
 import collections
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -199,10 +201,38 @@ def write_atomic(path: Path, write) -> None:
 
 
 def prepare(source: str, out: Path, shard_tokens: int = 100_000_000, max_tokens: int | None = None,
-            workers: int = 1, progress: bool = True, quiet: bool = False) -> dict:
-    """Tokenize source into shards in out (made or continued); returns the manifest. quiet: no bar, no lines."""
-    say = (lambda *a: None) if quiet else print
+            workers: int = 1, progress: bool = True, quiet: bool = False, wait: bool = False) -> dict:
+    """Tokenize source into shards in out (made or continued); returns the manifest. quiet: no bar, no lines.
+    wait: for another process making shards in out to end (it may have made them); else that is refused."""
     out.mkdir(parents=True, exist_ok=True)
+    with one_maker(out, wait):
+        return make_shards(source, out, shard_tokens, max_tokens, workers, progress and not quiet,
+                           (lambda *a: None) if quiet else print)
+
+
+@contextlib.contextmanager
+def one_maker(out: Path, wait: bool):
+    """Hold a lock on out itself (no lock file) while making its shards: two processes would write the same shards
+    and manifest. The lock goes when the directory is closed or the process ends."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                sys.exit(f"error: another process is making shards in {out} now: wait for it to end, or give this "
+                         "one another --out")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some network mounts): go on, unguarded
+            print(f"note: {out} cannot be locked ({os.strerror(e.errno)}): nothing stops a second process from "
+                  "making shards there at the same time", flush=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def make_shards(source: str, out: Path, shard_tokens: int, max_tokens: int | None, workers: int, progress: bool,
+                say) -> dict:
     source = source if source == "fineweb-edu" else str(Path(source).resolve())  # texts/ and ./texts are one source
     settings = {"source": source, "tokenizer": "gpt2", "shard_tokens": shard_tokens, "max_tokens": max_tokens}
     manifest = read_manifest(out) or {**settings, "shards": [], "complete": False}
@@ -225,7 +255,7 @@ def prepare(source: str, out: Path, shard_tokens: int = 100_000_000, max_tokens:
         say(f"{out}: {len(manifest['shards'])} shards already complete; going on from document {doc:,}")
     from tqdm import tqdm
 
-    with tqdm(total=max_tokens, initial=done, unit="tok", unit_scale=True, disable=quiet or not progress,
+    with tqdm(total=max_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
               desc=f"tokenizing {source}", dynamic_ncols=True) as bar:  # closed however the loop ends
         try:
             buf = np.empty(shard_tokens, dtype=np.uint16)  # one shard at a time: memory does not grow with the source

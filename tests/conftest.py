@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never need the hub
 MAKE_VARIABLES = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "N", "M", "ARGS", "NPROC")
 for name in MAKE_VARIABLES:
     os.environ.pop(name, None)
-if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one test process per core (pytest-xdist): one thread
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one test process per CPU (pytest-xdist): one thread
     torch.set_num_threads(1)  # each, and for the processes a test starts; two each on two cores oversubscribe
     os.environ["OMP_NUM_THREADS"] = "1"
 settings.register_profile("steps", max_examples=20, deadline=None)  # keeps `make test` in minutes on 2 cores

@@ -87,7 +87,7 @@ def test_an_unknown_step_stops_pytest_with_one_line_naming_the_steps():
 
 @pytest.mark.parametrize("worker", ["gw0", None])
 def test_a_test_process_of_make_test_runs_on_one_thread_and_pytest_alone_on_torchs_default(worker):
-    # make test runs one test process per core (pytest-xdist names each in PYTEST_XDIST_WORKER): two threads in each
+    # make test runs one test process per CPU (pytest-xdist names each in PYTEST_XDIST_WORKER): two threads in each
     # of two processes on two cores oversubscribe; the processes a test starts get one thread too (OMP_NUM_THREADS)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_XDIST_WORKER", "OMP_NUM_THREADS")}
     env |= {"PYTEST_XDIST_WORKER": worker} if worker else {}

@@ -1,6 +1,8 @@
 """Step 17's lesson and every step after it: training on token shards (read memory-mapped, in a seeded shuffled
 order that resumes exactly) and HellaSwag scored completion style. The shards' making is in test_shards.py."""
 import contextlib
+import fcntl
+import hashlib
 import http.client
 import io
 import json
@@ -8,6 +10,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -158,6 +163,27 @@ def test_a_data_directory_without_shards_is_refused(step, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         step.main.main(["--data", str(tmp_path), "--max-steps", "1", "--out", str(tmp_path / "run")])
     assert "holds no shards" in str(exit.value.code) and "make data" in str(exit.value.code)
+
+
+@pytest.mark.main_needs("shakespeare_shards")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_a_run_making_tiny_shakespeares_shards_while_another_makes_them_waits_for_it(step, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("data/shards") / f"tinyshakespeare-{hashlib.sha256(data.shakespeare().encode()).hexdigest()[:12]}"
+    out.mkdir(parents=True)
+    read, open_source = [], shards.open_source
+    monkeypatch.setattr(shards, "open_source", lambda *a: read.append(time.monotonic()) or open_source(*a))
+    other = os.open(out, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)  # the other run, making the same shards
+    run = threading.Thread(target=step.main.shakespeare_shards, args=(SimpleNamespace(rank=0, world=1),))
+    run.start()
+    time.sleep(0.5)
+    released = time.monotonic()
+    os.close(other)
+    run.join(timeout=60)
+    assert read and read[0] > released  # it read the text only once the other had let go
+    assert shards.read_manifest(out)["complete"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name, f"{out.name}.txt"]  # no part-written text left
 
 
 @pytest.mark.main_needs("shards")

@@ -1,5 +1,6 @@
 """make data (shared/shards.py): text to uint16 token shards in build-nanogpt's layout, with a manifest, resumable.
 Sources are made here, offline: the same documents as a .jsonl, a .parquet and a .txt."""
+import fcntl
 import json
 import os
 import signal
@@ -138,6 +139,17 @@ def refused(call, *words):
     message = str(exit.value.code)
     assert message.startswith("error:") and all(w in message for w in words), message
     return message
+
+
+def test_making_shards_where_another_process_is_making_them_is_refused_in_one_line(sources, tmp_path):
+    other = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)  # as another process would: the lock of another open directory
+    with pytest.raises(SystemExit) as exit:
+        prepare(sources["jsonl"], tmp_path)
+    os.close(other)
+    assert exit.value.code == f"error: another process is making shards in {tmp_path} now: wait for it to end, or " \
+        "give this one another --out"
+    assert prepare(sources["jsonl"], tmp_path)["complete"]  # once the other has let go, the same command runs
 
 
 def test_other_settings_in_the_same_directory_are_refused(sources, tmp_path):

@@ -99,18 +99,22 @@ class Loader:
 
 def shakespeare_shards(args) -> Path:
     """Shards of tiny shakespeare, made by make data's pipeline (documents cut at blank lines) on first use, under
-    data/shards/ (rank 0 makes them; the others wait)."""
+    data/shards/ (rank 0 makes them; the other ranks wait, and so does another run making them at the same time)."""
     text = data.shakespeare()
     out = Path("data") / "shards" / f"tinyshakespeare-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    source, part = out.parent / f"{out.name}.txt", out.parent / f".{out.name}.{os.getpid()}.txt"
     if args.rank == 0 and not (shards.read_manifest(out) or {}).get("complete"):
         try:
             out.mkdir(parents=True, exist_ok=True)
-            (out.parent / f"{out.name}.txt").write_text(text)
-        except OSError as e:  # ./data a file, or read-only
+            part.write_text(text)
+            part.replace(source)  # in one step, whole: another run may be reading it
+        except OSError as e:  # ./data a file, or read-only, or full
+            if part.exists():
+                part.unlink()
             sys.exit(f"error: cannot make {out} for tiny shakespeare's shards ({e.strerror}): run from a directory "
                      "where data/ can be written, or give --data")
         tokens = len(text) // 3 + 1  # about 3.3 characters a token: a little more than the tokens it has
-        shards.prepare(str(out.parent / f"{out.name}.txt"), out, tokens // SHAKESPEARE_SHARDS + 1, quiet=True)
+        shards.prepare(str(source), out, tokens // SHAKESPEARE_SHARDS + 1, quiet=True, wait=True)
     if args.world > 1:
         dist.barrier(device_ids=[args.device.index] if args.device.type == "cuda" else None)
     print(f"no --data: training on tiny shakespeare, as shards made by make data's pipeline in {out}")
