@@ -26,9 +26,13 @@ def checked(convert, ok, what: str):
 
 
 MAX_SEED = 2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 positive_int = checked(int, lambda v: v > 0, "a positive integer")
 non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive, finite number")
+even_positive_int = checked(int, lambda v: v > 0 and v % 2 == 0, "a positive, even integer")
+# AdamW's first step is lr / (1 - beta1) = 10 x lr, taken in float32: past its largest, AdamW raises an overflow
+learning_rate = checked(float, lambda v: 0 < v < FLOAT32_MAX / 10, "a positive number below 3.4e37")  # nan fails
 probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")  # nan and inf fail the test
 seed = checked(int, lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}")
 
@@ -39,11 +43,11 @@ def out_dir(text: str) -> Path:
     path = Path(text)
     if not text.strip():  # Path("") is ".": the run would write into whatever directory it was started in
         raise argparse.ArgumentTypeError("expected a directory, got ''")
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")
-    made = [d for d in (path.absolute(), *path.absolute().parents) if not d.exists()]  # deepest first
-    atexit.register(remove_if_empty, made)  # absolute: the directory the process ends in may be another
-    try:
+    try:  # OSError: a name too long, too
+        if path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")
+        made = [d for d in (path.absolute(), *path.absolute().parents) if not d.exists()]  # deepest first
+        atexit.register(remove_if_empty, made)  # absolute: the directory the process ends in may be another
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
@@ -72,7 +76,7 @@ def out_file(text: str) -> Path:
     """An argparse type: a file whose directory can be written to (made now). A default given as text is checked
     too (argparse converts a str default), so a missing runs/ is made before the work, not found after it."""
     path = Path(text)
-    if path.is_dir():
+    if answered(path.is_dir, text):
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / 'results.json'}")
     out_dir(str(path.parent))
     return path
@@ -81,12 +85,21 @@ def out_file(text: str) -> Path:
 def existing_dir(text: str) -> Path:
     """An argparse type: a directory that is there already (a typo must not make a new, empty one)."""
     path = Path(text)
-    if path.is_file():  # --resume runs/10_training/checkpoint.pt: the directory was meant
+    if answered(path.is_file, text):  # --resume runs/10_training/checkpoint.pt: the directory was meant
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory: give the directory that holds it, "
                                          f"{path.parent}")
-    if not path.is_dir():
+    if not answered(path.is_dir, text):
         raise argparse.ArgumentTypeError(f"{text} is not a directory")
     return path
+
+
+def answered(ask, text: str) -> bool:
+    """ask(), a question about the path text, or one argparse line when the file system cannot answer it (a name
+    too long, a directory that cannot be read)."""
+    try:
+        return ask()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text} ({os.strerror(e.errno) if e.errno else e})")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -35,6 +35,7 @@ def refuses(step, argv, capsys, *words):
 @pytest.mark.parametrize("flag, value", [
     ("--device", "tpu"), ("--seed", "x"), ("--seed", "-1"), ("--seed", "99999999999999999999999"),
     ("--max-steps", "0"), ("--max-steps", "1.5"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"),
+    ("--lr", "3.5e37"),  # AdamW's first step, 10 x lr, past float32's largest: an overflow inside torch
     ("--dropout", "1.5"), ("--dropout", "nan"), ("--batch-size", "0"), ("--log-every", "-1"),
 ])
 def test_a_bad_value_is_refused_naming_the_flag(step, flag, value, capsys):
@@ -67,6 +68,26 @@ def test_an_empty_out_is_refused_not_taken_as_the_current_directory(step, capsys
 @pytest.mark.main_needs("evaluate")
 def test_out_that_cannot_be_written_is_refused(step, capsys):
     refuses(step, ["--out", "/proc/forbidden"], capsys, "argument --out", "cannot write to /proc/forbidden")
+
+
+@pytest.mark.main_mentions('"--d-model"')
+@pytest.mark.main_needs("evaluate")
+def test_an_odd_d_model_is_refused_its_sines_and_cosines_come_in_pairs(step, capsys):
+    refuses(step, ["--d-model", "3"], capsys, "argument --d-model", "expected a positive, even integer, got '3'")
+
+
+@pytest.mark.main_needs("evaluate")
+def test_out_with_a_name_too_long_is_refused(step, capsys):
+    refuses(step, ["--out", "a" * 300], capsys, "argument --out", "(File name too long)")
+
+
+@pytest.mark.main_mentions('"124M"')
+def test_gpt2_124m_with_a_window_past_its_1024_positions_is_refused_before_any_work(step, capsys):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--size", "124M", "--block-size", "1025"])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and out == ""  # not even the 124M model's parameter count first
+    assert "error: --block-size 1025 is past GPT-2's context of 1024 tokens" in err
 
 
 @pytest.mark.main_needs("evaluate")

@@ -318,6 +318,16 @@ def test_positive_float_refuses_what_is_not_a_positive_finite_number(text, messa
         cli.positive_float(text)
 
 
+def test_the_largest_learning_rate_is_the_one_whose_first_adamw_step_fits_in_float32():
+    p = torch.nn.Parameter(torch.ones(1))
+    p.grad = torch.ones(1)
+    torch.optim.AdamW([p], lr=cli.learning_rate("3.3e37")).step()  # 3.3e38: float32 holds it
+    with pytest.raises(argparse.ArgumentTypeError, match="below 3.4e37"):
+        cli.learning_rate("3.5e37")
+    with pytest.raises(RuntimeError, match="overflow"):  # what the refusal saves a learner from
+        torch.optim.AdamW([p], lr=3.5e37).step()
+
+
 @pytest.mark.parametrize("text", ["-1", str(2**32), "99999999999999999999999", "1.5"])
 def test_seed_refuses_what_torch_cannot_take(text):
     with pytest.raises(argparse.ArgumentTypeError, match="a seed from 0 to 4294967295"):
@@ -338,6 +348,12 @@ def test_out_dir_is_made_and_checked_when_parsed(tmp_path):
         cli.out_dir(str(tmp_path / "file"))
     with pytest.raises(argparse.ArgumentTypeError, match="cannot write to /proc/forbidden"):
         cli.out_dir("/proc/forbidden")
+
+
+@pytest.mark.parametrize("kind", [cli.out_dir, cli.out_file, cli.existing_dir])
+def test_a_path_with_a_name_too_long_is_refused_in_one_line(kind):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^cannot (read|write to) a{300} \(File name too long\)$"):
+        kind("a" * 300)  # 255 bytes is the most a name may have on Linux's file systems
 
 
 def test_the_default_out_is_checked_when_parsed_too(tmp_path, monkeypatch, capsys):

@@ -61,12 +61,13 @@ def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=1000)
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="windows per batch")
     p.add_argument("--block-size", type=cli.positive_int, default=64, help="characters per window, at most")
-    p.add_argument("--d-model", type=cli.positive_int, default=64, help="width of every vector")
+    p.add_argument("--d-model", type=cli.even_positive_int, default=64,
+                   help="width of every vector (even: its positions are sines and cosines in pairs)")
     p.add_argument("--n-heads", type=cli.positive_int, default=4, help="attention heads; must divide --d-model")
     p.add_argument("--n-layers", type=cli.positive_int, default=2, help="stacked layers")
     p.add_argument("--d-ff", type=cli.positive_int, default=256, help="width of the feed-forward hidden layer")
     p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
-    p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=cli.learning_rate, default=1e-3, help="AdamW learning rate")
     args = p.parse_args(argv)
     if args.d_model % args.n_heads:
         p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")

@@ -56,12 +56,13 @@ def main(argv=None):
     p = cli.parser(__doc__, STEP, max_steps=600)
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="words per batch")
     p.add_argument("--max-letters", type=cli.positive_int, default=10, help="longest word")
-    p.add_argument("--d-model", type=cli.positive_int, default=64, help="width of every vector")
+    p.add_argument("--d-model", type=cli.even_positive_int, default=64,
+                   help="width of every vector (even: its positions are sines and cosines in pairs)")
     p.add_argument("--n-heads", type=cli.positive_int, default=4, help="attention heads; must divide --d-model")
     p.add_argument("--n-layers", type=cli.positive_int, default=2, help="stacked layers")
     p.add_argument("--d-ff", type=cli.positive_int, default=256, help="width of the feed-forward hidden layer")
     p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
-    p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=cli.learning_rate, default=1e-3, help="AdamW learning rate")
     p.add_argument("--size", default="auto", choices=["auto", "small", "base"],
                    help="base = the paper's base model (the sizes above are then ignored); auto = base on a CUDA "
                    "GPU, small elsewhere")

@@ -39,23 +39,25 @@ def main(argv=None):
     p.add_argument("--n-head", type=cli.positive_int, default=4, help="attention heads; must divide --n-embd")
     p.add_argument("--n-layer", type=cli.positive_int, default=2, help="blocks")
     p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
-    p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=cli.learning_rate, default=3e-3, help="AdamW learning rate")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=40, help="tokens to write after each prompt")
     p.add_argument("--size", default="auto", choices=["auto", "small", "124M"],
-                   help="124M = GPT-2 small (the sizes above are then ignored); auto = 124M on a CUDA "
+                   help="124M = GPT-2 small (--n-embd, --n-head and --n-layer are then ignored); auto = 124M on a CUDA "
                    "GPU, small elsewhere")
     args = p.parse_args(argv)
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     args.device = device.pick(args.device)
+    if args.size == "auto":
+        args.size = "124M" if args.device.type == "cuda" else "small"
+    if args.size == "124M" and args.block_size > GPTConfig().block_size:  # its position table has 1024 rows
+        p.error(f"--block-size {args.block_size} is past GPT-2's context of {GPTConfig().block_size} tokens")
     summary(GPTConfig())
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
     tok = data.gpt2_tokenizer()  # GPT-2's BPE: 50257 tokens
     train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())), args.block_size)
-    if args.size == "auto":
-        args.size = "124M" if args.device.type == "cuda" else "small"
     if args.size == "124M":
         model = GPT(GPTConfig(dropout=args.dropout))
     else:

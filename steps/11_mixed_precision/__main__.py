@@ -116,7 +116,7 @@ def main(argv=None):
     p.add_argument("--n-embd", type=cli.positive_int, help="width of the residual stream; the MLP is 4 times as wide")
     p.add_argument("--batch-size", type=cli.positive_int, help="windows per batch (B)")
     p.add_argument("--seq-len", type=cli.positive_int, help="tokens per window (T), also the model's context")
-    p.add_argument("--lr", type=cli.positive_float, help="AdamW learning rate")
+    p.add_argument("--lr", type=cli.learning_rate, help="AdamW learning rate")
     p.add_argument("--dropout", type=cli.probability, default=0.0, help="dropout probability")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocasts the forward "
                    "pass; auto = bf16 where the device computes in bf16 natively, fp32 elsewhere")
