@@ -127,8 +127,8 @@ def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=1337,
                    help="random seed: the same seed gives the same losses on the same machine and thread count")
     p.add_argument("--out", type=out_dir, default=str(Path("runs") / step),  # text: argparse checks it too
-                   help="directory for metrics.jsonl, summary.json and loss.svg (from step 10 on, also "
-                   "checkpoint.pt and model/)")
+                   help="directory for metrics.jsonl, summary.json and loss.svg"
+                   + (", checkpoint.pt and model/" if int(step[:2]) >= 10 else ""))  # steps 10 on save a model
     p.add_argument("--log-every", type=non_negative_int, default=0,
                    help="print every n-th iteration, 0 = about 25 lines a run; metrics.jsonl keeps every iteration")
     return p

@@ -61,6 +61,9 @@ class RunLog:
             checkpoint.refuse_to_overwrite(self.out)
         self.file.truncate(0)
         self.file.writelines(json.dumps(r) + "\n" for r in self.rows)
+        if not start:  # a new run: an earlier run's summary and curve would not be this run's
+            for name in ("summary.json", "loss.svg"):
+                (self.out / name).unlink(missing_ok=True)
         self.total, self.every, self.first = total, every or max(1, math.ceil(total / 25)), start
         self.start = self.t0 = time.perf_counter()
 

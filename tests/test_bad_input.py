@@ -76,6 +76,11 @@ def test_an_odd_d_model_is_refused_its_sines_and_cosines_come_in_pairs(step, cap
     refuses(step, ["--d-model", "3"], capsys, "argument --d-model", "expected a positive, even integer, got '3'")
 
 
+@pytest.mark.main_needs("hide")
+def test_an_encoder_window_of_one_character_is_refused_it_may_have_none_to_hide(step, capsys):
+    refuses(step, ["--block-size", "1"], capsys, "--block-size 1 is too short: give 2 or more")
+
+
 @pytest.mark.main_needs("evaluate")
 def test_out_with_a_name_too_long_is_refused(step, capsys):
     refuses(step, ["--out", "a" * 300], capsys, "argument --out", "(File name too long)")

@@ -76,3 +76,12 @@ def test_encoder_sees_both_directions(step):
 @pytest.mark.needs("Encoder")
 def test_encoder_parameter_count(step):
     assert sum(p.numel() for p in small_encoder(step).parameters()) == 50 * 32 + 2 * layer_params(32, 64, 1)
+
+
+@pytest.mark.main_needs("hide")
+def test_every_batch_hides_at_least_one_character_so_that_its_loss_is_a_number(step):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):  # one window of 4: at 15% each, nothing would be hidden about 6 times in 10
+        x, y = step.main.hide(torch.randint(2, 60, (1, 4)), gen)
+        assert (y >= 0).sum() >= 1
+        assert torch.equal(x == step.main.MASK, y >= 0)  # and each hidden character is a MASK in x

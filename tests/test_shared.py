@@ -239,6 +239,15 @@ def test_run_log_writes_metrics_summary_and_a_loss_curve(tmp_path, capsys):
     assert "iter     1 | loss 2.0000 | lr 1.00e-01" in capsys.readouterr().out
 
 
+def test_a_new_run_log_removes_an_earlier_runs_summary_and_curve_a_resumed_one_keeps_them(tmp_path):
+    for name in ("summary.json", "loss.svg"):
+        (tmp_path / name).write_text("the earlier run's")
+    runlog.RunLog(tmp_path, total=10, start=3).close()  # resumed: they stay until this run writes its own
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "loss.svg").exists()
+    runlog.RunLog(tmp_path, total=10).close()  # a new run that stops before its end: no summary, no curve yet
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "loss.svg").exists()
+
+
 def test_run_log_prints_every_nth_iteration_and_the_last_with_an_eta(tmp_path, capsys):
     log = runlog.RunLog(tmp_path, total=100)  # no --log-every: about 25 lines
     for it in range(100):
@@ -354,6 +363,11 @@ def test_out_dir_is_made_and_checked_when_parsed(tmp_path):
 def test_a_path_with_a_name_too_long_is_refused_in_one_line(kind):
     with pytest.raises(argparse.ArgumentTypeError, match=r"^cannot (read|write to) a{300} \(File name too long\)$"):
         kind("a" * 300)  # 255 bytes is the most a name may have on Linux's file systems
+
+
+@pytest.mark.parametrize("name, saves", [("01_embedding", False), ("08_gpt2", False), ("10_training", True)])
+def test_outs_help_names_a_checkpoint_only_where_the_step_saves_one(name, saves):
+    assert ("checkpoint.pt and model/" in cli.parser("doc", name, max_steps=5).format_help()) == saves
 
 
 def test_the_default_out_is_checked_when_parsed_too(tmp_path, monkeypatch, capsys):

@@ -5,10 +5,14 @@ import argparse
 import contextlib
 import io
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import mentions, small_run_flags
+from shared.steps import ROOT
+from tests.conftest import ctrl_c_as_in_a_terminal, mentions, small_run_flags
 
 RUN = ["--max-steps", "40", "--device", "cpu", "--seed", "0"]
 pytestmark = pytest.mark.usefixtures("first_twentieth_of_the_corpus")
@@ -116,3 +120,20 @@ def test_same_seed_gives_the_same_losses(step, tmp_path):
     b = run(step, tmp_path / "b", "--max-steps", "3")
     assert len([r["loss"] for r in a if "loss" in r]) == 3  # three losses to compare, not two empty lists
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+@pytest.mark.main_needs("evaluate")
+@pytest.mark.main_lacks("Loader")  # from step 10 on, Ctrl-C saves a checkpoint too (tests/test_trainer.py)
+@pytest.mark.first_and_last  # the same four lines in 01 to 08 (make diff)
+def test_ctrl_c_stops_a_run_with_one_line_and_no_traceback(step, tmp_path):
+    cmd = [sys.executable, "-m", f"steps.{step.name}", "--max-steps", "100000", "--log-every", "1", "--out",
+           str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
+    for line in proc.stdout:  # wait for the first logged iteration
+        if line.startswith("iter "):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err == "interrupted\n"
+    assert (tmp_path / "metrics.jsonl").read_text().startswith('{"iter": 0')  # the iterations done are kept

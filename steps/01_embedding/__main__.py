@@ -1,5 +1,6 @@
 """Step 01: embeddings and a linear head learn which character follows which in tiny shakespeare."""
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -74,4 +75,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+        sys.exit("interrupted")

@@ -1,5 +1,6 @@
 """Step 02: one causal self-attention layer lets each character look back at the ones before it."""
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -79,4 +80,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+        sys.exit("interrupted")

@@ -1,5 +1,6 @@
 """Step 03: one full block (attention and feed-forward, each with Add & Norm) as a character model."""
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -80,4 +81,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+        sys.exit("interrupted")

@@ -1,5 +1,6 @@
 """Step 04: an encoder fills in hidden characters, reading the text on both sides of each gap."""
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -37,6 +38,8 @@ def hide(x, gen, fraction: float = 0.15):
     lengths = torch.randint(S // 2, S + 1, (B, 1), generator=gen)  # (B, 1)
     pad = torch.arange(S) >= lengths  # (B, S), True past each row's length
     hidden = (torch.rand(x.shape, generator=gen) < fraction) & ~pad  # (B, S), the positions to fill in
+    if not hidden.any():  # a small batch may hide nothing, and a loss over no character is nan: hide one
+        hidden[0, torch.randint(0, int(lengths[0]), (1,), generator=gen)] = True
     y = x.masked_fill(~hidden, -100)  # (B, S): the hidden characters; -100 elsewhere, which the loss ignores
     return x.masked_fill(hidden, MASK).masked_fill(pad, PAD), y
 
@@ -71,6 +74,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.d_model % args.n_heads:
         p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
+    if args.block_size < 2:  # a window is cut to S // 2 to S characters: 0 of 1 leaves nothing to hide
+        p.error(f"--block-size {args.block_size} is too short: give 2 or more")
     args.device = device.pick(args.device)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -111,4 +116,7 @@ def show_fill_in(model, tok, ids, args, gen):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+        sys.exit("interrupted")

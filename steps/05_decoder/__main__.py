@@ -1,5 +1,6 @@
 """Step 05: a decoder learns to write words backwards, reading a fixed memory of each word through cross-attention."""
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -123,4 +124,7 @@ def show_predictions(model, tok, args, gen, n: int = 200):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+        sys.exit("interrupted")

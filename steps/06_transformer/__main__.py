@@ -1,5 +1,6 @@
 """Step 06: the full Transformer learns to write words backwards, and decodes them greedily."""
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -114,4 +115,7 @@ def show_predictions(model, tok, args, gen, n: int = 200):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+        sys.exit("interrupted")

@@ -1,5 +1,6 @@
 """Step 07: the decoder alone learns to continue tiny shakespeare, one GPT-2 BPE token at a time, then writes some."""
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -102,4 +103,7 @@ def show_samples(model, tok, args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+        sys.exit("interrupted")

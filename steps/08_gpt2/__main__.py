@@ -1,5 +1,6 @@
 """Step 08: GPT-2's architecture: the 124M model counted part by part, then a small GPT trained like step 07."""
 import math
+import sys
 
 import torch
 
@@ -117,4 +118,7 @@ def show_samples(model, tok, args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+        sys.exit("interrupted")
