@@ -183,9 +183,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write, then: str = "The complete shards and the manifest are kept: make room, then run "
+                 "the same command to go on") -> None:
     """write(f) into a temporary file, on the disk, then rename it: a half-written shard never has the real name. A
-    failed write (a full disk) stops with one line; no temporary file is left, however it stops."""
+    failed write (a full disk) stops with one line, then what to do; no temporary file is left, however it stops."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -194,8 +195,7 @@ def write_atomic(path: Path, write) -> None:
             os.fsync(f.fileno())  # the bytes on the disk before the name: else a crash could keep the name only
         os.replace(tmp, path)  # atomic on one file system
     except OSError as e:
-        sys.exit(f"error: cannot write {path} ({os.strerror(e.errno) if e.errno else e}). The complete shards and "
-                 "the manifest are kept: make room, then run the same command to go on")
+        sys.exit(f"error: cannot write {path} ({os.strerror(e.errno) if e.errno else e}). {then}")
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -186,6 +186,20 @@ def test_a_run_making_tiny_shakespeares_shards_while_another_makes_them_waits_fo
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name, f"{out.name}.txt"]  # no part-written text left
 
 
+@pytest.mark.main_needs("shakespeare_shards")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_tiny_shakespeares_text_that_cannot_be_written_is_one_line_and_leaves_no_part(step, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = f"tinyshakespeare-{hashlib.sha256(data.shakespeare().encode()).hexdigest()[:12]}.txt"
+    Path("data/shards").mkdir(parents=True)
+    Path(f"data/shards/.{name}.{os.getpid()}.tmp").symlink_to("/dev/full")  # every write fails with ENOSPC
+    with pytest.raises(SystemExit) as exit:
+        step.main.shakespeare_shards(SimpleNamespace(rank=0, world=1))
+    assert exit.value.code == (f"error: cannot write data/shards/{name} (No space left on device). Run from a "
+                               "directory where data/ can be written, or give --data")
+    assert [p.name for p in Path("data/shards").iterdir()] == [name[:-4]]  # the shards' directory, empty, only
+
+
 @pytest.mark.main_needs("shards")
 def test_without_data_where_data_cannot_be_made_the_run_says_so_in_one_line(step, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

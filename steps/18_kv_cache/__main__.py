@@ -106,17 +106,15 @@ def shakespeare_shards(args) -> Path:
     data/shards/ (rank 0 makes them; the other ranks wait, and so does another run making them at the same time)."""
     text = data.shakespeare()
     out = Path("data") / "shards" / f"tinyshakespeare-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    source, part = out.parent / f"{out.name}.txt", out.parent / f".{out.name}.{os.getpid()}.txt"
+    source = out.parent / f"{out.name}.txt"
     if args.rank == 0 and not (shards.read_manifest(out) or {}).get("complete"):
         try:
             out.mkdir(parents=True, exist_ok=True)
-            part.write_text(text)
-            part.replace(source)  # in one step, whole: another run may be reading it
-        except OSError as e:  # ./data a file, or read-only, or full
-            if part.exists():
-                part.unlink()
+        except OSError as e:  # ./data a file, or read-only
             sys.exit(f"error: cannot make {out} for tiny shakespeare's shards ({e.strerror}): run from a directory "
                      "where data/ can be written, or give --data")
+        shards.write_atomic(source, lambda f: f.write(text.encode()),  # whole: another run may be reading it
+                            then="Run from a directory where data/ can be written, or give --data")
         tokens = len(text) // 3 + 1  # about 3.3 characters a token: a little more than the tokens it has
         shards.prepare(str(source), out, tokens // SHAKESPEARE_SHARDS + 1, quiet=True, wait=True)
     if args.world > 1:
