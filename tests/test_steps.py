@@ -124,7 +124,7 @@ def test_same_seed_gives_the_same_losses(step, tmp_path):
 
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.main_lacks("Loader")  # from step 10 on, Ctrl-C saves a checkpoint too (tests/test_trainer.py)
-@pytest.mark.first_and_last  # the same four lines in 01 to 08 (make diff)
+@pytest.mark.first_and_last  # the same lines in 01 to 08 (make diff)
 def test_ctrl_c_stops_a_run_with_one_line_and_no_traceback(step, tmp_path):
     cmd = [sys.executable, "-m", f"steps.{step.name}", "--max-steps", "100000", "--log-every", "1", "--out",
            str(tmp_path)]
