@@ -3,8 +3,10 @@
 A checkpoint is one file, DIR/checkpoint.pt: a dict of the run's config, the model's and the optimizer's
 state, the next iteration, the data loader's position and the random number generators' states.
 """
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,14 +22,18 @@ def save(out: Path, state: dict) -> None:
     path, tmp = Path(out) / NAME, Path(out) / f"{NAME}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)  # into a file it is given, a failed write is an OSError (into a path, a RuntimeError)
+            torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes on the disk before the name: else a crash could keep the name only
         os.replace(tmp, path)  # atomic on one file system
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:  # a disk full mid-write: torch's zip writer adds a RuntimeError as it closes
+        failed = next((x for x in (e, e.__context__) if isinstance(x, OSError)), None)
+        if failed is None:
+            raise
+        tmp.unlink(missing_ok=True)  # half a checkpoint would keep the disk full
         kept = f"; {path} is the last one written" if path.is_file() else ""
-        sys.exit(f"error: cannot write a checkpoint to {out} ({os.strerror(e.errno) if e.errno else e}){kept}")
+        sys.exit(f"error: cannot write a checkpoint to {out} ({os.strerror(failed.errno) if failed.errno else failed})"
+                 f"{kept}")
 
 
 def load(out: Path) -> dict:
@@ -37,7 +43,9 @@ def load(out: Path) -> dict:
     if not path.exists():
         sys.exit(f"error: no checkpoint to resume from: {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a pickle not written by torch.save: the error below says it, not a warning
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled objects other than tensors
         sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}): truncated, damaged or not a "
                  f"checkpoint. Delete it, or start the run afresh with another --out.")
@@ -45,8 +53,11 @@ def load(out: Path) -> dict:
         sys.exit(f"error: {path} is not a checkpoint of this project (not a dict of the run's state)")
     if missing := [k for k, kind in KEYS.items() if not isinstance(state.get(k), kind)]:
         sys.exit(f"error: {path} is not a checkpoint of this project (no {', no '.join(missing)} of the right kind)")
+    if state["iter"] < 0 or state["loader"] < 0:
+        sys.exit(f"error: {path} is not a checkpoint of this project (iteration {state['iter']}, loader position "
+                 f"{state['loader']}: a step saves neither below 0)")
     rng, opt = state["rng"], state["optimizer"]
-    if not (torch.is_tensor(rng.get("cpu")) and isinstance(rng.get("cuda"), list)
+    if not (torch.is_tensor(rng.get("cpu")) and rng["cpu"].dtype == torch.uint8 and isinstance(rng.get("cuda"), list)
             and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
         sys.exit(f"error: {path} is not a checkpoint of this project (its rng or optimizer is not as a step saves it)")
     if bad := [k for k, w in state["model"].items() if torch.is_tensor(w) and not w.float().isfinite().all()]:
@@ -54,6 +65,18 @@ def load(out: Path) -> dict:
                  "was saved, or the file is damaged. Start the run afresh with another --out (a smaller --lr if it "
                  "diverged).")
     return state
+
+
+@contextlib.contextmanager
+def restoring(out: Path):
+    """Around loading a checkpoint's model and optimizer states: one that does not fit them (a weight missing or of
+    another shape, as after an edit by hand) stops the run in one line."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError) as e:  # load_state_dict's own errors, several lines long
+        said = " ".join(str(e).split())[:300]
+        sys.exit(f"error: {Path(out) / NAME} does not fit the model and optimizer ({said}): damaged or edited. Delete "
+                 "it, or start the run afresh with another --out.")
 
 
 def check_config(path: Path, theirs: dict, ours: dict) -> None:

@@ -1,4 +1,5 @@
 """A live log line every few iterations, metrics.jsonl (every iteration), summary.json and loss.svg at the end."""
+import contextlib
 import fcntl
 import json
 import math
@@ -77,9 +78,7 @@ class RunLog:
         row = {"iter": it, "loss": finite(round(loss, 6)), "lr": lr, "ms": round(dt * 1000, 2), **extra}
         if tokens is not None:
             row["tok_per_s"] = round(tokens / dt)
-        self.rows.append(row)
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        self.write(row)
         if it % self.every == 0 or it == self.total - 1 or not math.isfinite(loss):
             self.print_line(row, loss)
         if not math.isfinite(loss):
@@ -91,12 +90,21 @@ class RunLog:
         """The validation loss after iteration `it`, and any other evaluation (more, e.g. hellaswag_acc=0.27): a row of
         its own in metrics.jsonl, and a line."""
         row = {"iter": it, "val_loss": finite(round(val_loss, 6)), **{k: finite(round(v, 6)) for k, v in more.items()}}
-        self.rows.append(row)
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        self.write(row)
         print(f"iter {it:5d} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in more.items()),
               flush=True)
         self.t0 = time.perf_counter()  # evaluating is not the next iteration's time
+
+    def write(self, row: dict) -> None:
+        """One row of metrics.jsonl, on the disk at once. A write that fails (a full disk) stops the run in one line."""
+        self.rows.append(row)
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.file.close()  # tries the unwritten bytes once more: not again, with a traceback, at exit
+            sys.exit(f"error: cannot write {self.out / 'metrics.jsonl'} ({os.strerror(e.errno) if e.errno else e})")
 
     def print_line(self, row: dict, loss: float) -> None:
         elapsed = time.perf_counter() - self.start

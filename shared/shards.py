@@ -298,6 +298,15 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'s' * (n != 1)}"
 
 
+def directory(text: str) -> Path:
+    """An argparse type for a trainer's --data: a directory there already. A text file given in its place is answered
+    with the make data command that turns it into shards."""
+    if cli.answered(Path(text).is_file, text):
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory of token shards: make them from it with "
+                                         f'make data ARGS="--source {text} --out data/shards/{Path(text).stem}"')
+    return cli.existing_dir(text)
+
+
 def check_ids(tokens: np.ndarray, where) -> None:
     """Exit when tokens hold an id past GPT-2's last (<|endoftext|>): not GPT-2's tokens, or damaged bytes."""
     if len(tokens) and (top := int(tokens.max())) > EOT:

@@ -20,6 +20,7 @@ import functools
 import importlib
 import inspect
 import os
+import resource
 import signal
 import tempfile
 import urllib.error
@@ -116,6 +117,13 @@ def small_run_flags(step: Step) -> list[str]:
     return SMALL_TRAINER + (["--total-batch-size", "128"] if mentions(step, '"--total-batch-size"') else [])
 
 
+@pytest.fixture(autouse=True)
+def same_draws_in_any_order():
+    """torch's global generator seeded before every test: a test's random inputs do not depend on which tests ran
+    before it in the same process (make test spreads the files over processes)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def first_twentieth_of_the_corpus(monkeypatch):
     """Runs read the first 5% of tiny shakespeare: evaluating the whole validation split at 50257 logits a token
@@ -170,6 +178,18 @@ def ctrl_c_as_in_a_terminal() -> None:
 
 def offline(*args, **kwargs):
     raise urllib.error.URLError("no network")
+
+
+@pytest.fixture
+def files_of_at_most_100_kb():
+    """Writes past 100 kB fail with EFBIG, part-way through, as on a disk that fills up during the write (the process's
+    file size limit, RLIMIT_FSIZE; its signal ignored, so that the write fails instead of killing the process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
 
 
 @pytest.fixture

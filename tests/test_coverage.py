@@ -1,6 +1,7 @@
 """Every step keeps the four shared checks. Tests pick their steps by the names a step defines, so a rename
 would quietly deselect a step's tests; these tests fail instead, naming the step and the missing kind, or the
-test that no step is left for. And the suite's own set-up: one thread in each of make test's processes."""
+test that no step is left for. And the suite's own set-up: one thread in each of make test's processes, and the
+same random draws whatever ran before."""
 import importlib
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from shared.steps import ROOT, all_steps
 from tests import conftest
@@ -98,3 +100,9 @@ def test_a_test_process_of_make_test_runs_on_one_thread_and_pytest_alone_on_torc
     assert r.returncode == 0, r.stderr
     default, threads, omp = r.stdout.split()
     assert (threads, omp) == (("1", "1") if worker else (default, "None"))
+
+
+def test_every_test_starts_from_torchs_generator_seeded_with_0():
+    # conftest's autouse fixture: without it this test would see the state the tests before it in its process left
+    # (or torch's own start-up seed, 67280421310721, when it runs first)
+    assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(0).get_state())

@@ -134,9 +134,9 @@ COUNTING_GRAPHS = ("import atexit, os, torch; graphs = []; compile = torch.compi
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_under_ddp_the_compiled_graph_is_cut_at_the_gradient_buckets(step, tmp_path):
     # Compiled inside DDP's forward, dynamo cuts the model into one graph per bucket of gradients, so that a bucket's
-    # all-reduce can start while backward goes on through the next graph. Compiled first and wrapped after, it is
-    # one graph, and every all-reduce waits for the whole backward. DDP's first bucket holds 1 MB: the 6.4 MB token
-    # table alone fills it, so even this small model has two buckets.
+    # all-reduce can start while backward goes on through the next graph. Compiled and called once before it is
+    # wrapped, it is one graph, and every all-reduce waits for the whole backward. DDP's first bucket holds 1 MB:
+    # the 6.4 MB token table alone fills it, so even this small model has two buckets.
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", COUNTING_GRAPHS.format(step.name), *ONE_STEP, "--compile",
                                "--out", str(tmp_path / f"out{r}")], cwd=ROOT, text=True, stdout=subprocess.PIPE,
@@ -191,6 +191,46 @@ def test_a_rank_waits_for_every_rank_before_it_leaves_the_group(step, monkeypatc
     step.main.leave_process_group(SimpleNamespace(world=2, device=CPU))
     assert calls == ["barrier", "wait", "destroy"]
     assert step.main.LAST_BARRIER == [work]  # kept: see the deadlock test below
+
+
+# Two ranks; on each, a model of two 2 MB layers (DDP's first bucket holds 1 MB: two buckets) compiled three ways, and
+# the graphs TorchDynamo hands its backend counted for one forward and backward.
+GRAPHS_IN_THREE_ORDERS = """
+import sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+class Net(torch.nn.Module):  # a class of our own: dynamo does not start a graph in torch.nn's own forwards
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512)
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+def graphs(order):
+    torch._dynamo.reset()
+    graphs, x = [], torch.randn(4, 512)
+    compile = lambda m: torch.compile(m, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    if order == "compile(DDP(model))":
+        model = compile(DDP(Net()))
+    else:
+        model = compile(Net())
+        if order == "DDP(compile(model)) after a call":
+            model(x).sum().backward()  # compiled here, outside any DDP forward
+        model = DDP(model)
+    model(x).sum().backward()
+    return len(graphs)
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[2]}/store", rank=int(sys.argv[1]), world_size=2)
+print([graphs(o) for o in ("compile(DDP(model))", "DDP(compile(model))", "DDP(compile(model)) after a call")])
+dist.destroy_process_group()
+"""
+
+
+def test_dynamo_cuts_the_graph_at_ddps_buckets_when_its_first_call_is_inside_ddps_forward(tmp_path):
+    # the order of torch.compile and DDP does not matter (step 16 compiles the DDP module, build-nanogpt wraps the
+    # compiled model); a model compiled by a call before it was wrapped keeps its one graph under DDP
+    procs = [subprocess.Popen([sys.executable, "-c", GRAPHS_IN_THREE_ORDERS, str(r), str(tmp_path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [out for out, _ in outs] == ["[2, 2, 1]\n"] * 2
 
 
 # A fresh Python, as torchrun starts a rank: join the group, build an AdamW (which imports torch._dynamo), leave. The

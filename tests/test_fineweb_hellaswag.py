@@ -165,6 +165,15 @@ def test_a_data_directory_without_shards_is_refused(step, tmp_path, capsys):
     assert "holds no shards" in str(exit.value.code) and "make data" in str(exit.value.code)
 
 
+@pytest.mark.main_needs("shards")
+def test_a_text_file_given_as_data_is_answered_with_the_make_data_command_for_it(step, tmp_path, capsys):
+    (tmp_path / "poems.txt").write_text("text, not shards")
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--data", str(tmp_path / "poems.txt"), "--max-steps", "1", "--out", str(tmp_path / "run")])
+    assert exit.value.code == 2 and (f'make data ARGS="--source {tmp_path / "poems.txt"} --out data/shards/poems"'
+                                     in capsys.readouterr().err)
+
+
 @pytest.mark.main_needs("shakespeare_shards")
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_a_run_making_tiny_shakespeares_shards_while_another_makes_them_waits_for_it(step, tmp_path, monkeypatch):

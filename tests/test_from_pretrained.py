@@ -176,7 +176,7 @@ def test_a_missing_weight_is_named(step, saved, tmp_path):
 
 @pytest.mark.needs("GPT.from_pretrained")
 @pytest.mark.parametrize("damage, words", [
-    ("truncated weights", "SafetensorError"), ("config without sizes", "KeyError"),
+    ("truncated weights", "SafetensorError"), ("config without sizes", "config.json has {'n_positions': None,"),
     ("a key that is not a name", "7 is not")])
 def test_a_corrupt_checkpoint_is_refused_with_a_message(step, saved, tmp_path, damage, words):
     hf, _ = saved
@@ -207,6 +207,8 @@ def test_a_trainers_out_given_for_its_model_directory_names_the_directory_to_giv
 @pytest.mark.parametrize("setting, words", [
     ({"n_positions": -1}, "{'n_positions': -1}; every size must be a whole number above 0"),
     ({"n_positions": "64"}, "{'n_positions': '64'}; every size must be a whole number above 0"),
+    ({"n_embd": "32"}, "{'n_embd': '32'}; every size must be a whole number above 0"),  # text, not a number
+    ({"n_head": 2.0}, "{'n_head': 2.0}; every size must be a whole number above 0"),
     ({"n_layer": 10_000_000}, "config.json says n_layer 10000000; the weights hold 2 blocks"),  # not 10M blocks built
 ])
 def test_a_config_json_with_impossible_sizes_is_refused_before_the_model_is_built(step, saved, tmp_path, setting,

@@ -151,6 +151,13 @@ def test_generate_only_streams_a_sample_and_times_the_prefill_and_the_decoding(s
 
 
 @pytest.mark.main_needs("generate_only")
+def test_eval_only_and_generate_only_together_are_refused_not_one_silently_skipped(step, capsys):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--eval-only", "--generate-only", "--hellaswag", "val", "--device", "cpu"])
+    assert exit.value.code == 2 and "--eval-only and --generate-only: one at a time" in capsys.readouterr().err
+
+
+@pytest.mark.main_needs("generate_only")
 @pytest.mark.parametrize("cache", ["--cache", "--no-cache"])
 def test_generate_only_past_the_context_says_it_slides(step, saved, capsys, cache):
     step.main.main(["--generate-only", "--model", str(saved), "--prompt", "word " * 80, "--max-new-tokens", "3",

@@ -239,6 +239,14 @@ def test_run_log_writes_metrics_summary_and_a_loss_curve(tmp_path, capsys):
     assert "iter     1 | loss 2.0000 | lr 1.00e-01" in capsys.readouterr().out
 
 
+def test_a_metrics_row_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, files_of_at_most_100_kb):
+    log = runlog.RunLog(tmp_path, total=10_000)
+    with pytest.raises(SystemExit) as exit:
+        for it in range(10_000):  # about 70 bytes a row: past 100 kB within 2,000 rows
+            log.log(it, 1.0, 1e-3)
+    assert str(exit.value.code) == f"error: cannot write {tmp_path / 'metrics.jsonl'} (File too large)"
+
+
 def test_a_new_run_log_removes_an_earlier_runs_summary_and_curve_a_resumed_one_keeps_them(tmp_path):
     for name in ("summary.json", "loss.svg"):
         (tmp_path / name).write_text("the earlier run's")
@@ -357,6 +365,12 @@ def test_out_dir_is_made_and_checked_when_parsed(tmp_path):
         cli.out_dir(str(tmp_path / "file"))
     with pytest.raises(argparse.ArgumentTypeError, match="cannot write to /proc/forbidden"):
         cli.out_dir("/proc/forbidden")
+
+
+def test_an_out_dir_that_is_a_broken_link_is_refused_naming_where_it_points(tmp_path):
+    (tmp_path / "runs").symlink_to(tmp_path / "gone")  # a runs/ linked to a disk that is not mounted
+    with pytest.raises(argparse.ArgumentTypeError, match=f"runs is a link to {tmp_path / 'gone'}, which does not"):
+        cli.out_dir(str(tmp_path / "runs"))
 
 
 @pytest.mark.parametrize("kind", [cli.out_dir, cli.out_file, cli.existing_dir])

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -287,7 +288,9 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_work(step, tmp_pat
 @pytest.mark.main_needs("Loader")
 @pytest.mark.first_and_last  # shared/checkpoint.py's load and check, which every trainer calls alike
 @pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "no checkpoint", "a pickled object", "no iter",
-                                    "a config that is not a dict", "no cpu rng", "no param groups", "a nan weight"])
+                                    "a config that is not a dict", "no cpu rng", "no param groups", "a nan weight",
+                                    "a negative loader position", "an rng state of floats", "a weight missing",
+                                    "a weight of another shape", "an empty list of param groups"])
 def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, damage, finished):
     finished(step, tmp_path)
     path = tmp_path / checkpoint.NAME
@@ -304,18 +307,28 @@ def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, dama
         next(iter(state["model"].values()))[0] = float("nan")
         torch.save(state, path)
     else:  # readable, but not what a step saves
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True) | {"iter": 1}  # one iteration of 3 done: there is work to resume
         if damage == "no iter":
             del state["iter"]
         elif damage == "a config that is not a dict":
             state["config"] = "x"
         elif damage == "no cpu rng":
             del state["rng"]["cpu"]
+        elif damage == "a negative loader position":
+            state["loader"] = -10**9
+        elif damage == "an rng state of floats":
+            state["rng"]["cpu"] = state["rng"]["cpu"].float()
+        elif damage == "a weight missing":  # the next three pass torch.load and the checks of checkpoint.load
+            del state["model"]["transformer.wte.weight"]
+        elif damage == "a weight of another shape":
+            state["model"]["transformer.wte.weight"] = state["model"]["transformer.wte.weight"][:-1]
+        elif damage == "an empty list of param groups":
+            state["optimizer"]["param_groups"] = []
         else:
             del state["optimizer"]["param_groups"]
         torch.save(state, path)
-    with pytest.raises(SystemExit) as exit:
-        run(step, tmp_path, "--max-steps", "2", "--resume", str(tmp_path))
+    with pytest.raises(SystemExit) as exit:  # the finished run's own command, resumed
+        run(step, tmp_path, "--max-steps", "3", "--eval-every", "2", "--lr", "1e-3", "--resume", str(tmp_path))
     assert str(exit.value.code).startswith("error: ") and str(path) in str(exit.value.code)
     assert "\n" not in str(exit.value.code)
 
@@ -331,9 +344,29 @@ def test_a_model_directory_that_cannot_be_written_stops_in_one_line_and_keeps_th
     assert checkpoint.load(tmp_path)["iter"] == 2
 
 
+@pytest.mark.main_needs("Loader")
+@pytest.mark.first_and_last  # the same lines in every trainer (make diff)
+def test_a_model_directory_on_a_full_disk_stops_in_one_line_and_leaves_no_half_written_file(step, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors.tmp").symlink_to("/dev/full")  # every write fails with ENOSPC
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "2")
+    assert str(exit.value.code) == (f"error: cannot write {tmp_path / 'model'} (No space left on device); "
+                                    f"{tmp_path / checkpoint.NAME} holds the trained weights")
+    assert list((tmp_path / "model").iterdir()) == []  # config.json.tmp, written before, is gone too
+
+
 def a_state(n: int) -> dict:
     return {"config": {"n": n}, "iter": n, "model": {}, "optimizer": {"state": {}, "param_groups": []}, "loader": 0,
             "rng": {"cpu": torch.get_rng_state(), "cuda": []}}
+
+
+def test_a_pickle_not_written_by_torch_is_refused_in_one_line_without_torchs_warning(tmp_path, recwarn):
+    (tmp_path / checkpoint.NAME).write_bytes(pickle.dumps({"config": {}}, protocol=4))  # torch.save writes 2
+    with pytest.raises(SystemExit) as exit:
+        checkpoint.load(tmp_path)
+    assert str(exit.value.code).startswith(f"error: {tmp_path / checkpoint.NAME} is not a readable checkpoint")
+    assert [str(w.message) for w in recwarn] == []  # torch's "Detected pickle protocol 4" would come before the line
 
 
 def test_a_checkpoint_is_never_left_half_written(tmp_path):
@@ -344,6 +377,15 @@ def test_a_checkpoint_is_never_left_half_written(tmp_path):
     assert str(exit.value.code) == (f"error: cannot write a checkpoint to {tmp_path} (No space left on device); "
                                     f"{tmp_path / checkpoint.NAME} is the last one written")
     assert checkpoint.load(tmp_path)["config"] == {"n": 1} and not (tmp_path / f"{checkpoint.NAME}.tmp").exists()
+
+
+def test_a_checkpoint_write_that_fails_part_way_stops_in_one_line_and_leaves_no_half_written_file(
+        tmp_path, files_of_at_most_100_kb):
+    # torch.save's zip writer meets the failed write, then raises a RuntimeError of its own as it closes the file
+    with pytest.raises(SystemExit) as exit:
+        checkpoint.save(tmp_path, a_state(1) | {"model": {"w": torch.zeros(100_000)}})  # 400 kB
+    assert str(exit.value.code) == f"error: cannot write a checkpoint to {tmp_path} (File too large)"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.main_needs("Loader")

@@ -219,8 +219,9 @@ def main(argv=None):
     opt = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=BETAS, eps=EPS, fused=fused)
     start = 0
     if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        with checkpoint.restoring(args.out):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         start, loader.pos = state["iter"], state["loader"]
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"]:
@@ -264,6 +265,8 @@ def main(argv=None):
     try:
         model.save_pretrained(args.out / "model")
     except OSError as e:  # a full disk: the checkpoint written at the last iteration holds the same weights
+        for half in (args.out / "model").glob("*.tmp"):  # a half-written file would keep the disk full
+            half.unlink()
         sys.exit(f"error: cannot write {args.out / 'model'} ({e.strerror}); {args.out / checkpoint.NAME} holds the "
                  "trained weights")
     print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "

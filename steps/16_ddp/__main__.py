@@ -147,7 +147,8 @@ def compiled(model, args, x, y):
     """torch.compile(model), tried on one batch (forward and backward, the graphs training needs). Where compiling
     fails (no C++ compiler, a device it does not support), the eager model, and why.
     Under DDP, model is the DDP module: compiled inside DDP's forward, the graph is cut at DDP's gradient buckets,
-    so each bucket's all-reduce starts while backward goes on. Compiled before wrapping, it would be one graph."""
+    so each bucket's all-reduce starts while backward goes on. A model compiled and first called before it is
+    wrapped keeps its one graph, and every all-reduce waits for the whole backward."""
     if args.compile == "auto":
         args.compile = args.device.type == "cuda"  # on 2 CPU cores: ~30 s to compile, paid back late (diary 12)
     if not args.compile:
@@ -342,8 +343,9 @@ def main(argv=None):
     opt = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=BETAS, eps=EPS, fused=fused)
     start = 0
     if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        with checkpoint.restoring(args.out):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         start, loader.pos = state["iter"], state["loader"]
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"]:
@@ -399,6 +401,8 @@ def main(argv=None):
     try:
         model.save_pretrained(args.out / "model")
     except OSError as e:  # a full disk: the checkpoint written at the last iteration holds the same weights
+        for half in (args.out / "model").glob("*.tmp"):  # a half-written file would keep the disk full
+            half.unlink()
         sys.exit(f"error: cannot write {args.out / 'model'} ({e.strerror}); {args.out / checkpoint.NAME} holds the "
                  "trained weights")
     print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "

@@ -75,6 +75,8 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if bad := [k for k, w in state.items() if not (isinstance(k, str) and torch.is_tensor(w))]:
             raise ValueError(f"{bad[0]!r} is not a named tensor")
         config = json.loads((path / "config.json").read_text())
+        if bad := {k: config.get(k) for k in SIZES if type(config.get(k)) is not int or config[k] < 1}:
+            raise ValueError(f"config.json has {bad}; every size must be a whole number above 0")
         GPTConfig(*(config[k] for k in SIZES))
     except Exception as e:  # truncated, corrupt or not a GPT-2 checkpoint: say so, without a traceback
         raise ValueError(f"{path} does not hold a readable GPT-2 checkpoint ({type(e).__name__}: {e})") from None
@@ -220,8 +222,6 @@ class GPT(nn.Module):
         hf, theirs = load_checkpoint(path)
         if unlike := {k: hf[k] for k, v in GPT2_FIXED.items() if hf.get(k, v) != v}:
             raise ValueError(f"{name_or_dir}: config.json has {unlike}; this GPT is {GPT2_FIXED}")
-        if bad := {k: hf[k] for k in SIZES if type(hf[k]) is not int or hf[k] < 1}:
-            raise ValueError(f"{name_or_dir}: config.json has {bad}; every size must be a whole number above 0")
         numbered = [re.match(r"(?:transformer\.)?h\.(\d+)\.", k) for k in theirs]  # h.0.attn..., h.1.mlp...
         blocks = len({m[1] for m in numbered if m})  # the blocks the weights hold
         if blocks != hf["n_layer"]:  # before the model is built: a wrong n_layer of 10 million would take all memory

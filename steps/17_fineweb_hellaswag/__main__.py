@@ -42,7 +42,8 @@ PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, batch_size=64, seq_len=1024, total_batch_size=524_288,
                  lr=6e-4, max_steps=19_073, warmup_steps=715, eval_every=250, save_every=5_000, val_windows=1_280),
 }
-SHAKESPEARE_SHARDS = 10  # without --data: tiny shakespeare in about 10 shards, the first for validation
+SHAKESPEARE_SHARDS = 10  # without --data: tiny shakespeare in shards of a tenth of (a little more than) its
+# tokens, 9 of them, the first for validation
 # GPT-3's optimisation (Brown et al., 2020, appendix B), as build-nanogpt uses it for GPT-2.
 BETAS, EPS = (0.9, 0.95), 1e-8  # beta2 0.95: the second moment forgets in about 20 steps, not 1000
 CLIP = 1.0  # the gradient's global norm is clipped to this
@@ -92,7 +93,7 @@ class Loader:
         first = self.pos + self.B * self.rank  # this rank's windows
         buf = torch.from_numpy(np.stack([self.window(first + i) for i in range(self.B)]).astype(np.int64))  # (B, T+1)
         self.pos += self.B * self.world
-        if self.device.type == "cuda":  # from page-locked memory the copy runs while the GPU works
+        if self.device.type == "cuda":  # queued behind the GPU's work; the CPU reads on instead of waiting
             buf = buf.pin_memory().to(self.device, non_blocking=True)
         return buf[:, :-1], buf[:, 1:]  # x, y: (B, T), y is x shifted left by one
 
@@ -201,7 +202,8 @@ def compiled(model, args, x, y):
     """torch.compile(model), tried on one batch (forward and backward, the graphs training needs). Where compiling
     fails (no C++ compiler, a device it does not support), the eager model, and why.
     Under DDP, model is the DDP module: compiled inside DDP's forward, the graph is cut at DDP's gradient buckets,
-    so each bucket's all-reduce starts while backward goes on. Compiled before wrapping, it would be one graph."""
+    so each bucket's all-reduce starts while backward goes on. A model compiled and first called before it is
+    wrapped keeps its one graph, and every all-reduce waits for the whole backward."""
     if args.compile == "auto":
         args.compile = args.device.type == "cuda"  # on 2 CPU cores: ~30 s to compile, paid back late (diary 12)
     if not args.compile:
@@ -328,7 +330,7 @@ def main(argv=None):
                    "at the end")
     p.add_argument("--dist-timeout", type=cli.positive_float, default=300, help="seconds a process waits for the "
                    "others (to start, and at each exchange) before it gives up; under torchrun only")
-    p.add_argument("--data", type=cli.existing_dir, help="a directory of token shards (make data); default: shards "
+    p.add_argument("--data", type=shards.directory, help="a directory of token shards (make data); default: shards "
                    "of tiny shakespeare, made on first use")
     p.add_argument("--shuffle", default=True, action=argparse.BooleanOptionalAction, help="read the shards, and the "
                    "windows in each, in an order shuffled by --seed (--no-shuffle: in order)")
@@ -422,8 +424,9 @@ def main(argv=None):
     opt = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=BETAS, eps=EPS, fused=fused)
     start = 0
     if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        with checkpoint.restoring(args.out):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         start, loader.pos = state["iter"], state["loader"]
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"]:
@@ -483,6 +486,8 @@ def main(argv=None):
     try:
         model.save_pretrained(args.out / "model")
     except OSError as e:  # a full disk: the checkpoint written at the last iteration holds the same weights
+        for half in (args.out / "model").glob("*.tmp"):  # a half-written file would keep the disk full
+            half.unlink()
         sys.exit(f"error: cannot write {args.out / 'model'} ({e.strerror}); {args.out / checkpoint.NAME} holds the "
                  "trained weights")
     print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "
