@@ -83,8 +83,8 @@ class RunLog:
             self.print_line(row, loss)
         if not math.isfinite(loss):
             self.close(diverged={"iter": it, "loss": str(loss), "lr": lr})
-            sys.exit(f"error: the loss is {loss} at iteration {it} (lr {lr:g}): training diverged. "
-                     "A smaller --lr may help.")
+            sys.exit(f"error: the loss is {loss} at iteration {it} (lr {lr:g}): training diverged. A smaller --lr may "
+                     "help" + (" in a new run (a resumed one keeps the --lr it started with)." if self.first else "."))
 
     def log_val(self, it: int, val_loss: float, **more: float) -> None:
         """The validation loss after iteration `it`, and any other evaluation (more, e.g. hellaswag_acc=0.27): a row of

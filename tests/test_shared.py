@@ -239,6 +239,14 @@ def test_run_log_writes_metrics_summary_and_a_loss_curve(tmp_path, capsys):
     assert "iter     1 | loss 2.0000 | lr 1.00e-01" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("start, advice", [(0, "A smaller --lr may help."), (3, "A smaller --lr may help in a new run")])
+def test_a_nan_loss_advises_a_smaller_lr_in_a_new_run_when_the_run_was_resumed(tmp_path, start, advice):
+    log = runlog.RunLog(tmp_path, total=10, start=start)  # --resume refuses another --lr: it is in the config
+    with pytest.raises(SystemExit) as exit:
+        log.log(start, float("nan"), 1e-3)
+    assert advice in str(exit.value.code)
+
+
 def test_a_metrics_row_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, files_of_at_most_100_kb):
     log = runlog.RunLog(tmp_path, total=10_000)
     with pytest.raises(SystemExit) as exit:
