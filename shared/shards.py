@@ -413,8 +413,8 @@ def verify(out: Path) -> None:
 def main(argv=None):
     p = cli.ArgumentParser(prog="make data", description=__doc__.split("\n\n")[0], hint='make data ARGS="--help"',
                            epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", help="fineweb-edu (streamed from the hub), or a .parquet, .jsonl or .json (a text "
-                   "field) or .txt file, or a directory of them")
+    p.add_argument("--source", help="required unless --verify: fineweb-edu (streamed from the hub), or a .parquet, "
+                   ".jsonl or .json (a text field) or .txt file, or a directory of them")
     p.add_argument("--out", type=cli.out_dir, required=True, help="the directory of shards (made, or continued)")
     p.add_argument("--shard-tokens", type=cli.positive_int, default=100_000_000, help="tokens a shard "
                    "(default 100M, 200 MB)")
