@@ -41,6 +41,7 @@ import math
 import os
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -398,7 +399,10 @@ def run_worker(spec: dict, label: str) -> dict:
         elif line.startswith("iter") and "| loss" in line:
             print(f"  {label:<18} {line.rstrip()}", flush=True)
     if proc.wait() != 0 or result is None:
-        sys.exit(f"error: the {label} row failed (exit {proc.returncode}). Its output ends:\n" + "".join(lines[-15:]))
+        killed = proc.returncode == -signal.SIGKILL  # what Linux's out-of-memory killer sends, without a word
+        sys.exit(f"error: the {label} row failed (exit {proc.returncode}"
+                 + ": killed, most likely by the kernel for want of memory; try a smaller --batch-size or --seq-len"
+                 * killed + "). Its output ends:\n" + "".join(lines[-15:]))
     return result
 
 

@@ -398,12 +398,9 @@ def metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
         else:
             bad += 1
     if bad:
-        notes.append(f"{bad} line{'s' * (bad > 1)} that are not rows of make step's log left out")
+        notes.append(f"{cli.plural(bad, 'line')} that {'are not rows' if bad > 1 else 'is not a row'} of make step's "
+                     "log left out")
     return rows, notes
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'s' * (n != 1)}"
 
 
 def curve_html(step: str, runs_dir: Path) -> str:
@@ -432,12 +429,14 @@ def curve_html(step: str, runs_dir: Path) -> str:
     curves = {name: [(r["iter"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
               for name, key in (("train", "loss"), ("validation", "val_loss"))}
     if len(curves["train"]) < 2:
-        return "".join(said) + gap(f"{shown(path)} has {plural(len(curves['train']), 'iteration')} with a loss: "
+        return "".join(said) + gap(f"{shown(path)} has {cli.plural(len(curves['train']), 'iteration')} with a loss: "
                                    "a curve needs two.")
     end = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in summary.items()
            if k in ("val_loss", "uniform_guess") and isinstance(v, (int, float))]
+    iterations, points = cli.plural(len(curves["train"]), "iteration"), cli.plural(len(curves["validation"]),
+                                                                                   "validation point")
     return ("".join(said) + f"<p>From <code>{html.escape(shown(path))}</code>, the last run of this step: "
-            f"{plural(len(curves['train']), 'iteration')}, {plural(len(curves['validation']), 'validation point')}"
+            f"{iterations}, {points}"
             + (f"; at its end, {', '.join(end)} (summary.json)" if end else "") + ".</p>"
             f'<div class="scroll"><figure class="curve">{loss_svg(curves)}</figure></div>')
 

@@ -67,6 +67,11 @@ def remove_if_empty(dirs: list[Path]) -> None:
             return
 
 
+def plural(n: int, word: str) -> str:
+    """1 shard, 2 shards, 1,000 shards."""
+    return f"{n:,} {word}{'s' * (n != 1)}"
+
+
 def one_line(e: BaseException, width: int = 200) -> str:
     """An exception for an error message: "RuntimeError: its first line", cut to width; its name alone when its
     message is empty."""

@@ -112,9 +112,12 @@ def texts(docs, source: str, first: int = 0):
     try:
         for i, record in enumerate(docs, first):
             text = record.get("text")
-            if not isinstance(text, str):
+            if text is None:
                 sys.exit(f"error: --source {source}: document {i} has no text in a 'text' field (what it has: "
                          f"{', '.join(k for k, v in record.items() if v is not None) or 'nothing'})")
+            if not isinstance(text, str):
+                sys.exit(f"error: --source {source}: document {i}'s 'text' field holds {type(text).__name__} "
+                         f"{str(text)[:40]!r}, not text")
             yield text
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid (a bad JSON line, a damaged parquet) is a ValueError
         sys.exit(f"error: --source {source} cannot be read at document {i:,} or the next: {cli.one_line(e)}")
@@ -245,21 +248,21 @@ def make_shards(source: str, out: Path, shard_tokens: int, max_tokens: int | Non
         say(f"{out / manifest['shards'][bad]['file']} is missing or not as made: making it, and those after it, again")
         manifest["shards"], manifest["complete"] = manifest["shards"][:bad], False
     if manifest["complete"]:
-        say(f"{out} already holds the shards of {source}: {plural(len(manifest['shards']), 'shard')}, "
+        say(f"{out} already holds the shards of {source}: {cli.plural(len(manifest['shards']), 'shard')}, "
             f"{sum(s['tokens'] for s in manifest['shards']):,} tokens")
         return manifest
     docs, prefix = open_source(source, out)
     done = sum(s["tokens"] for s in manifest["shards"])
     doc, offset = manifest["shards"][-1]["next"] if manifest["shards"] else (0, 0)  # where the next shard starts
     if manifest["shards"]:
-        say(f"{out}: {len(manifest['shards'])} shards already complete; going on from document {doc:,}")
+        say(f"{out}: {cli.plural(len(manifest['shards']), 'shard')} already complete; going on from document {doc:,}")
     from tqdm import tqdm
 
     with tqdm(total=max_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
               desc=f"tokenizing {source}", dynamic_ncols=True) as bar:  # closed however the loop ends
         try:
             buf = np.empty(shard_tokens, dtype=np.uint16)  # one shard at a time: memory does not grow with the source
-        except MemoryError:
+        except (MemoryError, ValueError):  # ValueError: more than numpy can index
             sys.exit(f"error: a shard of {shard_tokens:,} tokens needs {2 * shard_tokens / 2**30:,.1f} GiB of memory "
                      "at once; give a smaller --shard-tokens (the default, 100,000,000, needs 0.2 GiB)")
         fill, total = 0, done
@@ -286,16 +289,12 @@ def make_shards(source: str, out: Path, shard_tokens: int, max_tokens: int | Non
         sys.exit(f"error: --source {source} holds no text: no shard was made")
     manifest["complete"] = True
     write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode() + b"\n"))
-    say(f"{out}: {plural(len(manifest['shards']), 'shard')}, {total:,} tokens, "
-        f"{plural(sum(s['documents'] for s in manifest['shards']), 'document')}")
+    say(f"{out}: {cli.plural(len(manifest['shards']), 'shard')}, {total:,} tokens, "
+        f"{cli.plural(sum(s['documents'] for s in manifest['shards']), 'document')}")
     if len(manifest["shards"]) == 1:
         say(f"note: one shard only, and the first shard is the validation split: training needs more. Make them "
             f"again into another --out with a smaller --shard-tokens (e.g. {max(1, total // 10):,}: about 10 shards)")
     return manifest
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'s' * (n != 1)}"
 
 
 def directory(text: str) -> Path:
@@ -361,16 +360,22 @@ def shard_files(out: Path) -> tuple[Path, list[Path]]:
         sys.exit(f"error: --data {out} is not a directory. Make shards with: "
                  f"make data ARGS=\"--source ... --out {out}\"")
     val, train = sorted(out.glob("*_val_*.npy")), sorted(out.glob("*_train_*.npy"))
+    manifest = read_manifest(out)
+    if manifest:  # make data's own list: a shard an earlier run left in the same --out is not read
+        listed = {s["file"] for s in manifest["shards"]}
+        if stray := [p.name for p in val + train if p.name not in listed]:
+            print(f"note: {out} holds {cli.plural(len(stray), 'shard')} that its {MANIFEST} does not list ({stray[0]}"
+                  f"{', ...' * (len(stray) > 1)}): left out", file=sys.stderr)
+        val, train = [p for p in val if p.name in listed], [p for p in train if p.name in listed]
     if val and not train:
         sys.exit(f"error: {out} holds a validation shard and no training shard: its source gave fewer tokens than "
                  "one shard. Make the shards again into another --out with a smaller --shard-tokens.")
     if not val or not train:
         sys.exit(f"error: {out} holds no shards (*_val_*.npy and *_train_*.npy). Make them with: "
                  f"make data ARGS=\"--source ... --out {out}\"")
-    manifest = read_manifest(out)
     if manifest and not manifest.get("complete"):
         print(f"note: make data has not finished {out} (its manifest says so): using its "
-              f"{plural(len(manifest['shards']), 'complete shard')}", file=sys.stderr)
+              f"{cli.plural(len(manifest['shards']), 'complete shard')}", file=sys.stderr)
     recorded = {s["file"]: s["tokens"] for s in manifest["shards"]} if manifest else {}
     for name in recorded:
         if not (out / name).exists():
@@ -406,7 +411,7 @@ def verify(out: Path) -> None:
         if (got := sha256(out / s["file"])) != s["sha256"]:
             sys.exit(f"error: {out / s['file']} is damaged: sha256 {got}, not {s['sha256']} as when it was made. "
                      f"Delete it and run make data again with --out {out}: it remakes it")
-    print(f"{out}: {plural(len(manifest['shards']), 'shard')}, every sha256 as recorded"
+    print(f"{out}: {cli.plural(len(manifest['shards']), 'shard')}, every sha256 as recorded"
           + ("" if manifest["complete"] else "; make data has not finished: the same command goes on"))
 
 

@@ -577,3 +577,17 @@ def test_rows_are_compiled_unless_no_compile_is_given(scripted_rows, tmp_path):
     compiled = scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "a.json"))
     eager = scripted_rows(ms, "--steps", "15", "--rounds", "1", "--no-compile", "--json", str(tmp_path / "b.json"))
     assert {c for _, c in compiled} == {True} and {c for _, c in eager} == {False}
+
+
+@pytest.mark.parametrize("ending, killed", [("kill -9 $$", True), ("exit 1", False)])
+def test_a_row_killed_without_a_word_is_said_to_be_most_likely_out_of_memory(tmp_path, monkeypatch, ending, killed):
+    # Linux's out-of-memory killer sends SIGKILL: the worker prints nothing, the parent sees exit -9
+    worker = tmp_path / "worker"
+    worker.write_text(f"#!/bin/sh\necho 'step 10_training on cpu'\n{ending}\n")
+    worker.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(worker))  # run_worker starts sys.executable -m shared.bench ...
+    with pytest.raises(SystemExit) as exit:
+        bench.run_worker({"kind": "10_training"}, "10_training")
+    said = str(exit.value.code)
+    assert said.startswith("error: the 10_training row failed (exit ") and "step 10_training on cpu" in said
+    assert ("killed, most likely by the kernel for want of memory" in said) == killed

@@ -166,6 +166,15 @@ def test_a_truncated_shard_is_named_with_what_to_do(sources, tmp_path):
             "make data again")
 
 
+def test_a_shard_its_manifest_does_not_list_is_left_out_with_a_note(sources, tmp_path, capsys):
+    prepare(sources["jsonl"], tmp_path)
+    made = shards.shard_files(tmp_path)
+    np.save(tmp_path / "docs_train_000099.npy", np.zeros(10, np.uint16))  # left by an earlier run into the same --out
+    assert shards.shard_files(tmp_path) == made
+    assert "holds 1 shard that its manifest.json does not list (docs_train_000099.npy): left out" in \
+        capsys.readouterr().err
+
+
 def test_a_cut_off_file_is_named(sources, tmp_path):
     prepare(sources["jsonl"], tmp_path)
     path = tmp_path / "docs_train_000002.npy"
@@ -281,6 +290,8 @@ def parquet_of(path, **columns):
     (lambda root: root / "nothing.txt", ["no such file"]),
     (lambda root: (root / "a.csv").write_text("x") and root / "a.csv", ["expected .parquet, .jsonl, .json or", ".csv"]),
     (lambda root: (root / "b.jsonl").write_text('{"body": "x"}\n') and root / "b.jsonl", ["no text", "body"]),
+    (lambda root: (root / "n.jsonl").write_text('{"text": 5}\n') and root / "n.jsonl",
+     ["document 0's 'text' field holds int '5', not text"]),
     (lambda root: parquet_of(root / "c.parquet", body=["x"]), ["has no 'text' column", "body"]),
     (lambda root: (root / "d.jsonl").write_text('{"text": "x"}\nnot json\n') and root / "d.jsonl",
      ["cannot be read at document", "JSON parse error"]),
@@ -308,9 +319,10 @@ def test_a_damaged_tokenizer_stops_a_run_of_two_workers_with_one_line(tmp_path, 
     assert r.returncode == 1 and r.stderr.count("r50k_base.tiktoken is damaged") == 1 and "Traceback" not in r.stderr
 
 
-def test_a_shard_too_large_for_memory_is_refused_with_what_it_needs(sources, tmp_path):
-    make = lambda: shards.prepare(sources["jsonl"], tmp_path, shard_tokens=10**14, progress=False)
-    refused(make, "a shard of 100,000,000,000,000 tokens needs 186,264.5 GiB of memory", "smaller --shard-tokens")
+@pytest.mark.parametrize("tokens", [10**14, 10**20])  # 10**20: more than numpy can index, a ValueError
+def test_a_shard_too_large_for_memory_is_refused_with_what_it_needs(sources, tmp_path, tokens):
+    make = lambda: shards.prepare(sources["jsonl"], tmp_path, shard_tokens=tokens, progress=False)
+    refused(make, f"a shard of {tokens:,} tokens needs {2 * tokens / 2**30:,.1f} GiB of memory", "smaller --shard-tokens")
 
 
 @pytest.mark.parametrize("out", [".", ".."])
