@@ -417,7 +417,7 @@ def main(argv=None):
     fast, compile_note = compiled(ddp, args, *loader.next_batch())  # fast: the model to train, compiled or not
     loader.pos = 0
     print(f"attention: F.scaled_dot_product_attention (flash where the device has it); {compile_note}")
-    print(f"HellaSwag: {shards.plural(len(items), 'item')} at every evaluation" if items else
+    print(f"HellaSwag: {cli.plural(len(items), 'item')} at every evaluation" if items else
           "HellaSwag: off (--hellaswag val, or --hellaswag FILE, scores it at every evaluation)")
 
     fused = args.device.type in ("cpu", "cuda")  # each parameter updated in one fused pass, where torch has it
@@ -469,7 +469,7 @@ def main(argv=None):
             elif not math.isfinite(loss.item()):
                 sys.exit(1)  # the loss is all-reduced: rank 0 sees the same nan and says so
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:
-                also = " and " + shards.plural(len(items), "HellaSwag item") if items else ""
+                also = " and " + cli.plural(len(items), "HellaSwag item") if items else ""
                 print(f"iter {it:5d} | evaluating {(len(val_ids) - 1) // args.seq_len:,} validation windows{also} ...",
                       flush=True)
                 val_loss = evaluate(model, val_ids, args)
@@ -518,7 +518,7 @@ def score_only(args, precision: str) -> None:
         sys.exit(f"error: --model {args.model} knows {model.config.vocab_size:,} tokens; HellaSwag needs GPT-2's "
                  "50,257")
     print(f"step {STEP} on {args.device}: scoring {args.model} ({sum(p.numel() for p in model.parameters()):,} "
-          f"parameters) on {shards.plural(len(items), 'HellaSwag item')}, dtype {precision}")
+          f"parameters) on {cli.plural(len(items), 'HellaSwag item')}, dtype {precision}")
     start = time.perf_counter()
     acc, acc_norm = hellaswag.evaluate(model, items, data.gpt2_tokenizer(), args, autocast(args))
     print(f"hellaswag acc {acc:.4f} acc_norm {acc_norm:.4f} ({len(items) / (time.perf_counter() - start):.1f} items/s)"

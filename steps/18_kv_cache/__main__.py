@@ -435,7 +435,7 @@ def main(argv=None):
     fast, compile_note = compiled(ddp, args, *loader.next_batch())  # fast: the model to train, compiled or not
     loader.pos = 0
     print(f"attention: F.scaled_dot_product_attention (flash where the device has it); {compile_note}")
-    print(f"HellaSwag: {shards.plural(len(items), 'item')} at every evaluation" if items else
+    print(f"HellaSwag: {cli.plural(len(items), 'item')} at every evaluation" if items else
           "HellaSwag: off (--hellaswag val, or --hellaswag FILE, scores it at every evaluation)")
 
     fused = args.device.type in ("cpu", "cuda")  # each parameter updated in one fused pass, where torch has it
@@ -487,7 +487,7 @@ def main(argv=None):
             elif not math.isfinite(loss.item()):
                 sys.exit(1)  # the loss is all-reduced: rank 0 sees the same nan and says so
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:
-                also = " and " + shards.plural(len(items), "HellaSwag item") if items else ""
+                also = " and " + cli.plural(len(items), "HellaSwag item") if items else ""
                 print(f"iter {it:5d} | evaluating {(len(val_ids) - 1) // args.seq_len:,} validation windows{also} ...",
                       flush=True)
                 val_loss = evaluate(model, val_ids, args)
@@ -537,7 +537,7 @@ def score_only(args, precision: str) -> None:
         sys.exit(f"error: --model {args.model} knows {model.config.vocab_size:,} tokens; HellaSwag needs GPT-2's "
                  "50,257")
     print(f"step {STEP} on {args.device}: scoring {args.model} ({sum(p.numel() for p in model.parameters()):,} "
-          f"parameters) on {shards.plural(len(items), 'HellaSwag item')}, dtype {precision}")
+          f"parameters) on {cli.plural(len(items), 'HellaSwag item')}, dtype {precision}")
     start = time.perf_counter()
     acc, acc_norm = hellaswag.evaluate(model, items, data.gpt2_tokenizer(), args, autocast(args))
     print(f"hellaswag acc {acc:.4f} acc_norm {acc_norm:.4f} ({len(items) / (time.perf_counter() - start):.1f} items/s)"
@@ -569,7 +569,7 @@ def show_sample(model, tok, args):
     if len(ids) > model.config.block_size:
         print(f"note: the prompt has {len(ids):,} tokens; the model sees the last {model.config.block_size}")
     if len(ids) + args.max_new_tokens - 1 > model.config.block_size:  # the last token sampled is not fed back
-        print(f"note: past {shards.plural(model.config.block_size, 'token')}, the model's context, each new token "
+        print(f"note: past {cli.plural(model.config.block_size, 'token')}, the model's context, each new token "
               f"reads only the last {model.config.block_size}" + (": the cache is filled again from them for every "
                                                                  "token" if args.cache else "") + " (a sliding window)")
     gen = torch.Generator(args.device).manual_seed(args.seed)  # sampling draws on the model's device
@@ -588,7 +588,7 @@ def show_sample(model, tok, args):
         c, prompt = model.config, min(len(ids), model.config.block_size)
         inside = min(len(times) - 2, c.block_size - prompt)  # tokens fed back within the context: one position each
         speed = (f"the first token after {1000 * (times[1] - times[0]):.0f} ms (the prompt: "
-                 f"{shards.plural(prompt, 'token')})")
+                 f"{cli.plural(prompt, 'token')})")
         if inside:
             speed += f", then {inside / (times[inside + 1] - times[1]):,.1f} tokens/s"
         if len(times) - 2 > inside:  # past the context every token is a forward over the whole window
