@@ -196,7 +196,8 @@ def test_a_rank_waits_for_every_rank_before_it_leaves_the_group(step, monkeypatc
 # Two ranks; on each, a model of two 2 MB layers (DDP's first bucket holds 1 MB: two buckets) compiled three ways, and
 # the graphs TorchDynamo hands its backend counted for one forward and backward.
 GRAPHS_IN_THREE_ORDERS = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
+import torch._dynamo  # before the group, as join_process_group does: else the process can abort as it ends
 from torch.nn.parallel import DistributedDataParallel as DDP
 class Net(torch.nn.Module):  # a class of our own: dynamo does not start a graph in torch.nn's own forwards
     def __init__(self):
@@ -218,8 +219,10 @@ def graphs(order):
     model(x).sum().backward()
     return len(graphs)
 dist.init_process_group("gloo", init_method=f"file://{sys.argv[2]}/store", rank=int(sys.argv[1]), world_size=2)
-print([graphs(o) for o in ("compile(DDP(model))", "DDP(compile(model))", "DDP(compile(model)) after a call")])
+orders = ("compile(DDP(model))", "DDP(compile(model))", "DDP(compile(model)) after a call")
+print([graphs(o) for o in orders], flush=True)
 dist.destroy_process_group()
+os._exit(0)  # the counts are out: no interpreter shutdown, where a gloo thread can still abort the process
 """
 
 
