@@ -69,14 +69,14 @@ def load(out: Path) -> dict:
 
 @contextlib.contextmanager
 def restoring(out: Path):
-    """Around loading a checkpoint's model and optimizer states: one that does not fit them (a weight missing or of
-    another shape, as after an edit by hand) stops the run in one line."""
+    """Around putting a checkpoint's states into the model, the optimizer and the random generators: one that does not
+    fit them (a weight missing or of another shape, as after an edit by hand) stops the run in one line."""
     try:
         yield
-    except (RuntimeError, ValueError, KeyError) as e:  # load_state_dict's own errors, several lines long
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # load_state_dict's own errors, several lines long
         said = " ".join(str(e).split())[:300]
-        sys.exit(f"error: {Path(out) / NAME} does not fit the model and optimizer ({said}): damaged or edited. Delete "
-                 "it, or start the run afresh with another --out.")
+        sys.exit(f"error: {Path(out) / NAME} does not fit this run ({said}): damaged or edited. Delete it, or start "
+                 "the run afresh with another --out.")
 
 
 def check_config(path: Path, theirs: dict, ours: dict) -> None:

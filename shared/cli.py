@@ -46,8 +46,9 @@ def out_dir(text: str) -> Path:
     try:  # OSError: a name too long, too
         if path.exists() and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")
-        if path.is_symlink() and not path.exists():  # mkdir would say "File exists"
-            raise argparse.ArgumentTypeError(f"{text} is a link to {os.readlink(path)}, which does not exist")
+        # a link to nothing, the directory itself or one above it: mkdir would only say "File exists"
+        if broken := next((d for d in (path, *path.parents) if d.is_symlink() and not d.exists()), None):
+            raise argparse.ArgumentTypeError(f"{broken} is a link to {os.readlink(broken)}, which does not exist")
         made = [d for d in (path.absolute(), *path.absolute().parents) if not d.exists()]  # deepest first
         atexit.register(remove_if_empty, made)  # absolute: the directory the process ends in may be another
         path.mkdir(parents=True, exist_ok=True)
@@ -93,8 +94,8 @@ def existing_dir(text: str) -> Path:
     """An argparse type: a directory that is there already (a typo must not make a new, empty one)."""
     path = Path(text)
     if answered(path.is_file, text):  # --resume runs/10_training/checkpoint.pt: the directory was meant
-        meant = f": give the directory that holds it, {path.parent}" if path.suffix == ".pt" else ""
-        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory{meant}")
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory: give the directory that holds it, "
+                                         f"{path.parent}")
     if not answered(path.is_dir, text):
         raise argparse.ArgumentTypeError(f"{text} is not a directory")
     return path

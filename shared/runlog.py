@@ -104,7 +104,7 @@ class RunLog:
         except OSError as e:
             with contextlib.suppress(OSError):
                 self.file.close()  # tries the unwritten bytes once more: not again, with a traceback, at exit
-            sys.exit(f"error: cannot write {self.out / 'metrics.jsonl'} ({os.strerror(e.errno) if e.errno else e})")
+            cannot_write(self.out / "metrics.jsonl", e)
 
     def print_line(self, row: dict, loss: float) -> None:
         elapsed = time.perf_counter() - self.start
@@ -120,7 +120,7 @@ class RunLog:
         """Finish the run, or stop it: summary.json (e.g. the validation loss) and the loss curve so far."""
         self.file.close()
         if summary:
-            (self.out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
+            write_or_stop(self.out / "summary.json", json.dumps(jsonable(summary), indent=1) + "\n")
             if line := "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
                                  if not isinstance(v, dict) and jsonable(v) is not None):
                 print(line)
@@ -138,8 +138,20 @@ class RunLog:
                   f"{clock(time.perf_counter() - self.start)} in all")
         drawn = len(curves["train"]) > 1  # a curve needs two points
         if drawn:
-            (self.out / "loss.svg").write_text(loss_svg(curves, below=below))
+            write_or_stop(self.out / "loss.svg", loss_svg(curves, below=below))
         print(f"metrics: {self.out / 'metrics.jsonl'}" + f"   loss curve: {self.out / 'loss.svg'}" * drawn)
+
+
+def cannot_write(path: Path, e: OSError):
+    sys.exit(f"error: cannot write {path} ({os.strerror(e.errno) if e.errno else e})")
+
+
+def write_or_stop(path: Path, text: str) -> None:
+    """path.write_text(text); a write that fails (a full disk) stops the run in one line."""
+    try:
+        path.write_text(text)
+    except OSError as e:
+        cannot_write(path, e)
 
 
 def finite(x: float) -> float | None:

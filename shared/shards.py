@@ -300,10 +300,11 @@ def make_shards(source: str, out: Path, shard_tokens: int, max_tokens: int | Non
 def directory(text: str) -> Path:
     """An argparse type for a trainer's --data: a directory there already. A text file given in its place is answered
     with the make data command that turns it into shards."""
-    if cli.answered(Path(text).is_file, text):
+    path = Path(text)
+    if path.suffix in KINDS and cli.answered(path.is_file, text):
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory of token shards: make them from it with "
-                                         f'make data ARGS="--source {text} --out data/shards/{Path(text).stem}"')
-    return cli.existing_dir(text)
+                                         f'make data ARGS="--source {text} --out data/shards/{path.stem}"')
+    return cli.existing_dir(text)  # a shard or manifest.json given: it names the directory that holds it
 
 
 def check_ids(tokens: np.ndarray, where) -> None:

@@ -231,7 +231,11 @@ def test_dynamo_cuts_the_graph_at_ddps_buckets_when_its_first_call_is_inside_ddp
     # compiled model); a model compiled by a call before it was wrapped keeps its one graph under DDP
     procs = [subprocess.Popen([sys.executable, "-c", GRAPHS_IN_THREE_ORDERS, str(r), str(tmp_path)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # a hung rank, when the other failed: not left running
     assert [p.returncode for p in procs] == [0, 0], outs
     assert [out for out, _ in outs] == ["[2, 2, 1]\n"] * 2
 

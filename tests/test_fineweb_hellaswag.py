@@ -166,12 +166,15 @@ def test_a_data_directory_without_shards_is_refused(step, tmp_path, capsys):
 
 
 @pytest.mark.main_needs("shards")
-def test_a_text_file_given_as_data_is_answered_with_the_make_data_command_for_it(step, tmp_path, capsys):
-    (tmp_path / "poems.txt").write_text("text, not shards")
+@pytest.mark.parametrize("given, said", [
+    ("poems.txt", 'make data ARGS="--source {tmp}/poems.txt --out data/shards/poems"'),  # text: make shards of it
+    ("poems_train_000001.npy", "give the directory that holds it, {tmp}"),  # a shard: its directory was meant
+])
+def test_a_file_given_as_data_is_answered_with_what_to_give(step, tmp_path, capsys, given, said):
+    (tmp_path / given).write_text("a file, not a directory of shards")
     with pytest.raises(SystemExit) as exit:
-        step.main.main(["--data", str(tmp_path / "poems.txt"), "--max-steps", "1", "--out", str(tmp_path / "run")])
-    assert exit.value.code == 2 and (f'make data ARGS="--source {tmp_path / "poems.txt"} --out data/shards/poems"'
-                                     in capsys.readouterr().err)
+        step.main.main(["--data", str(tmp_path / given), "--max-steps", "1", "--out", str(tmp_path / "run")])
+    assert exit.value.code == 2 and said.format(tmp=tmp_path) in capsys.readouterr().err
 
 
 @pytest.mark.main_needs("shakespeare_shards")

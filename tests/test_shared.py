@@ -247,12 +247,24 @@ def test_a_nan_loss_advises_a_smaller_lr_in_a_new_run_when_the_run_was_resumed(t
     assert advice in str(exit.value.code)
 
 
-def test_a_metrics_row_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, files_of_at_most_100_kb):
+@pytest.mark.usefixtures("files_of_at_most_100_kb", "capsys")  # capsys: the lines go to memory, not to a file
+def test_a_metrics_row_that_cannot_be_written_stops_the_run_in_one_line(tmp_path):  # the limit could stop (-s > log)
     log = runlog.RunLog(tmp_path, total=10_000)
     with pytest.raises(SystemExit) as exit:
         for it in range(10_000):  # about 70 bytes a row: past 100 kB within 2,000 rows
             log.log(it, 1.0, 1e-3)
     assert str(exit.value.code) == f"error: cannot write {tmp_path / 'metrics.jsonl'} (File too large)"
+
+
+@pytest.mark.parametrize("name", ["summary.json", "loss.svg"])
+def test_a_summary_or_curve_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, name):
+    log = runlog.RunLog(tmp_path, total=2)
+    log.log(0, 2.5, 0.1)
+    log.log(1, 2.0, 0.1)
+    (tmp_path / name).symlink_to("/dev/full")  # a full disk: every write fails with ENOSPC
+    with pytest.raises(SystemExit) as exit:
+        log.close(val_loss=2.1)
+    assert str(exit.value.code) == f"error: cannot write {tmp_path / name} (No space left on device)"
 
 
 def test_a_new_run_log_removes_an_earlier_runs_summary_and_curve_a_resumed_one_keeps_them(tmp_path):
@@ -375,10 +387,12 @@ def test_out_dir_is_made_and_checked_when_parsed(tmp_path):
         cli.out_dir("/proc/forbidden")
 
 
-def test_an_out_dir_that_is_a_broken_link_is_refused_naming_where_it_points(tmp_path):
+@pytest.mark.parametrize("out", ["runs", "runs/10_training"])
+def test_an_out_dir_on_a_broken_link_is_refused_naming_where_it_points(tmp_path, out):
     (tmp_path / "runs").symlink_to(tmp_path / "gone")  # a runs/ linked to a disk that is not mounted
-    with pytest.raises(argparse.ArgumentTypeError, match=f"runs is a link to {tmp_path / 'gone'}, which does not"):
-        cli.out_dir(str(tmp_path / "runs"))
+    with pytest.raises(argparse.ArgumentTypeError, match=f"^{tmp_path / 'runs'} is a link to {tmp_path / 'gone'}, "
+                                                         "which does not exist$"):
+        cli.out_dir(str(tmp_path / out))
 
 
 @pytest.mark.parametrize("kind", [cli.out_dir, cli.out_file, cli.existing_dir])

@@ -290,7 +290,8 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_work(step, tmp_pat
 @pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "no checkpoint", "a pickled object", "no iter",
                                     "a config that is not a dict", "no cpu rng", "no param groups", "a nan weight",
                                     "a negative loader position", "an rng state of floats", "a weight missing",
-                                    "a weight of another shape", "an empty list of param groups"])
+                                    "a weight of another shape", "an empty list of param groups",
+                                    "an rng state cut short"])
 def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, damage, finished):
     finished(step, tmp_path)
     path = tmp_path / checkpoint.NAME
@@ -318,12 +319,14 @@ def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, dama
             state["loader"] = -10**9
         elif damage == "an rng state of floats":
             state["rng"]["cpu"] = state["rng"]["cpu"].float()
-        elif damage == "a weight missing":  # the next three pass torch.load and the checks of checkpoint.load
+        elif damage == "a weight missing":  # the next four pass torch.load and the checks of checkpoint.load
             del state["model"]["transformer.wte.weight"]
         elif damage == "a weight of another shape":
             state["model"]["transformer.wte.weight"] = state["model"]["transformer.wte.weight"][:-1]
         elif damage == "an empty list of param groups":
             state["optimizer"]["param_groups"] = []
+        elif damage == "an rng state cut short":
+            state["rng"]["cpu"] = state["rng"]["cpu"][:100]
         else:
             del state["optimizer"]["param_groups"]
         torch.save(state, path)

@@ -346,10 +346,10 @@ def main(argv=None):
         with checkpoint.restoring(args.out):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"]["cpu"])
+            if state["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"][: torch.cuda.device_count()])  # on fewer GPUs too
         start, loader.pos = state["iter"], state["loader"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"][: torch.cuda.device_count()])  # on fewer GPUs too
         print(f"resumed from {args.out / checkpoint.NAME} at iteration {start}")
 
     def save(it: int) -> None:  # `it` iterations are done; rank 0 writes, for every rank
