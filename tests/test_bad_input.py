@@ -107,6 +107,23 @@ def test_heads_that_do_not_divide_n_embd_are_refused(step, capsys):
     refuses(step, ["--n-embd", "30", "--n-head", "4"], capsys, "not divisible by --n-head")
 
 
+class PastTheChecks(Exception):
+    pass
+
+
+def past_the_checks(seed):  # torch.manual_seed, which a step calls once its flags are checked
+    raise PastTheChecks
+
+
+@pytest.mark.main_mentions('"--size"')
+def test_heads_are_not_checked_against_sizes_that_a_fixed_size_ignores(step, monkeypatch):
+    fixed = "124M" if mentions(step, '"124M"') else "base"  # GPT-2 small, or the paper's base model
+    heads = ["--n-embd", "30", "--n-head", "4"] if mentions(step, '"--n-embd"') else ["--d-model", "30", "--n-heads", "4"]
+    monkeypatch.setattr(torch, "manual_seed", past_the_checks)
+    with pytest.raises(PastTheChecks):
+        step.main.main(["--size", fixed, *heads, "--device", "cpu"])
+
+
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.main_mentions("--block-size")
 def test_a_window_longer_than_the_data_is_refused_before_training(step, tmp_path, capsys):

@@ -68,15 +68,15 @@ def main(argv=None):
                    help="base = the paper's base model (the sizes above are then ignored); auto = base on a CUDA "
                    "GPU, small elsewhere")
     args = p.parse_args(argv)
-    if args.d_model % args.n_heads:
-        p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
     args.device = device.pick(args.device)
+    if args.size == "auto":
+        args.size = "base" if args.device.type == "cuda" else "small"
+    if args.size == "small" and args.d_model % args.n_heads:  # base ignores the sizes given
+        p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
     tok = data.CharTokenizer(LETTERS, specials=("_", "<", ">"))  # PAD shows as _, BOS as <, EOS as >
-    if args.size == "auto":
-        args.size = "base" if args.device.type == "cuda" else "small"
     if args.size == "base":
         model = Transformer(tok.vocab_size, max_len=args.max_letters + 2, dropout=args.dropout, pad_id=PAD)
     else:

@@ -49,16 +49,16 @@ def main(argv=None):
                    help="base = the paper's base sizes (the sizes above are then ignored); auto = base on a CUDA "
                    "GPU, small elsewhere")
     args = p.parse_args(argv)
-    if args.d_model % args.n_heads:
-        p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
     args.device = device.pick(args.device)
+    if args.size == "auto":
+        args.size = "base" if args.device.type == "cuda" else "small"
+    if args.size == "small" and args.d_model % args.n_heads:  # base ignores the sizes given
+        p.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
     tok = data.gpt2_tokenizer()  # GPT-2's BPE: 50257 tokens
     train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())), args.block_size)
-    if args.size == "auto":
-        args.size = "base" if args.device.type == "cuda" else "small"
     if args.size == "base":
         model = DecoderOnlyLM(tok.n_vocab, max_len=args.block_size, dropout=args.dropout)
     else:

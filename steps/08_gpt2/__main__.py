@@ -46,11 +46,11 @@ def main(argv=None):
                    help="124M = GPT-2 small (--n-embd, --n-head and --n-layer are then ignored); auto = 124M on a CUDA "
                    "GPU, small elsewhere")
     args = p.parse_args(argv)
-    if args.n_embd % args.n_head:
-        p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     args.device = device.pick(args.device)
     if args.size == "auto":
         args.size = "124M" if args.device.type == "cuda" else "small"
+    if args.size == "small" and args.n_embd % args.n_head:  # 124M ignores the sizes given
+        p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.size == "124M" and args.block_size > GPTConfig().block_size:  # its position table has 1024 rows
         p.error(f"--block-size {args.block_size} is past GPT-2's context of {GPTConfig().block_size} tokens")
     summary(GPTConfig())
