@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from shared import cli
+
 NAME = "checkpoint.pt"
 KEYS = {"config": dict, "iter": int, "model": dict, "optimizer": dict, "loader": int, "rng": dict}  # what a step saves
 
@@ -32,8 +34,7 @@ def save(out: Path, state: dict) -> None:
             raise
         tmp.unlink(missing_ok=True)  # half a checkpoint would keep the disk full
         kept = f"; {path} is the last one written" if path.is_file() else ""
-        sys.exit(f"error: cannot write a checkpoint to {out} ({os.strerror(failed.errno) if failed.errno else failed})"
-                 f"{kept}")
+        sys.exit(f"error: cannot write a checkpoint to {out} ({cli.reason(failed)}){kept}")
 
 
 def load(out: Path) -> dict:

@@ -55,7 +55,7 @@ def out_dir(text: str) -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot write to {text} ({os.strerror(e.errno) if e.errno else e})")
+        raise argparse.ArgumentTypeError(f"cannot write to {text} ({reason(e)})")
     return path
 
 
@@ -66,6 +66,11 @@ def remove_if_empty(dirs: list[Path]) -> None:
             d.rmdir()
         except OSError:
             return
+
+
+def reason(e: OSError) -> str:
+    """Why a file operation failed, in the words of its errno ("No space left on device"), without "[Errno 28]"."""
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def plural(n: int, word: str) -> str:
@@ -107,7 +112,7 @@ def answered(ask, text: str) -> bool:
     try:
         return ask()
     except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot read {text} ({os.strerror(e.errno) if e.errno else e})")
+        raise argparse.ArgumentTypeError(f"cannot read {text} ({reason(e)})")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared import checkpoint
+from shared import checkpoint, cli
 
 
 def rows_before(path: Path, start: int) -> list[dict]:
@@ -143,7 +143,7 @@ class RunLog:
 
 
 def cannot_write(path: Path, e: OSError):
-    sys.exit(f"error: cannot write {path} ({os.strerror(e.errno) if e.errno else e})")
+    sys.exit(f"error: cannot write {path} ({cli.reason(e)})")
 
 
 def write_or_stop(path: Path, text: str) -> None:

@@ -198,7 +198,7 @@ def write_atomic(path: Path, write, then: str = "The complete shards and the man
             os.fsync(f.fileno())  # the bytes on the disk before the name: else a crash could keep the name only
         os.replace(tmp, path)  # atomic on one file system
     except OSError as e:
-        sys.exit(f"error: cannot write {path} ({os.strerror(e.errno) if e.errno else e}). {then}")
+        sys.exit(f"error: cannot write {path} ({cli.reason(e)}). {then}")
     finally:
         tmp.unlink(missing_ok=True)
 
