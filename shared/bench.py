@@ -378,6 +378,18 @@ def beside(after: dict[int, float], timed: list[int]) -> list[float]:
     return [statistics.mean([after[j] for j in (i - 1, i) if j in after]) for i in timed]
 
 
+def worker_spec(argv: list[str]) -> dict:
+    """The spec run_worker gives a worker (JSON). --worker is not for use by hand: anything else gets one line."""
+    try:
+        spec = json.loads(argv[0]) if len(argv) == 1 else None
+    except ValueError:
+        spec = None
+    if not isinstance(spec, dict) or "kind" not in spec:
+        sys.exit("error: --worker is how make bench times one row in a process of its own, with a spec it writes: "
+                 "run make bench instead (make bench ARGS=--help lists its flags)")
+    return spec
+
+
 def worker(spec: dict) -> None:
     kind = spec["kind"]
     row = time_reference(spec) if kind == REFERENCE else time_step(spec)
@@ -792,6 +804,6 @@ def cpu_name() -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(json.loads(sys.argv[2]))
+        worker(worker_spec(sys.argv[2:]))
     else:
         main()

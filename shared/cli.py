@@ -78,6 +78,12 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'s' * (n != 1)}"
 
 
+def size(n: int) -> str:
+    """A number of bytes in the largest unit that leaves at least 1: 512 bytes, 32.0 KiB, 36.0 MiB, 1.5 GiB."""
+    power, unit = next(((p, u) for p, u in ((30, "GiB"), (20, "MiB"), (10, "KiB")) if n >= 2**p), (0, "bytes"))
+    return f"{n / 2**power:,.1f} {unit}" if power else plural(n, "byte")
+
+
 def one_line(e: BaseException, width: int = 200) -> str:
     """An exception for an error message: "RuntimeError: its first line", cut to width; its name alone when its
     message is empty."""
@@ -128,7 +134,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the step's docstring line for line (a command in it stays one line) and every default."""
+    """--help shows the step's docstring line for line (a command in it stays one line) and every default but None:
+    the help of a flag that is off unless given says what happens without it."""
+
+    def _get_help_string(self, action):  # the method ArgumentDefaultsHelpFormatter overrides to add "(default: ...)"
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from shared import cli
+
 
 def pick(name: str = "auto") -> torch.device:
     available = {
@@ -56,8 +58,7 @@ def explain_out_of_memory(main):
                 raise
             size = re.search(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]i?B)", str(e), re.IGNORECASE)  # torch's words
             if size and size[2] == "bytes":  # the CPU's allocator counts bytes; CUDA and MPS say MiB, GiB, GB
-                n = int(size[1])
-                what = f"a tensor of {n / 2**30:,.1f} GiB" if n >= 2**30 else f"a tensor of {n / 2**20:,.1f} MiB"
+                what = f"a tensor of {cli.size(int(size[1]))}"
             else:
                 what = f"a tensor of {size[1]} {size[2]}" if size else "a tensor"
             sys.exit(f"error: out of memory: {what} did not fit. Make the run smaller: a smaller --batch-size "

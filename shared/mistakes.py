@@ -429,7 +429,8 @@ def main(argv=None) -> int:
         print(listing(step))
         return 0
     if args.id not in BY_ID:
-        p.error(f"no mistake {args.id!r}; the ids: {', '.join(BY_ID)}")
+        ids = [m.id for m in MISTAKES if step is None or step in m.steps()]  # N= given: the ids of that step
+        p.error(f"no mistake {args.id!r}; the ids{f' in step {step}' if step else ''}: {', '.join(ids)}")
     mistake = BY_ID[args.id]
     return show(mistake, step or resolve(mistake.step))
 

@@ -224,20 +224,25 @@ def same_model_as_the_step_before(step: Step) -> bool:
     return i > 0 and model_py(all_steps()[i - 1]) == model_py(step.name)
 
 
+def run_on(marks, only: str | None = None) -> list[Step]:
+    """The steps a test with these marks is run on: those steps_for picks, then per_model_file drops a step whose
+    model.py is the step before's (the same file, tested there), first_and_last keeps the first and the last,
+    newest the last. make mistake (its tests) and make book (its list) set GPT2STEPS_EVERY_STEP: no dropping."""
+    chosen = steps_for(marks, only)
+    marked = set() if os.environ.get("GPT2STEPS_EVERY_STEP") else {m.name for m in marks}
+    if "per_model_file" in marked and only is None:
+        chosen = [s for s in chosen if not same_model_as_the_step_before(s)]
+    if "first_and_last" in marked:
+        chosen = chosen[:1] + chosen[1:][-1:]
+    if "newest" in marked:
+        chosen = chosen[-1:]
+    return chosen
+
+
 def pytest_generate_tests(metafunc):
     if "step" not in metafunc.fixturenames:
         return
-    chosen = steps_for(list(metafunc.definition.iter_markers()), metafunc.config.getoption("--step"))
-    if os.environ.get("GPT2STEPS_EVERY_STEP"):  # make mistake (its tests), make book (its list): every step
-        marked = lambda name: False
-    else:
-        marked = metafunc.definition.get_closest_marker
-    if marked("per_model_file") and metafunc.config.getoption("--step") is None:
-        chosen = [s for s in chosen if not same_model_as_the_step_before(s)]
-    if marked("first_and_last"):
-        chosen = chosen[:1] + chosen[1:][-1:]
-    if marked("newest"):
-        chosen = chosen[-1:]
+    chosen = run_on(list(metafunc.definition.iter_markers()), metafunc.config.getoption("--step"))
     metafunc.parametrize("step", chosen, ids=[s.name for s in chosen])
 
 

@@ -203,8 +203,9 @@ def test_top_k_beyond_the_vocabulary_is_refused(step, saved, capsys):
 
 
 @pytest.mark.main_needs("stream")
-def test_a_model_that_is_neither_a_directory_nor_a_hub_name_is_refused(step, capsys):
-    refuses(step, ["--model", "no-such-model"], capsys, "'no-such-model' is neither a directory nor", "gpt2-xl")
+@pytest.mark.parametrize("name", ["no-such-model", ""])  # "": not the directory the command runs in
+def test_a_model_that_is_neither_a_directory_nor_a_hub_name_is_refused(step, capsys, name):
+    refuses(step, ["--model", name], capsys, f"{name!r} is neither a directory nor", "gpt2-xl")
 
 
 @pytest.mark.main_needs("stream")

@@ -106,7 +106,19 @@ def test_a_failing_compile_falls_back_to_eager_and_says_why(step):
     model, x, y = small_batch(step)
     fast, note = step.main.compiled(model, SimpleNamespace(compile=True, device=CPU, dtype="fp32"), x, y)
     assert fast is model and note == "compile failed (RuntimeError: no C++ compiler found); running eager"
-    assert all(p.grad is None for p in model.parameters())  # the failed try leaves no gradients behind
+
+
+@pytest.mark.main_needs("compiled")
+def test_a_compile_failing_after_its_backward_leaves_no_gradients_behind(step, monkeypatch):
+    def fails_after_backward(model):  # the try's forward and backward run and fill .grad, then it fails
+        def call(x, y):
+            model(x, y)[1].backward()
+            raise RuntimeError("the backward graph failed")
+        return call
+    monkeypatch.setattr(torch, "compile", fails_after_backward)
+    model, x, y = small_batch(step)
+    fast, _ = step.main.compiled(model, SimpleNamespace(compile=True, device=CPU, dtype="fp32"), x, y)
+    assert fast is model and all(p.grad is None for p in model.parameters())  # the first step starts from zero
 
 
 @pytest.mark.main_needs("compiled")

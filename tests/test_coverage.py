@@ -13,15 +13,20 @@ import torch
 
 from shared.steps import ROOT, all_steps
 from tests import conftest
-from tests.conftest import CHECKS, steps_for
+from tests.conftest import CHECKS, run_on, steps_for
 
 
 def shared_checks() -> dict[str, set[str]]:
-    """kind -> the steps that some test marked @pytest.mark.check(kind) runs on."""
+    """kind -> the steps whose code some test marked @pytest.mark.check(kind) runs on: the steps it is run on, and
+    (per_model_file) the steps it is not run on only because their model.py is the step before's."""
     covered = {kind: set() for kind in CHECKS}
     for _, marks in step_tests():  # a test's own marks and its module's: a module's filter narrows its checks too
+        picked, ran = {s.name for s in steps_for(marks)}, {s.name for s in run_on(marks)}
+        if any(m.name == "per_model_file" for m in marks):  # the step before picked too: its file was tested
+            ran |= {s.name for s in steps_for(marks) if conftest.same_model_as_the_step_before(s)
+                    and all_steps()[all_steps().index(s.name) - 1] in picked}
         for kind in (m.args[0] for m in marks if m.name == "check"):
-            covered[kind] |= {s.name for s in steps_for(marks)}
+            covered[kind] |= ran
     return covered
 
 
@@ -47,7 +52,7 @@ def step_tests():
 
 
 def test_every_test_of_a_step_runs_on_some_step():
-    lost = [name for name, marks in step_tests() if not steps_for(marks)]
+    lost = [name for name, marks in step_tests() if not run_on(marks)]
     assert not lost, f"no step has what these tests ask for (a part renamed?): {', '.join(lost)}"
 
 
@@ -56,7 +61,7 @@ def test_a_rename_that_leaves_a_test_no_step_is_reported(monkeypatch):
     model = importlib.import_module("steps.18_kv_cache.model")
     monkeypatch.setattr(model, "Cache", model.KVCache, raising=False)
     monkeypatch.delattr(model, "KVCache")
-    assert any(name.startswith("test_kv_cache.py::") for name, marks in step_tests() if not steps_for(marks))
+    assert any(name.startswith("test_kv_cache.py::") for name, marks in step_tests() if not run_on(marks))
 
 
 def test_one_stages_tests_are_its_own_and_the_shared_code_tests_of_its_files():

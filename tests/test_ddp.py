@@ -240,8 +240,8 @@ def test_dynamo_cuts_the_graph_at_ddps_buckets_when_its_first_call_is_inside_ddp
     assert [out for out, _ in outs] == ["[2, 2, 1]\n"] * 2
 
 
-# A fresh Python, as torchrun starts a rank: join the group, build an AdamW (which imports torch._dynamo), leave. The
-# names of the threads still running: gloo's are called pt_gloo_runloop and gloo_tcp_loop.
+# A fresh Python, as torchrun starts a rank: join the group, build an AdamW (which imports torch._dynamo), destroy the
+# group. The names of the threads still running: gloo's are called pt_gloo_runloop and gloo_tcp_loop.
 THREADS_AFTER_LEAVING = """
 import os, sys, types, importlib, torch, torch.distributed as dist
 main = importlib.import_module("steps.{}.__main__")
@@ -256,7 +256,7 @@ print(sorted(open(f"/proc/self/task/{{task}}/comm").read().strip() for task in o
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from Linux's /proc")
 @pytest.mark.main_needs("join_process_group")
 @pytest.mark.newest  # join_process_group as step 16 brought it, carried unchanged (make diff)
-def test_leaving_the_group_stops_gloos_threads_while_python_is_whole(step):
+def test_a_group_joined_as_the_step_joins_it_stops_gloos_threads_when_destroyed(step):
     # torch._dynamo, imported while a group exists, keeps references to it: the group and its threads then outlive
     # destroy_process_group, and a thread letting go of a tensor as Python shuts down aborts the process ("terminate
     # called without an active exception"). join_process_group imports torch._dynamo before it makes the group.

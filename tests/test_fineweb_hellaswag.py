@@ -471,6 +471,13 @@ def test_eval_only_without_hellaswag_is_refused(step, saved_model):
 
 
 @pytest.mark.main_needs("hellaswag")
+def test_model_given_to_a_training_run_is_refused_not_left_unread(step, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--model", "runs/x/model", "--device", "cpu", "--out", str(tmp_path)])
+    assert exit.value.code == 2 and "--model runs/x/model is for --eval-only" in capsys.readouterr().err
+
+
+@pytest.mark.main_needs("hellaswag")
 def test_a_run_with_hellaswag_logs_acc_and_acc_norm_and_draws_them(step, small_shards, tmp_path, capsys):
     items = write_items(tmp_path / "items.jsonl", [json.dumps(item) for item in ITEMS])
     step.main.main([*small_run_flags(step), "--data", str(small_shards), "--hellaswag", str(items), "--max-steps",

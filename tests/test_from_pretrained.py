@@ -265,18 +265,26 @@ def run(step, capsys, *args):
     return capsys.readouterr()
 
 
+def continuations(out: str, prompt: str) -> list[str]:
+    """What each sample wrote after its prompt (each sample: its --- sample line, the prompt, the new text)."""
+    texts = [sample.split("\n", 1)[1] for sample in out.split("--- sample ")[1:]]
+    assert all(t.startswith(prompt) for t in texts), out
+    return [t.removeprefix(prompt).rstrip("\n") for t in texts]
+
+
 @pytest.mark.main_needs("stream")
 def test_command_streams_the_prompt_and_its_continuation(step, saved, capsys):
     out = run(step, capsys, "--model", str(saved[1]), "--prompt", "Hello", "--max-new-tokens", "5",
               "--num-samples", "2").out
-    assert out.count("--- sample") == 2 and out.count("Hello") >= 2
+    texts = continuations(out, "Hello")
+    assert len(texts) == 2 and all(texts)  # two samples, each with text after the prompt
 
 
 @pytest.mark.main_needs("stream")
 def test_command_with_the_same_seed_writes_the_same_text(step, saved, capsys):
-    a = run(step, capsys, "--model", str(saved[1]), "--max-new-tokens", "8").out
-    b = run(step, capsys, "--model", str(saved[1]), "--max-new-tokens", "8").out
-    assert a == b
+    a = run(step, capsys, "--model", str(saved[1]), "--prompt", "Hello", "--max-new-tokens", "8").out
+    b = run(step, capsys, "--model", str(saved[1]), "--prompt", "Hello", "--max-new-tokens", "8").out
+    assert a == b and all(continuations(a, "Hello"))  # the same new text, not only the same prompt
 
 
 @pytest.mark.main_needs("stream")

@@ -2,6 +2,8 @@
 positions it has seen; a prefill fills them from the prompt, then each step feeds only the newest token, at its
 position. The path without the cache (a whole forward a token) and transformers' generate are the references."""
 
+import re
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -179,6 +181,7 @@ def test_generate_only_with_the_cache_and_without_writes_the_same_greedy_text(st
 
 @pytest.mark.main_needs("generate_only")
 @pytest.mark.parametrize("flags, words", [(["--model", "no-such-model"], "is neither a directory nor"),
+                                          (["--model", ""], "'' is neither a directory nor"),
                                           (["--top-k", "60000"], "--top-k 60000 is more than")])
 def test_generate_only_refuses_bad_input_in_one_line(step, saved, flags, words):
     with pytest.raises(SystemExit) as exit:
@@ -211,4 +214,8 @@ def test_generate_only_refuses_a_model_whose_vocabulary_is_not_the_tokenizers(st
 def test_the_sample_after_training_uses_the_cache_and_says_how_fast(step, tmp_path, capsys):
     step.main.main([*small_run_flags(step), "--max-steps", "2", "--device", "cpu", "--seed", "0",
                     "--out", str(tmp_path)])
-    assert "[KV cache: the first token after" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[KV cache: the first token after" in out
+    numbers, size, unit, dtype = re.search(r"= ([\d,]+) numbers, ([\d.]+) (KiB|MiB) in (fp32|bf16)\]", out).groups()
+    nbytes = int(numbers.replace(",", "")) * {"fp32": 4, "bf16": 2}[dtype]
+    assert float(size) * {"KiB": 2**10, "MiB": 2**20}[unit] == pytest.approx(nbytes, rel=0.05)  # said to 1 decimal

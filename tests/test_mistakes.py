@@ -65,6 +65,8 @@ def test_the_untied_head_in_step_08_shows_163_037_184_parameters_and_exits_0_and
 
 @pytest.mark.parametrize("args, message", [
     (["M=no-such-thing"], "no mistake 'no-such-thing'; the ids: sinusoid-halves"),
+    (["M=no-such-thing", "N=08"], "the ids in step 08_gpt2: heads-merged-wrong, heads-viewed-without-transpose, "
+                                  "no-causal-mask, pad-sees-nothing, untied-head, exact-gelu\n"),  # only step 08's
     (["M=untied-head", "N=03"], "untied-head is not in step 03_feedforward: it applies to 08_gpt2"),
     (["M=untied-head", "N=99"], "unknown step '99'"),
     (["N=99"], "unknown step '99'"),

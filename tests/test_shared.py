@@ -378,6 +378,12 @@ def test_an_exception_is_said_in_one_line_its_name_alone_when_its_message_is_emp
     assert cli.one_line(e) == said
 
 
+@pytest.mark.parametrize("n, said", [(1, "1 byte"), (1023, "1,023 bytes"), (1024, "1.0 KiB"), (32768, "32.0 KiB"),
+                                     (36 * 2**20, "36.0 MiB"), (3 * 2**29, "1.5 GiB")])
+def test_a_size_is_said_in_the_largest_unit_that_leaves_at_least_1(n, said):  # a small KV cache is not "0.0 MiB"
+    assert cli.size(n) == said
+
+
 def test_out_dir_is_made_and_checked_when_parsed(tmp_path):
     assert cli.out_dir(str(tmp_path / "a" / "b")).is_dir()
     (tmp_path / "file").write_text("x")

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_log_every_prints_every_nth_iteration_and_the_last(step, forty):
 
 
 @pytest.mark.main_needs("main")
-def test_every_flag_has_a_line_of_help_that_shows_its_default(step, monkeypatch):
+def test_every_flag_has_a_line_of_help_that_shows_its_default_unless_it_is_none(step, monkeypatch):
     parsers = []
 
     def capture(parser, *args, **kwargs):
@@ -111,7 +112,15 @@ def test_every_flag_has_a_line_of_help_that_shows_its_default(step, monkeypatch)
     for action in parser._actions:
         if action.dest != "help":
             assert action.help, f"{action.option_strings[0]} has no help"
-            assert "%(default)" in formatter._get_help_string(action), f"{action.option_strings[0]} hides its default"
+            shown = "%(default)" in formatter._get_help_string(action)
+            assert shown != (action.default is None), f"{action.option_strings[0]}: default {action.default!r}"
+
+
+@pytest.mark.main_needs("main")
+def test_help_never_says_default_none(step, capsys):  # the flag's own help says what happens without it
+    with pytest.raises(SystemExit):
+        step.main.main(["--help"])
+    assert not re.search(r"\(default:\s+None\)", capsys.readouterr().out)
 
 
 @pytest.mark.main_needs("evaluate")

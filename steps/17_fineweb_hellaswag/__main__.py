@@ -336,10 +336,10 @@ def main(argv=None):
                    "windows in each, in an order shuffled by --seed (--no-shuffle: in order)")
     p.add_argument("--val-windows", type=cli.positive_int, help="validation windows, the first of the val shard")
     p.add_argument("--hellaswag", help="score HellaSwag at every evaluation: val (the 10,042 validation items, "
-                   "downloaded on first use) or a .jsonl file in its format; None: not scored")
+                   "downloaded on first use) or a .jsonl file in its format; not given: not scored")
     p.add_argument("--eval-only", action="store_true", help="score --model on --hellaswag, without training")
-    p.add_argument("--model", default="gpt2", help="for --eval-only: a model/ directory of a trainer step, or "
-                   "gpt2 ... gpt2-xl from the hub")
+    p.add_argument("--model", help="for --eval-only: a model/ directory of a trainer step, or "
+                   "gpt2 ... gpt2-xl from the hub (not given: gpt2)")
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
@@ -352,6 +352,9 @@ def main(argv=None):
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.hellaswag and args.seq_len < 2:  # an ending's first token is predicted from the context's last
         p.error(f"--hellaswag needs --seq-len 2 or more (got {args.seq_len})")
+    if args.model is not None and not args.eval_only:
+        p.error(f"--model {args.model} is for --eval-only: a training run builds a new model (--preset, --n-layer ...)")
+    args.model = "gpt2" if args.model is None else args.model
     args.rank, args.world = rank, world
     if args.total_batch_size % (args.batch_size * args.seq_len * world):  # every rank refuses, rank 0 says so
         p.error(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x --seq-len"

@@ -340,11 +340,11 @@ def main(argv=None):
                    "windows in each, in an order shuffled by --seed (--no-shuffle: in order)")
     p.add_argument("--val-windows", type=cli.positive_int, help="validation windows, the first of the val shard")
     p.add_argument("--hellaswag", help="score HellaSwag at every evaluation: val (the 10,042 validation items, "
-                   "downloaded on first use) or a .jsonl file in its format; None: not scored")
+                   "downloaded on first use) or a .jsonl file in its format; not given: not scored")
     p.add_argument("--eval-only", action="store_true", help="score --model on --hellaswag, without training")
     p.add_argument("--generate-only", action="store_true", help="write with --model from --prompt, without training")
-    p.add_argument("--model", default="gpt2", help="for --eval-only and --generate-only: a model/ directory of a "
-                   "trainer step, or gpt2 ... gpt2-xl from the hub")
+    p.add_argument("--model", help="for --eval-only and --generate-only: a model/ directory of a "
+                   "trainer step, or gpt2 ... gpt2-xl from the hub (not given: gpt2)")
     p.add_argument("--prompt", default=PROMPT, help="the text the samples continue ('' starts a new "
                    "document, as <|endoftext|>)")
     p.add_argument("--num-samples", type=cli.positive_int, default=1, help="samples, one after the other")
@@ -368,6 +368,10 @@ def main(argv=None):
         p.error(f"--hellaswag needs --seq-len 2 or more (got {args.seq_len})")
     if args.eval_only and args.generate_only:
         p.error("--eval-only and --generate-only: one at a time")
+    if args.model is not None and not (args.eval_only or args.generate_only):
+        p.error(f"--model {args.model} is for --eval-only and --generate-only: a training run builds a new model "
+                "(--preset, --n-layer ...)")
+    args.model = "gpt2" if args.model is None else args.model
     args.rank, args.world = rank, world
     if args.total_batch_size % (args.batch_size * args.seq_len * world):  # every rank refuses, rank 0 says so
         p.error(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x --seq-len"
@@ -596,7 +600,7 @@ def show_sample(model, tok, args):
         values = 2 * c.n_layer * c.block_size * c.n_embd  # keys and values, every layer, every position, batch 1
         print(f"[no cache: {speed}]" if not args.cache else f"[KV cache: {speed}; it holds 2 x {c.n_layer} layers "
               f"x {c.block_size} positions x {c.n_embd} = {values:,} numbers, "
-              f"{values * (2 if args.dtype == 'bf16' else 4) / 2**20:,.1f} MiB in {args.dtype}]")
+              f"{cli.size(values * (2 if args.dtype == 'bf16' else 4))} in {args.dtype}]")
 
 
 if __name__ == "__main__":
