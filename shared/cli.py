@@ -31,7 +31,7 @@ positive_int = checked(int, lambda v: v > 0, "a positive integer")
 non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive, finite number")
 even_positive_int = checked(int, lambda v: v > 0 and v % 2 == 0, "a positive, even integer")
-# AdamW's first step is lr / (1 - beta1) = 10 x lr, taken in float32: past its largest, AdamW raises an overflow
+# AdamW's first step scales by lr / (1 - beta1) = 10 x lr, a float32 scalar: past its largest, an overflow
 learning_rate = checked(float, lambda v: 0 < v < FLOAT32_MAX / 10, "a positive number below 3.4e37")  # nan fails
 probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")  # nan and inf fail the test
 seed = checked(int, lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}")

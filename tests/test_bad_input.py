@@ -35,7 +35,7 @@ def refuses(step, argv, capsys, *words):
 @pytest.mark.parametrize("flag, value", [
     ("--device", "tpu"), ("--seed", "x"), ("--seed", "-1"), ("--seed", "99999999999999999999999"),
     ("--max-steps", "0"), ("--max-steps", "1.5"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"),
-    ("--lr", "3.5e37"),  # AdamW's first step, 10 x lr, past float32's largest: an overflow inside torch
+    ("--lr", "3.5e37"),  # AdamW's first step size, 10 x lr, past float32's largest: an overflow in torch
     ("--dropout", "1.5"), ("--dropout", "nan"), ("--batch-size", "0"), ("--log-every", "-1"),
 ])
 def test_a_bad_value_is_refused_naming_the_flag(step, flag, value, capsys):

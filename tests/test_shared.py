@@ -355,7 +355,7 @@ def test_positive_float_refuses_what_is_not_a_positive_finite_number(text, messa
         cli.positive_float(text)
 
 
-def test_the_largest_learning_rate_is_the_one_whose_first_adamw_step_fits_in_float32():
+def test_the_largest_learning_rate_is_the_one_whose_first_adamw_step_size_fits_in_float32():
     p = torch.nn.Parameter(torch.ones(1))
     p.grad = torch.ones(1)
     torch.optim.AdamW([p], lr=cli.learning_rate("3.3e37")).step()  # 3.3e38: float32 holds it
