@@ -79,8 +79,9 @@ def plural(n: int, word: str) -> str:
 
 
 def size(n: int) -> str:
-    """A number of bytes in the largest unit that leaves at least 1: 512 bytes, 32.0 KiB, 36.0 MiB, 1.5 GiB."""
-    power, unit = next(((p, u) for p, u in ((30, "GiB"), (20, "MiB"), (10, "KiB")) if n >= 2**p), (0, "bytes"))
+    """A number of bytes in the largest unit that leaves at least 1: 512 bytes, 32.0 KiB, 36.0 MiB, 1.5 GiB, 7.3 TiB."""
+    power, unit = next(((p, u) for p, u in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")) if n >= 2**p),
+                       (0, "bytes"))
     return f"{n / 2**power:,.1f} {unit}" if power else plural(n, "byte")
 
 

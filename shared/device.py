@@ -1,6 +1,8 @@
 """Pick the device: auto = cuda, else mps, else cpu. An unavailable choice exits with a message.
 Also: whether the device computes in bf16 natively, which decides what `--dtype auto` means, and running out of
 its memory as one line instead of a traceback."""
+import contextlib
+import dataclasses
 import functools
 import re
 import sys
@@ -45,6 +47,30 @@ def bf16_native(device: torch.device) -> tuple[bool, str]:
             return True, f"this CPU has {' and '.join(found)}"
         return False, "this CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated, and slower than fp32"
     return False, f"bf16 autocast is not chosen automatically on {device.type}"
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device has free now: CUDA's count, or on a CPU Linux's MemAvailable; None where neither says."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            return int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024  # kB
+    return None
+
+
+def refuse_a_model_too_big(build, config, device: torch.device) -> None:
+    """Before the model is built: stop in one line when its weights, gradients and AdamW's two moments (4 x 4 bytes a
+    parameter) need more memory than the device has free (an --n-layer of 100000 would build for minutes first).
+    The count: build(config) on the meta device (shapes, no memory) with 1 and with 2 layers."""
+    with torch.device("meta"):
+        one, two = (sum(p.numel() for p in build(dataclasses.replace(config, n_layer=k)).parameters()) for k in (1, 2))
+    n = one + (config.n_layer - 1) * (two - one)
+    free = free_memory(device)
+    if free is not None and 16 * n > free:
+        sys.exit(f"error: a model of {n:,} parameters ({config.n_layer:,} layers of {config.n_embd:,}) needs "
+                 f"{cli.size(16 * n)} for its weights, gradients and AdamW's moments alone; the {device.type} has "
+                 f"{cli.size(free)} free. Make it smaller (--n-layer, --n-embd)")
 
 
 def explain_out_of_memory(main):

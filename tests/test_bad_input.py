@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from shared import device
 from tests.conftest import data_dir_copy, mentions, small_run_flags, with_a_nan_weight
 
 FAST = ["--max-steps", "2", "--device", "cpu", "--seed", "0"]
@@ -250,6 +251,13 @@ def test_a_config_whose_heads_do_not_divide_n_embd_is_refused(step, saved, tmp_p
 
 # ---- every step's command
 
+@pytest.mark.main_mentions("refuse_a_model_too_big")
+def test_a_model_too_big_for_the_free_memory_is_refused_before_it_is_built(step, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(device, "free_memory", lambda d: 2**20)  # 1 MiB free: the small run's model needs more
+    refuses(step, [*FAST, *small_run_flags(step), "--out", str(tmp_path / "run")], capsys, "error: a model of",
+            "AdamW's moments alone; the cpu has 1.0 MiB free", "--n-layer")
+
+
 def more_memory_than_any_machine_has(*args, **kwargs):
     torch.empty(2**58, dtype=torch.uint8)  # 256 PiB, beyond any address space: torch's CPU allocator refuses it
 
@@ -259,7 +267,7 @@ def test_running_out_of_memory_is_one_line_with_the_tensors_size_and_the_flag_to
     monkeypatch.setattr(torch.nn.Embedding, "forward", more_memory_than_any_machine_has)  # every step embeds tokens
     generates = hasattr(step.main, "stream")  # step 09 only generates; every other step trains
     run = ["--model", "random"] if generates else [*FAST, *small_run_flags(step), "--out", str(tmp_path / "run")]
-    refuses(step, run, capsys, "error: out of memory: a tensor of 268,435,456.0 GiB did not fit",
+    refuses(step, run, capsys, "error: out of memory: a tensor of 262,144.0 TiB did not fit",
             "a smaller --batch-size")
 
 

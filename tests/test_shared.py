@@ -1,6 +1,7 @@
 """The project's helpers: the step registry behind the Makefile, data files, tokenizers, device, run log."""
 import argparse
 import http.client
+import importlib
 import json
 import os
 import re
@@ -198,6 +199,22 @@ def main_raising(error):
     return main
 
 
+def test_a_model_is_refused_when_16_bytes_a_parameter_pass_the_free_memory(monkeypatch):
+    gpt = importlib.import_module("steps.10_training.model")
+    config = gpt.GPTConfig(block_size=16, vocab_size=100, n_layer=3, n_head=2, n_embd=16)
+    n = sum(p.numel() for p in gpt.GPT(config).parameters())  # the count built for real; the check builds 1 and 2
+    monkeypatch.setattr(device, "free_memory", lambda d: 16 * n)
+    device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))  # fits to the byte
+    monkeypatch.setattr(device, "free_memory", lambda d: 16 * n - 1)
+    with pytest.raises(SystemExit, match=f"^error: a model of {n:,} parameters \\(3 layers of 16\\)"):
+        device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="reads Linux's /proc/meminfo")
+def test_a_cpus_free_memory_is_linuxs_memavailable():
+    assert 0 < device.free_memory(torch.device("cpu")) <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def test_a_cuda_out_of_memory_is_one_line_with_the_size_torch_gave():
     main = main_raising(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
                                          "capacity of 79.19 GiB of which 3.12 GiB is free."))  # CUDA's words in torch 2
@@ -379,7 +396,7 @@ def test_an_exception_is_said_in_one_line_its_name_alone_when_its_message_is_emp
 
 
 @pytest.mark.parametrize("n, said", [(1, "1 byte"), (1023, "1,023 bytes"), (1024, "1.0 KiB"), (32768, "32.0 KiB"),
-                                     (36 * 2**20, "36.0 MiB"), (3 * 2**29, "1.5 GiB")])
+                                     (36 * 2**20, "36.0 MiB"), (3 * 2**29, "1.5 GiB"), (2**50, "1,024.0 TiB")])
 def test_a_size_is_said_in_the_largest_unit_that_leaves_at_least_1(n, said):  # a small KV cache is not "0.0 MiB"
     assert cli.size(n) == said
 

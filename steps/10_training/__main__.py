@@ -131,6 +131,7 @@ def main(argv=None):
     if args.batch_size * args.seq_len + 1 > len(train_ids):  # a batch is the next B*T + 1 tokens
         sys.exit(f"error: a batch of {args.batch_size} x {args.seq_len} tokens does not fit the {len(train_ids):,} "
                  f"training tokens (use --batch-size {(len(train_ids) - 1) // args.seq_len} or less)")
+    device.refuse_a_model_too_big(GPT, config, args.device)  # before minutes of building
     model = GPT(config).to(args.device)
     loader = Loader(train_ids, args.batch_size, args.seq_len)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "

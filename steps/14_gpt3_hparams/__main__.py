@@ -204,6 +204,7 @@ def main(argv=None):
         sys.exit(f"error: a batch of {args.batch_size} x {args.seq_len} tokens does not fit the {len(train_ids):,} "
                  f"training tokens (use --batch-size {(len(train_ids) - 1) // args.seq_len} or less)")
     train_ids, val_ids = train_ids.to(args.device), val_ids.to(args.device)  # once: 8 bytes a token, 2.7 MB
+    device.refuse_a_model_too_big(GPT, config, args.device)  # before minutes of building
     model = GPT(config).to(args.device)
     loader = Loader(train_ids, args.batch_size, args.seq_len)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "

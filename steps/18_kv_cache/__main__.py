@@ -414,6 +414,7 @@ def main(argv=None):
         sys.exit(f"error: --seq-len {args.seq_len} does not fit {val_file}: a window needs {args.seq_len + 1} tokens")
     shards.check_ids(val, val_file)
     val_ids = torch.from_numpy(val.astype(np.int64)).to(args.device)  # once: 8 bytes a token
+    device.refuse_a_model_too_big(GPT, config, args.device)  # before minutes of building
     model = GPT(config).to(args.device)
     loader = Loader(train_files, args.batch_size, args.seq_len, args.seed, args.shuffle, rank=args.rank,
                     world=args.world, device=args.device)
