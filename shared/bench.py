@@ -386,7 +386,7 @@ def worker_spec(argv: list[str]) -> dict:
         spec = None
     if not isinstance(spec, dict) or "kind" not in spec:
         sys.exit("error: --worker is how make bench times one row in a process of its own, with a spec it writes: "
-                 "run make bench instead (make bench ARGS=--help lists its flags)")
+                 "run make bench instead (make bench ARGS=\"--help\" lists every flag)")
     return spec
 
 

@@ -218,10 +218,14 @@ def steps_for(marks, only: str | None = None) -> list[Step]:
             and not any(has(s.main, n) for n in wanted("main_lacks"))]
 
 
-def same_model_as_the_step_before(step: Step) -> bool:
+def step_before(step: Step) -> str | None:
     i = all_steps().index(step.name)
+    return all_steps()[i - 1] if i > 0 else None
+
+
+def same_model_as_the_step_before(step: Step) -> bool:
     model_py = lambda s: (STEPS_DIR / s / "model.py").read_bytes()
-    return i > 0 and model_py(all_steps()[i - 1]) == model_py(step.name)
+    return step_before(step) is not None and model_py(step_before(step)) == model_py(step.name)
 
 
 def run_on(marks, only: str | None = None) -> list[Step]:
@@ -230,8 +234,9 @@ def run_on(marks, only: str | None = None) -> list[Step]:
     newest the last. make mistake (its tests) and make book (its list) set GPT2STEPS_EVERY_STEP: no dropping."""
     chosen = steps_for(marks, only)
     marked = set() if os.environ.get("GPT2STEPS_EVERY_STEP") else {m.name for m in marks}
-    if "per_model_file" in marked and only is None:
-        chosen = [s for s in chosen if not same_model_as_the_step_before(s)]
+    if "per_model_file" in marked and only is None:  # dropped only where the step before is run (or dropped) too
+        names = {s.name for s in chosen}
+        chosen = [s for s in chosen if not (same_model_as_the_step_before(s) and step_before(s) in names)]
     if "first_and_last" in marked:
         chosen = chosen[:1] + chosen[1:][-1:]
     if "newest" in marked:

@@ -267,20 +267,34 @@ def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys)
     assert (tmp_path / "b.svg").read_text().startswith("<svg")
 
 
-# A worker whose clock ticks for a second, far longer than a tiny iteration (23-34 ms on this EPYC; 410 ms seen
-# beside a training run on both cores), and reads 1.0 ms; its page-fault counter goes up by 5 at each reading.
-SLOW_CLOCK_WORKER = ("import itertools, json, sys, time; from shared import bench; "
-                     "bench.matmul_clock = lambda: ((lambda: time.sleep(1.0) or 1.0), 'float32'); "
-                     "bench.minor_faults = itertools.count(0, 5).__next__; "
-                     "bench.worker(json.loads(sys.argv[1]))")
+# A worker whose clock reads 1.0 ms and, at each tick, moves the time.perf_counter that times the iterations 1000 s
+# on: a tick inside an iteration would add 1,000,000 ms to its ms, which no load comes near (a sleeping tick of 1 s
+# could not be told from an iteration slowed to 1467 ms beside two busy cores). Its page-fault counter goes up by 5
+# at each reading.
+FAKE_CLOCK_WORKER = """
+import itertools, json, sys, time
+from shared import bench
+real, skipped = time.perf_counter, [0.0]
+time.perf_counter = lambda: real() + skipped[0]
+
+
+def tick():
+    skipped[0] += 1000
+    return 1.0
+
+
+bench.matmul_clock = lambda: (tick, "float32")
+bench.minor_faults = itertools.count(0, 5).__next__
+bench.worker(json.loads(sys.argv[1]))
+"""
 
 
 @pytest.fixture(scope="module")
 def steps_worker():
-    """One run of a step's worker process on the CPU (tiny sizes), with a slow clock: its output and its row."""
+    """One run of a step's worker process on the CPU (tiny sizes), with a fake clock: its output and its row."""
     spec = dict(kind="15_grad_accum", device="cpu", device_type="cpu", preset="tiny",
                 batch_size=1, seq_len=16, warmup=1, iters=2, compile=False, clock=True, heap_pad_mb=1024)
-    r = subprocess.run([sys.executable, "-c", SLOW_CLOCK_WORKER, json.dumps(spec)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-c", FAKE_CLOCK_WORKER, json.dumps(spec)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env={**os.environ, **bench.KEEP_FREED_MEMORY})
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout, json.loads(r.stdout.splitlines()[-1].removeprefix(bench.RESULT))
@@ -299,7 +313,7 @@ def test_a_steps_worker_on_a_cpu_has_a_clock_beside_each_timed_iteration(steps_w
 
 def test_a_steps_worker_leaves_its_clocks_ticks_out_of_its_iterations_ms(steps_worker):
     _, row = steps_worker
-    assert max(row["ms"]) < 1000  # a tick takes 1000 ms (SLOW_CLOCK_WORKER): none is in an iteration's ms
+    assert max(row["ms"]) < 100_000  # a tick skips 1,000,000 ms (FAKE_CLOCK_WORKER): none is in an iteration's ms
 
 
 def test_a_steps_worker_on_a_cpu_counts_the_page_faults_of_each_timed_iteration(steps_worker):

@@ -22,9 +22,9 @@ def shared_checks() -> dict[str, set[str]]:
     covered = {kind: set() for kind in CHECKS}
     for _, marks in step_tests():  # a test's own marks and its module's: a module's filter narrows its checks too
         picked, ran = {s.name for s in steps_for(marks)}, {s.name for s in run_on(marks)}
-        if any(m.name == "per_model_file" for m in marks):  # the step before picked too: its file was tested
+        if any(m.name == "per_model_file" for m in marks):  # dropped by run_on: its file, the step before's, ran
             ran |= {s.name for s in steps_for(marks) if conftest.same_model_as_the_step_before(s)
-                    and all_steps()[all_steps().index(s.name) - 1] in picked}
+                    and conftest.step_before(s) in picked}
         for kind in (m.args[0] for m in marks if m.name == "check"):
             covered[kind] |= ran
     return covered
@@ -34,6 +34,16 @@ def shared_checks() -> dict[str, set[str]]:
 def test_every_step_has_each_shared_check(kind):
     missing = [s for s in all_steps() if s not in shared_checks()[kind]]
     assert not missing, f"no {kind!r} check runs on {', '.join(missing)}: a rename may have deselected it"
+
+
+def test_run_on_narrows_the_steps_as_the_marks_say(monkeypatch):
+    monkeypatch.delenv("GPT2STEPS_EVERY_STEP", raising=False)  # make mistake's and make book's: every step
+    gpt = pytest.mark.needs("GPTConfig", "GPT").mark
+    picked = [s.name for s in steps_for([gpt])]
+    assert [s.name for s in run_on([gpt, pytest.mark.newest.mark])] == picked[-1:]
+    assert [s.name for s in run_on([gpt, pytest.mark.first_and_last.mark])] == [picked[0], picked[-1]]
+    per_file = [s.name for s in run_on([gpt, pytest.mark.per_model_file.mark])]
+    assert "10_training" in per_file and "11_mixed_precision" not in per_file  # 11's model.py is 10's
 
 
 def test_renaming_a_part_of_a_step_is_reported(monkeypatch):

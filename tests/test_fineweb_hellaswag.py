@@ -471,10 +471,11 @@ def test_eval_only_without_hellaswag_is_refused(step, saved_model):
 
 
 @pytest.mark.main_needs("hellaswag")
-def test_model_given_to_a_training_run_is_refused_not_left_unread(step, tmp_path, capsys):
+@pytest.mark.parametrize("model, said", [("runs/x/model", "runs/x/model"), ("", "''")])  # '': seen, not a blank
+def test_model_given_to_a_training_run_is_refused_not_left_unread(step, tmp_path, capsys, model, said):
     with pytest.raises(SystemExit) as exit:
-        step.main.main(["--model", "runs/x/model", "--device", "cpu", "--out", str(tmp_path)])
-    assert exit.value.code == 2 and "--model runs/x/model is for --eval-only" in capsys.readouterr().err
+        step.main.main(["--model", model, "--device", "cpu", "--out", str(tmp_path)])
+    assert exit.value.code == 2 and f"--model {said} is for --eval-only" in capsys.readouterr().err
 
 
 @pytest.mark.main_needs("hellaswag")

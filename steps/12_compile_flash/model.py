@@ -207,7 +207,7 @@ class GPT(nn.Module):
         GPT2LMHeadModel.save_pretrained. Every key and shape is checked; a ValueError names the one that does not fit.
         """
         path = Path(name_or_dir)
-        if not name_or_dir.strip() or not path.is_dir():  # Path("") is ".", the directory the command runs in
+        if not name_or_dir or not path.is_dir():  # Path("") is ".", the directory the command runs in
             if name_or_dir not in HUB_NAMES:
                 raise ValueError(f"{name_or_dir!r} is neither a directory nor one of {', '.join(HUB_NAMES)}")
             path = hub_download(name_or_dir)

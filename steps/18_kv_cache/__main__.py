@@ -334,7 +334,7 @@ def main(argv=None):
                    "training, and with --generate-only)")
     p.add_argument("--dist-timeout", type=cli.positive_float, default=300, help="seconds a process waits for the "
                    "others (to start, and at each exchange) before it gives up; under torchrun only")
-    p.add_argument("--data", type=shards.directory, help="a directory of token shards (make data); default: shards "
+    p.add_argument("--data", type=shards.directory, help="a directory of token shards (make data); not given: shards "
                    "of tiny shakespeare, made on first use")
     p.add_argument("--shuffle", default=True, action=argparse.BooleanOptionalAction, help="read the shards, and the "
                    "windows in each, in an order shuffled by --seed (--no-shuffle: in order)")
@@ -369,7 +369,7 @@ def main(argv=None):
     if args.eval_only and args.generate_only:
         p.error("--eval-only and --generate-only: one at a time")
     if args.model is not None and not (args.eval_only or args.generate_only):
-        p.error(f"--model {args.model} is for --eval-only and --generate-only: a training run builds a new model "
+        p.error(f"--model {shlex.quote(args.model)} is for --eval-only and --generate-only: a training run builds a new model "
                 "(--preset, --n-layer ...)")
     args.model = "gpt2" if args.model is None else args.model
     args.rank, args.world = rank, world
