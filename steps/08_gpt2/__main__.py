@@ -60,11 +60,10 @@ def main(argv=None):
     tok = data.gpt2_tokenizer()  # GPT-2's BPE: 50257 tokens
     train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())), args.block_size)
     if args.size == "124M":
-        config = GPTConfig(dropout=args.dropout)
+        model = GPT(GPTConfig(dropout=args.dropout))
     else:
-        config = GPTConfig(args.block_size, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout)
-    device.refuse_a_model_too_big(GPT, config, args.device)  # before minutes of building
-    model = GPT(config).to(args.device)
+        model = GPT(GPTConfig(args.block_size, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout))
+    model.to(args.device)
     print(f"step {STEP} on {args.device}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"vocabulary of {tok.n_vocab} tokens, {len(train_ids):,} training tokens")
     shapes.show(model, data.random_windows(train_ids, 4, args.block_size, gen)[0].to(args.device), depth=3)
