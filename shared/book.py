@@ -6,6 +6,7 @@ mistakes, and the loss curve of the last run in runs/. Opened from disk: no serv
 A part that cannot be made (no diary, no data to run the model on) is said on its page; the rest is still written.
 """
 import argparse
+import ast
 import contextlib
 import functools
 import html
@@ -99,6 +100,23 @@ def collect_tests() -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+@functools.cache
+def test_functions() -> dict[str, dict[str, bool]]:
+    """tests/<file> -> its test functions -> whether each takes the step fixture, read from the source as conftest
+    reads them (a test of shared code may have a step's name among its other parameters: it is not that step's)."""
+    def takes_a_step(f) -> bool:
+        return "step" in [a.arg for a in f.args.args]
+    return {f"tests/{path.name}": {f.name: takes_a_step(f) for f in ast.parse(path.read_text()).body
+                                   if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}
+            for path in sorted((ROOT / "tests").glob("test_*.py"))}
+
+
+def whole_suite_tests() -> dict[str, str]:
+    """test -> its file, for the files with no test of a step (make data's, the bench's...): make test N=.. never
+    runs them, the whole make test does."""
+    return {t: path for path, names in test_functions().items() if not any(names.values()) for t in names}
+
+
 def tests_by_step(proc: subprocess.Popen) -> tuple[dict[str, dict[str, list[str]]], str]:
     """step -> test file -> the names of its tests that run on the step (one name for all its parameters). A test
     with no step of its own (one of shared/ code, such as bf16's detection) goes with the first step its file tests.
@@ -116,8 +134,9 @@ def tests_by_step(proc: subprocess.Popen) -> tuple[dict[str, dict[str, list[str]
         path, sep, rest = line.partition("::")
         if not sep or not path.startswith("tests/"):
             continue
-        name, _, params = rest.partition("[")
-        steps = sorted(set(params.rstrip("]").split("-")) & step_names) if params else []
+        name, _, params = rest.partition("[")  # a step's name among the parameters: the step, if the test takes one
+        steps = sorted(set(params.rstrip("]").split("-")) & step_names) if test_functions().get(path, {}).get(name) \
+            else []
         if not steps and name not in unstepped.setdefault(path, []):
             unstepped[path].append(name)
         for step in steps:
@@ -236,20 +255,21 @@ def fence(code: str, lang: str, attrs) -> str:
 MD = MarkdownIt("commonmark", {"html": False, "highlight": fence}).enable("table")
 
 
-def markdown(text: str, tests: set[str] = frozenset()) -> str:
-    """Markdown to HTML; a test's name in backticks links to it in the page's list of tests, a link to another diary
-    entry to that step's page."""
+def markdown(text: str, tests: set[str] = frozenset(), elsewhere: dict[str, str] | None = None) -> str:
+    """Markdown to HTML; a test's name in backticks links to it in the page's list of tests, or (elsewhere: test ->
+    href) to its file; a link to another diary entry to that step's page."""
     out = MD.render(text).replace("<table>", '<div class="scroll"><table>').replace("</table>", "</table></div>")
     out = re.sub(r'href="(\d\d_\w+)\.md', r'href="\1.html', out)
-    return re.sub(r"<code>(test_\w+)</code>", lambda m: f'<a href="#{m[1]}"><code>{m[1]}</code></a>'
-                  if m[1] in tests else m[0], out)
+    hrefs = {**(elsewhere or {}), **{t: f"#{t}" for t in tests}}
+    return re.sub(r"<code>(test_\w+)</code>", lambda m: f'<a href="{hrefs[m[1]]}"><code>{m[1]}</code></a>'
+                  if m[1] in hrefs else m[0], out)
 
 
 # --- the README's tables -----------------------------------------------------------------------------------------
 
-def readme_parts(readme: str) -> tuple[str, dict[str, str], dict[str, tuple[str, str]]]:
-    """The introduction (before the first ##), the reference each step matches (the steps table), and each step's
-    row of the speed ladder (ms/iter, spread, vs step 10)."""
+def readme_parts(readme: str) -> tuple[str, dict[str, str], dict[str, tuple[str, str]], str]:
+    """The introduction (before the first ##), the reference each step matches (the steps table), each step's
+    row of the speed ladder (ms/iter, spread, vs step 10), and when and where the ladder was measured."""
     intro = readme.split("\n## ", 1)[0].split("\n", 1)[-1]
     refs = {}
     for line in readme.splitlines():
@@ -262,7 +282,8 @@ def readme_parts(readme: str) -> tuple[str, dict[str, str], dict[str, tuple[str,
         cells = line.split()
         if len(cells) > 5 and re.fullmatch(r"\d\d_\w+", cells[0]) and cells[1] != "again":
             ladder[cells[0]] = (cells[1], cells[2], cells[5])  # ms/iter, spread, clock ms, tokens/s, vs 10
-    return intro, refs, ladder
+    measured = re.search(r"## The speed ladder.*?(The ladder of [^`]*?), by `", readme, re.S)  # its date and machine
+    return intro, refs, ladder, " ".join(measured[1].split()) if measured else ""
 
 
 # --- the pages ---------------------------------------------------------------------------------------------------
@@ -301,7 +322,7 @@ def section(title: str, anchor: str, make) -> str:
     return f'<section id="{anchor}">\n<h2>{title}</h2>\n{body}\n</section>'
 
 
-def diary_html(step: str, diary_dir: Path, tests: set[str]) -> str:
+def diary_html(step: str, diary_dir: Path, tests: set[str], up: str) -> str:
     path = diary_dir / f"{step}.md"
     if not path.exists():
         return gap(f"No diary entry yet: diary/{step}.md is missing.")
@@ -309,7 +330,8 @@ def diary_html(step: str, diary_dir: Path, tests: set[str]) -> str:
         text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as e:
         return gap(f"diary/{step}.md could not be read ({e}); the rest of this page stands.")
-    out = markdown(text.split("\n", 1)[1] if text.startswith("# ") else text, tests)
+    out = markdown(text.split("\n", 1)[1] if text.startswith("# ") else text, tests,
+                   {t: f"{up}/{path}" for t, path in whole_suite_tests().items()})
     for level in (5, 4, 3, 2):  # one level under the page's own sections
         out = out.replace(f"<h{level}>", f"<h{level + 1}>").replace(f"</h{level}>", f"</h{level + 1}>")
     return out
@@ -329,6 +351,8 @@ def shapes_html(step: str, f: Facts) -> str:
 
 
 def tests_html(step: str, tests: dict[str, list[str]], up: str, no_tests: str = "") -> str:
+    import torch
+
     if not tests:
         return gap(f"{no_tests[0].upper()}{no_tests[1:]}." if no_tests else "No test of the suite runs on this step.")
     parts = [f"<p>The tests that check this step: {sum(map(len, tests.values()))} in {len(tests)} files, one "
@@ -339,6 +363,10 @@ def tests_html(step: str, tests: dict[str, list[str]], up: str, no_tests: str = 
     for path, names in sorted(tests.items()):
         items = "".join(f'<li id="{n}"><code>{n.replace("_", "_<wbr>")}</code></li>' for n in names)
         parts.append(f'<h3 class="file"><a href="{up}/{path}">{path}</a></h3><ul class="tests">{items}</ul>')
+    if not torch.cuda.is_available():  # pytest leaves them out where there is no CUDA device
+        parts.append(f'<p>Built without a GPU: the tests marked gpu (<a href="{up}/tests/test_gpu.py">'
+                     "tests/test_gpu.py</a>: TF32 and bf16, the flash kernel, compile, fused AdamW, pinned memory, "
+                     "NCCL) are not listed; <code>make gpu-check</code> runs them where there is one.</p>")
     return "\n".join(parts)
 
 
@@ -356,10 +384,15 @@ def mistakes_html(step: str, tests: set[str]) -> str:
     mine = mistakes_by_step().get(step, [])
     if not mine:
         return gap("No classic mistake is registered for this step (`make mistake` lists them all).")
+    suite_only = whole_suite_tests()
+
+    def catcher(t: str) -> str:  # a test of another step that does not run on this one is left out
+        if t in tests:
+            return f'<a href="#{t}"><code>{t}</code></a>'
+        return f"<code>{t}</code> ({suite_only[t]}, in the whole <code>make test</code>)" if t in suite_only else ""
     items = []
     for m in mine:
-        caught = ", ".join(f'<a href="#{t}"><code>{t}</code></a>' if t in tests else f"<code>{t}</code>"
-                           for t in m.tests)
+        caught = ", ".join(c for c in map(catcher, m.tests) if c)
         own = resolve(m.step) == step
         command = f"make mistake M={m.id}" + ("" if own else f" N={step[:2]}")
         items.append(f"<li><code>{command}</code>: {html.escape(m.what)}" + ("" if own else
@@ -453,11 +486,11 @@ def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], d
                       for p in sorted((STEPS_DIR / step).iterdir()) if p.is_file())
     head = (f"<h1>{step[:2]} &middot; {html.escape(lesson(step))}</h1>"
             f'<p class="files">The step\'s files: {files}. Run it: <code>make step N={step[:2]}</code>.</p>'
-            '<p class="toc"><a href="#diary">diary</a> &middot; <a href="#diff">diff</a> &middot; '
+            f'<p class="toc"><a href="#diary">diary</a> &middot; <a href="#diff">{"diff" if i else "code"}</a> &middot; '
             '<a href="#shapes">shapes</a> &middot; <a href="#mistakes">mistakes</a> &middot; '
             '<a href="#tests">tests</a> &middot; <a href="#curve">loss curve</a></p>')
     body = [head,
-            section("The diary", "diary", lambda: diary_html(step, diary_dir, names)),
+            section("The diary", "diary", lambda: diary_html(step, diary_dir, names, up)),
             section("The diff" if i else "The code", "diff",
                     lambda: diff_html(steps[i - 1], step) if i else
                     "<p>The first step: its files in full.</p>" + "".join(
@@ -477,14 +510,14 @@ def breakable(fragment: str) -> str:
 
 
 def index_page(steps: list[str], found: dict[str, Facts], readme: str, up: str) -> str:
-    intro, refs, ladder = readme_parts(readme)
+    intro, refs, ladder, measured = readme_parts(readme)
     rows = []
     for s in steps:
         f = found.get(s, Facts())
         params = f"{f.parameters:,}" if f.parameters else ""
         if f.gpt2_parameters:
             params += f"{'<br>' if params else ''}{f.gpt2_parameters:,} at 124M"
-        bench = f"{ladder[s][0]} ms &plusmn;{ladder[s][1]}, {ladder[s][2]}" if s in ladder else ""
+        bench = f"{ladder[s][0]} ms<br>&plusmn;{ladder[s][1]}, {ladder[s][2]}" if s in ladder else ""  # 2 lines: fits
         rows.append(f'<tr><td><a href="{s}.html">{s[:2]}</a></td><td><a href="{s}.html">{html.escape(lesson(s))}</a>'
                     f"</td><td class=\"num\">{params}</td><td>{breakable(markdown(refs.get(s, '')).strip()[3:-4])}</td>"
                     f'<td class="num">{bench}</td></tr>')
@@ -498,8 +531,9 @@ def index_page(steps: list[str], found: dict[str, Facts], readme: str, up: str) 
             f"{table}"
             "<p>The parameters are those of each step's default run on a CPU (the model <code>make step</code> "
             "builds there) and, from step 08, of the same model at GPT-2 124M's size. The bench column is the "
-            f'README\'s speed ladder (<a href="{up}/README.md">README.md</a>, The speed ladder), with its machine '
-            "and its spreads.</p>")
+            f'README\'s speed ladder (<a href="{up}/README.md">README.md</a>, The speed ladder)'
+            + (f": {html.escape(measured)}" if measured else "") + ". A diary's speeds may come from another "
+            "session's machine: each says which; only rows of one run compare.</p>")
     return page("gpt2-steps: the book", body, f'<a href="{steps[0]}.html">start: {steps[0]} &rarr;</a>')
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from shared import book
 from shared.steps import ROOT, STEPS_DIR, all_steps
@@ -119,6 +120,13 @@ def test_a_test_named_in_the_diary_links_to_it_in_the_pages_list_of_tests(built)
     assert f'<li id="{name}">' in section(page, "tests")
 
 
+def test_a_test_of_the_whole_suite_named_in_the_diary_links_to_its_file(built):
+    diary = section((built / "17_fineweb_hellaswag.html").read_text(), "diary")
+    name = "test_shards_are_uint16_in_build_nanogpts_layout_with_validation_first"  # make data's: no step
+    up = Path(os.path.relpath(ROOT, built.resolve())).as_posix()  # the book's links to the project's files
+    assert f'<a href="{up}/tests/test_shards.py"><code>{name}</code></a>' in diary
+
+
 def test_a_file_new_in_a_step_is_shown_whole_as_added_lines(built):
     diff = section((built / "17_fineweb_hellaswag.html").read_text(), "diff")
     new = diff.split('id="diff-hellaswag.py"', 1)[1].split("</details>", 1)[0]
@@ -155,14 +163,42 @@ def test_the_index_names_the_reference_every_step_matches(built):
         assert text_of(re.findall(r"<td>(.*?)</td>", row)[-1]).strip(), row  # the cell after the parameters
 
 
+def test_the_index_says_when_and_where_its_bench_column_was_measured(built):
+    _, _, _, measured = book.readme_parts((ROOT / "README.md").read_text())
+    assert measured.startswith("The ladder of 20") and " on " in measured  # a date and a machine
+    assert html.escape(measured) in (built / "index.html").read_text()
+
+
 def test_an_escaped_pipe_in_the_readmes_steps_table_stays_in_its_cell():
-    _, refs, _ = book.readme_parts("intro\n| 17 | `17_x` | `<\\|endoftext\\|>` first | decoded shards |\n")
+    _, refs, _, _ = book.readme_parts("intro\n| 17 | `17_x` | `<\\|endoftext\\|>` first | decoded shards |\n")
     assert refs == {"17_x": "decoded shards"}
 
 
 def test_a_page_lists_the_tests_of_the_shared_code_its_step_brought(built):
     tests = section((built / "11_mixed_precision.html").read_text(), "tests")
     assert 'id="test_bf16_is_native_on_a_gpu_of_compute_capability_8_or_newer"' in tests  # no step parameter
+
+
+@pytest.mark.parametrize("name", ["01_embedding", "08_gpt2"])  # pages that listed tests of shared code, once
+def test_a_page_lists_the_tests_make_test_runs_for_its_step(built, name):
+    listed = set(re.findall(r'<li id="(test_\w+)"', section((built / f"{name}.html").read_text(), "tests")))
+    r = subprocess.run([sys.executable, "-m", "pytest", "--step", name[:2], "--collect-only", "-q", "-o", "addopts=",
+                        "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = {line.split("::")[1].split("[")[0] for line in r.stdout.splitlines() if line.startswith("tests/")}
+    assert r.returncode == 0 and listed == run, f"listed only: {listed - run}; run only: {run - listed}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="where there is a GPU the gpu tests are listed")
+def test_a_page_built_without_a_gpu_says_its_gpu_tests_are_not_listed(built):
+    assert "Built without a GPU: the tests marked gpu" in text_of(section((built / "12_compile_flash.html").read_text(),
+                                                                          "tests"))
+
+
+def test_a_mistakes_tests_are_those_that_run_on_the_page_or_in_the_whole_suite(built):
+    on_08 = text_of(section((built / "08_gpt2.html").read_text(), "mistakes"))
+    assert "test_multi_head_attention_matches_torch_multihead_attention" not in on_08  # steps 02-07's, not 08's
+    on_17 = text_of(section((built / "17_fineweb_hellaswag.html").read_text(), "mistakes"))
+    assert "(tests/test_shards.py, in the whole make test)" in on_17  # make data's tests: no step of their own
 
 
 def test_a_page_lists_the_mistakes_of_earlier_steps_in_the_code_it_carries(built):
@@ -310,6 +346,15 @@ def browser():
         b = p.chromium.launch(executable_path=path)
         yield b
         b.close()
+
+
+def test_the_index_table_of_the_steps_fits_a_desktop_window_without_scrolling(built, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto((built / "index.html").as_uri())
+    box = page.evaluate("(() => { const d = document.querySelector('div.scroll'); return [d.scrollWidth, "
+                        "d.clientWidth]; })()")
+    page.close()
+    assert box[0] <= box[1], f"the steps table is {box[0]} px wide in a box of {box[1]} px"  # no hidden column
 
 
 @pytest.mark.parametrize("width", [1280, 390])
