@@ -486,8 +486,8 @@ def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], d
                       for p in sorted((STEPS_DIR / step).iterdir()) if p.is_file())
     head = (f"<h1>{step[:2]} &middot; {html.escape(lesson(step))}</h1>"
             f'<p class="files">The step\'s files: {files}. Run it: <code>make step N={step[:2]}</code>.</p>'
-            f'<p class="toc"><a href="#diary">diary</a> &middot; <a href="#diff">{"diff" if i else "code"}</a> &middot; '
-            '<a href="#shapes">shapes</a> &middot; <a href="#mistakes">mistakes</a> &middot; '
+            f'<p class="toc"><a href="#diary">diary</a> &middot; <a href="#diff">{"diff" if i else "code"}</a> '
+            '&middot; <a href="#shapes">shapes</a> &middot; <a href="#mistakes">mistakes</a> &middot; '
             '<a href="#tests">tests</a> &middot; <a href="#curve">loss curve</a></p>')
     body = [head,
             section("The diary", "diary", lambda: diary_html(step, diary_dir, names, up)),
@@ -522,7 +522,8 @@ def index_page(steps: list[str], found: dict[str, Facts], readme: str, up: str) 
                     f"</td><td class=\"num\">{params}</td><td>{breakable(markdown(refs.get(s, '')).strip()[3:-4])}</td>"
                     f'<td class="num">{bench}</td></tr>')
     table = ('<div class="scroll"><table class="steps"><tr><th>step</th><th>the lesson</th><th>parameters '
-             '(the default run; at GPT-2 124M)</th><th>reference it matches</th><th>make bench: ms/iter, spread, vs 10</th>'
+             '(the default run; at GPT-2 124M)</th><th>reference it matches</th>'
+             '<th>make bench: ms/iter, spread, vs 10</th>'
              f"</tr>{''.join(rows)}</table></div>")
     intro = re.sub(r"^!\[.*$", "", intro, flags=re.M)  # the README's picture is of this book: not in it
     intro = re.sub(r'(src|href)="(?!https?:|#)([^"]+)"', rf'\1="{up}/\2"', markdown(intro))  # the README's links

@@ -353,7 +353,8 @@ def main(argv=None):
     if args.hellaswag and args.seq_len < 2:  # an ending's first token is predicted from the context's last
         p.error(f"--hellaswag needs --seq-len 2 or more (got {args.seq_len})")
     if args.model is not None and not args.eval_only:
-        p.error(f"--model {shlex.quote(args.model)} is for --eval-only: a training run builds a new model (--preset, --n-layer ...)")
+        p.error(f"--model {shlex.quote(args.model)} is for --eval-only: a training run builds a new model "
+                "(--preset, --n-layer ...)")
     args.model = "gpt2" if args.model is None else args.model
     args.rank, args.world = rank, world
     if args.total_batch_size % (args.batch_size * args.seq_len * world):  # every rank refuses, rank 0 says so

@@ -369,8 +369,8 @@ def main(argv=None):
     if args.eval_only and args.generate_only:
         p.error("--eval-only and --generate-only: one at a time")
     if args.model is not None and not (args.eval_only or args.generate_only):
-        p.error(f"--model {shlex.quote(args.model)} is for --eval-only and --generate-only: a training run builds a new model "
-                "(--preset, --n-layer ...)")
+        p.error(f"--model {shlex.quote(args.model)} is for --eval-only and --generate-only: a training run builds "
+                "a new model (--preset, --n-layer ...)")
     args.model = "gpt2" if args.model is None else args.model
     args.rank, args.world = rank, world
     if args.total_batch_size % (args.batch_size * args.seq_len * world):  # every rank refuses, rank 0 says so
