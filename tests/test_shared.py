@@ -210,6 +210,16 @@ def test_a_model_is_refused_when_16_bytes_a_parameter_pass_the_free_memory(monke
         device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))
 
 
+def test_the_memory_check_draws_nothing_from_the_random_generator():
+    # it runs after torch.manual_seed and before the model is built: a draw would change every weight, and every
+    # loss the diaries quote (the meta device's init draws nothing)
+    gpt = importlib.import_module("steps.10_training.model")
+    config = gpt.GPTConfig(block_size=16, vocab_size=100, n_layer=3, n_head=2, n_embd=16)
+    before = torch.get_rng_state()
+    device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="reads Linux's /proc/meminfo")
 def test_a_cpus_free_memory_is_linuxs_memavailable():
     assert 0 < device.free_memory(torch.device("cpu")) <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
