@@ -1,8 +1,8 @@
 """make book: the steps as a static site to read in a browser, written to book/ (or --out DIR).
 
 Each step's page puts together its lesson, its diary entry, the diff from the step before (the hunks of
-`make diff`), the shapes through its model (what `make step` prints at its start), its tests by name, its classic
-mistakes, and the loss curve of the last run in runs/. Opened from disk: no server, no network, no script.
+`make diff`) and the shared/ code it is the first to import, the shapes through its model (what `make step` prints
+at its start), its tests by name, its classic mistakes, and the loss curve of the last run in runs/. Opened from disk: no server, no network, no script.
 A part that cannot be made (no diary, no data to run the model on) is said on its page; the rest is still written.
 """
 import argparse
@@ -231,6 +231,35 @@ def diff_html(prev: str, step: str) -> str:
                 rows.append(f'<tr class="{cls}"><td class="n">{o or ""}</td><td class="n">{n or ""}</td>'
                             f'<td class="code"><span class="sign">{kind}</span>{code}</td></tr>')
         parts.append(f'<div class="scroll"><table class="diff {STYLE}">{"".join(rows)}</table></div>')
+    return "\n".join(parts)
+
+
+@functools.cache
+def shared_imports(step: str) -> frozenset[str]:
+    """The shared/ modules the step's files import (`from shared import a, b` or `from shared.a import ...`)."""
+    names = set()
+    for path in (STEPS_DIR / step).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "shared":
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shared."):
+                names.add(node.module.split(".")[1])
+    return frozenset(names)
+
+
+def shared_brought(i: int, steps: list[str]) -> list[str]:
+    """The shared/ modules step i is the first to import: its page shows them (make data's shards.py on 17's)."""
+    earlier = set().union(*(shared_imports(s) for s in steps[:i]))
+    return sorted(f"{name}.py" for name in shared_imports(steps[i]) - earlier)
+
+
+def shared_html(names: list[str]) -> str:
+    parts = ["<p>The code of <code>shared/</code> that this step is the first to import, in full:</p>"]
+    for name in names:
+        n = len(highlighted_lines(ROOT / "shared" / name))
+        parts.append(f'<h3 class="file" id="shared-{name}">shared/{html.escape(name)}</h3>'
+                     f'<details><summary>the whole file ({n} lines)</summary>{code_box(ROOT / "shared" / name)}'
+                     '</details>')
     return "\n".join(parts)
 
 
@@ -484,6 +513,10 @@ def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], d
     nav = f'{prev_link} <a href="index.html">all steps</a> {next_link}'
     files = ", ".join(f'<a href="{up}/steps/{step}/{p.name}"><code>{p.name}</code></a>'
                       for p in sorted((STEPS_DIR / step).iterdir()) if p.is_file())
+    brought = shared_brought(i, steps)
+    if brought:
+        files += "; first used here, from <code>shared/</code>: " + ", ".join(
+            f'<a href="#shared-{n}"><code>{n}</code></a>' for n in brought)
     head = (f"<h1>{step[:2]} &middot; {html.escape(lesson(step))}</h1>"
             f'<p class="files">The step\'s files: {files}. Run it: <code>make step N={step[:2]}</code>.</p>'
             f'<p class="toc"><a href="#diary">diary</a> &middot; <a href="#diff">{"diff" if i else "code"}</a> '
@@ -492,10 +525,11 @@ def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], d
     body = [head,
             section("The diary", "diary", lambda: diary_html(step, diary_dir, names, up)),
             section("The diff" if i else "The code", "diff",
-                    lambda: diff_html(steps[i - 1], step) if i else
-                    "<p>The first step: its files in full.</p>" + "".join(
-                        f'<h3 class="file" id="diff-{p.name}">{p.name}</h3>{code_box(p)}'
-                        for p in sorted((STEPS_DIR / step).glob("*.py")))),
+                    lambda: (diff_html(steps[i - 1], step) if i else
+                             "<p>The first step: its files in full.</p>" + "".join(
+                                 f'<h3 class="file" id="diff-{p.name}">{p.name}</h3>{code_box(p)}'
+                                 for p in sorted((STEPS_DIR / step).glob("*.py"))))
+                    + (shared_html(brought) if brought else "")),
             section("The shapes", "shapes", lambda: shapes_html(step, f)),
             section("The mistakes to make on purpose", "mistakes", lambda: mistakes_html(step, names)),
             section("The tests", "tests", lambda: tests_html(step, tests, up, no_tests)),

@@ -134,6 +134,13 @@ def test_a_file_new_in_a_step_is_shown_whole_as_added_lines(built):
         (STEPS_DIR / "17_fineweb_hellaswag" / "hellaswag.py").read_text().splitlines())
 
 
+def test_a_page_shows_whole_the_shared_code_its_step_is_the_first_to_import(built):
+    diff = section((built / "17_fineweb_hellaswag.html").read_text(), "diff")  # make data's pipeline: half its lesson
+    shards = diff.split('id="shared-shards.py"', 1)[1].split("</details>", 1)[0]
+    assert shards.count("<tr") == len((ROOT / "shared" / "shards.py").read_text().splitlines())
+    assert 'id="shared-' not in section((built / "18_kv_cache.html").read_text(), "diff")  # 17's, not 18's too
+
+
 def test_a_page_without_shapes_still_gives_the_parameters_at_gpt2s_size(built):
     shapes = text_of(section((built / "09_from_pretrained.html").read_text(), "shapes"))
     assert "124,439,808 parameters" in shapes
