@@ -75,7 +75,7 @@ book: $(STAMP)
 
 diff:
 	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) && \
-	{ diff -ru -x __pycache__ --color=auto steps/$$p steps/$$s; test $$? -le 1; }
+	{ diff -ru -x __pycache__ --color steps/$$p steps/$$s; test $$? -le 1; } && $(REGISTRY) brought $$s
 
 clean:
 	rm -rf $(VENV) runs book .hypothesis

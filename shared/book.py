@@ -2,7 +2,8 @@
 
 Each step's page puts together its lesson, its diary entry, the diff from the step before (the hunks of
 `make diff`) and the shared/ code it is the first to import, the shapes through its model (what `make step` prints
-at its start), its tests by name, its classic mistakes, and the loss curve of the last run in runs/. Opened from disk: no server, no network, no script.
+at its start), its tests by name, its classic mistakes, and the loss curve of the last run in runs/. Opened from
+disk: no server, no network, no script.
 A part that cannot be made (no diary, no data to run the model on) is said on its page; the rest is still written.
 """
 import argparse
@@ -29,7 +30,7 @@ from pygments.lexers import TextLexer, get_lexer_by_name, get_lexer_for_filename
 from pygments.util import ClassNotFound
 
 from shared import cli
-from shared.steps import ROOT, STEPS_DIR, all_steps, lesson
+from shared.steps import ROOT, STEPS_DIR, all_steps, lesson, shared_brought
 
 BOOK = ROOT / "book"
 STYLE = "hl"  # the CSS class of highlighted code
@@ -232,25 +233,6 @@ def diff_html(prev: str, step: str) -> str:
                             f'<td class="code"><span class="sign">{kind}</span>{code}</td></tr>')
         parts.append(f'<div class="scroll"><table class="diff {STYLE}">{"".join(rows)}</table></div>')
     return "\n".join(parts)
-
-
-@functools.cache
-def shared_imports(step: str) -> frozenset[str]:
-    """The shared/ modules the step's files import (`from shared import a, b` or `from shared.a import ...`)."""
-    names = set()
-    for path in (STEPS_DIR / step).glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "shared":
-                names |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shared."):
-                names.add(node.module.split(".")[1])
-    return frozenset(names)
-
-
-def shared_brought(i: int, steps: list[str]) -> list[str]:
-    """The shared/ modules step i is the first to import: its page shows them (make data's shards.py on 17's)."""
-    earlier = set().union(*(shared_imports(s) for s in steps[:i]))
-    return sorted(f"{name}.py" for name in shared_imports(steps[i]) - earlier)
 
 
 def shared_html(names: list[str]) -> str:
@@ -513,7 +495,7 @@ def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], d
     nav = f'{prev_link} <a href="index.html">all steps</a> {next_link}'
     files = ", ".join(f'<a href="{up}/steps/{step}/{p.name}"><code>{p.name}</code></a>'
                       for p in sorted((STEPS_DIR / step).iterdir()) if p.is_file())
-    brought = shared_brought(i, steps)
+    brought = shared_brought(step)
     if brought:
         files += "; first used here, from <code>shared/</code>: " + ", ".join(
             f'<a href="#shared-{n}"><code>{n}</code></a>' for n in brought)

@@ -4,6 +4,7 @@ A checkpoint is one file, DIR/checkpoint.pt: a dict of the run's config, the mod
 state, the next iteration, the data loader's position and the random number generators' states.
 """
 import contextlib
+import json
 import os
 import sys
 import warnings
@@ -83,7 +84,8 @@ def restoring(out: Path):
 def check_config(path: Path, theirs: dict, ours: dict) -> None:
     """Exit with the differences when a checkpoint was written by another step or with another config."""
     keys = sorted(theirs.keys() | ours.keys(), key=lambda k: (k != "step", k))  # another step first: the cause
-    if diff := [f"{k}: {theirs.get(k, 'not set')!r} in the checkpoint, {ours.get(k, 'not set')!r} now" for k in keys
+    said = lambda run, k: repr(run[k]) if k in run else "no such setting"  # a setting of one step, not the other's
+    if diff := [f"{k}: {said(theirs, k)} in the checkpoint, {said(ours, k)} now" for k in keys
                 if theirs.get(k) != ours.get(k)]:
         sys.exit(f"error: {path / NAME} is from another run; resume it with the command that started it.\n  "
                  + "\n  ".join(diff))
@@ -91,6 +93,18 @@ def check_config(path: Path, theirs: dict, ours: dict) -> None:
 
 def refuse_to_overwrite(out: Path) -> None:
     """A new run never destroys an earlier run's checkpoint: it stops and says what to do instead."""
+    if (Path(out) / NAME).exists() and finished(out):  # --resume would only say that there is nothing to do
+        sys.exit(f"error: {out} holds a finished run (its checkpoint, model/ and loss curve). Start the new run "
+                 f"elsewhere with --out, or delete {out} yourself.")
     if (Path(out) / NAME).exists():
         sys.exit(f"error: {out} already holds a checkpoint of an earlier run. Continue it with --resume {out}, "
                  f"start the new run elsewhere with --out, or delete {Path(out) / NAME} yourself.")
+
+
+def finished(out: Path) -> bool:
+    """Whether out's summary.json is that of a run that ended: neither stopped by Ctrl-C nor diverged."""
+    try:
+        summary = json.loads((Path(out) / "summary.json").read_text())
+    except (OSError, ValueError):  # none (a run stopped before its end), or unreadable: not known to be finished
+        return False
+    return isinstance(summary, dict) and not {"interrupted", "diverged"} & summary.keys()

@@ -5,6 +5,7 @@ and a pointer to --help) and exit code 2, before any data is read or any model i
 """
 import argparse
 import atexit
+import difflib
 import math
 import os
 import sys
@@ -123,23 +124,30 @@ def answered(ask, text: str) -> bool:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, but a mistake gets its one `error:` line and where the help is, not the usage block.
+    """argparse's parser, but a mistake gets its one `error:` line and where the help is, not the usage block, and a
+    flag is spelled out (argparse would take --max-step for --max-steps: a typo that runs).
     hint: the command that shows the help as a learner runs it (default: prog --help)."""
 
     def __init__(self, *args, hint: str = "", **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
         self.hint = hint or f"{self.prog} --help"
 
     def error(self, message):
+        if message.startswith("unrecognized arguments: "):  # a typo: the nearest flag, if one is near
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            given = message.split(": ", 1)[1].split()[0].split("=")[0]
+            message += "".join(f" (did you mean {near}?)" for near in difflib.get_close_matches(given, flags, n=1))
         self.exit(2, f"{self.prog}: error: {message}\n({self.hint} lists every flag)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the step's docstring line for line (a command in it stays one line) and every default but None:
-    the help of a flag that is off unless given says what happens without it."""
+    """--help shows the step's docstring line for line (a command in it stays one line) and every default but None
+    and a --flag/--no-flag's "auto": the help of such a flag says what happens without it."""
 
     def _get_help_string(self, action):  # the method ArgumentDefaultsHelpFormatter overrides to add "(default: ...)"
-        return action.help if action.default is None else super()._get_help_string(action)
+        unsaid = action.default is None or (isinstance(action, argparse.BooleanOptionalAction)
+                                            and not isinstance(action.default, bool))  # "auto": not a value to type
+        return action.help if unsaid else super()._get_help_string(action)
 
 
 def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
@@ -163,8 +171,7 @@ def parse_with_preset(p: argparse.ArgumentParser, argv, presets: dict[str, dict]
     values as the defaults, so that a flag given on the command line overrides its preset's value and --help
     shows the values in force. args.preset is the name of the preset used."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    help_asked = lambda a: a == "-h" or (len(a) >= 3 and "--help".startswith(a))  # --h, --he: argparse's abbreviations
-    first, _ = p.parse_known_args([a for a in argv if not help_asked(a)])
+    first, _ = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     name = pick(first) if first.preset == "auto" else first.preset
     p.set_defaults(**presets[name])
     args = p.parse_args(argv)

@@ -258,7 +258,8 @@ def make_shards(source: str, out: Path, shard_tokens: int, max_tokens: int | Non
         say(f"{out}: {cli.plural(len(manifest['shards']), 'shard')} already complete; going on from document {doc:,}")
     from tqdm import tqdm
 
-    with tqdm(total=max_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
+    bar_total = max_tokens if source == "fineweb-edu" else None  # a local source may end long before --max-tokens
+    with tqdm(total=bar_total, initial=done, unit="tok", unit_scale=True, disable=not progress,
               desc=f"tokenizing {source}", dynamic_ncols=True) as bar:  # closed however the loop ends
         try:
             buf = np.empty(shard_tokens, dtype=np.uint16)  # one shard at a time: memory does not grow with the source

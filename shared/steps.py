@@ -3,6 +3,7 @@
     python3 -m shared.steps list          each step and its one-line lesson
     python3 -m shared.steps resolve 7     -> 07_decoder_only (also 07, 07_decoder_only)
     python3 -m shared.steps prev 08_gpt2  -> 07_decoder_only
+    python3 -m shared.steps brought 17    the shared/ code step 17 is the first to import (make diff says so)
     python3 -m shared.steps deps [NAME]   the pinned dependencies from pyproject.toml (or only those named)
 """
 import ast
@@ -35,6 +36,25 @@ def resolve(n: str) -> str:
     raise ValueError(f"unknown step {n!r}" if n else "no step given (use N=08)")
 
 
+def shared_imports(step: str) -> set[str]:
+    """The shared/ modules the step's files import (`from shared import a, b` or `from shared.a import ...`)."""
+    names = set()
+    for path in (STEPS_DIR / step).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "shared":
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shared."):
+                names.add(node.module.split(".")[1])
+    return names
+
+
+def shared_brought(step: str) -> list[str]:
+    """The shared/ files the step is the first to import: part of what it adds that `diff -ru` of the steps does not
+    show (step 17's shards.py, the pipeline of make data)."""
+    earlier = set().union(*(shared_imports(s) for s in all_steps()[: all_steps().index(step)]))
+    return sorted(f"{name}.py" for name in shared_imports(step) - earlier)
+
+
 def listing() -> str:
     return "\n".join(f"  {s[:2]}  {s:<20} {lesson(s)}" for s in all_steps())
 
@@ -46,6 +66,12 @@ def main(argv: list[str]) -> int:
     elif cmd == "deps":  # all of them, or those named: deps torch
         deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
         print(" ".join(d for d in deps if not rest or re.split(r"[=<>~ ]", d)[0] in rest))
+    elif cmd == "brought" and rest:  # after make diff: what the diff of the step directories leaves out
+        step = resolve(rest[0])
+        if files := shared_brought(step):
+            print(f"\nnot in this diff: step {step[:2]} is the first to import "
+                  + ", ".join(f"shared/{f}" for f in files) + f"; read {'it' if len(files) == 1 else 'them'} whole "
+                  f"(make book shows {'it' if len(files) == 1 else 'them'} on the step's page)")
     elif cmd in ("resolve", "prev"):
         try:
             step = resolve(rest[0] if rest else "")

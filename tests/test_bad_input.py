@@ -55,6 +55,11 @@ def test_a_bad_flag_gets_its_error_line_and_where_the_help_is_not_the_usage_bloc
 
 
 @pytest.mark.main_needs("evaluate")
+def test_a_shortened_flag_is_refused_not_taken_for_the_whole_one(step, capsys):
+    refuses(step, ["--max-step", "2"], capsys, "unrecognized arguments: --max-step", "did you mean --max-steps?")
+
+
+@pytest.mark.main_needs("evaluate")
 def test_out_naming_a_file_is_refused(step, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("my notes")
     refuses(step, ["--out", str(tmp_path / "notes.txt")], capsys, "argument --out", "is a file")

@@ -305,9 +305,12 @@ def test_command_without_a_model_falls_back_to_an_untrained_one_when_offline(ste
 @pytest.mark.main_needs("stream")
 def test_ctrl_c_while_it_writes_stops_it_in_one_line(step):
     proc = subprocess.Popen([sys.executable, "-m", f"steps.{step.name}", "--model", "random", "--device", "cpu",
-                             "--max-new-tokens", "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
+                             "--prompt", "Hello", "--max-new-tokens", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
     assert proc.stdout.readline().startswith(f"step {step.name} on cpu: random")  # built: the writing begins
+    assert proc.stdout.readline().startswith("--- sample 1")
+    proc.stdout.read(len("Hello") + 5)  # the prompt and a few characters of the sample: it is writing
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-2000:]
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted\n", err[-2000:]  # 128 + SIGINT, no traceback
+    assert out.endswith("\n")  # the text so far ends its line: "interrupted" is not glued to its last word

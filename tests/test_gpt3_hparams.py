@@ -99,6 +99,15 @@ def test_a_run_logs_the_scheduled_lr_and_a_clipped_step(step, tmp_path, monkeypa
 
 
 @pytest.mark.main_needs("lr_at")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_a_run_shorter_than_its_warmup_says_its_lr_never_reaches_lr(step, tmp_path, capsys):
+    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "1", "--warmup-steps", "4",
+                    "--max-new-tokens", "1", "--out", str(tmp_path)])
+    assert ("note: --warmup-steps 4 is more than --max-steps 1: the lr rises to 25% of --lr and no further"
+            in capsys.readouterr().out)
+
+
+@pytest.mark.main_needs("lr_at")
 def test_a_run_shorter_than_its_warmup_only_warms_up(step):
     args = SimpleNamespace(lr=1e-3, warmup_steps=30, max_steps=20)
     assert [step.main.lr_at(it, args) for it in (0, 19)] == pytest.approx([1e-3 / 30, 1e-3 * 20 / 30], rel=1e-12)

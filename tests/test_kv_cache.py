@@ -2,13 +2,18 @@
 positions it has seen; a prefill fills them from the prompt, then each step feeds only the newest token, at its
 position. The path without the cache (a whole forward a token) and transformers' generate are the references."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.conftest import small_run_flags, with_a_nan_weight
+from shared.steps import ROOT
+from tests.conftest import ctrl_c_as_in_a_terminal, small_run_flags, with_a_nan_weight
 
 pytestmark = pytest.mark.needs("KVCache")
 # A small GPT-2 with a context of 64 tokens, so that a test can write past it.
@@ -150,6 +155,21 @@ def test_generate_only_streams_a_sample_and_times_the_prefill_and_the_decoding(s
     out = capsys.readouterr().out
     assert out.count("ROMEO:") == 1 and "the first token after" in out and "tokens/s" in out
     assert ("KV cache" if cache == "--cache" else "no cache") in out
+
+
+@pytest.mark.main_needs("generate_only")
+def test_ctrl_c_while_generate_only_writes_ends_the_line_and_stops_in_one_line(step, saved):
+    proc = subprocess.Popen([sys.executable, "-m", f"steps.{step.name}", "--generate-only", "--model", str(saved),
+                             "--device", "cpu", "--prompt", "Hello", "--max-new-tokens", "100000", "--no-cache"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
+    while not proc.stdout.readline().startswith("---"):  # the model is built; the sample begins
+        pass
+    proc.stdout.read(len("Hello") + 5)  # the prompt and a few characters of the sample: it is writing
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted\n", err[-2000:]  # 128 + SIGINT, no traceback
+    assert out.endswith("\n")  # the text so far ends its line: "interrupted" is not glued to its last word
 
 
 @pytest.mark.main_needs("generate_only")

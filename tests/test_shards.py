@@ -78,6 +78,12 @@ def test_the_progress_bar_ends_with_the_documents_the_summary_counts(sources, do
     assert f"documents={len(documents)}" in bar, bar  # 300; without its last update the bar stopped at 256
 
 
+def test_a_local_sources_progress_bar_counts_tokens_without_taking_max_tokens_for_its_size(sources, tmp_path, capsys):
+    shards.prepare(sources["jsonl"], tmp_path, shard_tokens=SHARD, max_tokens=10**8, progress=True)
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert "/100M" not in bar and "%" not in bar, bar  # the source ends far before: no ETA of hours for seconds of work
+
+
 def test_shards_are_uint16_in_build_nanogpts_layout_with_validation_first(sources, tmp_path):
     manifest = prepare(sources["jsonl"], tmp_path)
     names = sorted(p.name for p in tmp_path.glob("*.npy"))

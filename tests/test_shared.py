@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared import cli, data, device, launch, runlog, shapes
+from shared import checkpoint, cli, data, device, launch, runlog, shapes
 from shared.steps import ROOT, all_steps, resolve
 from tests.conftest import MAKE_VARIABLES, data_dir_copy
 
@@ -52,6 +52,13 @@ def test_the_makes_a_test_starts_see_none_of_make_tests_own_variables():
 def test_make_diff_shows_what_a_step_adds():
     r = sh("make", "-s", "diff", "N=02")
     assert r.returncode == 0 and "+def attention(" in r.stdout
+
+
+def test_make_diff_names_the_shared_code_the_step_is_the_first_to_import():
+    r = sh("make", "-s", "diff", "N=17")  # make data's pipeline, shared/shards.py: half of step 17's lesson
+    assert r.returncode == 0 and r.stdout.splitlines()[-1].startswith(
+        "not in this diff: step 17 is the first to import shared/shards.py")
+    assert "not in this diff" not in sh("make", "-s", "diff", "N=18").stdout
 
 
 def test_make_diff_of_the_first_step_says_there_is_nothing_before_it():
@@ -456,6 +463,28 @@ def test_out_dir_leaves_for_exit_the_directories_it_made_and_no_other_as_absolut
     assert registered == [(cli.remove_if_empty, [tmp_path / "old" / "new" / "run", tmp_path / "old" / "new"])]
 
 
+@pytest.mark.parametrize("summary, said", [
+    (None, "already holds a checkpoint of an earlier run. Continue it with --resume"),  # stopped before its end
+    ('{"interrupted": {"iters_done": 4}}', "Continue it with --resume"), ('{"diverged": {"iter": 4}}', "--resume"),
+    ("not json", "Continue it with --resume"), ('{"val_loss": 6.5}', "holds a finished run"),
+], ids=["no-summary", "interrupted", "diverged", "damaged-summary", "finished"])
+def test_a_new_run_into_an_earlier_ones_directory_is_told_to_resume_only_a_run_that_has_not_finished(tmp_path, summary,
+                                                                                                     said):
+    (tmp_path / "checkpoint.pt").write_bytes(b"an earlier run's")
+    if summary:
+        (tmp_path / "summary.json").write_text(summary)
+    with pytest.raises(SystemExit) as exit:
+        checkpoint.refuse_to_overwrite(tmp_path)
+    assert said in exit.value.code and ("--resume" in exit.value.code) == ("finished" not in said)
+
+
+def test_a_setting_only_one_of_two_steps_has_is_said_to_be_missing_not_shown_as_a_value(tmp_path):
+    with pytest.raises(SystemExit) as exit:  # step 10's checkpoint resumed by step 11, which adds --dtype
+        checkpoint.check_config(tmp_path, {"step": "10_training"}, {"step": "11_mixed_precision", "dtype": "bf16"})
+    assert exit.value.code.splitlines()[1:] == ["  step: '10_training' in the checkpoint, '11_mixed_precision' now",
+                                                "  dtype: no such setting in the checkpoint, 'bf16' now"]
+
+
 def test_a_fresh_run_log_refuses_a_directory_with_a_checkpoint_and_leaves_its_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 1.0}\n')
     (tmp_path / "checkpoint.pt").write_bytes(b"an earlier run's")
@@ -482,14 +511,32 @@ def test_an_out_file_is_refused_where_it_names_a_directory_and_its_directory_is_
         cli.out_file("/proc/forbidden/r.json")
 
 
-@pytest.mark.parametrize("flag", ["--help", "-h", "--h", "--he", "--hel"])  # argparse takes a prefix as the flag
+@pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_shows_the_presets_values_as_the_defaults_however_it_is_asked_for(flag, capsys):
-    p = argparse.ArgumentParser(prog="x", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog="x", formatter_class=cli.HelpFormatter)
     p.add_argument("--preset", default="auto")
     p.add_argument("--width", type=int, help="the width")
     with pytest.raises(SystemExit):
         cli.parse_with_preset(p, [flag], {"tiny": {"width": 3}}, lambda args: "tiny")
     assert "the width (default: 3)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("typed", ["--max-step", "--max-stpes", "--max-step=3"])  # argparse alone ran --max-step
+def test_a_shortened_or_misspelt_flag_is_refused_with_the_flag_it_may_mean(typed, capsys):
+    p = cli.ArgumentParser(prog="x")
+    p.add_argument("--max-steps", type=int)
+    with pytest.raises(SystemExit) as exit:
+        p.parse_args([typed, "3"] if "=" not in typed else [typed])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and f"unrecognized arguments: {typed}" in err and "(did you mean --max-steps?)" in err
+
+
+def test_a_flag_left_to_auto_shows_no_default_in_its_help_a_learner_cannot_type_auto():
+    p = cli.ArgumentParser(prog="x", formatter_class=cli.HelpFormatter)
+    p.add_argument("--compile", default="auto", action=argparse.BooleanOptionalAction, help="compile")
+    p.add_argument("--shuffle", default=True, action=argparse.BooleanOptionalAction, help="shuffle")
+    help = " ".join(p.format_help().split())
+    assert "(default: auto)" not in help and "shuffle (default: True)" in help
 
 
 def test_shapes_name_a_shared_module_after_the_parent_running_it(capsys):

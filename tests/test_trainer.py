@@ -222,7 +222,8 @@ def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoint(step, tmp_path,
     before = (tmp_path / checkpoint.NAME).read_bytes()
     with pytest.raises(SystemExit) as exit:
         run(step, tmp_path, "--max-steps", "2")
-    assert "already holds a checkpoint" in str(exit.value.code) and f"--resume {tmp_path}" in str(exit.value.code)
+    assert f"{tmp_path} holds a finished run" in str(exit.value.code) and "--out" in str(exit.value.code)
+    assert "--resume" not in str(exit.value.code)  # it would answer "nothing to resume": no advice in a circle
     assert (tmp_path / checkpoint.NAME).read_bytes() == before
 
 
@@ -239,7 +240,7 @@ def test_a_run_that_ends_while_a_new_one_builds_its_model_keeps_its_checkpoint_a
     monkeypatch.setattr(step.main, "GPT", build_while_an_earlier_run_ends)
     with pytest.raises(SystemExit) as exit:
         run(step, tmp_path, "--max-steps", "2")
-    assert "already holds a checkpoint" in str(exit.value.code)
+    assert "holds a finished run" in str(exit.value.code)
     assert checkpoint.load(tmp_path)["iter"] == 3 and len(metrics(tmp_path)[0]) == 3  # the earlier run's, whole
 
 
@@ -262,6 +263,15 @@ def test_resuming_with_another_config_says_what_differs(step, tmp_path, finished
         run(step, tmp_path, "--max-steps", "3", "--lr", "2e-3", "--resume", str(tmp_path))
     message = str(exit.value.code)
     assert "from another run" in message and "lr: 0.001 in the checkpoint, 0.002 now" in message
+
+
+@pytest.mark.main_needs("Loader")
+def test_resume_with_an_out_of_its_own_is_refused_not_ignored(step, tmp_path, capsys):
+    (tmp_path / "earlier").mkdir()
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path / "elsewhere", "--resume", str(tmp_path / "earlier"))
+    assert exit.value.code == 2 and (f"--out {tmp_path / 'elsewhere'} with --resume {tmp_path / 'earlier'}: a resumed "
+                                     "run goes on in the directory it resumes") in capsys.readouterr().err
 
 
 @pytest.mark.main_needs("Loader")

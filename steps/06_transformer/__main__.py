@@ -118,4 +118,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C

@@ -86,14 +86,17 @@ def stream(model, tok, idx, args, gen) -> None:
     incremental decoder keeps those bytes until the character is complete."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     print(tok.decode(idx[0].tolist()), end="", flush=True)
-    for _ in range(args.max_new_tokens):
-        idx = model.generate(idx, 1, temperature=args.temperature, top_k=args.top_k, generator=gen)  # (1, t + 1)
-        print(utf8.decode(tok.decode_single_token_bytes(idx[0, -1].item())), end="", flush=True)
-    print(utf8.decode(b"", final=True))
+    try:
+        for _ in range(args.max_new_tokens):
+            idx = model.generate(idx, 1, temperature=args.temperature, top_k=args.top_k, generator=gen)  # (1, t + 1)
+            print(utf8.decode(tok.decode_single_token_bytes(idx[0, -1].item())), end="", flush=True)
+    finally:  # on Ctrl-C too: the text so far ends its line
+        print(utf8.decode(b"", final=True))
 
 
 if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C while it writes: the text so far stays, without a traceback
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C

@@ -86,7 +86,7 @@ def ctrl_c_stops_between_iterations():
         if stop["requested"]:
             raise KeyboardInterrupt
         stop["requested"] = True
-        print("\nCtrl-C: stopping after this iteration (again to stop now)", file=sys.stderr, flush=True)
+        print("\nCtrl-C: stopping before the next iteration (again to stop now)", file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -123,7 +123,7 @@ def main(argv=None):
     p.add_argument("--eval-every", type=cli.positive_int, help="iterations between validation losses")
     p.add_argument("--save-every", type=cli.positive_int, help="iterations between checkpoints")
     p.add_argument("--resume", type=cli.existing_dir, help="continue the run whose checkpoint.pt is in this directory, "
-                   "with the command that started it; the run goes on writing there (--out is ignored)")
+                   "with the command that started it; the run goes on writing there (another --out is refused)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=60, help="tokens of the sample written "
                    "at the end")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -132,6 +132,8 @@ def main(argv=None):
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     args.device = device.pick(args.device)
     precision = choose_dtype(args)
+    if args.resume and args.out.resolve() not in (args.resume.resolve(), Path(p.get_default("out")).resolve()):
+        p.error(f"--out {args.out} with --resume {args.resume}: a resumed run goes on in the directory it resumes")
     if args.resume:
         args.out = args.resume
     else:
@@ -232,4 +234,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: nothing half-written
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C

@@ -130,7 +130,7 @@ def ctrl_c_stops_between_iterations():
         if stop["requested"]:
             raise KeyboardInterrupt
         stop["requested"] = True
-        print("\nCtrl-C: stopping after this iteration (again to stop now)", file=sys.stderr, flush=True)
+        print("\nCtrl-C: stopping before the next iteration (again to stop now)", file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -167,11 +167,11 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocasts the forward "
                    "pass; auto = bf16 where the device computes in bf16 natively, fp32 elsewhere")
     p.add_argument("--compile", default="auto", action=argparse.BooleanOptionalAction, help="torch.compile the "
-                   "model for training; auto = on CUDA only")
+                   "model for training; not given: on CUDA only")
     p.add_argument("--eval-every", type=cli.positive_int, help="iterations between validation losses")
     p.add_argument("--save-every", type=cli.positive_int, help="iterations between checkpoints")
     p.add_argument("--resume", type=cli.existing_dir, help="continue the run whose checkpoint.pt is in this directory, "
-                   "with the command that started it; the run goes on writing there (--out is ignored)")
+                   "with the command that started it; the run goes on writing there (another --out is refused)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=60, help="tokens of the sample written "
                    "at the end")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -179,8 +179,13 @@ def main(argv=None):
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     args.warmup_steps = args.warmup_steps or max(1, args.max_steps // 10)
+    if args.warmup_steps > args.max_steps:  # allowed (a short try of a long run), but said
+        print(f"note: --warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}: the lr rises to "
+              f"{args.max_steps / args.warmup_steps:.0%} of --lr and no further")
     args.device = device.pick(args.device)
     precision = choose_dtype(args)
+    if args.resume and args.out.resolve() not in (args.resume.resolve(), Path(p.get_default("out")).resolve()):
+        p.error(f"--out {args.out} with --resume {args.resume}: a resumed run goes on in the directory it resumes")
     if args.resume:
         args.out = args.resume
     else:
@@ -289,4 +294,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: nothing half-written
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C

@@ -235,7 +235,7 @@ def ctrl_c_stops_between_iterations():
         if stop["requested"]:
             raise KeyboardInterrupt
         stop["requested"] = True
-        print("\nCtrl-C: stopping after this iteration (again to stop now)", file=sys.stderr, flush=True)
+        print("\nCtrl-C: stopping before the next iteration (again to stop now)", file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -324,12 +324,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocasts the forward "
                    "pass; auto = bf16 where the device computes in bf16 natively, fp32 elsewhere")
     p.add_argument("--compile", default="auto", action=argparse.BooleanOptionalAction, help="torch.compile the "
-                   "model for training; auto = on CUDA only")
+                   "model for training; not given: on CUDA only")
     p.add_argument("--eval-every", type=cli.positive_int, help="iterations between validation losses (and "
                    "HellaSwag scores)")
     p.add_argument("--save-every", type=cli.positive_int, help="iterations between checkpoints")
     p.add_argument("--resume", type=cli.existing_dir, help="continue the run whose checkpoint.pt is in this directory, "
-                   "with the command that started it; the run goes on writing there (--out is ignored)")
+                   "with the command that started it; the run goes on writing there (another --out is refused)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=60, help="tokens a sample writes (after "
                    "training, and with --generate-only)")
     p.add_argument("--dist-timeout", type=cli.positive_float, default=300, help="seconds a process waits for the "
@@ -379,12 +379,17 @@ def main(argv=None):
                 f"{args.batch_size * args.seq_len * world} tokens")
     micro_steps = args.total_batch_size // (args.batch_size * args.seq_len * world)  # on each rank
     args.warmup_steps = args.warmup_steps or max(1, args.max_steps // 10)
+    if args.warmup_steps > args.max_steps:  # allowed (a short try of a long run), but said
+        print(f"note: --warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}: the lr rises to "
+              f"{args.max_steps / args.warmup_steps:.0%} of --lr and no further")
     args.device = device.pick(args.device)
     precision = choose_dtype(args)
     if args.eval_only:
         return score_only(args, precision)
     if args.generate_only:
         return generate_only(args, precision)
+    if args.resume and args.out.resolve() not in (args.resume.resolve(), Path(p.get_default("out")).resolve()):
+        p.error(f"--out {args.out} with --resume {args.resume}: a resumed run goes on in the directory it resumes")
     if args.resume:
         args.out = args.resume
     else:
@@ -584,12 +589,14 @@ def show_sample(model, tok, args):
         print(tok.decode(ids), end="", flush=True)
         idx = torch.tensor([ids], device=args.device)  # (1, T)
         times = [time.perf_counter()]
-        with autocast(args):
-            for nxt in model.stream(idx, args.max_new_tokens, generator=gen, top_k=args.top_k,
-                                    temperature=args.temperature, use_cache=args.cache):
-                print(utf8.decode(tok.decode_single_token_bytes(nxt[0, 0].item())), end="", flush=True)
-                times.append(time.perf_counter())  # .item() above waited for the device
-        print(utf8.decode(b"", final=True))
+        try:
+            with autocast(args):
+                for nxt in model.stream(idx, args.max_new_tokens, generator=gen, top_k=args.top_k,
+                                        temperature=args.temperature, use_cache=args.cache):
+                    print(utf8.decode(tok.decode_single_token_bytes(nxt[0, 0].item())), end="", flush=True)
+                    times.append(time.perf_counter())  # .item() above waited for the device
+        finally:  # on Ctrl-C too: the text so far ends its line
+            print(utf8.decode(b"", final=True))
         c, prompt = model.config, min(len(ids), model.config.block_size)
         inside = min(len(times) - 2, c.block_size - prompt)  # tokens fed back within the context: one position each
         speed = (f"the first token after {1000 * (times[1] - times[0]):.0f} ms (the prompt: "
@@ -608,7 +615,8 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: nothing half-written
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C
     except SystemExit as e:  # a refusal: every rank refuses the same input; rank 0 says why
         if e.code and os.environ.get("RANK", "0") != "0":
             time.sleep(2)  # torchrun stops every rank at the first exit: let rank 0 speak first
