@@ -803,7 +803,11 @@ def cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        worker(worker_spec(sys.argv[2:]))
-    else:
-        main()
+    try:
+        if sys.argv[1:2] == ["--worker"]:
+            worker(worker_spec(sys.argv[2:]))
+        else:
+            main()
+    except KeyboardInterrupt:  # Ctrl-C: the rows not yet measured are not written; nothing half-written is kept
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C

@@ -93,18 +93,24 @@ def check_config(path: Path, theirs: dict, ours: dict) -> None:
 
 def refuse_to_overwrite(out: Path) -> None:
     """A new run never destroys an earlier run's checkpoint: it stops and says what to do instead."""
-    if (Path(out) / NAME).exists() and finished(out):  # --resume would only say that there is nothing to do
-        sys.exit(f"error: {out} holds a finished run (its checkpoint, model/ and loss curve). Start the new run "
-                 f"elsewhere with --out, or delete {out} yourself.")
-    if (Path(out) / NAME).exists():
-        sys.exit(f"error: {out} already holds a checkpoint of an earlier run. Continue it with --resume {out}, "
-                 f"start the new run elsewhere with --out, or delete {Path(out) / NAME} yourself.")
+    if not (Path(out) / NAME).exists():
+        return
+    said = {"finished": "a finished run (its checkpoint, model/ and loss curve)",  # --resume: "nothing to resume"
+            "diverged": "a run that diverged (resumed, it keeps its --lr and diverges again)"}.get(how_it_ended(out))
+    if said:
+        sys.exit(f"error: {out} holds {said}. Start the new run elsewhere with --out, or delete "
+                 f"{Path(out) / NAME} yourself.")
+    sys.exit(f"error: {out} already holds a checkpoint of an earlier run. Continue it with --resume {out}, "
+             f"start the new run elsewhere with --out, or delete {Path(out) / NAME} yourself.")
 
 
-def finished(out: Path) -> bool:
-    """Whether out's summary.json is that of a run that ended: neither stopped by Ctrl-C nor diverged."""
+def how_it_ended(out: Path) -> str | None:
+    """What out's summary.json says of its run: "finished", "diverged", or None (stopped by Ctrl-C, not there or
+    unreadable: a run that can go on, as far as is known)."""
     try:
         summary = json.loads((Path(out) / "summary.json").read_text())
-    except (OSError, ValueError):  # none (a run stopped before its end), or unreadable: not known to be finished
-        return False
-    return isinstance(summary, dict) and not {"interrupted", "diverged"} & summary.keys()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or "interrupted" in summary:
+        return None
+    return "diverged" if "diverged" in summary else "finished"

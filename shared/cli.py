@@ -8,9 +8,12 @@ import atexit
 import difflib
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
+
+from shared.steps import STEPS_DIR, all_steps
 
 
 def checked(convert, ok, what: str):
@@ -131,13 +134,47 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, hint: str = "", **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
         self.hint = hint or f"{self.prog} --help"
+        self.given: set[str] = set()  # the --flags of the last parse: a default can be told from the same value given
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        self.given = {a.split("=")[0] for a in args if a.startswith("--")}
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
-        if message.startswith("unrecognized arguments: "):  # a typo: the nearest flag, if one is near
-            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-            given = message.split(": ", 1)[1].split()[0].split("=")[0]
-            message += "".join(f" (did you mean {near}?)" for near in difflib.get_close_matches(given, flags, n=1))
+        if message.startswith("unrecognized arguments: "):
+            message += self.unknown_flag(message.split(": ", 1)[1].split())
         self.exit(2, f"{self.prog}: error: {message}\n({self.hint} lists every flag)\n")
+
+    def unknown_flag(self, unknown: list[str]) -> str:
+        """For the first unknown --flag: the steps that have it (a flag of a later step, typed too soon), or the flag
+        of this command it is a typo of. Nothing where neither is near: a wrong guess misleads more than none."""
+        flag = next((a.split("=")[0] for a in unknown if a.startswith("--")), None)
+        if flag is None:
+            return ""
+        if self.prog.startswith("python -m steps.") and (steps := steps_with_flag(flag)):
+            return f" ({flag} is a flag of step{'s' * (len(steps) > 1)} {spans(steps)})"
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        return "".join(f" (did you mean {near}?)" for near in difflib.get_close_matches(flag, flags, n=1, cutoff=0.85))
+
+
+def steps_with_flag(flag: str) -> list[str]:
+    """The steps whose command adds `flag` (--no-cache: those that add --cache, whose --no- form it is)."""
+    names = {flag} | ({"--" + flag[len("--no-"):]} if flag.startswith("--no-") else set())
+    return [s for s in all_steps() if any(re.search(rf'add_argument\(\s*"{re.escape(n)}"', (
+        STEPS_DIR / s / "__main__.py").read_text()) for n in names)]
+
+
+def spans(steps: list[str]) -> str:
+    """['14_a', '15_b', '16_c', '18_d'] -> '14 to 16, 18': the numbers, runs of neighbours as one."""
+    runs: list[list[int]] = []
+    for n in sorted(int(s[:2]) for s in steps):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]:02d}" if len(r) == 1 else f"{r[0]:02d} {'and' if len(r) == 2 else 'to'} {r[-1]:02d}"
+                     for r in runs)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -430,9 +430,10 @@ def main(argv=None) -> int:
         return 0
     if args.id not in BY_ID:
         ids = [m.id for m in MISTAKES if step is None or step in m.steps()]  # N= given: the ids of that step
-        if near := difflib.get_close_matches(args.id, ids, n=1):  # a typo: the id meant, not all of them
-            p.error(f"no mistake {args.id!r}: did you mean {near[0]}? (make mistake{f' N={step[:2]}' if step else ''}"
-                    " lists them)")
+        if near := difflib.get_close_matches(args.id, list(BY_ID), n=1):  # a typo: the id meant, not all of them
+            where = f" (it applies from step {BY_ID[near[0]].step[:2]} on)" if near[0] not in ids else ""
+            p.error(f"no mistake {args.id!r}: did you mean {near[0]}?{where} (make mistake"
+                    f"{f' N={step[:2]}' if step else ''} lists them)")
         p.error(f"no mistake {args.id!r}; the ids{f' in step {step}' if step else ''}: {', '.join(ids)}")
     mistake = BY_ID[args.id]
     return show(mistake, step or resolve(mistake.step))

@@ -442,4 +442,6 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("interrupted: the complete shards and the manifest are kept; run the same command to go on")
+        print("interrupted: the complete shards and the manifest are kept; run the same command to go on",
+              file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C

@@ -67,7 +67,11 @@ def main(argv: list[str]) -> int:
         deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
         print(" ".join(d for d in deps if not rest or re.split(r"[=<>~ ]", d)[0] in rest))
     elif cmd == "brought" and rest:  # after make diff: what the diff of the step directories leaves out
-        step = resolve(rest[0])
+        try:
+            step = resolve(rest[0])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if files := shared_brought(step):
             print(f"\nnot in this diff: step {step[:2]} is the first to import "
                   + ", ".join(f"shared/{f}" for f in files) + f"; read {'it' if len(files) == 1 else 'them'} whole "

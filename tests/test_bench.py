@@ -5,6 +5,7 @@ import json
 import mmap
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import torch
 
 from shared import bench, device
 from shared.steps import ROOT, all_steps
+from tests.conftest import ctrl_c_as_in_a_terminal
 
 
 def test_flops_per_token_of_gpt2_small_is_6n_plus_attention():
@@ -265,6 +267,21 @@ def test_a_small_bench_writes_the_table_the_json_and_the_chart(tmp_path, capsys)
     assert control["step"] == "15_grad_accum again"
     assert result["machine"]["flops_per_token"] == bench.flops_per_token(4, 4, 128, 16)
     assert (tmp_path / "b.svg").read_text().startswith("<svg")
+
+
+def test_ctrl_c_stops_make_bench_and_its_worker_in_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "shared.bench", "--preset", "tiny", "--seq-len", "16", "--steps", "15",
+                             "--iters", "100000", "--warmup", "0", "--rounds", "1", "--no-compile", "--device", "cpu",
+                             "--no-reference", "--json", str(tmp_path / "b.json")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
+    for line in proc.stdout:  # until the worker is timing iterations
+        if " iter " in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to make bench and its worker
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted\n", err[-2000:]  # 128 + SIGINT, no traceback
+    assert not (tmp_path / "b.json").exists()  # no ladder of rows never measured
 
 
 # A worker whose clock reads 1.0 ms and, at each tick, moves the time.perf_counter that times the iterations 1000 s

@@ -101,10 +101,10 @@ def test_a_run_logs_the_scheduled_lr_and_a_clipped_step(step, tmp_path, monkeypa
 @pytest.mark.main_needs("lr_at")
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_a_run_shorter_than_its_warmup_says_its_lr_never_reaches_lr(step, tmp_path, capsys):
-    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "1", "--warmup-steps", "4",
+    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "1", "--warmup-steps", "300",
                     "--max-new-tokens", "1", "--out", str(tmp_path)])
-    assert ("note: --warmup-steps 4 is more than --max-steps 1: the lr rises to 25% of --lr and no further"
-            in capsys.readouterr().out)
+    assert ("note: --warmup-steps 300 is more than --max-steps 1: the lr rises to 0.3% of --lr and no further"
+            in capsys.readouterr().out)  # 1/300 to a tenth of a percent: not "0%"
 
 
 @pytest.mark.main_needs("lr_at")

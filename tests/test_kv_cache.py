@@ -158,13 +158,16 @@ def test_generate_only_streams_a_sample_and_times_the_prefill_and_the_decoding(s
 
 
 @pytest.mark.main_needs("generate_only")
-def test_ctrl_c_while_generate_only_writes_ends_the_line_and_stops_in_one_line(step, saved):
+def test_ctrl_c_while_generate_only_writes_ends_the_line_and_stops_in_one_line(step, saved, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", f"steps.{step.name}", "--generate-only", "--model", str(saved),
-                             "--device", "cpu", "--prompt", "Hello", "--max-new-tokens", "100000", "--no-cache"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
-    while not proc.stdout.readline().startswith("---"):  # the model is built; the sample begins
-        pass
+                             "--device", "cpu", "--prompt", "Hello", "--max-new-tokens", "100000", "--no-cache",
+                             "--out", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
+    for line in proc.stdout:  # until the model is built and the sample begins
+        if line.startswith("---"):
+            break
+    else:
+        pytest.fail(f"no sample began: {proc.communicate()[1][-2000:]}")
     proc.stdout.read(len("Hello") + 5)  # the prompt and a few characters of the sample: it is writing
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C
     out, err = proc.communicate(timeout=60)

@@ -67,6 +67,8 @@ def test_the_untied_head_in_step_08_shows_163_037_184_parameters_and_exits_0_and
     (["M=no-such-thing"], "no mistake 'no-such-thing'; the ids: sinusoid-halves"),
     (["M=sumed-micro-losses"], "no mistake 'sumed-micro-losses': did you mean summed-micro-losses? (make mistake "
                                "lists them)\n"),  # a typo: the id meant, not all 37
+    (["M=untied-hed", "N=03"], "no mistake 'untied-hed': did you mean untied-head? (it applies from step 08 on) "
+                               "(make mistake N=03 lists them)\n"),  # a typo of another step's id
     (["M=no-such-thing", "N=08"], "the ids in step 08_gpt2: heads-merged-wrong, heads-viewed-without-transpose, "
                                   "no-causal-mask, pad-sees-nothing, untied-head, exact-gelu\n"),  # only step 08's
     (["M=untied-head", "N=03"], "untied-head is not in step 03_feedforward: it applies to 08_gpt2"),

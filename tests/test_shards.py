@@ -425,4 +425,4 @@ def test_ctrl_c_stops_make_data_with_one_line_and_no_worker_traceback(tmp_path):
         time.sleep(0.05)  # until the work is well under way
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the parent and its workers
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in err and "run the same command to go on" in err
+    assert proc.returncode == 130 and "Traceback" not in err and "run the same command to go on" in err

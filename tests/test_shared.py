@@ -465,17 +465,18 @@ def test_out_dir_leaves_for_exit_the_directories_it_made_and_no_other_as_absolut
 
 @pytest.mark.parametrize("summary, said", [
     (None, "already holds a checkpoint of an earlier run. Continue it with --resume"),  # stopped before its end
-    ('{"interrupted": {"iters_done": 4}}', "Continue it with --resume"), ('{"diverged": {"iter": 4}}', "--resume"),
-    ("not json", "Continue it with --resume"), ('{"val_loss": 6.5}', "holds a finished run"),
-], ids=["no-summary", "interrupted", "diverged", "damaged-summary", "finished"])
-def test_a_new_run_into_an_earlier_ones_directory_is_told_to_resume_only_a_run_that_has_not_finished(tmp_path, summary,
-                                                                                                     said):
+    ('{"interrupted": {"iters_done": 4}}', "Continue it with --resume"), ("not json", "Continue it with --resume"),
+    ('{"diverged": {"iter": 4}}', "holds a run that diverged"), ('{"val_loss": 6.5}', "holds a finished run"),
+], ids=["no-summary", "interrupted", "damaged-summary", "diverged", "finished"])
+def test_a_new_run_into_an_earlier_ones_directory_is_told_to_resume_only_a_run_that_can_go_on(tmp_path, summary, said):
     (tmp_path / "checkpoint.pt").write_bytes(b"an earlier run's")
     if summary:
         (tmp_path / "summary.json").write_text(summary)
     with pytest.raises(SystemExit) as exit:
         checkpoint.refuse_to_overwrite(tmp_path)
-    assert said in exit.value.code and ("--resume" in exit.value.code) == ("finished" not in said)
+    go_on = "Continue it" in said  # a finished run has nothing to resume; a diverged one would diverge again
+    assert said in exit.value.code and ("--resume" in exit.value.code) == go_on
+    assert f"delete {tmp_path / 'checkpoint.pt'} yourself" in exit.value.code  # the file, never the whole --out
 
 
 def test_a_setting_only_one_of_two_steps_has_is_said_to_be_missing_not_shown_as_a_value(tmp_path):
@@ -529,6 +530,51 @@ def test_a_shortened_or_misspelt_flag_is_refused_with_the_flag_it_may_mean(typed
         p.parse_args([typed, "3"] if "=" not in typed else [typed])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and f"unrecognized arguments: {typed}" in err and "(did you mean --max-steps?)" in err
+
+
+@pytest.mark.parametrize("typed", [["--zzz"], ["--max-stepz-and-more", "3"], ["--he"]])  # "--he": not --help either
+def test_an_unknown_flag_near_no_flag_is_refused_without_a_guess(typed, capsys):
+    p = cli.ArgumentParser(prog="x")
+    p.add_argument("--max-steps", type=int)
+    with pytest.raises(SystemExit) as exit:
+        p.parse_args(typed)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and f"unrecognized arguments: {' '.join(typed)}" in err and "did you mean" not in err
+
+
+@pytest.mark.parametrize("typed", [[""], [" "], ["3"]])  # argparse's line then ends in nothing, or in no --flag
+def test_an_unknown_argument_that_is_no_flag_is_refused_in_one_line(typed, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.ArgumentParser(prog="x").parse_args(typed)
+    assert exit.value.code == 2 and "error: unrecognized arguments:" in capsys.readouterr().err
+
+
+def test_a_flag_of_later_steps_typed_in_an_earlier_one_names_the_steps_that_have_it(capsys):
+    p = cli.parser("doc", "12_compile_flash", max_steps=5)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--warmup-steps", "5"])
+    assert "unrecognized arguments: --warmup-steps 5 (--warmup-steps is a flag of steps 14 to 18)" in (
+        capsys.readouterr().err)
+
+
+def test_the_no_form_of_a_switch_is_found_in_the_steps_that_have_the_switch():
+    assert cli.steps_with_flag("--no-cache") == cli.steps_with_flag("--cache") == ["18_kv_cache"]
+
+
+@pytest.mark.parametrize("numbers, said", [([14, 15, 16, 17, 18], "14 to 18"), ([17, 18], "17 and 18"), ([9], "09"),
+                                           ([8, 10, 11, 12], "08, 10 to 12")])
+def test_steps_are_named_as_runs_of_neighbours(numbers, said):
+    assert cli.spans([f"{n:02d}_x" for n in numbers]) == said
+
+
+def test_the_last_parse_records_the_flags_given_so_a_default_can_be_told_from_the_same_value_given():
+    p = cli.ArgumentParser(prog="x")
+    p.add_argument("--out", default="runs/x")
+    p.add_argument("--seed", type=int)
+    p.parse_args(["--out=runs/x", "--seed", "3"])
+    assert p.given == {"--out", "--seed"}
+    p.parse_args([])
+    assert p.given == set()
 
 
 def test_a_flag_left_to_auto_shows_no_default_in_its_help_a_learner_cannot_type_auto():

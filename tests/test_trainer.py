@@ -266,12 +266,15 @@ def test_resuming_with_another_config_says_what_differs(step, tmp_path, finished
 
 
 @pytest.mark.main_needs("Loader")
-def test_resume_with_an_out_of_its_own_is_refused_not_ignored(step, tmp_path, capsys):
+@pytest.mark.parametrize("out", ["elsewhere", "default"])  # "default": the default's own path, given: given all the same
+def test_resume_with_an_out_of_its_own_is_refused_not_ignored(step, tmp_path, capsys, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)  # runs/<step>, the default --out, is then under tmp_path
     (tmp_path / "earlier").mkdir()
+    out = "elsewhere" if out == "elsewhere" else f"runs/{step.name}"
     with pytest.raises(SystemExit) as exit:
-        run(step, tmp_path / "elsewhere", "--resume", str(tmp_path / "earlier"))
-    assert exit.value.code == 2 and (f"--out {tmp_path / 'elsewhere'} with --resume {tmp_path / 'earlier'}: a resumed "
-                                     "run goes on in the directory it resumes") in capsys.readouterr().err
+        run(step, out, "--resume", "earlier")
+    assert exit.value.code == 2 and (f"--out {out} with --resume earlier: a resumed run goes on in the directory it "
+                                     "resumes") in capsys.readouterr().err
 
 
 @pytest.mark.main_needs("Loader")

@@ -156,7 +156,7 @@ def main(argv=None):
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     args.device = device.pick(args.device)
     precision = choose_dtype(args)
-    if args.resume and args.out.resolve() not in (args.resume.resolve(), Path(p.get_default("out")).resolve()):
+    if args.resume and "--out" in p.given and args.out.resolve() != args.resume.resolve():
         p.error(f"--out {args.out} with --resume {args.resume}: a resumed run goes on in the directory it resumes")
     if args.resume:
         args.out = args.resume

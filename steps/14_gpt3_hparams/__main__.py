@@ -179,12 +179,12 @@ def main(argv=None):
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     args.warmup_steps = args.warmup_steps or max(1, args.max_steps // 10)
-    if args.warmup_steps > args.max_steps:  # allowed (a short try of a long run), but said
-        print(f"note: --warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}: the lr rises to "
-              f"{args.max_steps / args.warmup_steps:.0%} of --lr and no further")
     args.device = device.pick(args.device)
     precision = choose_dtype(args)
-    if args.resume and args.out.resolve() not in (args.resume.resolve(), Path(p.get_default("out")).resolve()):
+    if args.warmup_steps > args.max_steps:  # allowed (a short try of a long run), but said
+        print(f"note: --warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}: the lr rises to "
+              f"{args.max_steps / args.warmup_steps:.1%} of --lr and no further")
+    if args.resume and "--out" in p.given and args.out.resolve() != args.resume.resolve():
         p.error(f"--out {args.out} with --resume {args.resume}: a resumed run goes on in the directory it resumes")
     if args.resume:
         args.out = args.resume
