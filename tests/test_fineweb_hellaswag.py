@@ -464,6 +464,14 @@ def test_hellaswag_with_a_window_of_one_token_is_refused(step, tmp_path, capsys)
 
 
 @pytest.mark.main_needs("hellaswag")
+def test_eval_only_with_flags_of_training_is_refused_not_ignored(step, capsys):
+    with pytest.raises(SystemExit) as exit:  # refused as it is parsed: no model, no items needed
+        step.main.main(["--eval-only", "--model", "m", "--hellaswag", "val", "--max-steps", "5", "--lr=1e-3"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--lr, --max-steps with --eval-only: it scores --model on --hellaswag" in err
+
+
+@pytest.mark.main_needs("hellaswag")
 def test_eval_only_without_hellaswag_is_refused(step, saved_model):
     with pytest.raises(SystemExit) as exit:
         step.main.main(["--eval-only", "--model", str(saved_model[1]), "--device", "cpu"])

@@ -160,9 +160,10 @@ def test_generate_only_streams_a_sample_and_times_the_prefill_and_the_decoding(s
 @pytest.mark.main_needs("generate_only")
 def test_ctrl_c_while_generate_only_writes_ends_the_line_and_stops_in_one_line(step, saved, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", f"steps.{step.name}", "--generate-only", "--model", str(saved),
-                             "--device", "cpu", "--prompt", "Hello", "--max-new-tokens", "100000", "--no-cache",
-                             "--out", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
+                             "--device", "cpu", "--prompt", "Hello", "--max-new-tokens", "100000", "--no-cache"],
+                            cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(ROOT)},  # runs/ in tmp_path, if any
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     for line in proc.stdout:  # until the model is built and the sample begins
         if line.startswith("---"):
             break
@@ -173,6 +174,14 @@ def test_ctrl_c_while_generate_only_writes_ends_the_line_and_stops_in_one_line(s
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "interrupted\n", err[-2000:]  # 128 + SIGINT, no traceback
     assert out.endswith("\n")  # the text so far ends its line: "interrupted" is not glued to its last word
+
+
+@pytest.mark.main_needs("generate_only")
+def test_generate_only_with_flags_of_training_is_refused_not_ignored(step, capsys):
+    with pytest.raises(SystemExit) as exit:  # refused as it is parsed: no model needed
+        step.main.main(["--generate-only", "--model", "m", "--no-cache", "--resume", ".", "--max-steps", "5"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--max-steps, --resume with --generate-only: it writes with --model" in err
 
 
 @pytest.mark.main_needs("generate_only")

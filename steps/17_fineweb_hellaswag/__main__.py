@@ -50,6 +50,7 @@ CLIP = 1.0  # the gradient's global norm is clipped to this
 WEIGHT_DECAY = 0.1  # on the 2-D parameters only
 MIN_LR = 0.1  # the cosine decays to 10% of --lr
 PROMPT = "ROMEO:"
+EVAL_ONLY_READS = ["--model", "--hellaswag", "--device", "--dtype", "--dist-timeout"]  # the rest is for training
 
 
 class Loader:
@@ -355,6 +356,9 @@ def main(argv=None):
     if args.model is not None and not args.eval_only:
         p.error(f"--model {shlex.quote(args.model)} is for --eval-only: a training run builds a new model "
                 "(--preset, --n-layer ...)")
+    if args.eval_only and (unread := sorted(p.given - {"--eval-only", *EVAL_ONLY_READS})):
+        p.error(f"{', '.join(unread)} with --eval-only: it scores --model on --hellaswag and reads only "
+                f"{', '.join(EVAL_ONLY_READS)}")
     args.model = "gpt2" if args.model is None else args.model
     args.rank, args.world = rank, world
     if args.total_batch_size % (args.batch_size * args.seq_len * world):  # every rank refuses, rank 0 says so

@@ -54,6 +54,9 @@ PROMPT = "ROMEO:"
 # The logits are divided by it: a tiny temperature overflows float32 (1e-45 gives inf, then a nan softmax),
 # and 0.01 already samples all but greedily.
 temperature = cli.checked(float, lambda v: 0.01 <= v <= 100, "a temperature from 0.01 to 100")
+EVAL_ONLY_READS = ["--model", "--hellaswag", "--device", "--dtype", "--dist-timeout"]  # the rest is for training
+GENERATE_ONLY_READS = ["--model", "--prompt", "--max-new-tokens", "--num-samples", "--top-k", "--temperature", "--seed",
+                       "--cache", "--no-cache", "--device", "--dtype"]
 
 
 class Loader:
@@ -371,6 +374,12 @@ def main(argv=None):
     if args.model is not None and not (args.eval_only or args.generate_only):
         p.error(f"--model {shlex.quote(args.model)} is for --eval-only and --generate-only: a training run builds "
                 "a new model (--preset, --n-layer ...)")
+    if args.eval_only and (unread := sorted(p.given - {"--eval-only", *EVAL_ONLY_READS})):
+        p.error(f"{', '.join(unread)} with --eval-only: it scores --model on --hellaswag and reads only "
+                f"{', '.join(EVAL_ONLY_READS)}")
+    if args.generate_only and (unread := sorted(p.given - {"--generate-only", *GENERATE_ONLY_READS})):
+        p.error(f"{', '.join(unread)} with --generate-only: it writes with --model and reads only "
+                f"{', '.join(GENERATE_ONLY_READS)}")
     args.model = "gpt2" if args.model is None else args.model
     args.rank, args.world = rank, world
     if args.total_batch_size % (args.batch_size * args.seq_len * world):  # every rank refuses, rank 0 says so
