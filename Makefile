@@ -19,6 +19,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REGISTRY := $(PYTHON) -m shared.steps
+# ARGS as the shell splits it ("--prompt 'To be'": two words), into "$$@". Read from the environment (make exports a
+# variable set on its command line), not pasted into the recipe: a quote left open is one line, not a broken recipe.
+ARGV = eval "set -- $$ARGS" 2>/dev/null || exec $(REGISTRY) unclosed-quote
 
 .PHONY: help list setup step test bench data gpu-check mistake book diff clean
 .DEFAULT_GOAL := list
@@ -44,34 +47,34 @@ $(STAMP): pyproject.toml
 
 # NPROC=4: four processes under torchrun (shared/launch.py), for the steps that share the work (16 on).
 step: $(STAMP)
-	@s=$$($(REGISTRY) resolve "$(N)") && if [ -z "$(NPROC)" ]; then $(PY) -m steps.$$s $(ARGS); \
+	@$(ARGV); s=$$($(REGISTRY) resolve "$(N)") && if [ -z "$(NPROC)" ]; then $(PY) -m steps.$$s "$$@"; \
 	elif ! grep -q init_process_group steps/$$s/__main__.py; then \
 	echo "error: step $$s runs as one process; NPROC is for step 16 (16_ddp) and later" >&2; exit 2; \
 	elif ! [[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]]; then echo "error: NPROC=$(NPROC) is not a number of processes" >&2; exit 2; \
-	else $(PY) -m shared.launch $(NPROC) steps.$$s $(ARGS); fi
+	else $(PY) -m shared.launch $(NPROC) steps.$$s "$$@"; fi
 
 # The whole suite: one test process per CPU, at most 4 (pytest-xdist), each on one thread (tests/conftest.py); a
 # file's tests stay in one process, so the runs they share are made once. One stage's tests: one process, where
 # -s shows what a test prints (ARGS="-n 0 -s" for the whole suite).
 WORKERS = $(shell $(PYTHON) -c "import os; print(min(4, os.cpu_count() or 1))")  # each holds torch, some a 124M model
 test: $(STAMP)
-	@if [ -n "$(N)" ]; then s=$$($(REGISTRY) resolve "$(N)") && $(PY) -m pytest --step $$s $(ARGS); \
-	else $(PY) -m pytest -n $(WORKERS) --dist loadfile $(ARGS); fi
+	@$(ARGV); if [ -n "$(N)" ]; then s=$$($(REGISTRY) resolve "$(N)") && $(PY) -m pytest --step $$s "$$@"; \
+	else $(PY) -m pytest -n $(WORKERS) --dist loadfile "$$@"; fi
 
 bench: $(STAMP)
-	@$(PY) -m shared.bench $(ARGS)
+	@$(ARGV); $(PY) -m shared.bench "$$@"
 
 data: $(STAMP)
-	@$(PY) -m shared.shards $(ARGS)
+	@$(ARGV); $(PY) -m shared.shards "$$@"
 
 gpu-check: $(STAMP)
-	@$(PY) -m shared.gpu_check $(ARGS)
+	@$(ARGV); $(PY) -m shared.gpu_check "$$@"
 
 mistake: $(STAMP)
-	@$(PY) -m shared.mistakes $(if $(M),--id $(M)) $(if $(N),--step $(N)) $(ARGS)
+	@$(ARGV); $(PY) -m shared.mistakes $(if $(M),--id $(M)) $(if $(N),--step $(N)) "$$@"
 
 book: $(STAMP)
-	@$(PY) -m shared.book $(ARGS)
+	@$(ARGV); $(PY) -m shared.book "$$@"
 
 diff:
 	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) && \

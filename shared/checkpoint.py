@@ -6,8 +6,10 @@ state, the next iteration, the data loader's position and the random number gene
 import contextlib
 import json
 import os
+import pickle
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -49,8 +51,8 @@ def load(out: Path) -> dict:
             warnings.filterwarnings("ignore", "Detected pickle protocol")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled objects other than tensors
-        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}): truncated, damaged or not a "
-                 f"checkpoint. Delete it, or start the run afresh with another --out.")
+        sys.exit(f"error: {path} is not a readable checkpoint ({why_unreadable(path, e)}). Delete it, or start the "
+                 "run afresh with another --out.")
     if not isinstance(state, dict):
         sys.exit(f"error: {path} is not a checkpoint of this project (not a dict of the run's state)")
     if missing := [k for k, kind in KEYS.items() if not isinstance(state.get(k), kind)]:
@@ -67,6 +69,18 @@ def load(out: Path) -> dict:
                  "was saved, or the file is damaged. Start the run afresh with another --out (a smaller --lr if it "
                  "diverged).")
     return state
+
+
+def why_unreadable(path: Path, e: Exception) -> str:
+    """Why torch.load failed, in words: torch.save writes a zip archive of a pickle and the tensors' bytes."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # a zip archive's first bytes
+            return "not the zip archive that torch.save writes"
+    if not zipfile.is_zipfile(path):  # the archive's index is at its end
+        return "cut short: the write that made it did not finish"
+    if isinstance(e, pickle.UnpicklingError) and "Weights only" in str(e):
+        return "damaged, or it holds objects other than tensors and plain data: weights_only=True builds none"
+    return f"damaged: {' '.join(str(e).split())[:200]}"
 
 
 @contextlib.contextmanager

@@ -6,9 +6,11 @@ and a pointer to --help) and exit code 2, before any data is read or any model i
 import argparse
 import atexit
 import difflib
+import itertools
 import math
 import os
 import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -135,9 +137,11 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
         self.hint = hint or f"{self.prog} --help"
         self.given: set[str] = set()  # the --flags of the last parse: a default can be told from the same value given
+        self.argv: list[str] = []  # the last parse's arguments
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
+        self.argv = args
         self.given = {a.split("=")[0] for a in args if a.startswith("--")}
         return super().parse_known_args(args, namespace)
 
@@ -148,7 +152,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def unknown_flag(self, unknown: list[str]) -> str:
         """For the first unknown --flag: the steps that have it (a flag of a later step, typed too soon), or the flag
-        of this command it is a typo of. Nothing where neither is near: a wrong guess misleads more than none."""
+        of this command it is a typo of. Nothing where neither is near: a wrong guess misleads more than none.
+        A word first, after a flag of text and its value: the rest of a value of several words, unquoted."""
+        if unknown and not unknown[0].startswith("-") and unknown[0] in self.argv:
+            i = self.argv.index(unknown[0])
+            action = self._option_string_actions.get(self.argv[i - 2]) if i >= 2 else None
+            if action and action.type in (None, str) and action.nargs is None and not action.choices:
+                words = list(itertools.takewhile(lambda a: not a.startswith("-"), self.argv[i - 1:]))
+                return f" (a value of several words goes in quotes: {self.argv[i - 2]} {shlex.quote(' '.join(words))})"
         flag = next((a.split("=")[0] for a in unknown if a.startswith("--")), None)
         if flag is None:
             return ""

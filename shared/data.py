@@ -29,7 +29,7 @@ FILES = {  # name -> (canonical URL, sha256)
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("GPT2STEPS_DATA", "data"))
+    return Path(os.environ.get("GPT2STEPS_DATA") or "data")  # set but empty: the default too, not "." (Path(""))
 
 
 def not_in_data_dir(name: str) -> str:

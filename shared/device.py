@@ -73,13 +73,21 @@ def refuse_a_model_too_big(build, config, device: torch.device) -> None:
                  f"{cli.size(free)} free. Make it smaller (--n-layer, --n-embd)")
 
 
+# torch 2.13's words for a size past 2**63 - 1: a flag of 1e19, or a product of flags past it
+TOO_BIG_TO_COUNT = r"Storage size calculation overflowed|Overflow when unpacking long|int too big to convert"
+
+
 def explain_out_of_memory(main):
-    """main, with torch running out of memory (the CPU's allocator, CUDA or MPS) said in one line, exit 1."""
+    """main, with torch running out of memory (the CPU's allocator, CUDA or MPS) said in one line, exit 1; and a
+    tensor whose size does not fit in 64 bits likewise."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except RuntimeError as e:
+        except (RuntimeError, TypeError, OverflowError) as e:
+            if re.search(TOO_BIG_TO_COUNT, str(e)):
+                sys.exit("error: out of memory: a tensor of 8 EiB (2**63 bytes) or more, past what torch can count. "
+                         "Make the run smaller: a smaller --batch-size, a shorter window or a smaller model")
             if not (isinstance(e, torch.OutOfMemoryError) or re.search(r"can't allocate memory|out of memory", str(e))):
                 raise
             size = re.search(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]i?B)", str(e), re.IGNORECASE)  # torch's words
@@ -87,6 +95,6 @@ def explain_out_of_memory(main):
                 what = f"a tensor of {cli.size(int(size[1]))}"
             else:
                 what = f"a tensor of {size[1]} {size[2]}" if size else "a tensor"
-            sys.exit(f"error: out of memory: {what} did not fit. Make the run smaller: a smaller --batch-size "
-                     "first, then a shorter window or a smaller model")
+            sys.exit(f"error: out of memory: {what} did not fit. Make the run smaller: a smaller --batch-size, a "
+                     "shorter window or a smaller model")
     return run

@@ -60,13 +60,22 @@ class RunLog:
                   "writing there at the same time", flush=True)
         if fresh:
             checkpoint.refuse_to_overwrite(self.out)
-        self.file.truncate(0)
-        self.file.writelines(json.dumps(r) + "\n" for r in self.rows)
-        if not start:  # a new run: an earlier run's summary and curve would not be this run's
-            for name in ("summary.json", "loss.svg"):
-                (self.out / name).unlink(missing_ok=True)
+        self.taken = False  # out as it was until this run has a row to write (take_over): a failed start wipes no file
         self.total, self.every, self.first = total, every or max(1, math.ceil(total / 25)), start
         self.start = self.t0 = time.perf_counter()
+        self.after_first = None  # when this run's first iteration ended: the ETA leaves its start-up cost out
+
+    def take_over(self) -> None:
+        """Once this run has something to write: metrics.jsonl holds its rows (and a resumed run's earlier ones), and
+        a new run removes an earlier run's summary and curve, which would not be this run's."""
+        if self.taken:
+            return
+        self.taken = True
+        self.file.truncate(0)
+        self.file.writelines(json.dumps(r) + "\n" for r in self.rows)
+        if not self.first:
+            for name in ("summary.json", "loss.svg"):
+                (self.out / name).unlink(missing_ok=True)
 
     def log(self, it: int, loss: float, lr: float, tokens: int | None = None, **extra) -> None:
         """One row: iter, loss, lr, ms since the last call, tokens/s when `tokens` is given, and any extras.
@@ -79,6 +88,8 @@ class RunLog:
         if tokens is not None:
             row["tok_per_s"] = round(tokens / dt)
         self.write(row)
+        if self.after_first is None:
+            self.after_first = t1
         if it % self.every == 0 or it == self.total - 1 or not math.isfinite(loss):
             self.print_line(row, loss)
         if not math.isfinite(loss):
@@ -97,6 +108,7 @@ class RunLog:
 
     def write(self, row: dict) -> None:
         """One row of metrics.jsonl, on the disk at once. A write that fails (a full disk) stops the run in one line."""
+        self.take_over()
         self.rows.append(row)
         try:
             self.file.write(json.dumps(row) + "\n")
@@ -107,17 +119,19 @@ class RunLog:
             cannot_write(self.out / "metrics.jsonl", e)
 
     def print_line(self, row: dict, loss: float) -> None:
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / (row["iter"] + 1 - self.first) * (self.total - row["iter"] - 1)
+        now = time.perf_counter()
+        done = row["iter"] - self.first  # iterations since the first, whose time holds the start-up (compiling, too)
+        eta = f", eta {clock((now - self.after_first) / done * (self.total - row['iter'] - 1))}" if done else ""
         line = f"iter {row['iter']:5d} | loss {loss:.4f} | lr {row['lr']:.2e} | {row['ms']:8.2f} ms"
         if "tok_per_s" in row:
             line += f" | {row['tok_per_s']:>9,} tok/s"
         extra = {k: v for k, v in row.items() if k not in ("iter", "loss", "lr", "ms", "tok_per_s")}
         line += "".join(f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in extra.items())
-        print(f"{line} | {clock(elapsed)} elapsed, eta {clock(eta)}", flush=True)
+        print(f"{line} | {clock(now - self.start)} elapsed{eta}", flush=True)
 
     def close(self, **summary) -> None:
         """Finish the run, or stop it: summary.json (e.g. the validation loss) and the loss curve so far."""
+        self.take_over()
         self.file.close()
         if summary:
             write_or_stop(self.out / "summary.json", json.dumps(jsonable(summary), indent=1) + "\n")

@@ -7,6 +7,7 @@
     python3 -m shared.steps deps [NAME]   the pinned dependencies from pyproject.toml (or only those named)
 """
 import ast
+import os
 import re
 import sys
 import tomllib
@@ -76,6 +77,11 @@ def main(argv: list[str]) -> int:
             print(f"\nnot in this diff: step {step[:2]} is the first to import "
                   + ", ".join(f"shared/{f}" for f in files) + f"; read {'it' if len(files) == 1 else 'them'} whole "
                   f"(make book shows {'it' if len(files) == 1 else 'them'} on the step's page)")
+    elif cmd == "unclosed-quote":  # make, when the shell cannot split ARGS
+        print(f"error: ARGS has a quote that is not closed: {os.environ.get('ARGS', '')}", file=sys.stderr)
+        print(r'''An apostrophe ends a value quoted with '...': quote such a value with \"...\", '''
+              r'''as in ARGS="--prompt \"I'm here\""''', file=sys.stderr)
+        return 2
     elif cmd in ("resolve", "prev"):
         try:
             step = resolve(rest[0] if rest else "")
@@ -85,7 +91,10 @@ def main(argv: list[str]) -> int:
         if cmd == "prev":
             i = all_steps().index(step)
             if i == 0:
-                print(f"error: {step} is the first step: there is no step before it to diff against", file=sys.stderr)
+                files = ", ".join(f"shared/{f}" for f in shared_brought(step))
+                print(f"error: {step} is the first step: there is no step before it to diff against. Read "
+                      f"steps/{step} whole, and the code of shared/ it uses: {files} (make book shows it all on the "
+                      "step's page)", file=sys.stderr)
                 return 2
             step = all_steps()[i - 1]
         print(step)

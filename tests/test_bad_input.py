@@ -132,11 +132,13 @@ def test_heads_are_not_checked_against_sizes_that_a_fixed_size_ignores(step, mon
 
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.main_mentions("--block-size")
-def test_a_window_longer_than_the_data_is_refused_before_training(step, tmp_path, capsys):
-    said = refuses(step, [*FAST, "--out", str(tmp_path), "--block-size", "200000", "--batch-size", "1"], capsys,
-                   "--block-size 200000 does not fit")
+def test_a_window_longer_than_the_data_is_refused_before_training_and_before_any_output(step, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main([*FAST, "--out", str(tmp_path), "--block-size", "200000", "--batch-size", "1"])
+    said = str(exit.value.code)
+    assert said.startswith("error: --block-size 200000 does not fit") and "or less" in said
+    assert capsys.readouterr().out == ""  # step 08 printed GPT-2's table of parameters first
     assert not (tmp_path / "metrics.jsonl").exists()  # refused up front, not after a first iteration
-    assert "or less" in said
 
 
 @pytest.mark.main_needs("evaluate")
@@ -211,7 +213,7 @@ def test_top_k_beyond_the_vocabulary_is_refused(step, saved, capsys):
 @pytest.mark.main_needs("stream")
 @pytest.mark.parametrize("name", ["no-such-model", ""])  # "": not the directory the command runs in
 def test_a_model_that_is_neither_a_directory_nor_a_hub_name_is_refused(step, capsys, name):
-    refuses(step, ["--model", name], capsys, f"{name!r} is neither a directory nor", "gpt2-xl")
+    refuses(step, ["--model", name], capsys, f"{name!r} is neither a directory nor", "gpt2-xl", "nor random")
 
 
 @pytest.mark.main_needs("stream")
@@ -297,6 +299,17 @@ def test_a_refused_run_leaves_no_empty_out_directory_behind(tmp_path):
     r = make_step("N=10", f"ARGS=--out {tmp_path / 'new' / 'run'} --n-embd 10 --n-head 3")
     assert r.returncode != 0 and "not divisible by --n-head" in r.stderr
     assert list(tmp_path.iterdir()) == []  # new/run was made to check it can be written, and removed at exit
+
+
+def test_make_step_with_a_quote_left_open_in_args_says_so_in_one_line_not_with_the_recipe():
+    r = make_step("N=09", "ARGS=--prompt 'I'm here' --num-samples 1")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "elif" not in r.stderr  # the recipe's own text
+    assert r.stderr.startswith("error: ARGS has a quote that is not closed: --prompt 'I'm here' --num-samples 1\n")
+
+
+def test_make_step_passes_a_quoted_value_of_args_as_one_argument(tmp_path):
+    r = make_step("N=01", f"ARGS=--max-steps 2 --out '{tmp_path / 'two words'}'")
+    assert r.returncode == 0 and (tmp_path / "two words" / "metrics.jsonl").is_file()
 
 
 def test_make_step_with_a_bad_flag_stops_nonzero_without_a_traceback():

@@ -61,9 +61,10 @@ def test_make_diff_names_the_shared_code_the_step_is_the_first_to_import():
     assert "not in this diff" not in sh("make", "-s", "diff", "N=18").stdout
 
 
-def test_make_diff_of_the_first_step_says_there_is_nothing_before_it():
+def test_make_diff_of_the_first_step_says_there_is_nothing_before_it_and_what_to_read_instead():
     r = sh("make", "-s", "diff", "N=1")
     assert r.returncode != 0 and "first step" in r.stderr
+    assert "Read steps/01_embedding whole, and the code of shared/ it uses: shared/cli.py," in r.stderr
 
 
 def test_missing_data_file_offline_says_what_to_put_where(tmp_path, monkeypatch):
@@ -72,6 +73,12 @@ def test_missing_data_file_offline_says_what_to_put_where(tmp_path, monkeypatch)
         data.shakespeare()
     message = str(exit.value.code)
     assert "tinyshakespeare.txt" in message and str(tmp_path) in message and "GPT2STEPS_DATA" in message
+
+
+@pytest.mark.parametrize("env", [None, ""])  # GPT2STEPS_DATA= make ... sets it to ''
+def test_the_data_directory_is_data_unless_gpt2steps_data_names_one(monkeypatch, env):
+    monkeypatch.delenv("GPT2STEPS_DATA", raising=False) if env is None else monkeypatch.setenv("GPT2STEPS_DATA", env)
+    assert data.data_dir() == Path("data")
 
 
 @pytest.mark.parametrize("typo, said", [("no-such-dir", "(no such directory)"),
@@ -255,6 +262,24 @@ def test_the_launcher_called_by_hand_without_a_count_and_a_module_says_how_to_ca
         launch.main(argv)
 
 
+@pytest.mark.parametrize("error", [  # torch 2.13's words, met with --batch-size 1e19, 2**63 - 1 and --max-letters 1e20
+    TypeError("randint(): argument 'size' failed to unpack the object at pos 1 with error \"Overflow when unpacking "
+              "long long\""),
+    RuntimeError("Storage size calculation overflowed with sizes=[9223372036854775807]"),
+    OverflowError("int too big to convert"),
+])
+def test_a_tensor_too_big_to_count_is_one_line_like_out_of_memory(error):
+    with pytest.raises(SystemExit) as exit:
+        main_raising(error)()
+    assert str(exit.value.code).startswith("error: out of memory: a tensor of 8 EiB (2**63 bytes) or more")
+
+
+@pytest.mark.parametrize("error", [TypeError("unsupported operand"), OverflowError("math range error")])
+def test_any_other_type_or_overflow_error_is_not_called_out_of_memory(error):
+    with pytest.raises(type(error)):
+        main_raising(error)()
+
+
 def test_any_other_runtime_error_is_not_called_out_of_memory():
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
         main_raising(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))()
@@ -310,6 +335,16 @@ def test_a_new_run_log_removes_an_earlier_runs_summary_and_curve_a_resumed_one_k
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "loss.svg").exists()
 
 
+def test_a_new_run_that_fails_before_its_first_row_leaves_the_earlier_runs_files_as_they_were(tmp_path):
+    runlog.RunLog(tmp_path, total=2).log(0, 2.5, 0.1)
+    for name in ("summary.json", "loss.svg"):
+        (tmp_path / name).write_text("the earlier run's")
+    earlier = (tmp_path / "metrics.jsonl").read_text()
+    runlog.RunLog(tmp_path, total=10).file.close()  # out of memory in its first iteration: the process ends
+    assert (tmp_path / "metrics.jsonl").read_text() == earlier
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "loss.svg").exists()
+
+
 def test_run_log_prints_every_nth_iteration_and_the_last_with_an_eta(tmp_path, capsys):
     log = runlog.RunLog(tmp_path, total=100)  # no --log-every: about 25 lines
     for it in range(100):
@@ -317,8 +352,20 @@ def test_run_log_prints_every_nth_iteration_and_the_last_with_an_eta(tmp_path, c
     log.close()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter")]
     assert [int(line.split()[1]) for line in lines] == [*range(0, 100, 4), 99]
-    assert all("elapsed, eta" in line for line in lines)
+    assert lines[0].endswith(" elapsed")  # after one iteration, there is no rate to tell from the start-up's cost
+    assert all("elapsed, eta" in line for line in lines[1:])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 100  # the file keeps every iteration
+
+
+def test_the_eta_leaves_out_the_first_iterations_start_up_cost(tmp_path, capsys, monkeypatch):
+    now = {"s": 0.0}
+    monkeypatch.setattr(runlog.time, "perf_counter", lambda: now["s"])
+    log = runlog.RunLog(tmp_path, total=10, every=1)
+    now["s"] = 100.0  # iteration 0 took 100 s (compiling, say)
+    log.log(0, 1.0, 0.1)
+    now["s"] = 101.0  # iteration 1 took 1 s: 8 more take 8 s, not 8 x 50.5 s
+    log.log(1, 1.0, 0.1)
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| 1:41 elapsed, eta 0:08")
 
 
 def test_run_log_stops_at_a_nan_loss_naming_the_iteration_and_the_lr(tmp_path):
@@ -547,6 +594,21 @@ def test_an_unknown_argument_that_is_no_flag_is_refused_in_one_line(typed, capsy
     with pytest.raises(SystemExit) as exit:
         cli.ArgumentParser(prog="x").parse_args(typed)
     assert exit.value.code == 2 and "error: unrecognized arguments:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("typed, said", [
+    (["--prompt", "To", "be", "or", "not"],
+     "be or not (a value of several words goes in quotes: --prompt 'To be or not')"),
+    (["--max-steps", "3", "4"], "4"),  # a number of two words is no number: no quotes to advise
+    (["3", "--prompt", "To"], "3"),  # a word after no flag
+])
+def test_the_words_after_a_flags_value_are_answered_with_the_value_quoted(typed, said, capsys):
+    p = cli.ArgumentParser(prog="x")
+    p.add_argument("--prompt")
+    p.add_argument("--max-steps", type=int)
+    with pytest.raises(SystemExit):
+        p.parse_args(typed)
+    assert capsys.readouterr().err.splitlines()[0] == f"x: error: unrecognized arguments: {said}"
 
 
 def test_a_flag_of_later_steps_typed_in_an_earlier_one_names_the_steps_that_have_it(capsys):

@@ -385,6 +385,27 @@ def test_a_pickle_not_written_by_torch_is_refused_in_one_line_without_torchs_war
     assert [str(w.message) for w in recwarn] == []  # torch's "Detected pickle protocol 4" would come before the line
 
 
+@pytest.mark.parametrize("damage, why", [
+    ("a text file", "not the zip archive that torch.save writes"),
+    ("cut short", "cut short: the write that made it did not finish"),
+    ("a pickled object",
+     "damaged, or it holds objects other than tensors and plain data: weights_only=True builds none"),
+])
+def test_an_unreadable_checkpoint_is_refused_with_why(tmp_path, damage, why):
+    path = tmp_path / checkpoint.NAME
+    if damage == "a text file":
+        path.write_text("hello")
+    elif damage == "cut short":
+        checkpoint.save(tmp_path, a_state(1))
+        path.write_bytes(path.read_bytes()[:1000])  # the zip archive's index, at its end, is gone
+    else:
+        torch.save({"config": {}, "hook": subprocess.Popen}, path)
+    with pytest.raises(SystemExit) as exit:
+        checkpoint.load(tmp_path)
+    assert str(exit.value.code) == (f"error: {path} is not a readable checkpoint ({why}). Delete it, or start the run "
+                                    "afresh with another --out.")
+
+
 def test_a_checkpoint_is_never_left_half_written(tmp_path):
     checkpoint.save(tmp_path, a_state(1))
     (tmp_path / f"{checkpoint.NAME}.tmp").symlink_to("/dev/full")  # a full disk: every write fails with ENOSPC

@@ -53,12 +53,12 @@ def main(argv=None):
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.size == "124M" and args.block_size > GPTConfig().block_size:  # its position table has 1024 rows
         p.error(f"--block-size {args.block_size} is past GPT-2's context of {GPTConfig().block_size} tokens")
-    summary(GPTConfig())
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
     tok = data.gpt2_tokenizer()  # GPT-2's BPE: 50257 tokens
     train_ids, val_ids = data.split(torch.tensor(tok.encode(data.shakespeare())), args.block_size)
+    summary(GPTConfig())
     if args.size == "124M":
         model = GPT(GPTConfig(dropout=args.dropout))
     else:

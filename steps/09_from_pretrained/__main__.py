@@ -1,5 +1,6 @@
 """Step 09: GPT-2 writes: pretrained weights from the HF hub or a saved directory, sampled among the top k tokens."""
 import codecs
+import os
 import sys
 
 import torch
@@ -51,8 +52,8 @@ def main(argv=None):
             print(f"warning: {e}\nwriting with an untrained GPT-2 instead (--model random): expect noise",
                   file=sys.stderr)
             args.model, model = "random", GPT(GPTConfig()).eval()
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        except ValueError as e:  # a name that is no model, or a directory whose weights do not fit
+            sys.exit(f"error: {e}" + "; nor random, an untrained GPT-2" * (not os.path.isdir(args.model)))
     model.to(args.device)
     if bad := [k for k, w in model.named_parameters() if not w.isfinite().all()]:  # saved from a diverged run
         sys.exit(f"error: --model {args.model}: nan or inf in {bad[0]} ({len(bad)} of its tensors), from a run "
