@@ -21,7 +21,7 @@ STAMP := $(VENV)/.installed
 REGISTRY := $(PYTHON) -m shared.steps
 # ARGS as the shell splits it ("--prompt 'To be'": two words), into "$$@". Read from the environment (make exports a
 # variable set on its command line), not pasted into the recipe: a quote left open is one line, not a broken recipe.
-ARGV = eval "set -- $$ARGS" 2>/dev/null || exec $(REGISTRY) unclosed-quote
+ARGV = eval "set -- $$ARGS" 2>/dev/null || exec $(REGISTRY) bad-args
 
 .PHONY: help list setup step test bench data gpu-check mistake book diff clean
 .DEFAULT_GOAL := list

@@ -73,11 +73,14 @@ def load(out: Path) -> dict:
 
 def why_unreadable(path: Path, e: Exception) -> str:
     """Why torch.load failed, in words: torch.save writes a zip archive of a pickle and the tensors' bytes."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # a zip archive's first bytes
-            return "not the zip archive that torch.save writes"
-    if not zipfile.is_zipfile(path):  # the archive's index is at its end
-        return "cut short: the write that made it did not finish"
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # a zip archive's first bytes
+                return "not the zip archive that torch.save writes"
+        if not zipfile.is_zipfile(path):  # the archive's index is at its end
+            return "cut short: the write that made it did not finish"
+    except OSError as e:  # a directory of that name, a file not readable, or gone
+        return cli.reason(e)
     if isinstance(e, pickle.UnpicklingError) and "Weights only" in str(e):
         return "damaged, or it holds objects other than tensors and plain data: weights_only=True builds none"
     return f"damaged: {' '.join(str(e).split())[:200]}"

@@ -73,21 +73,22 @@ def refuse_a_model_too_big(build, config, device: torch.device) -> None:
                  f"{cli.size(free)} free. Make it smaller (--n-layer, --n-embd)")
 
 
-# torch 2.13's words for a size past 2**63 - 1: a flag of 1e19, or a product of flags past it
+# torch 2.13's words for a size or count past 2**63 - 1: a flag of 10**19, or a product of flags past it
 TOO_BIG_TO_COUNT = r"Storage size calculation overflowed|Overflow when unpacking long|int too big to convert"
 
 
 def explain_out_of_memory(main):
     """main, with torch running out of memory (the CPU's allocator, CUDA or MPS) said in one line, exit 1; and a
-    tensor whose size does not fit in 64 bits likewise."""
+    size that does not fit in 64 bits likewise."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (RuntimeError, TypeError, OverflowError) as e:
+        except (RuntimeError, TypeError, ValueError, OverflowError) as e:
             if re.search(TOO_BIG_TO_COUNT, str(e)):
-                sys.exit("error: out of memory: a tensor of 8 EiB (2**63 bytes) or more, past what torch can count. "
-                         "Make the run smaller: a smaller --batch-size, a shorter window or a smaller model")
+                sys.exit("error: a size or count of 2**63 or more, past what torch holds in 64 bits (a tensor that "
+                         "big, 8 EiB or more, fits no memory). Make the run smaller: a smaller --batch-size, a "
+                         "shorter window or a smaller model")
             if not (isinstance(e, torch.OutOfMemoryError) or re.search(r"can't allocate memory|out of memory", str(e))):
                 raise
             size = re.search(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]i?B)", str(e), re.IGNORECASE)  # torch's words

@@ -9,6 +9,7 @@
 import ast
 import os
 import re
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -60,6 +61,20 @@ def listing() -> str:
     return "\n".join(f"  {s[:2]}  {s:<20} {lesson(s)}" for s in all_steps())
 
 
+def bad_args(args: str) -> str:
+    """What make says when the shell cannot read ARGS: a quote left open, or a character the shell acts on."""
+    try:
+        shlex.split(args)
+    except ValueError:  # "No closing quotation"
+        if "'" not in args:
+            return f"error: ARGS has a quote that is not closed: {args}"
+        return (f"error: ARGS has a quote that is not closed: {args}\n"
+                r'''An apostrophe ends a value quoted with '...': quote such a value with \"...\", '''
+                r'''as in ARGS="--prompt \"I'm here\""''')
+    return (f"error: the shell cannot read ARGS: {args}\n"
+            '''A value with ( ) ; & | < or > in it goes in quotes, as in ARGS="--prompt 'Hi :)'"''')
+
+
 def main(argv: list[str]) -> int:
     cmd, *rest = argv or ["list"]
     if cmd == "list":
@@ -77,10 +92,8 @@ def main(argv: list[str]) -> int:
             print(f"\nnot in this diff: step {step[:2]} is the first to import "
                   + ", ".join(f"shared/{f}" for f in files) + f"; read {'it' if len(files) == 1 else 'them'} whole "
                   f"(make book shows {'it' if len(files) == 1 else 'them'} on the step's page)")
-    elif cmd == "unclosed-quote":  # make, when the shell cannot split ARGS
-        print(f"error: ARGS has a quote that is not closed: {os.environ.get('ARGS', '')}", file=sys.stderr)
-        print(r'''An apostrophe ends a value quoted with '...': quote such a value with \"...\", '''
-              r'''as in ARGS="--prompt \"I'm here\""''', file=sys.stderr)
+    elif cmd == "bad-args":  # make, when the shell cannot read ARGS
+        print(bad_args(os.environ.get("ARGS", "")), file=sys.stderr)
         return 2
     elif cmd in ("resolve", "prev"):
         try:
@@ -93,8 +106,8 @@ def main(argv: list[str]) -> int:
             if i == 0:
                 files = ", ".join(f"shared/{f}" for f in shared_brought(step))
                 print(f"error: {step} is the first step: there is no step before it to diff against. Read "
-                      f"steps/{step} whole, and the code of shared/ it uses: {files} (make book shows it all on the "
-                      "step's page)", file=sys.stderr)
+                      f"steps/{step} whole, and the modules of shared/ it imports: {files} (make book shows them on "
+                      "the step's page)", file=sys.stderr)
                 return 2
             step = all_steps()[i - 1]
         print(step)

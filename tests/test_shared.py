@@ -49,6 +49,20 @@ def test_the_makes_a_test_starts_see_none_of_make_tests_own_variables():
     assert not set(MAKE_VARIABLES) & set(os.environ)
 
 
+@pytest.mark.parametrize("args, said", [
+    ("--prompt 'I'm here'", "error: ARGS has a quote that is not closed: --prompt 'I'm here'\n"
+                            r'''An apostrophe ends a value quoted with '...': quote such a value with \"...\", '''
+                            r'''as in ARGS="--prompt \"I'm here\""'''),
+    ('--prompt "say hi', 'error: ARGS has a quote that is not closed: --prompt "say hi'),
+    ("--prompt :)", "error: the shell cannot read ARGS: --prompt :)\nA value with ( ) ; & | < or > in it goes in "
+                    "quotes, as in ARGS=\"--prompt 'Hi :)'\""),
+])
+def test_make_says_why_the_shell_cannot_read_args_in_its_own_words_not_the_recipes(args, said):
+    r = subprocess.run(["make", "-s", "step", "N=09", f"ARGS={args}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith(said + "\n")  # then make's own "*** [step] Error 2"
+    assert "elif" not in r.stderr  # ARGS pasted into the recipe took its text into argparse's error
+
+
 def test_make_diff_shows_what_a_step_adds():
     r = sh("make", "-s", "diff", "N=02")
     assert r.returncode == 0 and "+def attention(" in r.stdout
@@ -64,7 +78,7 @@ def test_make_diff_names_the_shared_code_the_step_is_the_first_to_import():
 def test_make_diff_of_the_first_step_says_there_is_nothing_before_it_and_what_to_read_instead():
     r = sh("make", "-s", "diff", "N=1")
     assert r.returncode != 0 and "first step" in r.stderr
-    assert "Read steps/01_embedding whole, and the code of shared/ it uses: shared/cli.py," in r.stderr
+    assert "Read steps/01_embedding whole, and the modules of shared/ it imports: shared/cli.py," in r.stderr
 
 
 def test_missing_data_file_offline_says_what_to_put_where(tmp_path, monkeypatch):
@@ -267,15 +281,17 @@ def test_the_launcher_called_by_hand_without_a_count_and_a_module_says_how_to_ca
               "long long\""),
     RuntimeError("Storage size calculation overflowed with sizes=[9223372036854775807]"),
     OverflowError("int too big to convert"),
+    ValueError("Overflow when unpacking long long"),  # torch.multinomial's, for a count of 10**19
 ])
-def test_a_tensor_too_big_to_count_is_one_line_like_out_of_memory(error):
+def test_a_size_too_big_to_count_is_one_line_like_out_of_memory(error):
     with pytest.raises(SystemExit) as exit:
         main_raising(error)()
-    assert str(exit.value.code).startswith("error: out of memory: a tensor of 8 EiB (2**63 bytes) or more")
+    assert str(exit.value.code).startswith("error: a size or count of 2**63 or more, past what torch holds in 64")
 
 
-@pytest.mark.parametrize("error", [TypeError("unsupported operand"), OverflowError("math range error")])
-def test_any_other_type_or_overflow_error_is_not_called_out_of_memory(error):
+@pytest.mark.parametrize("error", [TypeError("unsupported operand"), OverflowError("math range error"),
+                                   ValueError("too many values to unpack")])
+def test_any_other_type_value_or_overflow_error_is_not_called_out_of_memory(error):
     with pytest.raises(type(error)):
         main_raising(error)()
 
@@ -599,12 +615,15 @@ def test_an_unknown_argument_that_is_no_flag_is_refused_in_one_line(typed, capsy
 @pytest.mark.parametrize("typed, said", [
     (["--prompt", "To", "be", "or", "not"],
      "be or not (a value of several words goes in quotes: --prompt 'To be or not')"),
+    (["--prompt", "I'm", "here"], "here (a value of several words goes in quotes: --prompt \"I'm here\")"),
+    (["--json", "my", "runs.json"], "runs.json (a value of several words goes in quotes: --json 'my runs.json')"),
     (["--max-steps", "3", "4"], "4"),  # a number of two words is no number: no quotes to advise
     (["3", "--prompt", "To"], "3"),  # a word after no flag
 ])
 def test_the_words_after_a_flags_value_are_answered_with_the_value_quoted(typed, said, capsys):
     p = cli.ArgumentParser(prog="x")
     p.add_argument("--prompt")
+    p.add_argument("--json", type=cli.out_file)  # a path: it may have a space
     p.add_argument("--max-steps", type=int)
     with pytest.raises(SystemExit):
         p.parse_args(typed)

@@ -390,6 +390,7 @@ def test_a_pickle_not_written_by_torch_is_refused_in_one_line_without_torchs_war
     ("cut short", "cut short: the write that made it did not finish"),
     ("a pickled object",
      "damaged, or it holds objects other than tensors and plain data: weights_only=True builds none"),
+    ("a directory", "Is a directory"),
 ])
 def test_an_unreadable_checkpoint_is_refused_with_why(tmp_path, damage, why):
     path = tmp_path / checkpoint.NAME
@@ -398,6 +399,8 @@ def test_an_unreadable_checkpoint_is_refused_with_why(tmp_path, damage, why):
     elif damage == "cut short":
         checkpoint.save(tmp_path, a_state(1))
         path.write_bytes(path.read_bytes()[:1000])  # the zip archive's index, at its end, is gone
+    elif damage == "a directory":
+        path.mkdir()
     else:
         torch.save({"config": {}, "hook": subprocess.Popen}, path)
     with pytest.raises(SystemExit) as exit:

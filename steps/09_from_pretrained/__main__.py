@@ -53,7 +53,8 @@ def main(argv=None):
                   file=sys.stderr)
             args.model, model = "random", GPT(GPTConfig()).eval()
         except ValueError as e:  # a name that is no model, or a directory whose weights do not fit
-            sys.exit(f"error: {e}" + "; nor random, an untrained GPT-2" * (not os.path.isdir(args.model)))
+            named = args.model not in (*HUB_NAMES, "auto") and not os.path.isdir(args.model)  # no model of that name
+            sys.exit(f"error: {e}" + "; nor random, an untrained GPT-2" * named)
     model.to(args.device)
     if bad := [k for k, w in model.named_parameters() if not w.isfinite().all()]:  # saved from a diverged run
         sys.exit(f"error: --model {args.model}: nan or inf in {bad[0]} ({len(bad)} of its tensors), from a run "
