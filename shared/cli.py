@@ -156,8 +156,8 @@ class ArgumentParser(argparse.ArgumentParser):
         if unknown and not unknown[0].startswith("-") and unknown[0] in self.argv:
             i = self.argv.index(unknown[0])
             action = self._option_string_actions.get(self.argv[i - 2]) if i >= 2 else None
-            if action and action.type in (None, str, out_dir, out_file, existing_dir) and action.nargs is None \
-                    and not action.choices:  # text or a path, which may have spaces
+            if action and action.type in (None, str, out_dir, out_file, existing_dir) and not action.choices:
+                # text or a path, which may have spaces
                 value = " ".join(itertools.takewhile(lambda a: not a.startswith("-"), self.argv[i - 1:]))
                 quoted = f'"{value}"' if "'" in value else f"'{value}'"
                 return f" (a value of several words goes in quotes: {self.argv[i - 2]} {quoted})"

@@ -154,10 +154,11 @@ def test_a_diverging_run_stops_at_the_first_nan_naming_the_iteration_and_lr(step
 @pytest.mark.main_needs("Loader")
 @pytest.mark.main_lacks("shards")  # from step 17 the data is shards, with a check of its own
 def test_a_batch_larger_than_the_training_split_is_refused_with_the_batch_size_that_fits(step, tmp_path, capsys):
-    # tiny shakespeare's training split is 304,222 tokens: 4,753 batches of 64 tokens and one more for the last target
-    total = ["--total-batch-size", "320000"] if mentions(step, "--total-batch-size") else []  # one micro-batch
-    refuses(step, [*FAST, "--seq-len", "64", "--batch-size", "5000", *total, "--out", str(tmp_path / "run")], capsys,
-            "a batch of 5000 x 64 tokens does not fit the 304,222 training tokens", "--batch-size 4753 or less")
+    # tiny shakespeare's training split is 304,222 tokens; a batch of B x T takes B*T + 1 of them (x, and y one
+    # further): at T=2 the largest is 152,110, and one more, 304,222 tokens, is exactly the split and does not fit
+    total = ["--total-batch-size", "304222"] if mentions(step, "--total-batch-size") else []  # one micro-batch
+    refuses(step, [*FAST, "--seq-len", "2", "--batch-size", "152111", *total, "--out", str(tmp_path / "run")], capsys,
+            "a batch of 152111 x 2 tokens does not fit the 304,222 training tokens", "--batch-size 152110 or less")
 
 
 @pytest.mark.main_needs("evaluate")
@@ -243,8 +244,12 @@ def test_a_model_whose_vocabulary_is_not_the_tokenizers_is_refused(step, tmp_pat
 
 @pytest.mark.main_needs("stream")
 def test_a_model_with_a_nan_weight_is_refused_before_it_writes(step, saved, tmp_path, capsys):
-    refuses(step, ["--model", str(with_a_nan_weight(saved, tmp_path))], capsys,
-            "nan or inf in transformer.h.0.mlp.c_fc.weight (1 of its tensors), from a run that diverged")
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--model", str(with_a_nan_weight(saved, tmp_path))])
+    assert str(exit.value.code).startswith("error: --model ") and ("nan or inf in transformer.h.0.mlp.c_fc.weight (1 "
+                                                                   "of its tensors), from a run that diverged"
+                                                                   in str(exit.value.code))
+    assert capsys.readouterr().out == ""  # not a header, a sample's line or the prompt first
 
 
 @pytest.mark.main_needs("stream")

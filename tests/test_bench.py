@@ -538,6 +538,11 @@ def test_too_few_iterations_for_a_correlation_say_so_and_keep_null_not_nan(scrip
     assert '"clock_correlation": null' in (tmp_path / "b.json").read_text()  # NaN is not JSON
 
 
+def test_two_iterations_that_moved_are_too_few_for_a_correlation():
+    # two points always lie on a line: a correlation of them would be +1 or -1 whatever the machine did
+    assert bench.together({"15_grad_accum": [{"ms": [100.0, 120.0], "clock_ms": [20.0, 24.0]}]}) is None
+
+
 def test_the_clocks_correlation_with_the_iterations_is_printed_and_kept(scripted_rows, tmp_path, capsys):
     ms = {"15_grad_accum": [([100.0, 120.0], [20.0, 24.0])], "15_grad_accum again": [([50.0, 60.0], [20.0, 24.0])]}
     scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))

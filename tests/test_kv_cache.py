@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from shared import data
 from shared.steps import ROOT
 from tests.conftest import ctrl_c_as_in_a_terminal, small_run_flags, with_a_nan_weight
 
@@ -199,6 +200,16 @@ def test_generate_only_past_the_context_says_it_slides(step, saved, capsys, cach
     out = capsys.readouterr().out
     assert "the model sees the last 64" in out and "a sliding window" in out
     assert ("the cache is filled again" in out) == (cache == "--cache")  # no cache, nothing to fill
+
+
+@pytest.mark.main_needs("generate_only")
+@pytest.mark.parametrize("past, noted", [(0, False), (1, True)])
+def test_generate_only_says_it_slides_only_when_a_token_is_read_past_the_context(step, saved, capsys, past, noted):
+    prompt = "word " * 10
+    new = 64 - len(data.gpt2_tokenizer().encode(prompt)) + 1 + past  # the last token sampled is not read: at past=0,
+    step.main.main(["--generate-only", "--model", str(saved), "--prompt", prompt, "--max-new-tokens", str(new),
+                    "--device", "cpu"])  # the prompt and the new tokens but the last fill the 64 exactly
+    assert ("a sliding window" in capsys.readouterr().out) == noted
 
 
 @pytest.mark.main_needs("generate_only")

@@ -424,6 +424,13 @@ def test_a_resumed_run_log_keeps_the_rows_before_a_line_cut_off_by_a_crash(tmp_p
     assert "metrics.jsonl, line 3, is damaged: the log keeps the 2 rows before it" in capsys.readouterr().out
 
 
+def test_a_resumed_run_log_keeps_no_row_after_a_damaged_line_either(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 1.0}\n{"it\n{"iter": 2, "loss": 1.0}\n')
+    log = runlog.RunLog(tmp_path, total=10, start=3)
+    assert [r["iter"] for r in log.rows] == [0]  # what follows a damaged line may be as damaged: the log starts there
+    assert "metrics.jsonl, line 2, is damaged: the log keeps the 1 rows before it" in capsys.readouterr().out
+
+
 def test_run_log_ends_with_the_median_speed_of_this_runs_iterations_only(tmp_path, capsys, monkeypatch):
     earlier = [{"iter": i, "loss": 1.0, "lr": 0.1, "ms": 1000.0, "tok_per_s": 100} for i in range(3)]  # a slow run
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier))
@@ -618,6 +625,7 @@ def test_an_unknown_argument_that_is_no_flag_is_refused_in_one_line(typed, capsy
     (["--prompt", "I'm", "here"], "here (a value of several words goes in quotes: --prompt \"I'm here\")"),
     (["--json", "my", "runs.json"], "runs.json (a value of several words goes in quotes: --json 'my runs.json')"),
     (["--max-steps", "3", "4"], "4"),  # a number of two words is no number: no quotes to advise
+    (["--device", "cpu", "extra"], "extra"),  # nor a choice
     (["3", "--prompt", "To"], "3"),  # a word after no flag
 ])
 def test_the_words_after_a_flags_value_are_answered_with_the_value_quoted(typed, said, capsys):
@@ -625,6 +633,7 @@ def test_the_words_after_a_flags_value_are_answered_with_the_value_quoted(typed,
     p.add_argument("--prompt")
     p.add_argument("--json", type=cli.out_file)  # a path: it may have a space
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda"])
     with pytest.raises(SystemExit):
         p.parse_args(typed)
     assert capsys.readouterr().err.splitlines()[0] == f"x: error: unrecognized arguments: {said}"
