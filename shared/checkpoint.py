@@ -79,8 +79,8 @@ def why_unreadable(path: Path, e: Exception) -> str:
                 return "not the zip archive that torch.save writes"
         if not zipfile.is_zipfile(path):  # the archive's index is at its end
             return "cut short: the write that made it did not finish"
-    except OSError as e:  # a directory of that name, a file not readable, or gone
-        return cli.reason(e)
+    except OSError as err:  # a directory of that name, a file not readable, or gone
+        return cli.reason(err)
     if isinstance(e, pickle.UnpicklingError) and "Weights only" in str(e):
         return "damaged, or it holds objects other than tensors and plain data: weights_only=True builds none"
     return f"damaged: {' '.join(str(e).split())[:200]}"

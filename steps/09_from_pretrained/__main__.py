@@ -53,7 +53,7 @@ def main(argv=None):
                   file=sys.stderr)
             args.model, model = "random", GPT(GPTConfig()).eval()
         except ValueError as e:  # a name that is no model, or a directory whose weights do not fit
-            named = args.model not in (*HUB_NAMES, "auto") and not os.path.isdir(args.model)  # no model of that name
+            named = args.model not in (*HUB_NAMES, "auto") and not os.path.isdir(args.model)
             sys.exit(f"error: {e}" + "; nor random, an untrained GPT-2" * named)
     model.to(args.device)
     if bad := [k for k, w in model.named_parameters() if not w.isfinite().all()]:  # saved from a diverged run
