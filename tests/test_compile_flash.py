@@ -122,6 +122,19 @@ def test_a_compile_failing_after_its_backward_leaves_no_gradients_behind(step, m
 
 
 @pytest.mark.main_needs("compiled")
+def test_a_compile_that_works_gives_the_compiled_model_to_train(step, monkeypatch):
+    made = []
+
+    def compiles(model):  # stands for torch.compile: a new callable that runs the model
+        made.append(lambda *inputs: model(*inputs))
+        return made[-1]
+    monkeypatch.setattr(torch, "compile", compiles)
+    model, x, y = small_batch(step)
+    fast, note = step.main.compiled(model, SimpleNamespace(compile=True, device=CPU, dtype="fp32"), x, y)
+    assert fast is made[0] and note.startswith("compiled in")
+
+
+@pytest.mark.main_needs("compiled")
 @pytest.mark.parametrize("compile_fails", [""], indirect=True)
 def test_a_compile_failing_with_an_empty_message_is_named_not_a_traceback(step, compile_fails):
     model, x, y = small_batch(step)

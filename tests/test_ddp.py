@@ -135,8 +135,8 @@ COUNTING_GRAPHS = ("import atexit, os, torch; graphs = []; compile = torch.compi
 def test_under_ddp_the_compiled_graph_is_cut_at_the_gradient_buckets(step, tmp_path):
     # Compiled inside DDP's forward, dynamo cuts the model into one graph per bucket of gradients, so that a bucket's
     # all-reduce can start while backward goes on through the next graph. Compiled and called once before it is
-    # wrapped, it is one graph, and every all-reduce waits for the whole backward. DDP's first bucket holds 1 MB:
-    # the 6.4 MB token table alone fills it, so even this small model has two buckets.
+    # wrapped, it is one graph, and every all-reduce waits for the whole backward. Dynamo's first bucket holds 1 MB
+    # and, walking the graph backwards, meets the tied 6.4 MB token table first: even this small model is cut in two.
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", COUNTING_GRAPHS.format(step.name), *ONE_STEP, "--compile",
                                "--out", str(tmp_path / f"out{r}")], cwd=ROOT, text=True, stdout=subprocess.PIPE,
@@ -381,7 +381,7 @@ def test_a_total_batch_the_processes_do_not_divide_stops_every_rank_with_one_mes
     # 384 is 3 micro-batches of 4 x 32 on one process, but not a whole number on each of two.
     r = subprocess.run(["make", "-s", "step", f"N={step.name[:2]}", "NPROC=2", "ARGS=--device cpu --batch-size 4 "
                         "--seq-len 32 --total-batch-size 384"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
+    assert r.returncode == 2 and "] Error 2" in r.stderr  # make's line: the launcher's own exit status was 2
     message = "--total-batch-size 384 is not a multiple of --batch-size x --seq-len x processes = 4 x 32 x 2 = 256"
     assert r.stderr.count(message) == 1, r.stderr  # rank 0's; rank 1 refuses silently
     assert "Traceback" not in r.stderr

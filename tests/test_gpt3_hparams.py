@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tests.conftest import small_run_flags
 
@@ -96,6 +97,50 @@ def test_a_run_logs_the_scheduled_lr_and_a_clipped_step(step, tmp_path, monkeypa
     assert [r["lr"] for r in rows] == [step.main.lr_at(it, args) for it in range(6)]
     assert [max_norm for max_norm, _ in clips] == [step.main.CLIP] * 6  # one clip an optimizer step, to norm 1.0
     assert [r["grad_norm"] for r in rows] == [norm for _, norm in clips]  # the log shows the norm before the clip
+
+
+@pytest.fixture(scope="session")
+def optimizer_steps(tmp_path_factory):
+    """optimizer_steps(step): what each AdamW step of a 6-iteration run (warmup 2, --lr 1e-3) was given, seen as it
+    begins: the lr, betas and eps of every group and the norm of all the gradients (made once a step); and the
+    norms the run logged, before clipping."""
+    seen, logged = {}, {}
+
+    def steps_of(step):
+        if step.name not in seen:
+            seen[step.name], out = [], tmp_path_factory.mktemp("opt")
+
+            def record(opt, args, kwargs):
+                grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                seen[step.name].append(([(g["lr"], g["betas"], g["eps"]) for g in opt.param_groups],
+                                        torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()))
+            hook = register_optimizer_step_pre_hook(record)  # every optimizer's step
+            try:
+                step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "6",
+                                "--warmup-steps", "2", "--lr", "1e-3", "--out", str(out)])
+            finally:
+                hook.remove()
+            logged[step.name] = [json.loads(line)["grad_norm"] for line in
+                                 (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        return seen[step.name], logged[step.name]
+
+    return steps_of
+
+
+@pytest.mark.main_needs("lr_at")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_every_optimizer_step_uses_the_scheduled_lr_and_gpt3s_betas_and_eps(step, optimizer_steps):
+    args = SimpleNamespace(lr=1e-3, warmup_steps=2, max_steps=6)
+    assert [groups for groups, _ in optimizer_steps(step)[0]] == [
+        [(step.main.lr_at(it, args), step.main.BETAS, step.main.EPS)] * 2 for it in range(6)]  # both groups alike
+
+
+@pytest.mark.main_needs("lr_at")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_every_optimizer_step_is_given_gradients_clipped_to_norm_1(step, optimizer_steps):
+    steps, before_clipping = optimizer_steps(step)
+    assert len(steps) == 6 and min(before_clipping) > 1.05 * step.main.CLIP  # each step's needed clipping
+    assert max(norm for _, norm in steps) <= step.main.CLIP * (1 + 1e-5)  # fp32: the clipped norm, recomputed
 
 
 @pytest.mark.main_needs("lr_at")

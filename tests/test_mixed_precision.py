@@ -142,6 +142,23 @@ def test_the_log_says_the_dtype_and_why(step, tmp_path, capsys):
 
 
 @pytest.mark.main_needs("autocast")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_a_bf16_runs_training_forward_runs_its_linear_layers_in_bf16(step, tmp_path):
+    outputs = set()  # the dtypes of the linear layers' outputs in forwards that build a graph for backward
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():
+            outputs.add(output.dtype)
+    hook = torch.nn.modules.module.register_module_forward_hook(record)  # every module's forward, in this process
+    try:
+        step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "1", "--dtype",
+                        "bf16", "--out", str(tmp_path)])
+    finally:
+        hook.remove()
+    assert outputs == {torch.bfloat16}
+
+
+@pytest.mark.main_needs("autocast")
 @pytest.mark.first_and_last  # make mistake M=weights-in-bf16 runs it on every step
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_the_weights_stay_fp32_when_training_in_bf16(step, tmp_path):

@@ -181,6 +181,17 @@ def test_a_shard_its_manifest_does_not_list_is_left_out_with_a_note(sources, tmp
         capsys.readouterr().err
 
 
+def test_the_training_shards_come_in_the_order_of_their_numbers_whatever_order_the_directory_lists(tmp_path,
+                                                                                                     monkeypatch):
+    names = ["x_train_000010.npy", "x_train_000002.npy", "x_val_000000.npy", "x_train_000001.npy"]
+    for name in names:  # build-nanogpt's layout: no manifest
+        np.save(tmp_path / name, np.zeros(10, np.uint16))
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: (self / n for n in names if Path(n).match(pattern)))
+    val, train = shards.shard_files(tmp_path)
+    assert val == tmp_path / "x_val_000000.npy"
+    assert [p.name for p in train] == ["x_train_000001.npy", "x_train_000002.npy", "x_train_000010.npy"]
+
+
 def test_a_cut_off_file_is_named(sources, tmp_path):
     prepare(sources["jsonl"], tmp_path)
     path = tmp_path / "docs_train_000002.npy"

@@ -592,6 +592,19 @@ def test_help_shows_the_presets_values_as_the_defaults_however_it_is_asked_for(f
     assert "the width (default: 3)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, preset, width", [
+    ([], "tiny", 3),  # auto: the preset pick() chooses
+    (["--preset", "big"], "big", 9),  # a preset given wins over pick()
+    (["--preset", "big", "--width", "5"], "big", 5),  # and a flag given wins over its preset
+])
+def test_a_preset_given_wins_over_the_picked_one_and_a_flag_given_over_the_preset(argv, preset, width):
+    p = cli.ArgumentParser(prog="x")
+    p.add_argument("--preset", default="auto")
+    p.add_argument("--width", type=int)
+    args = cli.parse_with_preset(p, argv, {"tiny": {"width": 3}, "big": {"width": 9}}, lambda args: "tiny")
+    assert (args.preset, args.width) == (preset, width)
+
+
 @pytest.mark.parametrize("typed", ["--max-step", "--max-stpes", "--max-step=3"])  # argparse alone ran --max-step
 def test_a_shortened_or_misspelt_flag_is_refused_with_the_flag_it_may_mean(typed, capsys):
     p = cli.ArgumentParser(prog="x")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -140,6 +141,29 @@ def test_loader_is_determined_by_its_position(step):
     assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
 
 
+@pytest.mark.main_needs("Loader")
+@pytest.mark.main_lacks("shards")  # from step 17 on, a batch is the next B windows, of this epoch or the next
+@pytest.mark.parametrize("n_ids, second", [(33, 16), (32, 0)])  # from 16, a batch of 2 x 8 needs ids 16..32
+def test_loader_takes_a_batch_that_ends_on_the_last_id_and_starts_again_one_id_short_of_it(step, n_ids, second):
+    loader = token_loader(step, torch.arange(n_ids), batch_size=2, seq_len=8)
+    loader.next_batch()
+    x, y = loader.next_batch()
+    assert x[0, 0] == second and y[-1, -1] == second + 16
+
+
+# ---- evaluation
+
+@pytest.mark.main_needs("Loader")
+def test_the_validation_loss_is_the_mean_over_every_token_of_every_window(step):
+    model = step.model.GPT(step.model.GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    ids = torch.randint(100, (7 * 8 + 1,))  # 7 windows of 8: batches of 3, 3 and 1, so each must count by its size
+    args = SimpleNamespace(batch_size=3, seq_len=8, device=torch.device("cpu"), dtype="fp32", world=1, rank=0)
+    with torch.no_grad():
+        every_token = model.eval()(ids[:-1].view(7, 8), ids[1:].view(7, 8))[1].item()
+    # fp32: the same losses summed in another order, a few rounding steps of 2^-24 apart
+    assert step.main.evaluate(model.train(), ids, args) == pytest.approx(every_token, rel=1e-6)
+
+
 # ---- checkpoints and resuming
 
 def interrupt_after(iteration, monkeypatch):
@@ -154,7 +178,7 @@ def interrupt_after(iteration, monkeypatch):
     monkeypatch.setattr(runlog.RunLog, "log", log_then_ctrl_c)
 
 
-SIX = ["--max-steps", "6", "--eval-every", "3"]
+SIX = ["--max-steps", "6", "--eval-every", "3", "--dropout", "0.1"]  # dropout: a resume must restore the generator
 
 
 @pytest.fixture(scope="session")
@@ -466,6 +490,17 @@ def test_save_pretrained_files_are_readable_as_the_umask_allows(step, tmp_path):
         os.umask(umask)
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in tmp_path.iterdir()} == {
         "config.json": "0o644", "model.safetensors": "0o644"}  # safetensors' save_file would give 0o600
+
+
+@pytest.mark.main_needs("Loader")
+def test_tokens_per_second_are_the_tokens_of_an_optimizer_step_over_its_time(step, tmp_path, finished):
+    rows = [json.loads(line) for line in (finished(step, tmp_path) / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+    flags = dict(zip(small_run_flags(step)[::2], small_run_flags(step)[1::2]))  # flag: value
+    tokens = int(flags.get("--total-batch-size", int(flags["--batch-size"]) * int(flags["--seq-len"])))
+    for r in rows:  # tok/s is rounded to a whole number (off by up to 0.5 x seconds tokens), ms to 0.01 ms
+        seconds = r["ms"] / 1000
+        assert abs(r["tok_per_s"] * seconds - tokens) <= 0.5 * seconds + 0.5e-5 * r["tok_per_s"]
 
 
 @pytest.mark.main_needs("Loader")

@@ -221,7 +221,7 @@ def main(argv=None):
     loader.pos = 0
     print(f"attention: F.scaled_dot_product_attention (flash where the device has it); {compile_note}")
 
-    fused = args.device.type in ("cpu", "cuda")  # each parameter updated in one fused pass, where torch has it
+    fused = args.device.type in ("cpu", "cuda")  # one fused pass a parameter (mps has one too: untried here)
     opt = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=BETAS, eps=EPS, fused=fused)
     start = 0
     if state:

@@ -434,7 +434,7 @@ def main(argv=None):
     print(f"HellaSwag: {cli.plural(len(items), 'item')} at every evaluation" if items else
           "HellaSwag: off (--hellaswag val, or --hellaswag FILE, scores it at every evaluation)")
 
-    fused = args.device.type in ("cpu", "cuda")  # each parameter updated in one fused pass, where torch has it
+    fused = args.device.type in ("cpu", "cuda")  # one fused pass a parameter (mps has one too: untried here)
     opt = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=BETAS, eps=EPS, fused=fused)
     start = 0
     if state:
