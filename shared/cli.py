@@ -10,6 +10,7 @@ import itertools
 import math
 import os
 import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +41,7 @@ even_positive_int = checked(int, lambda v: v > 0 and v % 2 == 0, "a positive, ev
 learning_rate = checked(float, lambda v: 0 < v < FLOAT32_MAX / 10, "a positive number below 3.4e37")  # nan fails
 probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")  # nan and inf fail the test
 seed = checked(int, lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}")
+iterations = checked(int, lambda v: 0 < v <= 10**9, "a positive integer up to 1,000,000,000")  # years, at 0.1 s each
 
 
 def out_dir(text: str) -> Path:
@@ -78,6 +80,15 @@ def reason(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
+def make_args(words: list[str]) -> str:
+    """ARGS="..." for a make command line that gives back `words`: each word quoted for the shell, one with an
+    apostrophe in escaped double quotes (--prompt \\"I'm here\\"), and inside the outer double quotes the
+    characters the shell acts on there escaped (\\ " $ `)."""
+    def word(w: str) -> str:
+        return f'"{w}"' if "'" in w and not set(w) & set('"$`\\') else shlex.quote(w)
+    return 'ARGS="' + re.sub(r'([\\"$`])', r"\\\1", " ".join(map(word, words))) + '"'
+
+
 def plural(n: int, word: str) -> str:
     """1 shard, 2 shards, 1,000 shards."""
     return f"{n:,} {word}{'s' * (n != 1)}"
@@ -114,7 +125,8 @@ def existing_dir(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory: give the directory that holds it, "
                                          f"{path.parent}")
     if not answered(path.is_dir, text):
-        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+        raise argparse.ArgumentTypeError(f"{text} is not a directory" if answered(path.exists, text) else
+                                         f"{text} does not exist")
     return path
 
 
@@ -167,7 +179,9 @@ class ArgumentParser(argparse.ArgumentParser):
         if self.prog.startswith("python -m steps.") and (steps := steps_with_flag(flag)):
             return f" ({flag} is a flag of step{'s' * (len(steps) > 1)} {spans(steps)})"
         flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-        return "".join(f" (did you mean {near}?)" for near in difflib.get_close_matches(flag, flags, n=1, cutoff=0.85))
+        near = [f for f in flags if f.startswith(flag) and f != "--help"] if len(flag) > 3 else []  # --warmup
+        near = near or difflib.get_close_matches(flag, flags, n=1, cutoff=0.85)  # or misspelt (--max-stpes)
+        return f" (did you mean {' or '.join(near)}?)" if near else ""
 
 
 def steps_with_flag(flag: str) -> list[str]:
@@ -202,7 +216,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
     p = ArgumentParser(prog=f"python -m steps.{step}", description=doc, formatter_class=HelpFormatter,
                        hint=f'make step N={step[:2]} ARGS="--help"')
-    p.add_argument("--max-steps", type=positive_int, default=max_steps, help="training iterations")
+    p.add_argument("--max-steps", type=iterations, default=max_steps, help="training iterations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run; auto = cuda, else mps, else cpu")
     p.add_argument("--seed", type=seed, default=1337,
@@ -211,7 +225,8 @@ def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
                    help="directory for metrics.jsonl, summary.json and loss.svg"
                    + (", checkpoint.pt and model/" if int(step[:2]) >= 10 else ""))  # steps 10 on save a model
     p.add_argument("--log-every", type=non_negative_int, default=0,
-                   help="print every n-th iteration, 0 = about 25 lines a run; metrics.jsonl keeps every iteration")
+                   help="print every n-th iteration, 0 = about 25 lines a run and one a minute at least; "
+                   "metrics.jsonl keeps every iteration")
     return p
 
 

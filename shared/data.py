@@ -124,10 +124,11 @@ def split(ids: torch.Tensor, block_size: int, flag: str = "--block-size") -> tup
     n = int(len(ids) * 0.9)
     train, val = ids[:n], ids[n:]
     longest = min(len(train), len(val)) - 1  # a window that fits both splits
-    for name, part in ("training", train), ("validation", val):
-        if len(part) <= block_size:
-            sys.exit(f"error: {flag} {block_size} does not fit the {name} split: a window needs "
-                     f"{block_size + 1} ids and the split has {len(part):,} (use {flag} {longest} or less)")
+    short = [f"the {name} split ({len(part):,} ids)" for name, part in (("training", train), ("validation", val))
+             if len(part) <= block_size]
+    if short:
+        sys.exit(f"error: {flag} {block_size} {'fits neither ' if len(short) == 2 else 'does not fit '}"
+                 f"{' nor '.join(short)}: a window needs {block_size + 1:,} ids (use {flag} {longest} or less)")
     return train, val
 
 

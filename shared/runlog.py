@@ -11,6 +11,8 @@ from pathlib import Path
 
 from shared import checkpoint, cli
 
+QUIET_S = 60  # with --log-every 0, a line at least this often (seconds): a run of 25 long stretches still talks
+
 
 def rows_before(path: Path, start: int) -> list[dict]:
     """The rows of a resumed run's iterations before `start`. A metrics.jsonl that is gone, or a line cut off by a
@@ -35,7 +37,8 @@ def rows_before(path: Path, start: int) -> list[dict]:
 
 
 class RunLog:
-    """Log of one training run of `total` iterations, printing every `every`-th (0: about 25 lines a run)."""
+    """Log of one training run of `total` iterations, printing every `every`-th (0: about 25 lines a run, and one at
+    least every QUIET_S seconds, so that a long run is never silent for long)."""
 
     def __init__(self, out: Path, total: int, every: int = 0, start: int = 0, baseline: tuple | None = None,
                  fresh: bool = False):
@@ -62,7 +65,8 @@ class RunLog:
             checkpoint.refuse_to_overwrite(self.out)
         self.taken = False  # out as it was until this run has a row to write (take_over): a failed start wipes no file
         self.total, self.every, self.first = total, every or max(1, math.ceil(total / 25)), start
-        self.start = self.t0 = time.perf_counter()
+        self.quiet_s = math.inf if every else QUIET_S
+        self.start = self.t0 = self.printed = time.perf_counter()
         self.after_first = None  # when this run's first iteration ended: the ETA leaves its start-up cost out
 
     def take_over(self) -> None:
@@ -90,7 +94,7 @@ class RunLog:
         self.write(row)
         if self.after_first is None:
             self.after_first = t1
-        if it % self.every == 0 or it == self.total - 1 or not math.isfinite(loss):
+        if it % self.every == 0 or it == self.total - 1 or not math.isfinite(loss) or t1 - self.printed >= self.quiet_s:
             self.print_line(row, loss)
         if not math.isfinite(loss):
             self.close(diverged={"iter": it, "loss": str(loss), "lr": lr})
@@ -128,6 +132,7 @@ class RunLog:
         extra = {k: v for k, v in row.items() if k not in ("iter", "loss", "lr", "ms", "tok_per_s")}
         line += "".join(f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in extra.items())
         print(f"{line} | {clock(now - self.start)} elapsed{eta}", flush=True)
+        self.printed = now
 
     def close(self, **summary) -> None:
         """Finish the run, or stop it: summary.json (e.g. the validation loss) and the loss curve so far."""

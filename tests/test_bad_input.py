@@ -35,7 +35,7 @@ def refuses(step, argv, capsys, *words):
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.parametrize("flag, value", [
     ("--device", "tpu"), ("--seed", "x"), ("--seed", "-1"), ("--seed", "99999999999999999999999"),
-    ("--max-steps", "0"), ("--max-steps", "1.5"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"),
+    ("--max-steps", "0"), ("--max-steps", "1.5"), ("--max-steps", "1000000001"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"),
     ("--lr", "3.5e37"),  # AdamW's first step size, 10 x lr, past float32's largest: an overflow in torch
     ("--dropout", "1.5"), ("--dropout", "nan"), ("--batch-size", "0"), ("--log-every", "-1"),
 ])
@@ -43,15 +43,16 @@ def test_a_bad_value_is_refused_naming_the_flag(step, flag, value, capsys):
     refuses(step, [flag, value], capsys, f"argument {flag}", repr(value))
 
 
-def error_line_and_help(step, flag: str) -> list[str]:
+def error_line_and_help(step, flag: str, expected: str = "a positive integer") -> list[str]:
     """What a step prints for `flag 0`, where flag takes a positive integer: the error, and where the help is."""
-    return [f"python -m steps.{step.name}: error: argument {flag}: expected a positive integer, got '0'",
+    return [f"python -m steps.{step.name}: error: argument {flag}: expected {expected}, got '0'",
             f'(make step N={step.name[:2]} ARGS="--help" lists every flag)']
 
 
 @pytest.mark.main_needs("evaluate")
 def test_a_bad_flag_gets_its_error_line_and_where_the_help_is_not_the_usage_block(step, capsys):
-    assert refuses(step, ["--max-steps", "0"], capsys).splitlines() == error_line_and_help(step, "--max-steps")
+    assert refuses(step, ["--max-steps", "0"], capsys).splitlines() == error_line_and_help(
+        step, "--max-steps", "a positive integer up to 1,000,000,000")
 
 
 @pytest.mark.main_needs("evaluate")

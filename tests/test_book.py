@@ -307,7 +307,7 @@ def test_a_step_that_cannot_run_says_why_on_its_page(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, said", [
     (["--out", "FILE"], "is a file, not a directory"),
     (["--out", "steps/02_attention"], "is the project's own"),
-    (["--runs", "nowhere"], "nowhere is not a directory"),
+    (["--runs", "nowhere"], "nowhere does not exist"),
     (["--runs", "steps"], "steps has no run in it"),
     (["--out", ""], "expected a directory, got ''"),
 ], ids=["out-a-file", "out-in-steps", "runs-missing", "runs-without-runs", "out-empty"])

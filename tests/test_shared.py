@@ -206,8 +206,9 @@ def test_a_window_longer_than_a_split_is_refused_with_the_longest_that_fits():
 
 def test_a_window_longer_than_both_splits_is_refused_with_the_longest_that_fits_both():
     with pytest.raises(SystemExit) as exit:
-        data.split(torch.arange(100), block_size=500)  # the training split is named first, but 89 would not fit
-    assert "--block-size 500 does not fit the training split" in str(exit.value.code)
+        data.split(torch.arange(100), block_size=500)
+    assert "--block-size 500 fits neither the training split (90 ids) nor the validation split (10 ids)" in str(
+        exit.value.code)
     assert "--block-size 9 or less" in str(exit.value.code)
 
 
@@ -371,6 +372,21 @@ def test_run_log_prints_every_nth_iteration_and_the_last_with_an_eta(tmp_path, c
     assert lines[0].endswith(" elapsed")  # after one iteration, there is no rate to tell from the start-up's cost
     assert all("elapsed, eta" in line for line in lines[1:])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 100  # the file keeps every iteration
+
+
+@pytest.mark.parametrize("every, printed", [
+    (0, [0, 2, 4]),  # the default, a line every 40,000 iterations: and one when a minute has gone by without one
+    (100_000, [0]),  # --log-every given: that, and no more
+])
+def test_a_run_log_at_the_default_cadence_prints_a_line_at_least_every_minute(tmp_path, capsys, monkeypatch, every,
+                                                                               printed):
+    now = {"s": 0.0}
+    monkeypatch.setattr(runlog.time, "perf_counter", lambda: now["s"])
+    log = runlog.RunLog(tmp_path, total=1_000_000, every=every)
+    for it, seconds in enumerate([1, 2, 61, 62, 125]):  # iteration 2 ends 60 s after iteration 0's line, 4 64 s
+        now["s"] = seconds
+        log.log(it, 1.0, 0.1)
+    assert [int(line.split()[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("iter")] == printed
 
 
 def test_the_eta_leaves_out_the_first_iterations_start_up_cost(tmp_path, capsys, monkeypatch):
@@ -613,6 +629,25 @@ def test_a_shortened_or_misspelt_flag_is_refused_with_the_flag_it_may_mean(typed
         p.parse_args([typed, "3"] if "=" not in typed else [typed])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and f"unrecognized arguments: {typed}" in err and "(did you mean --max-steps?)" in err
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("--warmup", "--warmup-steps"),  # shortened: the one flag it begins
+    ("--max", "--max-steps or --max-new-tokens"),  # the flags it begins, in the order --help lists them
+    ("--max-new-tokes", "--max-new-tokens"),  # misspelt
+])
+def test_a_shortened_flag_gets_every_flag_it_begins_and_a_misspelt_one_the_nearest(typed, meant, capsys):
+    p = cli.ArgumentParser(prog="x")
+    for flag in ("--max-steps", "--warmup-steps", "--max-new-tokens"):
+        p.add_argument(flag, type=int)
+    with pytest.raises(SystemExit):
+        p.parse_args([typed, "3"])
+    assert f"unrecognized arguments: {typed} 3 (did you mean {meant}?)" in capsys.readouterr().err
+
+
+def test_make_args_puts_a_value_with_an_apostrophe_in_escaped_double_quotes():
+    assert cli.make_args(["--prompt", "I'm here", "--out", "runs/a b"]) == \
+        'ARGS="--prompt \\"I\'m here\\" --out \'runs/a b\'"'
 
 
 @pytest.mark.parametrize("typed", [["--zzz"], ["--max-stepz-and-more", "3"], ["--he"]])  # "--he": not --help either

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -238,6 +239,16 @@ def test_ctrl_c_in_a_terminal_saves_a_checkpoint_and_prints_how_to_resume(step, 
     assert f"--resume {tmp_path}" in err
     state = torch.load(tmp_path / checkpoint.NAME, weights_only=True)
     assert state["iter"] >= 1 and state["config"]["step"] == step.name
+
+
+@pytest.mark.main_needs("Loader")
+def test_the_resume_command_gives_back_every_word_through_the_shell_as_make_step_reads_args(step):
+    argv = ["--prompt", "I'm here", "--note", 'He said "no"', "--cost", "$5 `ls` \\", "--resume", "old"]
+    command = step.main.resume_command(argv, Path("runs/a b"))
+    args = command.split(" ARGS=", 1)[1]  # the Makefile: eval "set -- $$ARGS", then "$$@"
+    words = subprocess.run(["bash", "-c", f'ARGS={args}; eval "set -- $ARGS"; printf "%s\\0" "$@"'],
+                           capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
+    assert words == [*argv[:-2], "--resume", "runs/a b"]
 
 
 @pytest.mark.main_needs("Loader")
@@ -553,7 +564,7 @@ def test_resuming_a_finished_run_changes_nothing(step, tmp_path, finished, capsy
 def test_resume_from_a_directory_that_is_not_there_makes_none(step, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(step, tmp_path / "run", "--resume", str(tmp_path / "typo"))
-    assert "typo is not a directory" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    assert "typo does not exist" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
 @pytest.mark.main_needs("Loader")

@@ -2,7 +2,6 @@
 import contextlib
 import dataclasses
 import math
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -79,7 +78,7 @@ def ctrl_c_stops_between_iterations():
 def resume_command(argv: list[str], out: Path) -> str:
     """The command that started this run, with --resume OUT in place of any --resume it had."""
     keep = [a for i, a in enumerate(argv) if not a.startswith("--resume") and (i == 0 or argv[i - 1] != "--resume")]
-    return f'make step N={STEP[:2]} ARGS="{shlex.join([*keep, "--resume", str(out)])}"'
+    return f'make step N={STEP[:2]} {cli.make_args([*keep, "--resume", str(out)])}'
 
 
 def rng_states() -> dict:
@@ -167,8 +166,8 @@ def main(argv=None):
                 save(it)
                 go_on = resume_command(argv, args.out)
                 log.close(interrupted={"iters_done": it, "resume": go_on}, val_loss=val_loss)  # the curve so far
-                print(f"interrupted: {it} iterations done, checkpoint in {args.out / checkpoint.NAME}. To go on:\n"
-                      f"  {go_on}", file=sys.stderr)
+                print(f"interrupted: {cli.plural(it, 'iteration')} done, checkpoint in {args.out / checkpoint.NAME}. "
+                      f"To go on:\n  {go_on}", file=sys.stderr)
                 sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C
             x, y = (t.to(args.device) for t in loader.next_batch())
             loss = model(x, y)[1]  # `_, loss =` would keep the (B, T, vocab) logits alive through backward

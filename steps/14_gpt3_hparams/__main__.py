@@ -3,7 +3,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import shlex
 import signal
 import sys
 import time
@@ -142,7 +141,7 @@ def ctrl_c_stops_between_iterations():
 def resume_command(argv: list[str], out: Path) -> str:
     """The command that started this run, with --resume OUT in place of any --resume it had."""
     keep = [a for i, a in enumerate(argv) if not a.startswith("--resume") and (i == 0 or argv[i - 1] != "--resume")]
-    return f'make step N={STEP[:2]} ARGS="{shlex.join([*keep, "--resume", str(out)])}"'
+    return f'make step N={STEP[:2]} {cli.make_args([*keep, "--resume", str(out)])}'
 
 
 def rng_states() -> dict:
@@ -160,7 +159,8 @@ def main(argv=None):
     p.add_argument("--n-embd", type=cli.positive_int, help="width of the residual stream; the MLP is 4 times as wide")
     p.add_argument("--batch-size", type=cli.positive_int, help="windows per batch (B)")
     p.add_argument("--seq-len", type=cli.positive_int, help="tokens per window (T), also the model's context")
-    p.add_argument("--lr", type=cli.learning_rate, help="AdamW learning rate")
+    p.add_argument("--lr", type=cli.learning_rate, help="the peak learning rate: the warmup rises to it, the cosine "
+                   "decays to 10%% of it")
     p.add_argument("--warmup-steps", type=cli.non_negative_int, default=0, help="iterations of linear warmup to "
                    "--lr, then a cosine decay to 10%% of it; 0 = 10%% of --max-steps")
     p.add_argument("--dropout", type=cli.probability, default=0.0, help="dropout probability")
@@ -246,8 +246,8 @@ def main(argv=None):
                 save(it)
                 go_on = resume_command(argv, args.out)
                 log.close(interrupted={"iters_done": it, "resume": go_on}, val_loss=val_loss)  # the curve so far
-                print(f"interrupted: {it} iterations done, checkpoint in {args.out / checkpoint.NAME}. To go on:\n"
-                      f"  {go_on}", file=sys.stderr)
+                print(f"interrupted: {cli.plural(it, 'iteration')} done, checkpoint in {args.out / checkpoint.NAME}. "
+                      f"To go on:\n  {go_on}", file=sys.stderr)
                 sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C
             x, y = loader.next_batch()  # views of the tokens already on the device: nothing is copied
             with autocast(args):

@@ -3,7 +3,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import shlex
 import signal
 import sys
 import time
@@ -157,7 +156,7 @@ def ctrl_c_stops_between_iterations():
 def resume_command(argv: list[str], out: Path) -> str:
     """The command that started this run, with --resume OUT in place of any --resume it had."""
     keep = [a for i, a in enumerate(argv) if not a.startswith("--resume") and (i == 0 or argv[i - 1] != "--resume")]
-    return f'make step N={STEP[:2]} ARGS="{shlex.join([*keep, "--resume", str(out)])}"'
+    return f'make step N={STEP[:2]} {cli.make_args([*keep, "--resume", str(out)])}'
 
 
 def rng_states() -> dict:
@@ -177,7 +176,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=cli.positive_int, help="tokens per window (T), also the model's context")
     p.add_argument("--total-batch-size", type=cli.positive_int, help="tokens per optimizer step, gathered in "
                    "micro-batches of B x T; a multiple of B x T")
-    p.add_argument("--lr", type=cli.learning_rate, help="AdamW learning rate")
+    p.add_argument("--lr", type=cli.learning_rate, help="the peak learning rate: the warmup rises to it, the cosine "
+                   "decays to 10%% of it")
     p.add_argument("--warmup-steps", type=cli.non_negative_int, default=0, help="iterations of linear warmup to "
                    "--lr, then a cosine decay to 10%% of it; 0 = 10%% of --max-steps")
     p.add_argument("--dropout", type=cli.probability, default=0.0, help="dropout probability")
@@ -273,8 +273,8 @@ def main(argv=None):
                 save(it)
                 go_on = resume_command(argv, args.out)
                 log.close(interrupted={"iters_done": it, "resume": go_on}, val_loss=val_loss)  # the curve so far
-                print(f"interrupted: {it} iterations done, checkpoint in {args.out / checkpoint.NAME}. To go on:\n"
-                      f"  {go_on}", file=sys.stderr)
+                print(f"interrupted: {cli.plural(it, 'iteration')} done, checkpoint in {args.out / checkpoint.NAME}. "
+                      f"To go on:\n  {go_on}", file=sys.stderr)
                 sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C
             opt.zero_grad(set_to_none=True)
             loss = accumulate(fast, loader, micro_steps, args)

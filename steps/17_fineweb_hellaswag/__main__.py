@@ -245,7 +245,7 @@ def resume_command(argv: list[str], out: Path) -> str:
     """The command that started this run, with --resume OUT in place of any --resume it had."""
     keep = [a for i, a in enumerate(argv) if not a.startswith("--resume") and (i == 0 or argv[i - 1] != "--resume")]
     nproc = f" NPROC={os.environ['LOCAL_WORLD_SIZE']}" if "LOCAL_WORLD_SIZE" in os.environ else ""  # torchrun's
-    return f'make step N={STEP[:2]}{nproc} ARGS="{shlex.join([*keep, "--resume", str(out)])}"'
+    return f'make step N={STEP[:2]}{nproc} {cli.make_args([*keep, "--resume", str(out)])}'
 
 
 def join_process_group(args) -> None:
@@ -314,7 +314,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=cli.positive_int, help="tokens per window (T), also the model's context")
     p.add_argument("--total-batch-size", type=cli.positive_int, help="tokens per optimizer step, gathered in "
                    "micro-batches of B x T on every process; a multiple of B x T x processes")
-    p.add_argument("--lr", type=cli.learning_rate, help="AdamW learning rate")
+    p.add_argument("--lr", type=cli.learning_rate, help="the peak learning rate: the warmup rises to it, the cosine "
+                   "decays to 10%% of it")
     p.add_argument("--warmup-steps", type=cli.non_negative_int, default=0, help="iterations of linear warmup to "
                    "--lr, then a cosine decay to 10%% of it; 0 = 10%% of --max-steps")
     p.add_argument("--dropout", type=cli.probability, default=0.0, help="dropout probability")
@@ -466,8 +467,8 @@ def main(argv=None):
                 go_on = resume_command(argv, args.out)
                 if log:
                     log.close(interrupted={"iters_done": it, "resume": go_on}, val_loss=val_loss)  # the curve so far
-                print(f"interrupted: {it} iterations done, checkpoint in {args.out / checkpoint.NAME}. To go on:\n"
-                      f"  {go_on}", file=sys.stderr)
+                print(f"interrupted: {cli.plural(it, 'iteration')} done, checkpoint in {args.out / checkpoint.NAME}. "
+                      f"To go on:\n  {go_on}", file=sys.stderr)
                 leave_process_group(args)
                 sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C
             opt.zero_grad(set_to_none=True)
