@@ -89,6 +89,11 @@ def make_args(words: list[str]) -> str:
     return 'ARGS="' + re.sub(r'([\\"$`])', r"\\\1", " ".join(map(word, words))) + '"'
 
 
+def nearest_multiple(n: int, unit: int) -> int:
+    """The multiple of unit nearest n, unit at least: a total batch that the micro-batches divide."""
+    return max(1, round(n / unit)) * unit
+
+
 def plural(n: int, word: str) -> str:
     """1 shard, 2 shards, 1,000 shards."""
     return f"{n:,} {word}{'s' * (n != 1)}"

@@ -69,8 +69,8 @@ def test_a_total_batch_that_b_times_t_does_not_divide_is_refused(step, capsys):
     with pytest.raises(SystemExit) as exit:
         step.main.main(["--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--total-batch-size", "1000"])
     assert exit.value.code == 2
-    assert "--total-batch-size 1000 is not a multiple of --batch-size x --seq-len = 4 x 32 = 128" in \
-        capsys.readouterr().err
+    assert ("--total-batch-size 1000 is not a multiple of --batch-size x --seq-len = 4 x 32 = 128 tokens (the nearest "
+            "that is: --total-batch-size 1024)") in capsys.readouterr().err
 
 
 @pytest.mark.main_needs("accumulate")

@@ -197,7 +197,8 @@ def main(argv=None):
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.total_batch_size % (args.batch_size * args.seq_len):
         p.error(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x --seq-len = "
-                f"{args.batch_size} x {args.seq_len} = {args.batch_size * args.seq_len} tokens")
+                f"{args.batch_size} x {args.seq_len} = {args.batch_size * args.seq_len} tokens (the nearest that is: "
+                f"--total-batch-size {cli.nearest_multiple(args.total_batch_size, args.batch_size * args.seq_len)})")
     micro_steps = args.total_batch_size // (args.batch_size * args.seq_len)
     args.warmup_steps = args.warmup_steps or max(1, args.max_steps // 10)
     args.device = device.pick(args.device)

@@ -386,7 +386,8 @@ def main(argv=None):
     if args.total_batch_size % (args.batch_size * args.seq_len * world):  # every rank refuses, rank 0 says so
         p.error(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x --seq-len"
                 f"{' x processes' * (world > 1)} = {args.batch_size} x {args.seq_len}{f' x {world}' * (world > 1)} = "
-                f"{args.batch_size * args.seq_len * world} tokens")
+                f"{args.batch_size * args.seq_len * world} tokens (the nearest that is: --total-batch-size "
+                f"{cli.nearest_multiple(args.total_batch_size, args.batch_size * args.seq_len * world)})")
     micro_steps = args.total_batch_size // (args.batch_size * args.seq_len * world)  # on each rank
     args.warmup_steps = args.warmup_steps or max(1, args.max_steps // 10)
     args.device = device.pick(args.device)
