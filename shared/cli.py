@@ -81,17 +81,21 @@ def reason(e: OSError) -> str:
 
 
 def make_args(words: list[str]) -> str:
-    """ARGS="..." for a make command line that gives back `words`: each word quoted for the shell, one with an
-    apostrophe in escaped double quotes (--prompt \\"I'm here\\"), and inside the outer double quotes the
-    characters the shell acts on there escaped (\\ " $ `)."""
+    """ARGS=... for a make command line that gives back `words` to the Makefile's `eval "set -- $$ARGS"`: each word
+    quoted for that eval (one with an apostrophe in double quotes), every $ doubled for make, which expands the
+    variable before the recipe sees it; all in double quotes where the interactive shell the line is pasted into
+    would change nothing there (ARGS="--prompt \\"I'm here\\""), else in single quotes (a $, `, \\ or !)."""
     def word(w: str) -> str:
-        return f'"{w}"' if "'" in w and not set(w) & set('"$`\\') else shlex.quote(w)
-    return 'ARGS="' + re.sub(r'([\\"$`])', r"\\\1", " ".join(map(word, words))) + '"'
+        return f'"{w}"' if "'" in w and not set(w) & set('"$`\\!') else shlex.quote(w)
+    value = " ".join(map(word, words)).replace("$", "$$")
+    if set(value) & set('$`\\!'):
+        return "ARGS='" + value.replace("'", "'\\''") + "'"
+    return 'ARGS="' + value.replace('"', '\\"') + '"'
 
 
 def nearest_multiple(n: int, unit: int) -> int:
     """The multiple of unit nearest n, unit at least: a total batch that the micro-batches divide."""
-    return max(1, round(n / unit)) * unit
+    return max(1, (2 * n + unit) // (2 * unit)) * unit  # a half rounds up, as 1.5 and 2.5 both would
 
 
 def plural(n: int, word: str) -> str:
@@ -230,7 +234,7 @@ def parser(doc: str, step: str, max_steps: int) -> argparse.ArgumentParser:
                    help="directory for metrics.jsonl, summary.json and loss.svg"
                    + (", checkpoint.pt and model/" if int(step[:2]) >= 10 else ""))  # steps 10 on save a model
     p.add_argument("--log-every", type=non_negative_int, default=0,
-                   help="print every n-th iteration, 0 = about 25 lines a run and one a minute at least; "
+                   help="print every n-th iteration, 0 = about 25 lines a run, and one after a minute without; "
                    "metrics.jsonl keeps every iteration")
     return p
 

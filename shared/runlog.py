@@ -11,7 +11,7 @@ from pathlib import Path
 
 from shared import checkpoint, cli
 
-QUIET_S = 60  # with --log-every 0, a line at least this often (seconds): a run of 25 long stretches still talks
+QUIET_S = 60  # with --log-every 0, a line at the first iteration's end this long after the last line (seconds)
 
 
 def rows_before(path: Path, start: int) -> list[dict]:
@@ -37,8 +37,8 @@ def rows_before(path: Path, start: int) -> list[dict]:
 
 
 class RunLog:
-    """Log of one training run of `total` iterations, printing every `every`-th (0: about 25 lines a run, and one at
-    least every QUIET_S seconds, so that a long run is never silent for long)."""
+    """Log of one training run of `total` iterations, printing every `every`-th (0: about 25 lines a run, and one
+    at the end of the first iteration QUIET_S seconds or more after the last line: a long run is never silent long)."""
 
     def __init__(self, out: Path, total: int, every: int = 0, start: int = 0, baseline: tuple | None = None,
                  fresh: bool = False):
@@ -108,7 +108,7 @@ class RunLog:
         self.write(row)
         print(f"iter {it:5d} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in more.items()),
               flush=True)
-        self.t0 = time.perf_counter()  # evaluating is not the next iteration's time
+        self.t0 = self.printed = time.perf_counter()  # evaluating is not the next iteration's time; a line was printed
 
     def write(self, row: dict) -> None:
         """One row of metrics.jsonl, on the disk at once. A write that fails (a full disk) stops the run in one line."""

@@ -35,7 +35,8 @@ def refuses(step, argv, capsys, *words):
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.parametrize("flag, value", [
     ("--device", "tpu"), ("--seed", "x"), ("--seed", "-1"), ("--seed", "99999999999999999999999"),
-    ("--max-steps", "0"), ("--max-steps", "1.5"), ("--max-steps", "1000000001"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"),
+    ("--max-steps", "0"), ("--max-steps", "1.5"), ("--max-steps", "1000000001"),
+    ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"),
     ("--lr", "3.5e37"),  # AdamW's first step size, 10 x lr, past float32's largest: an overflow in torch
     ("--dropout", "1.5"), ("--dropout", "nan"), ("--batch-size", "0"), ("--log-every", "-1"),
 ])

@@ -380,10 +380,11 @@ def test_a_total_batch_the_processes_do_not_divide_stops_every_rank_with_one_mes
     start = time.monotonic()
     # 384 is 3 micro-batches of 4 x 32 on one process, but not a whole number on each of two.
     r = subprocess.run(["make", "-s", "step", f"N={step.name[:2]}", "NPROC=2", "ARGS=--device cpu --batch-size 4 "
-                        "--seq-len 32 --total-batch-size 384"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "--seq-len 32 --total-batch-size 384"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "LC_ALL": "C"})  # make's messages in English
     assert r.returncode == 2 and "] Error 2" in r.stderr  # make's line: the launcher's own exit status was 2
     message = ("--total-batch-size 384 is not a multiple of --batch-size x --seq-len x processes = 4 x 32 x 2 = 256 "
-               "tokens (the nearest that is: --total-batch-size 512)")  # 384 / 256 = 1.5, which rounds to 2
+               "tokens (the nearest that is: --total-batch-size 512)")  # 384 / 256 = 1.5: a half rounds up
     assert r.stderr.count(message) == 1, r.stderr  # rank 0's; rank 1 refuses silently
     assert "Traceback" not in r.stderr
     assert time.monotonic() - start < 60  # no rank waits for the other: all stop at once

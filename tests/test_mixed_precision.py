@@ -143,7 +143,7 @@ def test_the_log_says_the_dtype_and_why(step, tmp_path, capsys):
 
 @pytest.mark.main_needs("autocast")
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
-def test_a_bf16_runs_training_forward_runs_its_linear_layers_in_bf16(step, tmp_path):
+def test_a_bf16_run_trains_with_its_linear_layers_in_bf16(step, tmp_path):
     outputs = set()  # the dtypes of the linear layers' outputs in forwards that build a graph for backward
 
     def record(module, inputs, output):

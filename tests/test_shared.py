@@ -389,6 +389,18 @@ def test_a_run_log_at_the_default_cadence_prints_a_line_at_least_every_minute(tm
     assert [int(line.split()[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("iter")] == printed
 
 
+def test_a_validation_line_counts_as_a_line_for_the_minute(tmp_path, capsys, monkeypatch):
+    now = {"s": 1.0}
+    monkeypatch.setattr(runlog.time, "perf_counter", lambda: now["s"])
+    log = runlog.RunLog(tmp_path, total=1_000_000)
+    log.log(0, 1.0, 0.1)
+    now["s"] = 70.0  # a long evaluation ends, with its line
+    log.log_val(0, 1.0)
+    now["s"] = 71.0
+    log.log(1, 1.0, 0.1)  # 70 s after iteration 0's line, 1 s after the validation line: no line
+    assert [line.split("|")[1].split()[0] for line in capsys.readouterr().out.splitlines()] == ["loss", "val"]
+
+
 def test_the_eta_leaves_out_the_first_iterations_start_up_cost(tmp_path, capsys, monkeypatch):
     now = {"s": 0.0}
     monkeypatch.setattr(runlog.time, "perf_counter", lambda: now["s"])
