@@ -81,10 +81,9 @@ def reason(e: OSError) -> str:
 
 
 def make_args(words: list[str]) -> str:
-    """ARGS=... for a make command line that gives back `words` to the Makefile's `eval "set -- $$ARGS"`: each word
-    quoted for that eval (one with an apostrophe in double quotes), every $ doubled for make, which expands the
-    variable before the recipe sees it; all in double quotes where the interactive shell the line is pasted into
-    would change nothing there (ARGS="--prompt \\"I'm here\\""), else in single quotes (a $, `, \\ or !)."""
+    """ARGS=... that gives `words` back to the Makefile's `eval "set -- $$ARGS"` when the line is pasted into a
+    terminal: each word quoted for the eval, every $ doubled (make expands it), and the whole in double quotes
+    (ARGS="--out \\"runs/it's mine\\"") unless it holds a $, `, \\ or !, which a terminal acts on there."""
     def word(w: str) -> str:
         return f'"{w}"' if "'" in w and not set(w) & set('"$`\\!') else shlex.quote(w)
     value = " ".join(map(word, words)).replace("$", "$$")
@@ -95,7 +94,7 @@ def make_args(words: list[str]) -> str:
 
 def nearest_multiple(n: int, unit: int) -> int:
     """The multiple of unit nearest n, unit at least: a total batch that the micro-batches divide."""
-    return max(1, (2 * n + unit) // (2 * unit)) * unit  # a half rounds up, as 1.5 and 2.5 both would
+    return max(1, (2 * n + unit) // (2 * unit)) * unit  # halves round up: 1.5 units -> 2, 2.5 -> 3 (round() gives 2)
 
 
 def plural(n: int, word: str) -> str:

@@ -513,9 +513,10 @@ def test_tokens_per_second_are_the_tokens_of_an_optimizer_step_over_its_time(ste
             if '"loss"' in line]
     flags = dict(zip(small_run_flags(step)[::2], small_run_flags(step)[1::2]))  # flag: value
     tokens = int(flags.get("--total-batch-size", int(flags["--batch-size"]) * int(flags["--seq-len"])))
-    for r in rows:  # tok/s is rounded to a whole number (off by up to 0.5 x seconds tokens), ms to 0.01 ms
-        seconds = r["ms"] / 1000
-        assert abs(r["tok_per_s"] * seconds - tokens) <= 0.5 * seconds + 0.5e-5 * r["tok_per_s"] + 1e-5  # + both
+    assert len(rows) == 3
+    for r in rows:  # tok/s is rounded to a whole number (off by up to 0.5 x seconds tokens), ms to 0.01 ms (by up
+        seconds = r["ms"] / 1000  # to 0.5e-5 s x tok/s), and the two errors' product is below 1e-5
+        assert abs(r["tok_per_s"] * seconds - tokens) <= 0.5 * seconds + 0.5e-5 * r["tok_per_s"] + 1e-5
 
 
 @pytest.mark.main_needs("Loader")
