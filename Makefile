@@ -19,8 +19,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REGISTRY := $(PYTHON) -m shared.steps
-# ARGS as the shell splits it ("--prompt 'To be'": two words), into "$$@". Read from the environment (make exports a
-# variable set on its command line), not pasted into the recipe: a quote left open is one line, not a broken recipe.
+# ARGS as the shell splits it ("--prompt 'To be'": two words), into "$$@". Read from the environment, not pasted
+# into the recipe: a quote left open is one line, not a broken recipe. Taken as typed: make would expand a $ in it
+# ("--prompt 'cost $5'" would reach the step as 'cost ').
+override ARGS := $(value ARGS)
+export ARGS
 ARGV = eval "set -- $$ARGS" 2>/dev/null || exec $(REGISTRY) bad-args
 
 .PHONY: help list setup step test bench data gpu-check mistake book diff clean

@@ -82,11 +82,11 @@ def reason(e: OSError) -> str:
 
 def make_args(words: list[str]) -> str:
     """ARGS=... that gives `words` back to the Makefile's `eval "set -- $$ARGS"` when the line is pasted into a
-    terminal: each word quoted for the eval, every $ doubled (make expands it), and the whole in double quotes
-    (ARGS="--out \\"runs/it's mine\\"") unless it holds a $, `, \\ or !, which a terminal acts on there."""
+    terminal: each word quoted for the eval, and the whole in double quotes (ARGS="--out \\"runs/it's mine\\"")
+    unless it holds a $, `, \\ or !, which a terminal acts on there."""
     def word(w: str) -> str:
         return f'"{w}"' if "'" in w and not set(w) & set('"$`\\!') else shlex.quote(w)
-    value = " ".join(map(word, words)).replace("$", "$$")
+    value = " ".join(map(word, words))
     if set(value) & set('$`\\!'):
         return "ARGS='" + value.replace("'", "'\\''") + "'"
     return 'ARGS="' + value.replace('"', '\\"') + '"'

@@ -314,6 +314,11 @@ def test_make_step_passes_a_quoted_value_of_args_as_one_argument(tmp_path):
     assert r.returncode == 0 and (tmp_path / "two words" / "metrics.jsonl").is_file()
 
 
+def test_make_step_passes_a_dollar_in_args_as_typed():
+    r = make_step("N=09", "ARGS=--temperature '$5 $(HOME) $$'")  # make would expand each of the three
+    assert r.returncode != 0 and "got '$5 $(HOME) $$'" in r.stderr
+
+
 def test_make_step_with_a_bad_flag_stops_nonzero_without_a_traceback():
     r = make_step("N=09", "ARGS=--temperature 1e-45")
     assert r.returncode != 0 and "argument --temperature" in r.stderr and "Traceback" not in r.stderr
