@@ -12,7 +12,8 @@ runs): the run tests use `main_needs("evaluate")`, the steps whose run trains an
 `@pytest.mark.per_model_file` marks a test of model.py alone: it runs once per distinct model.py, leaving out a
 step whose model.py is byte for byte the step before's (steps 11, 14, 15, 16 and 17 leave it as it was).
 `@pytest.mark.first_and_last` and `@pytest.mark.newest` keep a slow test to the first and newest of its steps, or to
-the newest. With --step, each of these three runs on the step asked for.
+the newest; CI runs them on every step too (GPT2STEPS_EVERY_STEP=1, .ci/run). With --step, each of these three runs
+on the step asked for.
 `@pytest.mark.check("shapes")` marks one of the four checks every step must have; test_coverage.py fails when a
 step has none of a kind. `pytest --step 03` (or 3, 03_feedforward, `make test N=03`) keeps one step's tests.
 """
@@ -87,9 +88,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", f"check(kind): this test is one of the shared checks, kind in {CHECKS}")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; deselected where there is none (make gpu-check)")
     config.addinivalue_line("markers", "first_and_last: a test that starts processes runs on the first and the newest "
-                            "of the steps it applies to (make diff shows the code it tests the same in between)")
+                            "of the steps it applies to, and on every one of them in CI")
     config.addinivalue_line("markers", "newest: a slow test of code a step brought and later steps carry unchanged "
-                            "runs on the newest of the steps it applies to only")
+                            "runs on the newest of the steps it applies to, and on every one of them in CI")
 
 
 def has(obj, dotted: str) -> bool:

@@ -46,6 +46,14 @@ def test_run_on_narrows_the_steps_as_the_marks_say(monkeypatch):
     assert "10_training" in per_file and "11_mixed_precision" not in per_file  # 11's model.py is 10's
 
 
+def test_ci_runs_the_narrowed_tests_on_every_step_they_apply_to(monkeypatch):
+    monkeypatch.setenv("GPT2STEPS_EVERY_STEP", "1")
+    gpt = pytest.mark.needs("GPTConfig", "GPT").mark
+    picked = steps_for([gpt])
+    assert run_on([gpt, pytest.mark.newest.mark]) == run_on([gpt, pytest.mark.first_and_last.mark]) == picked
+    assert """GPT2STEPS_EVERY_STEP=1 make test ARGS="-m 'first_and_last or newest'\"""" in (ROOT / ".ci/run").read_text()
+
+
 def test_renaming_a_part_of_a_step_is_reported(monkeypatch):
     """The check above can fail: rename step 01's Embedder, and step 01 has no shapes check left."""
     model = importlib.import_module("steps.01_embedding.model")

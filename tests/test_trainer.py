@@ -37,20 +37,24 @@ def run(step, out, *extra):
 
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory):
-    """finished(step, tmp_path): a copy, in tmp_path, of one finished 3-iteration run of the step (made once);
-    finished.printed[step.name]: what it printed (kept from the test that made it, whose capsys it is not)."""
+    """finished(step, tmp_path): a copy, in tmp_path, of one finished 3-iteration run of the step (made once, or
+    first by finished.made(step)); finished.printed[step.name]: what it printed (kept from the test that made it,
+    whose capsys it is not)."""
     runs, printed = {}, {}
 
-    def copy_of(step, tmp_path):
+    def made(step):
         if step.name not in runs:
-            runs[step.name], said = tmp_path_factory.mktemp(f"run-{step.name}"), io.StringIO()
+            out, said = tmp_path_factory.mktemp(f"run-{step.name}"), io.StringIO()
             with contextlib.redirect_stdout(said):
-                run(step, runs[step.name], "--max-steps", "3", "--eval-every", "2", "--lr", "1e-3")
-            printed[step.name] = said.getvalue()
-        shutil.copytree(runs[step.name], tmp_path, dirs_exist_ok=True)
+                run(step, out, "--max-steps", "3", "--eval-every", "2", "--lr", "1e-3")
+            runs[step.name], printed[step.name] = out, said.getvalue()  # only once it finished
+        return runs[step.name]
+
+    def copy_of(step, tmp_path):
+        shutil.copytree(made(step), tmp_path, dirs_exist_ok=True)
         return tmp_path
 
-    copy_of.printed = printed
+    copy_of.made, copy_of.printed = made, printed
     return copy_of
 
 
@@ -272,6 +276,7 @@ def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoint(step, tmp_path,
 @pytest.mark.first_and_last  # RunLog's second check (shared/runlog.py), reached by the same call in every trainer
 def test_a_run_that_ends_while_a_new_one_builds_its_model_keeps_its_checkpoint_and_metrics(step, tmp_path, finished,
                                                                                             monkeypatch):
+    finished.made(step)  # now, whatever ran before: in the hook, inside the new run's size check, it would build on meta
     build = step.main.GPT
 
     def build_while_an_earlier_run_ends(config):  # after the new run's first check, before it takes the directory
