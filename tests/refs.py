@@ -31,8 +31,21 @@ _MARIAN_ENCODER = [(r"norm2\.", "final_layer_norm.")]
 _MARIAN_DECODER = [(r"norm2\.", "encoder_attn_layer_norm."), (r"norm3\.", "final_layer_norm.")]
 
 
+@torch.no_grad()
+def distinct_layer_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every LayerNorm's weight drawn from N(1, 0.2) and bias from N(0, 0.2), each its own: as built (1 and 0), all
+    LayerNorms compute the same, and a model that used one in another's place would still match its reference."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=gen))
+            m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+    return model
+
+
 def marian_state(module: nn.Module, decoder: bool) -> dict:
-    """Our state dict under Marian's parameter names."""
+    """Our state dict under Marian's parameter names, our LayerNorms made distinct first (distinct_layer_norms)."""
+    distinct_layer_norms(module)
     rules = _MARIAN + (_MARIAN_DECODER if decoder else _MARIAN_ENCODER)
     out = {}
     for key, value in module.state_dict().items():
@@ -68,7 +81,9 @@ def load_mha_into_torch(mha: nn.Module, ref: nn.MultiheadAttention) -> None:
 
 
 def load_layer_into_torch(layer: nn.Module, ref: nn.Module) -> None:
-    """One of our encoder or decoder layers into nn.TransformerEncoderLayer / nn.TransformerDecoderLayer."""
+    """One of our encoder or decoder layers into nn.TransformerEncoderLayer / nn.TransformerDecoderLayer, its
+    LayerNorms made distinct first (distinct_layer_norms)."""
+    distinct_layer_norms(layer)
     load_mha_into_torch(layer.self_attn, ref.self_attn)
     if hasattr(layer, "cross_attn"):
         load_mha_into_torch(layer.cross_attn, ref.multihead_attn)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from transformers.models.marian.modeling_marian import MarianAttention
 
 from tests.refs import additive_mask, load_mha_into_torch, marian_config
+from tests.test_steps import kwargs_it_takes
 
 # fp32, d_model 32: the references sum the same products in another order; 1e-5 is a few hundred
 # float32 rounding steps at the size of these outputs (|x| ~ 1).
@@ -156,3 +157,14 @@ def test_merging_heads_with_a_view_and_no_transpose_lets_a_position_see_the_futu
     later = x.clone()
     later[:, 1] += 1.0  # only position 1 changes: the future of position 0
     assert not torch.allclose(mha(x, x, x, mask)[:, 0], mha(later, later, later, mask)[:, 0], atol=ATOL)
+
+
+@pytest.mark.main_needs("CharLM")
+def test_the_steps_character_model_reads_no_later_position(step):
+    """The run's own model (steps 01-03), as it trains: its logits at t stay the same whatever comes after t."""
+    model = step.main.CharLM(**kwargs_it_takes(step.main.CharLM, vocab_size=20, d_model=16, n_heads=2, d_ff=32,
+                                                max_len=16, dropout=0.0)).eval()
+    idx = torch.randint(20, (2, 8))
+    changed = idx.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 20  # every token after t = 3 differs
+    torch.testing.assert_close(model(idx)[:, :4], model(changed)[:, :4], atol=ATOL, rtol=0)

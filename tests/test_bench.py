@@ -509,6 +509,27 @@ def test_a_rows_ms_are_its_own_not_scaled_by_the_clock_whose_median_it_shows(scr
     assert re.search(r"^15_grad_accum +105\.0 +- +21\.0 +610 ", capsys.readouterr().out, re.M)  # one round: no spread
 
 
+def test_a_rows_mfu_is_its_flops_per_second_over_the_peak(scripted_rows, tmp_path):
+    ms = {"10_training": [[200.0]], "15_grad_accum": [[100.0]], "15_grad_accum again": [[100.0]]}
+    scripted_rows(ms, "--steps", "10,15", "--rounds", "1", "--batch-size", "2", "--json", str(tmp_path / "b.json"),
+                  peak="0.1")
+    run = json.loads((tmp_path / "b.json").read_text())
+    m = run["machine"]
+    tokens = m["batch_size"] * m["seq_len"]  # an iteration's: B=2, T=64 (the tiny preset's)
+    for row, seconds in zip(run["rows"], [0.2, 0.1, 0.1]):  # MFU 28% and 56% (43,750,656 FLOPs a token)
+        # abs=5e-5: the json keeps an MFU to 4 decimals
+        assert row["mfu"] == pytest.approx(m["flops_per_token"] * tokens / seconds / (0.1 * 1e12), abs=5e-5), row
+
+
+def test_vs_10_is_a_rows_tokens_per_s_over_step_10s_wherever_step_10_is_in_the_table():
+    row = {"ms_per_iter": 50.0, "spread": 0.0, "clock_ms_median": None, "mfu": None, "peak_mem_mb": 1.0,
+           "dtype": "bf16", "compile_s": None, "lesson": "x"}
+    # step 10 second, as with --steps 15,10: the base is step 10's row, not the first
+    rows = [{**row, "step": "15_grad_accum", "tok_per_s": 640.0}, {**row, "step": "10_training", "tok_per_s": 320.0}]
+    lines = bench.table(rows, 1).splitlines()
+    assert " 2.00x " in lines[2] and " 1.00x " in lines[3], "\n".join(lines)
+
+
 def test_a_row_without_a_clock_shows_a_dash_in_the_clock_column():
     row = {"step": "15_grad_accum", "ms_per_iter": 50.0, "spread": 0.0, "clock_ms_median": None, "tok_per_s": 1.0,
            "mfu": None, "peak_mem_mb": 1.0, "dtype": "bf16", "compile_s": None, "lesson": "x"}

@@ -181,6 +181,25 @@ def test_an_escaped_pipe_in_the_readmes_steps_table_stays_in_its_cell():
     assert refs == {"17_x": "decoded shards"}
 
 
+def test_the_readmes_ladder_gives_each_steps_ms_spread_and_vs_10_and_no_row_for_the_control():
+    readme = ("intro\n## The speed ladder\n\n```\n"
+              "step        ms/iter  spread clock ms  tokens/s  vs 10    MFU\n"
+              "----------------------------------------------------------\n"
+              "10_training  5637.1    0.2%     42.0       182  1.00x  38.0%\n"
+              "11_mixed     3059.4    0.3%     42.3       335  1.84x  69.9%\n"
+              "11_mixed again 3060.0  0.4%     42.1       334  1.84x  69.8%\n```\n")
+    _, _, ladder, _ = book.readme_parts(readme)
+    assert ladder == {"10_training": ("5637.1", "0.2%", "1.00x"), "11_mixed": ("3059.4", "0.3%", "1.84x")}
+
+
+def test_every_page_links_to_the_step_before_and_the_step_after_it(built):
+    pages = [f"{s}.html" for s in all_steps()]
+    for i, name in enumerate(pages):  # the first page has no step before it, the last none after it
+        nav = (built / name).read_text().split("<nav>", 1)[1].split("</nav>", 1)[0]
+        around = [*pages[max(i - 1, 0) : i], "index.html", *pages[i + 1 : i + 2]]
+        assert re.findall(r'href="([^"]+)"', nav) == around, name
+
+
 def test_a_page_lists_the_tests_of_the_shared_code_its_step_brought(built):
     tests = section((built / "11_mixed_precision.html").read_text(), "tests")
     assert 'id="test_bf16_is_native_on_a_gpu_of_compute_capability_8_or_newer"' in tests  # no step parameter

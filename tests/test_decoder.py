@@ -1,4 +1,6 @@
 """Step 05's lesson: the decoder layer (masked self-attention, cross-attention, FFN) and the causal mask."""
+import argparse
+
 import pytest
 import torch
 import torch.nn as nn
@@ -10,6 +12,7 @@ from transformers.models.marian.modeling_marian import MarianDecoder
 from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state, \
     torch_decoder_layer
 from tests.test_block import layer_params
+from tests.test_steps import Bigram
 
 ATOL = 1e-5  # fp32, d_model 32: the same sums in another order
 
@@ -119,3 +122,41 @@ def test_decoder_reads_the_memory(step):
 @pytest.mark.needs("Decoder")
 def test_decoder_parameter_count(step):
     assert sum(p.numel() for p in small_decoder(step).parameters()) == 50 * 32 + 2 * layer_params(32, 64, 2)
+
+
+@pytest.mark.main_needs("FixedMemoryDecoder")
+def test_the_steps_decoder_reads_no_later_target_token(step):
+    """The run's own model (step 05), as it trains: its logits at t stay the same whatever comes after t."""
+    model = step.main.FixedMemoryDecoder(vocab_size=20, d_model=16, n_heads=2, n_layers=2, d_ff=32, max_len=16,
+                                         dropout=0.0).eval()
+    src, tgt = torch.randint(3, 20, (2, 6)), torch.randint(3, 20, (2, 8))  # no PAD: every position is real
+    changed = tgt.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 17 + 3  # every token after t = 3 differs
+    torch.testing.assert_close(model(src, tgt)[:, :4], model(src, changed)[:, :4], atol=ATOL, rtol=0)
+
+
+@pytest.mark.main_needs("reversal_batch")
+def test_the_target_is_bos_the_source_word_reversed_and_eos(step):
+    src, tgt = step.main.reversal_batch(50, 6, torch.Generator().manual_seed(0))  # (50, 7), (50, 8)
+    PAD, BOS, EOS = step.main.PAD, step.main.BOS, step.main.EOS
+    for s, t in zip(src.tolist(), tgt.tolist()):
+        word = s[: s.index(EOS)]
+        assert t == [BOS, *reversed(word), EOS] + [PAD] * (6 - len(word)) and 1 <= len(word) <= 6
+
+
+class TargetBigram(Bigram):
+    """The stand-in model of test_steps.py, reading the target only: (src, tgt_in) -> (B, T, vocab)."""
+
+    def forward(self, src, tgt_in):
+        return super().forward(tgt_in)
+
+
+@pytest.mark.main_needs("reversal_batch", "evaluate")
+def test_validation_loss_is_one_cross_entropy_over_every_target_token_but_the_padding(step):
+    torch.manual_seed(0)
+    model = TargetBigram(3 + 26)  # PAD, BOS, EOS and the letters
+    args = argparse.Namespace(batch_size=3, max_letters=6, device="cpu")  # 10 words: batches of 3, 3, 3 and 1
+    src, tgt = step.main.reversal_batch(10, 6, torch.Generator().manual_seed(0))  # evaluate's own words
+    expected = F.cross_entropy(model(src, tgt[:, :-1]).flatten(0, 1), tgt[:, 1:].flatten(),
+                               ignore_index=step.main.PAD).item()
+    assert step.main.evaluate(model, args, words=10) == pytest.approx(expected, rel=1e-6)  # fp32, another order

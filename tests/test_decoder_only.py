@@ -157,3 +157,32 @@ def test_generate_crops_the_context_to_max_len(step):
     model = step.model.DecoderOnlyLM(50, 32, 4, 2, 64, max_len=8, dropout=0.0).eval()
     out = model.generate(torch.randint(50, (1, 8)), max_new_tokens=4, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 12)  # no position past the sinusoid table of 8 rows was asked for
+
+
+def argmax_loop(model, idx, n: int):
+    """Greedy decoding the slow way: a whole forward pass for each new token, no mask. -> (B, T + n)."""
+    for _ in range(n):
+        out = model(idx)
+        logits = (out[0] if isinstance(out, tuple) else out)[:, -1]  # (B, vocab); GPT returns (logits, loss)
+        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+def test_generate_at_a_temperature_near_0_is_the_argmax_of_a_whole_forward_pass_each_time(step):
+    # At 1e-4, a gap g between the two largest logits leaves the second e^(-g / 1e-4) of the first's weight: with
+    # seed 0, g is at least 0.043, e^-430.
+    torch.manual_seed(0)
+    model = small(step).eval()
+    with torch.no_grad():  # untrained, the tied table makes each token predict itself: no context would be read
+        for name, w in model.named_parameters():
+            if w.dim() == 2 and name != "embed.tok.weight":
+                w.normal_(0, 0.3)
+    out = model.generate(IDX, max_new_tokens=8, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, argmax_loop(model, IDX, 8))
+
+
+@pytest.mark.main_needs("pad_left")
+def test_the_runs_prompts_are_padded_on_the_left_with_a_mask_of_their_real_tokens(step):
+    idx, mask = step.main.pad_left([[7], [2, 3, 4]], 0)
+    assert idx.tolist() == [[0, 0, 7], [2, 3, 4]] and mask.tolist() == [[0, 0, 1], [1, 1, 1]]

@@ -70,3 +70,13 @@ def test_embedder_drops_out_only_in_training(step):
     idx = torch.randint(11, (2, 32))
     assert (embed.train()(idx) == 0).any()
     assert not (embed.eval()(idx) == 0).any()
+
+
+@pytest.mark.needs("Embedder")
+def test_embedder_drops_the_sum_of_token_and_position_not_the_token_alone(step):
+    embed = step.model.Embedder(vocab_size=11, d_model=64, max_len=32, dropout=0.5)
+    idx = torch.randint(11, (2, 32))
+    full, dropped = embed.eval()(idx), embed.train()(idx)
+    kept = dropped != 0  # a dropped token with its position added after would be the position alone, not 0
+    assert 0.4 < kept.float().mean() < 0.6  # about half of 4,096 kept
+    torch.testing.assert_close(dropped[kept], full[kept] * 2, atol=ATOL, rtol=0)  # scaled by 1 / (1 - p)

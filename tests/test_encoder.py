@@ -1,14 +1,19 @@
 """Step 04's lesson: the encoder, N stacked layers over a padded batch with a source padding mask."""
+import argparse
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers.models.marian.modeling_marian import MarianEncoder
 
+from shared import data
 from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state, \
     torch_encoder_layer
 from tests.test_block import layer_params
+from tests.test_steps import Bigram
 
 ATOL = 1e-5  # fp32, two layers of d_model 32: the same sums in another order
 
@@ -85,3 +90,15 @@ def test_every_batch_hides_at_least_one_character_so_that_its_loss_is_a_number(s
         x, y = step.main.hide(torch.randint(2, 60, (1, 4)), gen)
         assert (y >= 0).sum() >= 1
         assert torch.equal(x == step.main.MASK, y >= 0)  # and each hidden character is a MASK in x
+
+
+@pytest.mark.main_needs("hide", "evaluate")
+def test_validation_loss_is_one_cross_entropy_over_every_hidden_character(step):
+    torch.manual_seed(0)
+    model, ids = Bigram(20), torch.randint(2, 20, (30,))  # 0 and 1 are PAD and MASK
+    args = argparse.Namespace(batch_size=3, block_size=4, device="cpu")  # 7 windows: batches of 3, 3 and 1
+    gen = torch.Generator().manual_seed(0)  # evaluate's own: the same characters hidden in the same order
+    hidden = [step.main.hide(x, gen) for x, _ in data.sequential_windows(ids, 3, 4)]
+    x, y = (torch.cat(t) for t in zip(*hidden))  # (7, 4) each
+    expected = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100).item()  # over y >= 0 only
+    assert step.main.evaluate(model, ids, args) == pytest.approx(expected, rel=1e-6)  # fp32 sums in another order

@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from shared import data
 from shared.steps import ROOT
 from tests.conftest import ctrl_c_as_in_a_terminal
+from tests.refs import distinct_layer_norms
 from tests.test_gpt2 import gpt2_params, rows
 
 pytestmark = pytest.mark.per_model_file  # model.py's from_pretrained; the command tests run on step 09 alone
@@ -27,8 +29,8 @@ IDX = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11], [464, 2068, 758
 
 
 def hf_small():
-    """A randomly initialised GPT2LMHeadModel over GPT-2's 50257 tokens, 2 layers of n_embd 32."""
-    return GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+    """A randomly initialised GPT2LMHeadModel over GPT-2's 50257 tokens, 2 layers of n_embd 32, LayerNorms distinct."""
+    return distinct_layer_norms(GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval())
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def saved_124m(tmp_path_factory):
     """A randomly initialised GPT2LMHeadModel at GPT-2 small's full size, written by save_pretrained."""
     path = tmp_path_factory.mktemp("gpt2-124m-random")
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()
+    hf = distinct_layer_norms(GPT2LMHeadModel(GPT2Config()).eval())
     hf.save_pretrained(path)
     return hf, path
 
@@ -223,8 +225,10 @@ def test_a_config_json_with_impossible_sizes_is_refused_before_the_model_is_buil
 
 
 @pytest.mark.needs("GPT.from_pretrained")
-@pytest.mark.parametrize("setting", [{"activation_function": "relu"}, {"scale_attn_weights": False}],
-                         ids=lambda s: next(iter(s)))  # scores not divided by sqrt(head size): other logits
+@pytest.mark.parametrize("setting", [{"activation_function": "relu"}, {"scale_attn_weights": False},
+                                     {"layer_norm_epsilon": 1e-3}, {"scale_attn_by_inverse_layer_idx": True},
+                                     {"tie_word_embeddings": False}],
+                         ids=lambda s: next(iter(s)))  # each gives other logits than this GPT computes
 def test_a_config_this_gpt_does_not_compute_is_refused(step, tmp_path, setting):
     hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, **setting))
     hf.save_pretrained(tmp_path)
@@ -291,6 +295,22 @@ def test_command_with_the_same_seed_writes_the_same_text(step, saved, capsys):
 def test_command_crops_a_prompt_longer_than_the_context_with_a_warning(step, saved, capsys):
     err = run(step, capsys, "--model", str(saved[1]), "--prompt", "to be or not " * 40, "--max-new-tokens", "2").err
     assert "warning:" in err and "the last 64" in err
+
+
+@pytest.mark.main_needs("stream")
+def test_command_samples_with_its_temperature_and_top_k_from_the_prompts_last_tokens(step, saved, capsys,
+                                                                                     monkeypatch):
+    asked = []
+
+    def recorded(model, idx, max_new_tokens, temperature, top_k, generator):
+        asked.append((idx[0].tolist(), temperature, top_k))
+        return torch.cat([idx, idx[:, -1:]], dim=1)  # the last token again
+
+    monkeypatch.setattr(step.main.GPT, "generate", recorded)
+    prompt = "to be or not " * 40  # 160 tokens; the context is 64
+    run(step, capsys, "--model", str(saved[1]), "--prompt", prompt, "--temperature", "0.5", "--top-k", "7",
+        "--max-new-tokens", "1", "--num-samples", "1")
+    assert asked == [(data.gpt2_tokenizer().encode(prompt)[-64:], 0.5, 7)]
 
 
 @pytest.mark.main_needs("stream")

@@ -100,6 +100,30 @@ def test_after_the_tests_a_learner_is_sent_to_the_diary_of_the_step_the_mistake_
     assert mistakes.reading(untied, "12_compile_flash") == untied.read  # diary 12 does not name it
 
 
+def reporting(monkeypatch, results: list[tuple]) -> None:
+    """make mistake without its copy, its edit and its pytest run: the mistake's tests report `results`, each
+    (test, its parameters, the first line of its failure or None)."""
+    monkeypatch.setattr(mistakes, "copy_project", lambda into: into)
+    monkeypatch.setattr(mistakes, "make", lambda mistake, root, step: "")
+    monkeypatch.setattr(mistakes, "run_tests", lambda root, mistake, step: results)
+
+
+def test_a_mistake_only_some_of_its_tests_catch_is_not_caught(monkeypatch, capsys):
+    untied = mistakes.BY_ID["untied-head"]  # every one of its tests that runs on the step must fail
+    reporting(monkeypatch, [(untied.tests[0], "08_gpt2", "assert 163037184 == 124439808"),
+                               (untied.tests[1], "08_gpt2", None)])
+    assert mistakes.show(untied, "08_gpt2") == 1
+    assert "NOT caught" in capsys.readouterr().out
+
+
+def test_check_fails_a_mistake_none_of_whose_tests_ran(monkeypatch, capsys):
+    # a test renamed and not in the registry: pytest -k selects nothing, and nothing failing is not a catch
+    monkeypatch.setattr(mistakes, "MISTAKES", [mistakes.BY_ID["untied-head"]])
+    reporting(monkeypatch, [])
+    assert mistakes.check() == 1
+    assert "error: untied-head on 08_gpt2: none of its tests ran" in capsys.readouterr().err
+
+
 def test_the_copys_tests_read_the_projects_data_directory_not_one_of_their_own(tmp_path, monkeypatch):
     monkeypatch.delenv("GPT2STEPS_DATA", raising=False)  # a learner's clone: data/ beside the Makefile
     handed = {}

@@ -164,9 +164,10 @@ def test_other_settings_in_the_same_directory_are_refused(sources, tmp_path):
             "other settings", "shard_tokens 2000", "another --out")
 
 
-def test_a_truncated_shard_is_named_with_what_to_do(sources, tmp_path):
+@pytest.mark.parametrize("name", ["docs_val_000000.npy", "docs_train_000001.npy"])  # the validation shard is read too
+def test_a_truncated_shard_is_named_with_what_to_do(sources, tmp_path, name):
     prepare(sources["jsonl"], tmp_path)
-    path = tmp_path / "docs_train_000001.npy"
+    path = tmp_path / name
     np.save(path, np.load(path)[:100])  # a whole .npy, but shorter than the manifest says
     refused(lambda: shards.shard_files(tmp_path), str(path), "100 tokens where manifest.json says 2,000",
             "make data again")
@@ -207,11 +208,12 @@ def test_a_file_of_random_bytes_is_named_as_no_npy_not_as_a_pickle_to_trust(sour
     assert "allow_pickle" not in said
 
 
-def test_a_shard_of_another_dtype_is_named(sources, tmp_path):
+@pytest.mark.parametrize("dtype", ["int32", "int16"])  # int16: uint16's 2 bytes, but ids past 32,767 read negative
+def test_a_shard_of_another_dtype_is_named(sources, tmp_path, dtype):
     prepare(sources["jsonl"], tmp_path)
     path = tmp_path / "docs_train_000001.npy"
-    np.save(path, np.load(path).astype(np.int32))
-    refused(lambda: shards.shard_files(tmp_path), str(path), "int32", "uint16")
+    np.save(path, np.load(path).astype(dtype))
+    refused(lambda: shards.shard_files(tmp_path), str(path), dtype, "uint16")
 
 
 def test_a_damaged_manifest_is_named(sources, tmp_path):
@@ -364,6 +366,16 @@ def test_a_deleted_shard_is_made_again_by_running_make_data_again(sources, tmp_p
     prepare(sources["jsonl"], tmp_path / "again")  # what the message says to do
     assert "making it, and those after it, again" in capsys.readouterr().out
     assert all(p.read_bytes() == (tmp_path / "again" / p.name).read_bytes() for p in (tmp_path / "whole").iterdir())
+
+
+def test_a_shortened_shard_is_made_again_by_running_make_data_again(sources, tmp_path, capsys):
+    prepare(sources["jsonl"], tmp_path)
+    path = tmp_path / "docs_train_000002.npy"
+    made = path.read_bytes()
+    np.save(path, np.load(path)[:100])  # a whole .npy, but shorter than the manifest says
+    prepare(sources["jsonl"], tmp_path)
+    assert "making it, and those after it, again" in capsys.readouterr().out
+    assert path.read_bytes() == made
 
 
 def test_a_source_smaller_than_a_shard_is_named_with_what_to_do(sources, tmp_path, capsys):

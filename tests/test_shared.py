@@ -195,6 +195,15 @@ def test_sequential_windows_walk_every_full_window_in_order():
     assert torch.equal(x.flatten(), torch.arange(28)) and torch.equal(y, x + 1)
 
 
+def test_sequential_windows_of_a_whole_number_of_blocks_leave_out_the_last_one_whose_last_target_is_past_the_end():
+    # 32 ids are 8 blocks of 4, but the 8th block's last target would be id 32: 7 windows (the char validation
+    # split is 111,540 ids, a whole number of blocks at --block-size 10)
+    batches = list(data.sequential_windows(torch.arange(32), batch_size=2, block_size=4))
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert torch.equal(x.flatten(), torch.arange(28)) and torch.equal(y, x + 1)
+
+
 def test_a_window_longer_than_a_split_is_refused_with_the_longest_that_fits():
     with pytest.raises(SystemExit) as exit:
         data.split(torch.arange(100), block_size=10)  # the validation split has 10 ids: 9 at most
@@ -741,6 +750,21 @@ def test_shapes_name_a_shared_module_after_the_parent_running_it(capsys):
     shapes.show(model, torch.zeros(1, 2))
     out = capsys.readouterr().out
     assert "0.0 " in out and "1.0 " in out  # not 0.0 twice
+
+
+def two_levels() -> torch.nn.Module:
+    """Modules 0 (0.0, 0.1) and 1: two levels of names."""
+    return torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()), torch.nn.Linear(3, 1))
+
+
+def test_shapes_at_depth_1_show_the_models_own_modules_and_none_of_theirs():
+    assert [name for name, _, _ in shapes.rows(two_levels(), torch.zeros(1, 2), depth=1)] == ["input 0", "0", "1"]
+
+
+def test_shapes_come_in_the_order_the_modules_finish_a_parent_after_its_children():
+    assert shapes.rows(two_levels(), torch.zeros(1, 2), depth=2) == [
+        ("input 0", "", (1, 2)), ("0.0", "Linear", (1, 3)), ("0.1", "ReLU", (1, 3)), ("0", "Sequential", (1, 3)),
+        ("1", "Linear", (1, 1))]
 
 
 def test_the_shapes_say_how_many_rows_they_were_taken_on(capsys):

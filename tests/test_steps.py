@@ -3,6 +3,7 @@ the same seed gives the same losses, a validation loss that does not change betw
 Bad input of every kind is in test_bad_input.py."""
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import re
@@ -11,7 +12,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+from shared import data
 from shared.steps import ROOT
 from tests.conftest import ctrl_c_as_in_a_terminal, mentions, small_run_flags
 
@@ -87,6 +92,36 @@ def test_first_loss_is_about_a_uniform_guess(step, forty):
 def test_validation_loss_is_the_same_number_every_time_for_the_same_weights(step, forty):
     *_, pairs = forty(step)  # each evaluation of the run, done twice in a row
     assert pairs and all(first == second for first, second in pairs)
+
+
+def kwargs_it_takes(cls, **kwargs) -> dict:
+    """The keyword arguments that cls's constructor has: a step's model gains some from one step to the next."""
+    return {k: v for k, v in kwargs.items() if k in inspect.signature(cls).parameters}
+
+
+class Bigram(nn.Module):
+    """A stand-in model: a token's logits for the next one are a random table's row for it (B, T) -> (B, T, vocab),
+    so that every window has a loss of its own. Given targets, it returns (logits, loss), as GPT does (08 on)."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, idx, targets=None):
+        logits = self.table(idx)  # (B, T, vocab_size)
+        return logits if targets is None else (logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+
+
+@pytest.mark.main_needs("evaluate")
+@pytest.mark.main_mentions("sequential_windows")
+@pytest.mark.main_lacks("Loader", "hide")  # the trainers': test_trainer.py; step 04 hides characters: test_encoder.py
+def test_validation_loss_is_one_cross_entropy_over_every_window(step):
+    torch.manual_seed(0)
+    model, ids = Bigram(20), torch.randint(20, (30,))
+    args = argparse.Namespace(batch_size=3, block_size=4, device="cpu")  # 7 windows: batches of 3, 3 and 1
+    x, y = next(data.sequential_windows(ids, 7, 4))  # all 7 in one batch
+    expected = F.cross_entropy(model.table(x).flatten(0, 1), y.flatten()).item()
+    assert step.main.evaluate(model, ids, args) == pytest.approx(expected, rel=1e-6)  # fp32 sums in another order
 
 
 @pytest.mark.main_needs("evaluate")
