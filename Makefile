@@ -4,11 +4,12 @@
 #   make step N=16 NPROC=2 a stage on 2 processes (torchrun), from step 16 on
 #   make test [N=08]       the whole test suite, or one stage's tests
 #   make bench             the speed ladder of steps 10-16 (ARGS="--steps 10,15" for some, "--steps all" for all)
-#   make data ARGS="--source fineweb-edu --out data/edu_fineweb10B"   text to token shards (step 17 on)
+#   make data              text to token shards for step 17 (ARGS="--source fineweb-edu --out data/edu_fineweb10B")
 #   make gpu-check         every accelerator path in one command, with one summary (on a CPU: says so, exits 0)
 #   make diff N=08         what step 08 adds to step 07
-#   make mistake [N=08] [M=untied-head]   the classic mistakes (N=08: those in step 08's code); M=: one made in a
-#                          copy of a step, and its tests run
+#   make mistake [N=08] [M=untied-head]
+#                          the classic mistakes (N=08: those in step 08's code); M=: one made in a copy of a step,
+#                          and its tests run
 #   make book              the steps as a site to read in a browser (book/index.html)
 #   make setup [CPU=1]     create .venv and install the pinned dependencies (CPU=1: torch's CPU build)
 #   make clean             remove .venv, runs/, book/ and hypothesis's cache (data/ stays: it took long to make)

@@ -477,10 +477,11 @@ def curve_html(step: str, runs_dir: Path) -> str:
                                    "a curve needs two.")
     end = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in summary.items()
            if k in ("val_loss", "uniform_guess") and isinstance(v, (int, float))]
-    iterations, points = cli.plural(len(curves["train"]), "iteration"), cli.plural(len(curves["validation"]),
-                                                                                   "validation point")
+    counts = [cli.plural(len(curves["train"]), "iteration")]
+    if curves["validation"]:  # steps 01-08 evaluate once, at the end: summary.json has it
+        counts.append(cli.plural(len(curves["validation"]), "validation point"))
     return ("".join(said) + f"<p>From <code>{html.escape(shown(path))}</code>, the last run of this step: "
-            f"{iterations}, {points}"
+            f"{', '.join(counts)}"
             + (f"; at its end, {', '.join(end)} (summary.json)" if end else "") + ".</p>"
             f'<div class="scroll"><figure class="curve">{loss_svg(curves)}</figure></div>')
 

@@ -170,9 +170,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n({self.hint} lists every flag)\n")
 
     def unknown_flag(self, unknown: list[str]) -> str:
-        """For the first unknown --flag: the steps that have it (a flag of a later step, typed too soon), or the flag
-        of this command it is a typo of. Nothing where neither is near: a wrong guess misleads more than none.
-        A word first, after a flag of text and its value: the rest of a value of several words, unquoted."""
+        """For the first unknown --flag: the flag of this command it shortens, misspells or renames (step 08 takes
+        GPT-2's names), and the steps that have it (a flag of another step). Nothing where none of these is near: a
+        wrong guess misleads more than none. A word first, after a flag of text and its value: the rest of a value
+        of several words, unquoted."""
         if unknown and not unknown[0].startswith("-") and unknown[0] in self.argv:
             i = self.argv.index(unknown[0])
             action = self._option_string_actions.get(self.argv[i - 2]) if i >= 2 else None
@@ -184,19 +185,29 @@ class ArgumentParser(argparse.ArgumentParser):
         flag = next((a.split("=")[0] for a in unknown if a.startswith("--")), None)
         if flag is None:
             return ""
-        if self.prog.startswith("python -m steps.") and (steps := steps_with_flag(flag)):
-            return f" ({flag} is a flag of step{'s' * (len(steps) > 1)} {spans(steps)})"
         flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
         near = [f for f in flags if f.startswith(flag) and f != "--help"] if len(flag) > 3 else []  # --warmup
-        near = near or difflib.get_close_matches(flag, flags, n=1, cutoff=0.85)  # or misspelt (--max-stpes)
-        return f" (did you mean {' or '.join(near)}?)" if near else ""
+        near = near or difflib.get_close_matches(flag.replace("_", "-"), flags, n=1, cutoff=0.85)  # --max-stpes, --d_ff
+        said = [f"here it is {RENAMED[flag]}"] if RENAMED.get(flag) in flags else \
+            [f"did you mean {' or '.join(near)}?"] if near else []
+        if self.prog.startswith("python -m steps.") and (steps := steps_with_flag(flag)):
+            said.append(f"{flag} is a flag of step{'s' * (len(steps) > 1)} {spans(steps)}")
+        return f" ({'; '.join(said)})" if said else ""
+
+
+# The 2017 Transformer's names for the sizes (steps 01-07) and GPT-2's (08 on), either way
+RENAMED = {"--d-model": "--n-embd", "--n-heads": "--n-head", "--n-layers": "--n-layer"}
+RENAMED |= {gpt2: paper for paper, gpt2 in RENAMED.items()}
 
 
 def steps_with_flag(flag: str) -> list[str]:
-    """The steps whose command adds `flag` (--no-cache: those that add --cache, whose --no- form it is)."""
+    """The steps whose command adds `flag` (--no-cache: those that add --cache, whose --no- form it is), itself or
+    through parser()."""
     names = {flag} | ({"--" + flag[len("--no-"):]} if flag.startswith("--no-") else set())
-    return [s for s in all_steps() if any(re.search(rf'add_argument\(\s*"{re.escape(n)}"', (
-        STEPS_DIR / s / "__main__.py").read_text()) for n in names)]
+    common = names & {s for a in parser("", "01_x", 1)._actions for s in a.option_strings}  # --max-steps, --out, ...
+    adds = lambda text: any(re.search(rf'add_argument\(\s*"{re.escape(n)}"', text) for n in names)
+    return [s for s in all_steps() if adds(text := (STEPS_DIR / s / "__main__.py").read_text())
+            or (common and "cli.parser(" in text)]
 
 
 def spans(steps: list[str]) -> str:

@@ -137,7 +137,8 @@ def summary(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="make gpu-check", description=__doc__.split("\n\n")[0], hint='make gpu-check '
                            'ARGS="--help"')
-    p.add_argument("--json", type=Path, default="runs/gpu-check.json", help="where the results go")
+    p.add_argument("--json", type=Path, default="runs/gpu-check.json", help="where the results go (default: "
+                   "runs/gpu-check.json)")
     p.add_argument("--tests-only", action="store_true", help="only the tests marked gpu (2.5 minutes at most)")
     args = p.parse_args(argv)
     import torch

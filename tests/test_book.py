@@ -308,6 +308,13 @@ def test_a_metrics_file_with_a_blank_line_a_bad_one_and_a_cut_off_end_still_give
     assert "3 iterations" in curve and "2 lines that are not rows" in curve and "last line is cut off" in curve
 
 
+def test_a_run_that_evaluates_once_at_its_end_gives_its_validation_loss_not_a_count_of_none(tmp_path):
+    lines = [ROW.format(0, 3.0), ROW.format(1, 2.5)]  # steps 01-08: no val_loss row, one at the end in summary.json
+    curve = text_of(book.curve_html("03_feedforward", write_run(tmp_path, "03_feedforward", lines, {"val_loss": 2.4})))
+    assert "the last run of this step: 2 iterations; at its end, val loss 2.4000" in curve
+    assert "validation point" not in curve
+
+
 def test_a_diverged_run_says_so_over_its_curve(tmp_path):
     summary = {"diverged": {"iter": 2, "loss": "nan", "lr": 1e9}}
     lines = [ROW.format(0, 3.0), ROW.format(1, 1.8e11)]

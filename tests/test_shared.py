@@ -716,6 +716,18 @@ def test_a_flag_of_later_steps_typed_in_an_earlier_one_names_the_steps_that_have
         capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("name, typed, said", [
+    ("02_attention", "--n-head", "(here it is --n-heads; --n-head is a flag of steps 08, 10 to 18)"),
+    ("08_gpt2", "--d-model", "(here it is --n-embd; --d-model is a flag of steps 01 to 07)"),  # GPT-2's names
+    ("03_feedforward", "--d_ff", "(did you mean --d-ff?)"),  # an underscore for a hyphen
+    ("09_from_pretrained", "--max-steps", "(--max-steps is a flag of steps 01 to 08, 10 to 18)"),  # from cli.parser
+])
+def test_a_flag_of_another_step_gets_this_steps_name_for_it_and_the_steps_that_have_it(name, typed, said, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"steps.{name}.__main__").main([typed, "4"])
+    assert f"unrecognized arguments: {typed} 4 {said}" in capsys.readouterr().err
+
+
 def test_the_no_form_of_a_switch_is_found_in_the_steps_that_have_the_switch():
     assert cli.steps_with_flag("--no-cache") == cli.steps_with_flag("--cache") == ["18_kv_cache"]
 

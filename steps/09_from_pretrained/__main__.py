@@ -49,7 +49,8 @@ def main(argv=None):
         except OSError as e:
             if args.model != "auto":  # asked for by name: stop
                 sys.exit(f"error: {e}\n(--model random runs an untrained GPT-2 without any download)")
-            print(f"warning: {e}\nwriting with an untrained GPT-2 instead (--model random): expect noise",
+            print(f"warning: {e}\nwriting with an untrained GPT-2 instead (--model random): expect noise (step 10 "
+                  "saves one trained on tiny shakespeare: --model runs/10_training/model)",
                   file=sys.stderr)
             args.model, model = "random", GPT(GPTConfig()).eval()
         except ValueError as e:  # a name that is no model, or a directory whose weights do not fit
