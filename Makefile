@@ -27,7 +27,13 @@ override ARGS := $(value ARGS)
 export ARGS
 ARGV = eval "set -- $$ARGS" 2>/dev/null || exec $(REGISTRY) bad-args
 
-.PHONY: help list setup step test bench data gpu-check mistake book diff clean
+TARGETS := help list setup step test bench data gpu-check mistake book diff clean
+.PHONY: $(TARGETS)
+# `make step N=01 ARGS=--max-steps 10` makes 10 a goal of its own: say so before the step runs without it
+ifneq ($(filter-out $(TARGETS) $(STAMP),$(MAKECMDGOALS)),)
+$(error "$(firstword $(filter-out $(TARGETS) $(STAMP),$(MAKECMDGOALS)))" is no target (make help lists them); \
+if it is a word of ARGS, put ARGS in quotes, whole: ARGS="--max-steps 10 --seed 0")
+endif
 .DEFAULT_GOAL := list
 
 list:

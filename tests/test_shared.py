@@ -39,8 +39,14 @@ def test_make_list_shows_every_step_with_its_lesson():
 
 def test_make_help_lists_every_target_of_the_makefile():
     out = sh("make", "-s", "help").stdout
-    phony = re.search(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.M)[1].split()
+    phony = re.search(r"^TARGETS := (.*)$", (ROOT / "Makefile").read_text(), re.M)[1].split()  # .PHONY's
     assert all(f"make {target}" in out for target in phony if target != "clean"), out
+
+
+def test_a_word_of_args_left_outside_its_quotes_stops_make_before_the_step_runs():
+    r = sh("make", "-s", "step", "N=01", "ARGS=--max-steps", "10")  # as typed: make step N=01 ARGS=--max-steps 10
+    assert r.returncode == 2 and r.stdout == ""
+    assert '"10" is no target (make help lists them); if it is a word of ARGS, put ARGS in quotes' in r.stderr
 
 
 def test_the_makes_a_test_starts_see_none_of_make_tests_own_variables():

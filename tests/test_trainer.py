@@ -251,8 +251,9 @@ def test_the_resume_command_pasted_into_bash_gives_make_back_every_word(step, tm
     argv = ["--out", "runs/it's here", "--note", 'He said "no"', "--cost", "$5 $(HOME) $$ `ls` \\", "--wow", "Hi!",
             "--resume", "old"]
     command = step.main.resume_command(argv, Path("runs/a b"))
-    args_lines = [line for line in (ROOT / "Makefile").read_text().splitlines() if "ARGS" in line.split("#")[0]]
-    assert len(args_lines) == 3  # override ARGS := ..., export ARGS, ARGV = ...
+    args_lines = [line for line in (ROOT / "Makefile").read_text().splitlines()
+                  if line.startswith(("override ARGS :=", "export ARGS", "ARGV ="))]
+    assert len(args_lines) == 3
     (tmp_path / "Makefile").write_text("SHELL := /bin/bash\n" + "\n".join(args_lines) +
                                        '\nwords:\n\t@$(ARGV); printf "%s\\0" "$$@"\n')
     pasted = command.replace(f"make step N={step.name[:2]}", f"make -s -C {tmp_path} words", 1)
