@@ -106,6 +106,7 @@ def main(argv=None):
         loss.backward()
         opt.step()
         log.log(it, loss.item(), args.lr, tokens=tgt.numel())
+    print("evaluating 1,000 fixed words ...", flush=True)  # seconds
     log.close(val_loss=evaluate(model, args), uniform_guess=math.log(tok.vocab_size))
     show_predictions(model, tok, args, gen)
 
