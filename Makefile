@@ -4,7 +4,8 @@
 #   make step N=16 NPROC=2 a stage on 2 processes (torchrun), from step 16 on
 #   make test [N=08]       the whole test suite, or one stage's tests
 #   make bench             the speed ladder of steps 10-16 (ARGS="--steps 10,15" for some, "--steps all" for all)
-#   make data              text to token shards for step 17 (ARGS="--source fineweb-edu --out data/edu_fineweb10B")
+#   make data              text to token shards for steps 17 and 18
+#                          (ARGS="--source fineweb-edu --out data/edu_fineweb10B")
 #   make gpu-check         every accelerator path in one command, with one summary (on a CPU: says so, exits 0)
 #   make diff N=08         what step 08 adds to step 07
 #   make mistake [N=08] [M=untied-head]
@@ -22,7 +23,7 @@ STAMP := $(VENV)/.installed
 REGISTRY := $(PYTHON) -m shared.steps
 # ARGS as the shell splits it ("--prompt 'To be'": two words), into "$$@". Read from the environment, not pasted
 # into the recipe: a quote left open is one line, not a broken recipe. Taken as typed: make would expand a $ in it
-# ("--prompt 'cost $5'" would reach the step as 'cost ').
+# (from a terminal, ARGS="--prompt 'cost \$5'" would reach the step as 'cost ').
 override ARGS := $(value ARGS)
 export ARGS
 ARGV = eval "set -- $$ARGS" 2>/dev/null || exec $(REGISTRY) bad-args
@@ -31,8 +32,8 @@ TARGETS := help list setup step test bench data gpu-check mistake book diff clea
 .PHONY: $(TARGETS)
 # `make step N=01 ARGS=--max-steps 10` makes 10 a goal of its own: say so before the step runs without it
 ifneq ($(filter-out $(TARGETS) $(STAMP),$(MAKECMDGOALS)),)
-$(error "$(firstword $(filter-out $(TARGETS) $(STAMP),$(MAKECMDGOALS)))" is no target (make help lists them); \
-if it is a word of ARGS, put ARGS in quotes, whole: ARGS="--max-steps 10 --seed 0")
+$(error "$(firstword $(filter-out $(TARGETS) $(STAMP),$(MAKECMDGOALS)))" is not a target (make help \
+lists them); if it is a word of ARGS, put ARGS in quotes, whole, e.g. ARGS="--max-steps 10 --seed 0")
 endif
 .DEFAULT_GOAL := list
 

@@ -205,7 +205,10 @@ def steps_with_flag(flag: str) -> list[str]:
     through parser()."""
     names = {flag} | ({"--" + flag[len("--no-"):]} if flag.startswith("--no-") else set())
     common = names & {s for a in parser("", "01_x", 1)._actions for s in a.option_strings}  # --max-steps, --out, ...
-    adds = lambda text: any(re.search(rf'add_argument\(\s*"{re.escape(n)}"', text) for n in names)
+
+    def adds(text: str) -> bool:
+        return any(re.search(rf'add_argument\(\s*"{re.escape(n)}"', text) for n in names)
+
     return [s for s in all_steps() if adds(text := (STEPS_DIR / s / "__main__.py").read_text())
             or (common and "cli.parser(" in text)]
 

@@ -167,4 +167,5 @@ def test_the_steps_character_model_reads_no_later_position(step):
     idx = torch.randint(20, (2, 8))
     changed = idx.clone()
     changed[:, 4:] = (changed[:, 4:] + 1) % 20  # every token after t = 3 differs
+    # ATOL: the same weights, but another input may be summed in another order by the kernels
     torch.testing.assert_close(model(idx)[:, :4], model(changed)[:, :4], atol=ATOL, rtol=0)

@@ -51,7 +51,8 @@ def test_ci_runs_the_narrowed_tests_on_every_step_they_apply_to(monkeypatch):
     gpt = pytest.mark.needs("GPTConfig", "GPT").mark
     picked = steps_for([gpt])
     assert run_on([gpt, pytest.mark.newest.mark]) == run_on([gpt, pytest.mark.first_and_last.mark]) == picked
-    assert """GPT2STEPS_EVERY_STEP=1 make test ARGS="-m 'first_and_last or newest'\"""" in (ROOT / ".ci/run").read_text()
+    every_step = """GPT2STEPS_EVERY_STEP=1 make test ARGS="-m 'first_and_last or newest'\""""
+    assert every_step in (ROOT / ".ci/run").read_text()
 
 
 def test_renaming_a_part_of_a_step_is_reported(monkeypatch):

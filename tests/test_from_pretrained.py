@@ -318,7 +318,8 @@ def test_command_without_a_model_falls_back_to_an_untrained_one_when_offline(ste
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     out = run(step, capsys, "--prompt", "Hello", "--max-new-tokens", "2", "--num-samples", "1")
-    assert "warning: could not download gpt2" in out.err and "untrained GPT-2" in out.err and "runs/10_training/model" in out.err
+    assert "warning: could not download gpt2" in out.err and "untrained GPT-2" in out.err
+    assert "runs/10_training/model" in out.err  # where a model worth reading comes from offline
     assert "random, 124,439,808 parameters" in out.out and "Hello" in out.out
 
 

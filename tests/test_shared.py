@@ -46,7 +46,7 @@ def test_make_help_lists_every_target_of_the_makefile():
 def test_a_word_of_args_left_outside_its_quotes_stops_make_before_the_step_runs():
     r = sh("make", "-s", "step", "N=01", "ARGS=--max-steps", "10")  # as typed: make step N=01 ARGS=--max-steps 10
     assert r.returncode == 2 and r.stdout == ""
-    assert '"10" is no target (make help lists them); if it is a word of ARGS, put ARGS in quotes' in r.stderr
+    assert '"10" is not a target (make help lists them); if it is a word of ARGS, put ARGS in quotes' in r.stderr
 
 
 def test_the_makes_a_test_starts_see_none_of_make_tests_own_variables():

@@ -74,7 +74,10 @@ def test_a_40_iteration_run_cuts_the_loss_by_at_least_a_tenth(step, forty):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.9 * first, f"loss went from {first:.3f} to {last:.3f} in 40 iterations"
     assert "shapes through one forward pass" in printed and "iter    39" in printed  # shapes, then the live log
-    assert "evaluating " in printed.split("iter    39", 1)[1]  # after the last iteration: an evaluation takes a while
+    end = printed.split("iter    39", 1)[1]  # after the last iteration, an evaluation of seconds says it is running
+    assert "evaluating " in end and end.index("evaluating ") < end.index("speed:")
+    if mentions(step, '"--preset"'):  # the trainers say it on the iteration's own line
+        assert "iter    39 | evaluating" in printed
     assert (out / "loss.svg").exists() and "val_loss" in json.loads((out / "summary.json").read_text())
 
 

@@ -277,7 +277,7 @@ def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoint(step, tmp_path,
 @pytest.mark.first_and_last  # RunLog's second check (shared/runlog.py), reached by the same call in every trainer
 def test_a_run_that_ends_while_a_new_one_builds_its_model_keeps_its_checkpoint_and_metrics(step, tmp_path, finished,
                                                                                             monkeypatch):
-    finished.made(step)  # now, whatever ran before: in the hook, inside the new run's size check, it would build on meta
+    finished.made(step)  # now: made in the hook, inside the new run's size check, it would build on meta
     build = step.main.GPT
 
     def build_while_an_earlier_run_ends(config):  # after the new run's first check, before it takes the directory

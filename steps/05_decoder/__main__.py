@@ -14,6 +14,7 @@ STEP = "05_decoder"
 
 PAD, BOS, EOS = 0, 1, 2  # special ids, before the letters
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+VAL_WORDS = 1000  # the validation set: fixed words, drawn by a generator of its own
 
 
 class FixedMemoryDecoder(nn.Module):
@@ -55,7 +56,7 @@ def loss_of(model, src, tgt):
 
 
 @torch.no_grad()
-def evaluate(model, args, words: int = 1000) -> float:
+def evaluate(model, args, words: int = VAL_WORDS) -> float:
     """Mean loss over one fixed set of words, drawn by a generator of its own: the same number every time for
     the same weights."""
     model.eval()
@@ -106,7 +107,7 @@ def main(argv=None):
         loss.backward()
         opt.step()
         log.log(it, loss.item(), args.lr, tokens=tgt.numel())
-    print("evaluating 1,000 fixed words ...", flush=True)  # seconds
+    print(f"evaluating {VAL_WORDS:,} fixed words ...", flush=True)  # it takes seconds: say so
     log.close(val_loss=evaluate(model, args), uniform_guess=math.log(tok.vocab_size))
     show_predictions(model, tok, args, gen)
 

@@ -13,6 +13,7 @@ STEP = "06_transformer"
 
 PAD, BOS, EOS = 0, 1, 2  # special ids, before the letters
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+VAL_WORDS = 1000  # the validation set: fixed words, drawn by a generator of its own
 
 
 def reversal_batch(batch_size: int, max_letters: int, gen):
@@ -37,7 +38,7 @@ def loss_of(model, src, tgt):
 
 
 @torch.no_grad()
-def evaluate(model, args, words: int = 1000) -> float:
+def evaluate(model, args, words: int = VAL_WORDS) -> float:
     """Mean loss over one fixed set of words, drawn by a generator of its own: the same number every time for
     the same weights."""
     model.eval()
@@ -97,7 +98,7 @@ def main(argv=None):
         loss.backward()
         opt.step()
         log.log(it, loss.item(), args.lr, tokens=tgt.numel())
-    print("evaluating 1,000 fixed words ...", flush=True)  # seconds
+    print(f"evaluating {VAL_WORDS:,} fixed words ...", flush=True)  # it takes seconds: say so
     log.close(val_loss=evaluate(model, args), uniform_guess=math.log(tok.vocab_size))
     show_predictions(model, tok, args, gen)
 
