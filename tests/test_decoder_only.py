@@ -168,16 +168,22 @@ def argmax_loop(model, idx, n: int):
     return idx
 
 
+@torch.no_grad()
+def reading_context(model, table: str):
+    """Every matrix but the tied token table redrawn from N(0, 0.3): untrained, the table makes each token predict
+    itself, and greedy decoding would echo the last token without reading the context."""
+    for name, w in model.named_parameters():
+        if w.dim() == 2 and name != table:
+            w.normal_(0, 0.3)
+    return model
+
+
 @pytest.mark.needs("DecoderOnlyLM")
 def test_generate_at_a_temperature_near_0_is_the_argmax_of_a_whole_forward_pass_each_time(step):
     # At 1e-4, a gap g between the two largest logits leaves the second e^(-g / 1e-4) of the first's weight: with
     # seed 0, g is at least 0.043, e^-430.
     torch.manual_seed(0)
-    model = small(step).eval()
-    with torch.no_grad():  # untrained, the tied table makes each token predict itself: no context would be read
-        for name, w in model.named_parameters():
-            if w.dim() == 2 and name != "embed.tok.weight":
-                w.normal_(0, 0.3)
+    model = reading_context(small(step).eval(), "embed.tok.weight")
     out = model.generate(IDX, max_new_tokens=8, temperature=1e-4, generator=torch.Generator().manual_seed(0))
     greedy = argmax_loop(model, IDX, 8)
     assert torch.equal(out, greedy) and not (greedy[:, 6:] == IDX[:, -1:]).all()  # not the last token echoed

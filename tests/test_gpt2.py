@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from shared import data
 from tests.refs import distinct_layer_norms
-from tests.test_decoder_only import argmax_loop
+from tests.test_decoder_only import argmax_loop, reading_context
 
 pytestmark = pytest.mark.per_model_file  # tests of model.py alone (test_summary... is step 08's command)
 
@@ -252,11 +252,7 @@ def test_generate_at_a_temperature_near_0_is_the_argmax_of_a_whole_forward_pass_
     # At 1e-6, a gap g between the two largest logits leaves the second e^(-g / 1e-6) of the first's weight: with
     # seed 0, g is at least 0.0003 (steps 10-12; 0.0018 from 13 on, 0.011 in 08), e^-300.
     torch.manual_seed(0)
-    model = small(step)
-    with torch.no_grad():  # untrained, the tied table makes each token predict itself: no context would be read
-        for name, w in model.named_parameters():
-            if w.dim() == 2 and name != "transformer.wte.weight":
-                w.normal_(0, 0.3)
+    model = reading_context(small(step), "transformer.wte.weight")
     out = model.generate(IDX, max_new_tokens=8, temperature=1e-6, generator=torch.Generator().manual_seed(0))
     greedy = argmax_loop(model, IDX, 8)
     assert torch.equal(out, greedy) and not (greedy[:, 6:] == IDX[:, -1:]).all()  # not the last token echoed
