@@ -89,7 +89,7 @@ book: $(STAMP)
 
 diff:
 	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) && \
-	{ diff -ru -x __pycache__ --color steps/$$p steps/$$s; test $$? -le 1; } && $(REGISTRY) brought $$s
+	{ diff -ruN -x __pycache__ --color steps/$$p steps/$$s; test $$? -le 1; } && $(REGISTRY) brought $$s
 
 clean:
 	rm -rf $(VENV) runs book .hypothesis

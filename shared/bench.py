@@ -551,7 +551,8 @@ def main(argv=None):
                    "and without the KV cache of the last step that has one, beside transformers' generate")
     p.add_argument("--prompt-tokens", type=cli.positive_int, help="with --generate: the prompt's length (default: "
                    "32)")
-    p.add_argument("--new-tokens", type=cli.positive_int, help="with --generate: tokens to write (default: 256)")
+    p.add_argument("--new-tokens", type=cli.positive_int, help="with --generate: tokens to write (default: 256, or "
+                   "fewer where the context leaves fewer after the prompt)")
     p.add_argument("--compare", nargs=2, type=bench_json, metavar=("A.json", "B.json"), help="time nothing: show two "
                    "runs' rows side by side (their --json files) and how far apart each row is; the flags that "
                    "choose what to time have no say")
@@ -734,7 +735,8 @@ def generation(args) -> None:
     torch.manual_seed(0)
     config = model_py.GPTConfig(block_size=args.seq_len or preset["seq_len"], n_layer=preset["n_layer"],
                                 n_head=preset["n_head"], n_embd=preset["n_embd"], dropout=0.0)
-    args.prompt_tokens, n = args.prompt_tokens or 32, args.new_tokens or 256
+    args.prompt_tokens = args.prompt_tokens or 32
+    n = args.new_tokens or max(1, min(256, config.block_size - args.prompt_tokens))  # the default fits the context
     if args.prompt_tokens + n > config.block_size:  # past it our steps slide a window; transformers' GPT-2 stops
         sys.exit(f"error: --prompt-tokens {args.prompt_tokens} + --new-tokens {n} is more than the context of "
                  f"{config.block_size} positions: give fewer, or a longer --seq-len")

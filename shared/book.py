@@ -161,7 +161,8 @@ class FileDiff:
 
 
 def diff(prev: str, step: str) -> list[FileDiff]:
-    """The hunks of `diff -ru` of the two step directories: the same tool as `make diff`, so the same lines."""
+    """The hunks of `diff -ru` of the two step directories: the same tool as `make diff`, so the same lines (make
+    diff's -N prints a new file's lines as added; here "Only in" marks it, and the page shows it whole)."""
     proc = subprocess.run(["diff", "-ru", "-x", "__pycache__", f"steps/{prev}", f"steps/{step}"], cwd=ROOT,
                           capture_output=True, text=True)
     if proc.returncode > 1:
@@ -468,7 +469,8 @@ def curve_html(step: str, runs_dir: Path) -> str:
         said.append(gap(f"This run diverged: the loss was {d.get('loss')} at iteration {d.get('iter')} "
                         f"(lr {d.get('lr')}), and it stopped there."))
     if isinstance(i := summary.get("interrupted"), dict):
-        said.append(gap(f"This run was stopped after {i.get('iters_done')} iterations (Ctrl-C); it can go on."))
+        said.append(gap(f"This run was stopped after {i.get('iters_done')} iterations (Ctrl-C)"
+                        + ("; it can go on." if "resume" in i else ".")))
     said += [gap(f"{shown(path)}: {note}.") for note in notes]
     curves = {name: [(r["iter"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
               for name, key in (("train", "loss"), ("validation", "val_loss"))}

@@ -104,14 +104,28 @@ def check_config(path: Path, theirs: dict, ours: dict) -> None:
     said = lambda run, k: repr(run[k]) if k in run else "no such setting"  # a setting of one step, not the other's
     if diff := [f"{k}: {said(theirs, k)} in the checkpoint, {said(ours, k)} now" for k in keys
                 if theirs.get(k) != ours.get(k)]:
-        sys.exit(f"error: {path / NAME} is from another run; resume it with the command that started it.\n  "
-                 + "\n  ".join(diff))
+        go_on = resume_command(path)
+        sys.exit(f"error: {path / NAME} is from another run; resume it with the command that started it"
+                 + (f", as its Ctrl-C printed it:\n  {go_on}" if go_on else ".") + "\n  " + "\n  ".join(diff))
+
+
+def resume_command(out: Path) -> str | None:
+    """The command that goes on, as a run stopped by Ctrl-C wrote it in its summary.json; None for any other run."""
+    try:
+        go_on = json.loads((Path(out) / "summary.json").read_text())["interrupted"]["resume"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return go_on if isinstance(go_on, str) else None
 
 
 def refuse_to_overwrite(out: Path) -> None:
     """A new run never destroys an earlier run's checkpoint: it stops and says what to do instead."""
-    if not (Path(out) / NAME).exists():
+    path = Path(out) / NAME
+    if not path.exists():
         return
+    if not zipfile.is_zipfile(path):  # reads the archive's index at the end, not the whole file as torch.load would
+        sys.exit(f"error: {out} holds a checkpoint of an earlier run that cannot be read ({why_unreadable(path, None)}"
+                 f"): nothing can resume from it. Start the new run elsewhere with --out, or delete {path} yourself.")
     said = {"finished": "a finished run (its checkpoint, model/ and loss curve)",  # --resume: "nothing to resume"
             "diverged": "a run that diverged (resumed, it keeps its --lr and diverges again)"}.get(how_it_ended(out))
     if said:

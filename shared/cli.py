@@ -50,6 +50,8 @@ def out_dir(text: str) -> Path:
     path = Path(text)
     if not text.strip():  # Path("") is ".": the run would write into whatever directory it was started in
         raise argparse.ArgumentTypeError("expected a directory, got ''")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone writes, and checks: another rank, stopped by
+        return path  # torchrun when rank 0 refuses to run, would leave behind a directory it had made
     try:  # OSError: a name too long, too
         if path.exists() and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")

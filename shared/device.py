@@ -4,6 +4,7 @@ its memory as one line instead of a traceback."""
 import contextlib
 import dataclasses
 import functools
+import os
 import re
 import sys
 from pathlib import Path
@@ -67,10 +68,12 @@ def refuse_a_model_too_big(build, config, device: torch.device) -> None:
         one, two = (sum(p.numel() for p in build(dataclasses.replace(config, n_layer=k)).parameters()) for k in (1, 2))
     n = one + (config.n_layer - 1) * (two - one)
     free = free_memory(device)
-    if free is not None and 16 * n > free:
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1  # torchrun's processes here
+    if free is not None and 16 * n * share > free:
         sys.exit(f"error: a model of {n:,} parameters ({config.n_layer:,} layers of {config.n_embd:,}) needs "
-                 f"{cli.size(16 * n)} for its weights, gradients and AdamW's moments alone; the {device.type} has "
-                 f"{cli.size(free)} free. Make it smaller (--n-layer, --n-embd)")
+                 f"{cli.size(16 * n)} for its weights, gradients and AdamW's moments alone"
+                 + (f", {cli.size(16 * n * share)} for the {share} processes of NPROC={share}" if share > 1 else "")
+                 + f"; the {device.type} has {cli.size(free)} free. Make it smaller (--n-layer, --n-embd)")
 
 
 # torch 2.13's words for a size or count past 2**63 - 1: a flag of 10**19, or a product of flags past it

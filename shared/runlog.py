@@ -134,6 +134,17 @@ class RunLog:
         print(f"{line} | {clock(now - self.start)} elapsed{eta}", flush=True)
         self.printed = now
 
+    @contextlib.contextmanager
+    def closed_on_ctrl_c(self):
+        """Ctrl-C inside the block ends the run as it stands: summary.json marked interrupted, with the iterations
+        done, and the loss curve so far; then the KeyboardInterrupt goes on. For the steps that keep no checkpoint
+        (01-08): from step 10 on, Ctrl-C stops between two iterations and saves one."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.close(interrupted={"iters_done": sum("loss" in r for r in self.rows)})
+            raise
+
     def close(self, **summary) -> None:
         """Finish the run, or stop it: summary.json (e.g. the validation loss) and the loss curve so far."""
         self.take_over()

@@ -196,8 +196,8 @@ def saved(tmp_path_factory):
 @pytest.mark.main_needs("stream")
 @pytest.mark.parametrize("flag, value", [
     ("--temperature", "0"), ("--temperature", "inf"), ("--temperature", "nan"), ("--temperature", "1e-45"),
-    ("--top-k", "0"), ("--max-new-tokens", "-3"), ("--num-samples", "x"), ("--seed", "99999999999999999999999"),
-    ("--device", "tpu"),
+    ("--top-k", "0"), ("--top-k", "50258"), ("--max-new-tokens", "-3"), ("--num-samples", "x"),
+    ("--seed", "99999999999999999999999"), ("--device", "tpu"),
 ])
 def test_a_bad_generation_value_is_refused_naming_the_flag(step, flag, value, capsys):
     refuses(step, ["--model", "random", flag, value], capsys, f"argument {flag}", repr(value))
@@ -205,12 +205,20 @@ def test_a_bad_generation_value_is_refused_naming_the_flag(step, flag, value, ca
 
 @pytest.mark.main_needs("stream")
 def test_a_bad_generation_flag_gets_its_error_line_and_where_the_help_is_not_the_usage_block(step, capsys):
-    assert refuses(step, ["--top-k", "0"], capsys).splitlines() == error_line_and_help(step, "--top-k")
+    assert refuses(step, ["--max-new-tokens", "0"], capsys).splitlines() == error_line_and_help(step,
+                                                                                                  "--max-new-tokens")
 
 
 @pytest.mark.main_needs("stream")
-def test_top_k_beyond_the_vocabulary_is_refused(step, saved, capsys):
-    refuses(step, ["--model", str(saved), "--top-k", "60000"], capsys, "--top-k 60000", "50257")
+def test_top_k_beyond_gpt2s_vocabulary_is_refused_before_the_model_is_looked_for(step, capsys):
+    refuses(step, ["--model", "no-such-model", "--top-k", "60000"], capsys, "argument --top-k", "50257")
+
+
+@pytest.mark.main_needs("stream")
+def test_top_k_beyond_a_smaller_models_vocabulary_is_refused(step, tmp_path, capsys):
+    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(
+        tmp_path)
+    refuses(step, ["--model", str(tmp_path), "--top-k", "1001"], capsys, "--top-k 1001 is more than the 1000 tokens")
 
 
 @pytest.mark.main_needs("stream")

@@ -6,6 +6,7 @@ import mmap
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -101,6 +102,12 @@ def test_generate_past_the_context_is_refused_with_the_flags_to_change(tmp_path)
     with pytest.raises(SystemExit) as stop:  # 32 + 50 > the tiny context of 64
         bench.main(["--generate", "--preset", "tiny", "--new-tokens", "50", "--json", str(tmp_path / "g.json")])
     assert "more than the context of 64 positions" in str(stop.value.code) and "--seq-len" in str(stop.value.code)
+
+
+def test_generate_by_default_writes_what_the_context_leaves_after_the_prompt(tmp_path):
+    bench.main(["--generate", "--preset", "tiny", "--json", str(tmp_path / "g.json")])  # 256 would not fit in 64
+    machine = json.loads((tmp_path / "g.json").read_text())["machine"]
+    assert (machine["block_size"], machine["prompt_tokens"], machine["new_tokens"]) == (64, 32, 32)
 
 
 def test_a_json_path_that_is_a_directory_is_refused(tmp_path):
@@ -406,7 +413,9 @@ def test_the_reference_rows_clock_ticks_are_not_in_its_iterations_ms(monkeypatch
     spec = dict(device="cpu", model=dict(n_layer=1, n_head=2, n_embd=32), batch_size=1, seq_len=16, warmup=1, iters=3,
                 compile=False, clock=True)
     row = bench.time_reference(spec)
-    assert row["clock_ms"] == [1.0] * 3 and max(row["ms"]) < 300
+    # a tick inside the timing makes every iteration 300 ms or more; the median leaves one slow iteration of a busy
+    # machine out (623 ms once, when the whole suite ran beside another job)
+    assert row["clock_ms"] == [1.0] * 3 and statistics.median(row["ms"]) < 300
 
 
 def test_the_reference_row_trains_transformers_gpt2_with_sdpa():

@@ -322,6 +322,17 @@ def test_a_diverged_run_says_so_over_its_curve(tmp_path):
     assert "This run diverged: the loss was nan at iteration 2" in curve and ">loss 1.8e+11<" in curve
 
 
+@pytest.mark.parametrize("name, interrupted, says", [
+    ("03_feedforward", {"iters_done": 2}, "stopped after 2 iterations (Ctrl-C)."),  # no checkpoint before step 10
+    ("10_training", {"iters_done": 2, "resume": "make step N=10 ARGS='--resume runs/10_training'"},
+     "stopped after 2 iterations (Ctrl-C); it can go on."),
+])
+def test_an_interrupted_run_says_so_over_its_curve_and_whether_it_can_go_on(tmp_path, name, interrupted, says):
+    lines = [ROW.format(0, 3.0), ROW.format(1, 2.5)]
+    curve = text_of(book.curve_html(name, write_run(tmp_path, name, lines, {"interrupted": interrupted})))
+    assert f"This run was {says}" in curve
+
+
 def test_a_step_that_cannot_run_says_why_on_its_page(tmp_path, monkeypatch):
     data_dir_copy(tmp_path, monkeypatch, missing="tinyshakespeare.txt")
     found = book.facts("01_embedding")

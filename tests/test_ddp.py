@@ -376,18 +376,19 @@ def test_a_run_into_the_out_of_a_running_one_stops_with_rank_0s_line_and_no_trac
 
 @pytest.mark.main_needs("join_process_group")
 @pytest.mark.first_and_last
-def test_a_total_batch_the_processes_do_not_divide_stops_every_rank_with_one_message(step):
+def test_a_total_batch_the_processes_do_not_divide_stops_every_rank_with_one_message_leaving_no_out(step, tmp_path):
     start = time.monotonic()
     # 384 is 3 micro-batches of 4 x 32 on one process, but not a whole number on each of two.
     r = subprocess.run(["make", "-s", "step", f"N={step.name[:2]}", "NPROC=2", "ARGS=--device cpu --batch-size 4 "
-                        "--seq-len 32 --total-batch-size 384"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "LC_ALL": "C"})  # make's messages in English
+                        f"--seq-len 32 --total-batch-size 384 --out {tmp_path / 'refused'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "LC_ALL": "C"})  # make's English
     assert r.returncode == 2 and "] Error 2" in r.stderr  # make's line: the launcher's own exit status was 2
     message = ("--total-batch-size 384 is not a multiple of --batch-size x --seq-len x processes = 4 x 32 x 2 = 256 "
                "tokens (the nearest that is: --total-batch-size 512)")  # 384 / 256 = 1.5: a half rounds up
     assert r.stderr.count(message) == 1, r.stderr  # rank 0's; rank 1 refuses silently
     assert "Traceback" not in r.stderr
     assert time.monotonic() - start < 60  # no rank waits for the other: all stop at once
+    assert not (tmp_path / "refused").exists()  # rank 0 removed what it made; rank 1, stopped by torchrun, made none
 
 
 @pytest.mark.main_needs("join_process_group")
@@ -398,6 +399,18 @@ def test_alone_it_logs_the_losses_of_step_15(step, tmp_path):
     importlib.import_module("steps.15_grad_accum.__main__").main([*flags, "--out", str(tmp_path / "15")])
     step.main.main([*flags, "--out", str(tmp_path / "16")])
     assert losses(tmp_path / "16") == losses(tmp_path / "15")
+
+
+@pytest.mark.main_needs("join_process_group")
+@pytest.mark.newest  # join_process_group as step 16 brought it, carried unchanged (make diff)
+def test_more_processes_than_gpus_are_refused_by_every_rank_before_nccl_is_started(step, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a Colab with one GPU, NPROC=2
+    for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exit:
+        step.main.join_process_group(SimpleNamespace(device=torch.device("cuda"), rank=1, world=2, dist_timeout=5))
+    assert str(exit.value.code) == ("error: NPROC=2 on 1 GPU: NCCL takes a GPU for each process (NPROC=1, or --device "
+                                    "cpu for gloo between CPU processes)")
 
 
 def test_make_step_refuses_nproc_for_a_step_that_runs_as_one_process():

@@ -224,13 +224,28 @@ def test_generate_only_with_the_cache_and_without_writes_the_same_greedy_text(st
 
 @pytest.mark.main_needs("generate_only")
 @pytest.mark.parametrize("flags, words", [(["--model", "no-such-model"], "is neither a directory nor"),
-                                          (["--model", ""], "'' is neither a directory nor"),
-                                          (["--top-k", "60000"], "--top-k 60000 is more than")])
+                                          (["--model", ""], "'' is neither a directory nor")])
 def test_generate_only_refuses_bad_input_in_one_line(step, saved, flags, words):
     with pytest.raises(SystemExit) as exit:
         step.main.main(["--generate-only", "--model", str(saved), "--device", "cpu", *flags])
     assert str(exit.value.code).startswith("error:") and words in str(exit.value.code)
     assert "\n" not in str(exit.value.code)
+
+
+@pytest.mark.main_needs("generate_only")
+def test_generate_only_refuses_top_k_beyond_a_smaller_models_vocabulary(step, tmp_path):
+    torch.manual_seed(0)
+    step.model.GPT(step.model.GPTConfig(**SMALL, vocab_size=1000)).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--generate-only", "--model", str(tmp_path), "--device", "cpu", "--top-k", "1001"])
+    assert exit.value.code == "error: --top-k 1001 is more than the 1000 tokens of the vocabulary"
+
+
+@pytest.mark.main_needs("generate_only")
+def test_generate_only_refuses_top_k_beyond_gpt2s_vocabulary_before_the_model_is_looked_for(step, capsys):
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--generate-only", "--model", "no-such-model", "--top-k", "60000"])
+    assert exit.value.code == 2 and "argument --top-k: expected from 1 to 50257 tokens" in capsys.readouterr().err
 
 
 @pytest.mark.main_needs("generate_only")

@@ -74,6 +74,13 @@ def test_make_diff_shows_what_a_step_adds():
     assert r.returncode == 0 and "+def attention(" in r.stdout
 
 
+def test_make_diff_shows_a_file_new_in_the_step_whole_as_added_lines():
+    r = sh("make", "-s", "diff", "N=17")  # hellaswag.py: the benchmark, the other half of step 17's lesson
+    new = (ROOT / "steps" / "17_fineweb_hellaswag" / "hellaswag.py").read_text().splitlines()
+    assert r.returncode == 0 and "Only in" not in r.stdout
+    assert all(f"+{line}" in r.stdout.splitlines() for line in new)
+
+
 def test_make_diff_names_the_shared_code_the_step_is_the_first_to_import():
     r = sh("make", "-s", "diff", "N=17")  # make data's pipeline, shared/shards.py: half of step 17's lesson
     assert r.returncode == 0 and r.stdout.splitlines()[-1].startswith(
@@ -254,6 +261,18 @@ def test_a_model_is_refused_when_16_bytes_a_parameter_pass_the_free_memory(monke
         device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))
 
 
+def test_the_processes_torchrun_starts_on_a_cpu_share_its_free_memory_in_the_model_check(monkeypatch):
+    gpt = importlib.import_module("steps.10_training.model")
+    config = gpt.GPTConfig(block_size=16, vocab_size=100, n_layer=3, n_head=2, n_embd=16)
+    n = sum(p.numel() for p in gpt.GPT(config).parameters())
+    monkeypatch.setattr(device, "free_memory", lambda d: 16 * n * 2)  # room for two models, not for three
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # set by torchrun: the processes on this machine
+    device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match="for the 3 processes of NPROC=3; the cpu has"):
+        device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))
+
+
 def test_the_memory_check_draws_nothing_from_the_random_generator():
     # it runs after torch.manual_seed and before the model is built: a draw would change every weight, and every
     # loss the diaries quote (the meta device's init draws nothing)
@@ -292,6 +311,31 @@ def test_the_launcher_called_by_hand_without_a_count_and_a_module_says_how_to_ca
         launch.main(argv)
 
 
+def test_the_launcher_refuses_more_processes_than_the_free_memory_holds_before_it_starts_one(monkeypatch):
+    monkeypatch.setattr(device, "free_memory", lambda d: 2 * 2**30)  # 2 GiB: two processes of 700 MiB, not three
+    with pytest.raises(SystemExit) as exit:
+        launch.main(["3", "no_such_module"])  # a module that would fail at once, had anything started
+    assert str(exit.value.code) == ("error: NPROC=3: each process holds a torch and a model of its own, about 700.0 "
+                                    "MiB of memory at the smallest; 3 would need 2.1 GiB, and this machine has 2.0 GiB "
+                                    "free (NPROC=2 at most)")
+
+
+def test_a_rank_the_kernel_kills_is_said_to_be_killed_most_likely_for_want_of_memory(tmp_path):
+    (tmp_path / "killed.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")  # as OOM kills
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    r = subprocess.run([sys.executable, "-m", "shared.launch", "1", "killed"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr == ("torchrun: rank 0 was killed (SIGKILL, most likely by the kernel for "
+                                              "want of memory: fewer processes (NPROC) or a smaller model); the others "
+                                              "were stopped\n")
+
+
+def test_another_rank_than_0_neither_makes_nor_checks_the_out_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # under torchrun: rank 0 alone writes there, and it makes the directory
+    assert cli.out_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()
+
+
 @pytest.mark.parametrize("error", [  # torch 2.13's words, met with --batch-size 1e19, 2**63 - 1 and --max-letters 1e20
     TypeError("randint(): argument 'size' failed to unpack the object at pos 1 with error \"Overflow when unpacking "
               "long long\""),
@@ -328,6 +372,17 @@ def test_run_log_writes_metrics_summary_and_a_loss_curve(tmp_path, capsys):
     assert json.loads((tmp_path / "summary.json").read_text()) == {"val_loss": 2.1}
     assert (tmp_path / "loss.svg").read_text().startswith("<svg")
     assert "iter     1 | loss 2.0000 | lr 1.00e-01" in capsys.readouterr().out
+
+
+def test_ctrl_c_inside_closed_on_ctrl_c_writes_a_summary_marked_interrupted_and_the_curve_then_goes_on(tmp_path):
+    log = runlog.RunLog(tmp_path, total=10)
+    with pytest.raises(KeyboardInterrupt), log.closed_on_ctrl_c():
+        log.log(0, 2.5, 0.1)
+        log.log(1, 2.0, 0.1)
+        raise KeyboardInterrupt  # as Ctrl-C does, anywhere in the block
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"interrupted": {"iters_done": 2}}
+    assert (tmp_path / "loss.svg").read_text().startswith("<svg")
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.parametrize("start, advice", [(0, "A smaller --lr may help."), (3, "A smaller --lr may help in a new run")])
@@ -582,7 +637,7 @@ def test_out_dir_leaves_for_exit_the_directories_it_made_and_no_other_as_absolut
     ('{"diverged": {"iter": 4}}', "holds a run that diverged"), ('{"val_loss": 6.5}', "holds a finished run"),
 ], ids=["no-summary", "interrupted", "damaged-summary", "diverged", "finished"])
 def test_a_new_run_into_an_earlier_ones_directory_is_told_to_resume_only_a_run_that_can_go_on(tmp_path, summary, said):
-    (tmp_path / "checkpoint.pt").write_bytes(b"an earlier run's")
+    torch.save({"iter": 4}, tmp_path / "checkpoint.pt")  # a zip archive, as torch.save writes
     if summary:
         (tmp_path / "summary.json").write_text(summary)
     with pytest.raises(SystemExit) as exit:
@@ -590,6 +645,19 @@ def test_a_new_run_into_an_earlier_ones_directory_is_told_to_resume_only_a_run_t
     go_on = "Continue it" in said  # a finished run has nothing to resume; a diverged one would diverge again
     assert said in exit.value.code and ("--resume" in exit.value.code) == go_on
     assert f"delete {tmp_path / 'checkpoint.pt'} yourself" in exit.value.code  # the file, never the whole --out
+
+
+@pytest.mark.parametrize("damage, why", [("garbage", "not the zip archive that torch.save writes"),
+                                         ("cut", "cut short: the write that made it did not finish")])
+def test_a_new_run_into_a_directory_with_a_damaged_checkpoint_is_not_told_to_resume_it(tmp_path, damage, why):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"iter": 4, "model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(b"an earlier run's" if damage == "garbage" else path.read_bytes()[:-100])
+    with pytest.raises(SystemExit) as exit:
+        checkpoint.refuse_to_overwrite(tmp_path)
+    assert exit.value.code == (f"error: {tmp_path} holds a checkpoint of an earlier run that cannot be read ({why}): "
+                               f"nothing can resume from it. Start the new run elsewhere with --out, or delete {path} "
+                               "yourself.")
 
 
 def test_a_setting_only_one_of_two_steps_has_is_said_to_be_missing_not_shown_as_a_value(tmp_path):
@@ -601,7 +669,7 @@ def test_a_setting_only_one_of_two_steps_has_is_said_to_be_missing_not_shown_as_
 
 def test_a_fresh_run_log_refuses_a_directory_with_a_checkpoint_and_leaves_its_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 1.0}\n')
-    (tmp_path / "checkpoint.pt").write_bytes(b"an earlier run's")
+    torch.save({"iter": 4}, tmp_path / "checkpoint.pt")
     with pytest.raises(SystemExit, match="already holds a checkpoint of an earlier run"):
         runlog.RunLog(tmp_path, total=5, fresh=True)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"iter": 0, "loss": 1.0}\n'

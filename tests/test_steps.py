@@ -173,15 +173,18 @@ def test_same_seed_gives_the_same_losses(step, tmp_path):
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.main_lacks("Loader")  # from step 10 on, Ctrl-C saves a checkpoint too (tests/test_trainer.py)
 @pytest.mark.first_and_last  # the same lines in 01 to 08 (make diff)
-def test_ctrl_c_stops_a_run_with_one_line_and_no_traceback(step, tmp_path):
+def test_ctrl_c_stops_a_run_with_one_line_and_no_traceback_keeping_its_log_summary_and_curve(step, tmp_path):
     cmd = [sys.executable, "-m", f"steps.{step.name}", "--max-steps", "100000", "--log-every", "1", "--out",
            str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=ctrl_c_as_in_a_terminal)
-    for line in proc.stdout:  # wait for the first logged iteration
-        if line.startswith("iter "):
+    for line in proc.stdout:  # wait for the second logged iteration: a curve needs two
+        if line.startswith("iter     1 |"):
             break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err == "interrupted\n"  # 128 + SIGINT, as a shell reports Ctrl-C
-    assert (tmp_path / "metrics.jsonl").read_text().startswith('{"iter": 0')  # the iterations done are kept
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()  # the iterations done are kept
+    assert rows[0].startswith('{"iter": 0') and len(rows) >= 2
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"interrupted": {"iters_done": len(rows)}}
+    assert (tmp_path / "loss.svg").exists() and f"loss curve: {tmp_path / 'loss.svg'}" in out

@@ -325,6 +325,17 @@ def test_resume_with_an_out_of_its_own_is_refused_not_ignored(step, tmp_path, ca
 
 
 @pytest.mark.main_needs("Loader")
+def test_resuming_a_stopped_run_with_other_flags_shows_the_command_its_ctrl_c_printed(step, interrupted):
+    stopped, _, _ = interrupted(step)
+    with pytest.raises(SystemExit) as exit:
+        run(step, stopped, "--resume", str(stopped))  # without SIX: another --max-steps and --dropout
+    go_on = json.loads((stopped / "summary.json").read_text())["interrupted"]["resume"]
+    message = str(exit.value.code)
+    assert f"resume it with the command that started it, as its Ctrl-C printed it:\n  {go_on}\n" in message
+    assert "max_steps: 6 in the checkpoint" in message
+
+
+@pytest.mark.main_needs("Loader")
 def test_resuming_another_steps_checkpoint_is_refused(step, tmp_path, finished):
     finished(step, tmp_path)
     state = torch.load(tmp_path / checkpoint.NAME, weights_only=True)

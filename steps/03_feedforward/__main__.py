@@ -69,22 +69,23 @@ def main(argv=None):
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     log = runlog.RunLog(args.out, args.max_steps, args.log_every)
-    for it in range(args.max_steps):
-        x, y = (t.to(args.device) for t in data.random_windows(train_ids, args.batch_size, args.block_size, gen))
-        logits = model(x)  # (B, T, vocab_size)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        log.log(it, loss.item(), args.lr, tokens=x.numel())
-    print(f"evaluating {(len(val_ids) - 1) // args.block_size:,} validation windows ...",
-          flush=True)  # it takes seconds: say so
-    log.close(val_loss=evaluate(model, val_ids, args), uniform_guess=math.log(tok.vocab_size))
+    with log.closed_on_ctrl_c():  # summary.json marked interrupted, and the loss curve so far
+        for it in range(args.max_steps):
+            x, y = (t.to(args.device) for t in data.random_windows(train_ids, args.batch_size, args.block_size, gen))
+            logits = model(x)  # (B, T, vocab_size)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            log.log(it, loss.item(), args.lr, tokens=x.numel())
+        print(f"evaluating {(len(val_ids) - 1) // args.block_size:,} validation windows ...",
+              flush=True)  # it takes seconds: say so
+        log.close(val_loss=evaluate(model, val_ids, args), uniform_guess=math.log(tok.vocab_size))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+    except KeyboardInterrupt:  # Ctrl-C: the run's files are written (RunLog.closed_on_ctrl_c); no traceback
         print("interrupted", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C

@@ -92,18 +92,19 @@ def main(argv=None):
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     log = runlog.RunLog(args.out, args.max_steps, args.log_every)
-    for it in range(args.max_steps):
-        x, _ = data.random_windows(train_ids, args.batch_size, args.block_size, gen)  # (B, S)
-        x, y = (t.to(args.device) for t in hide(x, gen))
-        logits = model(x)  # (B, S, vocab_size)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        log.log(it, loss.item(), args.lr, tokens=x.numel())
-    print(f"evaluating {(len(val_ids) - 1) // args.block_size:,} validation windows ...",
-          flush=True)  # it takes seconds: say so
-    log.close(val_loss=evaluate(model, val_ids, args), uniform_guess=math.log(tok.vocab_size))
+    with log.closed_on_ctrl_c():  # summary.json marked interrupted, and the loss curve so far
+        for it in range(args.max_steps):
+            x, _ = data.random_windows(train_ids, args.batch_size, args.block_size, gen)  # (B, S)
+            x, y = (t.to(args.device) for t in hide(x, gen))
+            logits = model(x)  # (B, S, vocab_size)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            log.log(it, loss.item(), args.lr, tokens=x.numel())
+        print(f"evaluating {(len(val_ids) - 1) // args.block_size:,} validation windows ...",
+              flush=True)  # it takes seconds: say so
+        log.close(val_loss=evaluate(model, val_ids, args), uniform_guess=math.log(tok.vocab_size))
     show_fill_in(model, tok, val_ids, args, gen)
 
 
@@ -120,6 +121,6 @@ def show_fill_in(model, tok, ids, args, gen):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+    except KeyboardInterrupt:  # Ctrl-C: the run's files are written (RunLog.closed_on_ctrl_c); no traceback
         print("interrupted", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C

@@ -91,15 +91,16 @@ def main(argv=None):
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     log = runlog.RunLog(args.out, args.max_steps, args.log_every)
-    for it in range(args.max_steps):
-        src, tgt = (t.to(args.device) for t in reversal_batch(args.batch_size, args.max_letters, gen))
-        loss = loss_of(model, src, tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        log.log(it, loss.item(), args.lr, tokens=tgt.numel())
-    print(f"evaluating {VAL_WORDS:,} fixed words ...", flush=True)  # it takes seconds: say so
-    log.close(val_loss=evaluate(model, args), uniform_guess=math.log(tok.vocab_size))
+    with log.closed_on_ctrl_c():  # summary.json marked interrupted, and the loss curve so far
+        for it in range(args.max_steps):
+            src, tgt = (t.to(args.device) for t in reversal_batch(args.batch_size, args.max_letters, gen))
+            loss = loss_of(model, src, tgt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            log.log(it, loss.item(), args.lr, tokens=tgt.numel())
+        print(f"evaluating {VAL_WORDS:,} fixed words ...", flush=True)  # it takes seconds: say so
+        log.close(val_loss=evaluate(model, args), uniform_guess=math.log(tok.vocab_size))
     show_predictions(model, tok, args, gen)
 
 
@@ -119,6 +120,6 @@ def show_predictions(model, tok, args, gen, n: int = 200):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C: metrics.jsonl holds the iterations done, without a traceback
+    except KeyboardInterrupt:  # Ctrl-C: the run's files are written (RunLog.closed_on_ctrl_c); no traceback
         print("interrupted", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT: how a shell reports a command stopped by Ctrl-C

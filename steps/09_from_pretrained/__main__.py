@@ -15,6 +15,8 @@ STEP = "09_from_pretrained"
 # The logits are divided by it: a tiny temperature overflows float32 (1e-45 gives inf, then a nan softmax),
 # and 0.01 already samples all but greedily.
 temperature = cli.checked(float, lambda v: 0.01 <= v <= 100, "a temperature from 0.01 to 100")
+# A model with more tokens than GPT-2's tokenizer is refused (the ids past it have no text): a larger k never fits.
+top_k = cli.checked(int, lambda v: 0 < v <= GPTConfig.vocab_size, f"from 1 to {GPTConfig.vocab_size} tokens")
 
 
 @device.explain_out_of_memory
@@ -29,7 +31,7 @@ def main(argv=None):
                    "new document, as <|endoftext|>)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=30, help="tokens to write per sample")
     p.add_argument("--num-samples", type=cli.positive_int, default=3, help="samples, one after the other")
-    p.add_argument("--top-k", type=cli.positive_int, default=50, help="sample among the k most likely tokens; 1 is "
+    p.add_argument("--top-k", type=top_k, default=50, help="sample among the k most likely tokens; 1 is "
                    "greedy decoding")
     p.add_argument("--temperature", type=temperature, default=1.0, help="divides the logits: below 1 sharpens, "
                    "above 1 flattens (use --top-k 1 for greedy decoding)")

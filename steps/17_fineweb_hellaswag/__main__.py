@@ -254,10 +254,15 @@ def join_process_group(args) -> None:
     if "RANK" not in os.environ:
         return
     if args.device.type == "cuda":
+        if (n := int(os.environ["LOCAL_WORLD_SIZE"])) > torch.cuda.device_count():  # every rank refuses, rank 0 says so
+            sys.exit(f"error: NPROC={n} on {cli.plural(torch.cuda.device_count(), 'GPU')}: NCCL takes a GPU for each "
+                     f"process (NPROC={torch.cuda.device_count()}, or --device cpu for gloo between CPU processes)")
         args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # this machine's k-th GPU
         torch.cuda.set_device(args.device)
     backend = "nccl" if args.device.type == "cuda" else "gloo"
-    import torch._dynamo  # before the group exists: imported after it (AdamW does), it keeps the group alive at exit
+    # before the group exists: imported after it (AdamW does), it keeps the group alive at exit. Not `import
+    # torch._dynamo`, which would make torch a name of this function's own, unbound in the lines above it.
+    from torch import _dynamo  # noqa: F401
     try:
         dist.init_process_group(backend, rank=args.rank, world_size=args.world,
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))

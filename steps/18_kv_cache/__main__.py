@@ -54,6 +54,8 @@ PROMPT = "ROMEO:"
 # The logits are divided by it: a tiny temperature overflows float32 (1e-45 gives inf, then a nan softmax),
 # and 0.01 already samples all but greedily.
 temperature = cli.checked(float, lambda v: 0.01 <= v <= 100, "a temperature from 0.01 to 100")
+# A model with more tokens than GPT-2's tokenizer is refused (the ids past it have no text): a larger k never fits.
+top_k = cli.checked(int, lambda v: 0 < v <= GPTConfig.vocab_size, f"from 1 to {GPTConfig.vocab_size} tokens")
 EVAL_ONLY_READS = ["--model", "--hellaswag", "--device", "--dtype", "--dist-timeout"]  # the rest is for training
 GENERATE_ONLY_READS = ["--model", "--prompt", "--max-new-tokens", "--num-samples", "--top-k", "--temperature", "--seed",
                        "--cache", "--no-cache", "--device", "--dtype"]
@@ -260,10 +262,15 @@ def join_process_group(args) -> None:
     if "RANK" not in os.environ:
         return
     if args.device.type == "cuda":
+        if (n := int(os.environ["LOCAL_WORLD_SIZE"])) > torch.cuda.device_count():  # every rank refuses, rank 0 says so
+            sys.exit(f"error: NPROC={n} on {cli.plural(torch.cuda.device_count(), 'GPU')}: NCCL takes a GPU for each "
+                     f"process (NPROC={torch.cuda.device_count()}, or --device cpu for gloo between CPU processes)")
         args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # this machine's k-th GPU
         torch.cuda.set_device(args.device)
     backend = "nccl" if args.device.type == "cuda" else "gloo"
-    import torch._dynamo  # before the group exists: imported after it (AdamW does), it keeps the group alive at exit
+    # before the group exists: imported after it (AdamW does), it keeps the group alive at exit. Not `import
+    # torch._dynamo`, which would make torch a name of this function's own, unbound in the lines above it.
+    from torch import _dynamo  # noqa: F401
     try:
         dist.init_process_group(backend, rank=args.rank, world_size=args.world,
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
@@ -352,7 +359,7 @@ def main(argv=None):
     p.add_argument("--prompt", default=PROMPT, help="the text the samples continue ('' starts a new "
                    "document, as <|endoftext|>)")
     p.add_argument("--num-samples", type=cli.positive_int, default=1, help="samples, one after the other")
-    p.add_argument("--top-k", type=cli.positive_int, default=50, help="sample among the k most likely tokens; 1 is "
+    p.add_argument("--top-k", type=top_k, default=50, help="sample among the k most likely tokens; 1 is "
                    "greedy decoding")
     p.add_argument("--temperature", type=temperature, default=1.0, help="divides the logits: below 1 sharpens, "
                    "above 1 flattens (use --top-k 1 for greedy decoding)")
