@@ -422,7 +422,7 @@ def main(argv=None):
                            epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help="required unless --verify: fineweb-edu (streamed from the hub), or a .parquet, "
                    ".jsonl or .json (a text field) or .txt file, or a directory of them")
-    p.add_argument("--out", type=cli.out_dir, required=True, help="the directory of shards (made, or continued)")
+    p.add_argument("--out", type=cli.out_dir, help="required: the directory of shards (made, or continued)")
     p.add_argument("--shard-tokens", type=cli.positive_int, default=100_000_000, help="tokens a shard "
                    "(default 100M, 200 MB)")
     p.add_argument("--max-tokens", type=cli.positive_int, help="stop after this many tokens (default: the whole "
@@ -431,10 +431,11 @@ def main(argv=None):
                    "(default: one a core)")
     p.add_argument("--verify", action="store_true", help="check the shards in --out against their manifest")
     args = p.parse_args(argv)
+    needed = (("--source", args.source or args.verify), ("--out", args.out))
+    if missing := [flag for flag, given in needed if not given]:
+        p.error(f"{' and '.join(missing)} {'are' if len(missing) == 2 else 'is'} required (--verify needs --out alone)")
     if args.verify:
         return verify(args.out)
-    if not args.source:
-        p.error("--source is required (unless --verify)")
     prepare(args.source, args.out, args.shard_tokens, args.max_tokens, args.workers)
 
 

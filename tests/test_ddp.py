@@ -1,8 +1,10 @@
 """Step 16's lesson and every step after it: data parallelism. N processes (ranks), each with its own slice of every
 batch, end each optimizer step with the gradients, parameters and logged loss of one process doing all the work.
 The ranks talk over gloo on the CPU: the processes here are real, started as torchrun starts them."""
+import contextlib
 import importlib
 import json
+import math
 import os
 import shlex
 import socket
@@ -21,7 +23,7 @@ from shared import runlog
 from shared.steps import ROOT
 from tests.conftest import SMALL_TRAINER, token_loader
 
-CPU = torch.device("cpu")
+CPU, CUDA1 = torch.device("cpu"), torch.device("cuda", 1)
 # 256 tokens an optimizer step in micro-batches of 2 x 32 = 64: 4 micro-steps on one process, 2 on each of two.
 ONE_STEP = [*SMALL_TRAINER, "--total-batch-size", "256", "--max-steps", "1", "--max-new-tokens", "1",
             "--device", "cpu", "--seed", "0"]
@@ -188,9 +190,24 @@ def test_a_rank_waits_for_every_rank_before_it_leaves_the_group(step, monkeypatc
     monkeypatch.setattr(dist, "barrier", lambda **kw: calls.append("barrier") or work)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
     monkeypatch.setattr(step.main, "LAST_BARRIER", [])
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
     step.main.leave_process_group(SimpleNamespace(world=2, device=CPU))
     assert calls == ["barrier", "wait", "destroy"]
     assert step.main.LAST_BARRIER == [work]  # kept: see the deadlock test below
+
+
+@pytest.mark.main_needs("leave_process_group")
+@pytest.mark.parametrize("joined", [True, False])
+def test_a_group_of_one_is_left_too_and_a_process_that_joined_none_leaves_none(step, monkeypatch, joined):
+    # under torchrun with NPROC=1 the one rank joins a group (NCCL warns at exit of a group never destroyed); run
+    # alone, it joins none
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: joined)
+    monkeypatch.setattr(dist, "barrier", lambda **kw: calls.append("barrier") or SimpleNamespace(wait=lambda: None))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(step.main, "LAST_BARRIER", [])
+    step.main.leave_process_group(SimpleNamespace(world=1, device=CPU))
+    assert calls == (["barrier", "destroy"] if joined else [])
 
 
 # Two ranks; on each, a model of two 2 MB layers (DDP's first bucket holds 1 MB: two buckets) compiled three ways, and
@@ -411,6 +428,41 @@ def test_more_processes_than_gpus_are_refused_by_every_rank_before_nccl_is_start
         step.main.join_process_group(SimpleNamespace(device=torch.device("cuda"), rank=1, world=2, dist_timeout=5))
     assert str(exit.value.code) == ("error: NPROC=2 on 1 GPU: NCCL takes a GPU for each process (NPROC=1, or --device "
                                     "cpu for gloo between CPU processes)")
+
+
+@pytest.mark.main_needs("join_process_group")
+@pytest.mark.newest  # join_process_group as step 16 brought it, carried unchanged (make diff)
+def test_processes_on_a_macs_gpu_are_refused_by_every_rank_before_gloo_is_started(step, monkeypatch):
+    for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exit:
+        step.main.join_process_group(SimpleNamespace(device=torch.device("mps"), rank=0, world=2, dist_timeout=5))
+    assert str(exit.value.code) == ("error: NPROC on a Mac's GPU (mps): gloo, the backend between processes there, "
+                                    "adds CPU tensors only (give --device cpu)")
+
+
+@pytest.mark.main_needs("join_process_group")
+def test_the_validation_sums_are_added_on_the_cpu_off_cuda(step, monkeypatch):
+    # MPS has no float64: the sums, made on the device, stopped a Mac's run at its first evaluation. meta stands for
+    # a device that is neither (.item() of a meta tensor fails); the model and the windows stay on the CPU
+    monkeypatch.setattr(step.main, "autocast", lambda args: contextlib.nullcontext())  # none for meta
+    model = step.model.GPT(step.model.GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=2, n_embd=8))
+    args = SimpleNamespace(batch_size=2, seq_len=8, world=1, rank=0, device=torch.device("meta"), dtype="fp32")
+    assert step.main.reducing(args) == CPU and step.main.reducing(SimpleNamespace(device=CUDA1)) == CUDA1
+    assert math.isfinite(step.main.evaluate(model, torch.randint(50, (100,)), args))
+
+
+@pytest.mark.main_needs("restore_rng")
+def test_each_rank_restores_its_gpus_generator_from_rank_0s_first_gpu(step, monkeypatch):
+    # rank 0 saves every GPU's generator as its own process sees them: only its first one ever drew
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    cpu, first, second = torch.get_rng_state(), torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)
+    step.main.restore_rng({"cpu": cpu, "cuda": [first, second]}, CUDA1)  # rank 1, on GPU 1
+    assert len(restored) == 1 and restored[0][0] is first and restored[0][1] == CUDA1
+    step.main.restore_rng({"cpu": cpu, "cuda": []}, CUDA1)  # saved on a CPU: the GPU keeps its seeded generator
+    step.main.restore_rng({"cpu": cpu, "cuda": [first]}, CPU)  # saved on a GPU, resumed on a CPU
+    assert len(restored) == 1
 
 
 def test_make_step_refuses_nproc_for_a_step_that_runs_as_one_process():

@@ -285,6 +285,25 @@ def test_an_items_losses_do_not_depend_on_the_items_that_share_its_batch(step, s
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.main_needs("shards")
+def test_a_batch_reaches_a_device_that_is_neither_the_cpu_nor_cuda(step, tmp_path):
+    files = shard_dir(tmp_path, [33])
+    x, y = step.main.Loader(files, 2, 8, device=torch.device("meta")).next_batch()  # meta: as MPS is, another device
+    assert x.device.type == y.device.type == "meta" and x.shape == y.shape == (2, 8)
+
+
+@pytest.mark.main_needs("hellaswag")
+def test_hellaswags_counts_are_added_on_the_cpu_off_cuda(step, monkeypatch):
+    # MPS has no float64: the counts, made on the device, stopped a Mac's run. meta stands for a device that is
+    # neither (.item() of a meta tensor fails); gloo adds CPU tensors, NCCL CUDA ones
+    summed = mean = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    monkeypatch.setattr(step.main.hellaswag, "ending_losses", lambda *a, **k: (summed, mean))
+    args, model = SimpleNamespace(rank=0, world=1, device=torch.device("meta")), torch.nn.Linear(1, 1)
+    model.config = SimpleNamespace(block_size=32)
+    assert step.main.hellaswag.evaluate(model, [{"ctx": "", "endings": [""] * 4, "label": 0}], None, args,
+                                        None) == (1.0, 1.0)
+
+
 @pytest.mark.main_needs("hellaswag")
 def test_acc_takes_the_lowest_summed_loss_and_acc_norm_the_lowest_loss_per_token(step, monkeypatch):
     # Item 0: ending 1 has the lowest sum, ending 2 the lowest mean (a long ending); the label is 2.

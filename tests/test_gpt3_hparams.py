@@ -1,7 +1,6 @@
 """Step 14's lesson and every step after it: GPT-3's optimisation. The learning-rate schedule and the parameter
 groups are checked exactly; the run logs the lr it used."""
 import json
-import math
 from types import SimpleNamespace
 
 import pytest

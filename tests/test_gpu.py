@@ -67,6 +67,7 @@ def test_the_flash_kernel_runs_the_causal_case_and_gives_the_written_out_attenti
 
 
 @pytest.mark.main_needs("compiled")
+@pytest.mark.per_model_file  # compiling is slow on a fresh machine: once for each model.py (12, 13, 18)
 def test_a_compiled_model_gives_the_eager_logits_on_the_device(step):
     model, idx = small_gpt(step).eval(), torch.randint(1000, (2, 64), device=CUDA)
     torch.backends.cuda.matmul.allow_tf32 = False  # both in fp32: only the fusion differs
@@ -97,6 +98,7 @@ def test_fused_adamw_gives_the_parameters_of_the_unfused_one(step):
 def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_the_other_way(step, tmp_path, monkeypatch, capsys):
     flags = [*small_run_flags(step), "--max-steps", "4", "--seed", "0"]
     flags += ["--dtype", "fp32"] if hasattr(step.main, "choose_dtype") else []  # the dtype is part of the run
+    flags += ["--no-compile"] if hasattr(step.main, "compiled") else []  # what is checked is the checkpoint
     for i, (first, then) in enumerate((("cuda", "cpu"), ("cpu", "cuda"))):
         out = tmp_path / f"{i}-{first}-{then}"
         with monkeypatch.context() as m:
@@ -135,12 +137,12 @@ def test_the_padded_ids_are_never_sampled_on_the_device(step):
 def test_under_torchrun_with_nccl_one_process_per_gpu_logs_the_loss_of_one_process(step, tmp_path):
     gpus = torch.cuda.device_count()
     flags = [*small_run_flags(step), "--total-batch-size", str(64 * 4 * gpus), "--max-steps", "3", "--seed", "0",
-             "--dtype", "fp32", "--device", "cuda"]
+             "--dtype", "fp32", "--device", "cuda", "--no-compile"]  # NCCL is checked, not compiling
     r = subprocess.run([sys.executable, "-m", "shared.launch", str(gpus), f"steps.{step.name}", *flags, "--out",
                         str(tmp_path / "nccl")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    # on one GPU the one rank still joins an NCCL group of one (the barrier before it leaves runs on NCCL), but
-    # with no other rank there is no DDP to print the backend: only from 2 GPUs on is the line there to check
+    # on one GPU the one rank still joins an NCCL group of one (and leaves it), but with no other rank there is no
+    # DDP to print the backend: only from 2 GPUs on is the line there to check
     assert gpus == 1 or "backend nccl" in r.stdout
     step.main.main([*flags, "--out", str(tmp_path / "one")])
     last = [re.findall(r'"loss": ([0-9.]+)', (tmp_path / d / "metrics.jsonl").read_text())[-1] for d in ("nccl", "one")]

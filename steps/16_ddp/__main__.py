@@ -78,7 +78,7 @@ def evaluate(model, ids, args) -> float:
             total += model(x, y)[1].item() * y.numel()
         count += y.numel()
     model.train()
-    sums = torch.tensor([total, count], dtype=torch.float64, device=args.device)  # (2,)
+    sums = torch.tensor([total, count], dtype=torch.float64, device=reducing(args))  # (2,)
     if args.world > 1:
         dist.all_reduce(sums)  # every rank now holds the sums over all ranks
     return (sums[0] / sums[1]).item()
@@ -202,6 +202,9 @@ def join_process_group(args) -> None:
                      f"process (NPROC={torch.cuda.device_count()}, or --device cpu for gloo between CPU processes)")
         args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # this machine's k-th GPU
         torch.cuda.set_device(args.device)
+    if args.device.type == "mps":  # every rank refuses, rank 0 says so
+        sys.exit("error: NPROC on a Mac's GPU (mps): gloo, the backend between processes there, adds CPU tensors only "
+                 "(give --device cpu)")
     backend = "nccl" if args.device.type == "cuda" else "gloo"
     # before the group exists: imported after it (AdamW does), it keeps the group alive at exit. Not `import
     # torch._dynamo`, which would make torch a name of this function's own, unbound in the lines above it.
@@ -216,6 +219,11 @@ def join_process_group(args) -> None:
         sys.exit(1)
 
 
+def reducing(args) -> torch.device:
+    """Where sums added over the ranks are made: NCCL adds on the GPU, gloo on the CPU (and MPS has no float64)."""
+    return args.device if args.device.type == "cuda" else torch.device("cpu")
+
+
 LAST_BARRIER = []  # leave_process_group's, kept to the end of the process
 
 
@@ -224,7 +232,7 @@ def leave_process_group(args) -> None:
     it; kept to the end of the process, it is never gloo's thread that lets go of them last. Freeing a tensor Python
     made needs the GIL, and the main thread holds the GIL while it waits for that thread to stop, when the group is
     freed (here, or later by DDP, which holds it): a deadlock."""
-    if args.world > 1:
+    if dist.is_initialized():  # joined, a group of one included: NCCL warns at exit of a group never left
         everyone = dist.barrier(async_op=True, device_ids=[args.device.index] if args.device.type == "cuda" else None)
         everyone.wait()
         dist.destroy_process_group()
@@ -246,6 +254,14 @@ def only_rank_0_speaks(rank: int) -> None:
 
 def rng_states() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(rng: dict, dev: torch.device) -> None:
+    """The generators as rank 0 saved them. Each rank's GPU drew what rank 0's first GPU drew (one seed, the same
+    draws), so that one is every rank's: rank 0's own view of the other GPUs holds generators it never used."""
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and dev.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"][0], dev)
 
 
 @device.explain_out_of_memory
@@ -358,9 +374,7 @@ def main(argv=None):
         with checkpoint.restoring(args.out):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"]["cpu"])
-            if state["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"][: torch.cuda.device_count()])  # on fewer GPUs too
+            restore_rng(state["rng"], args.device)
         start, loader.pos = state["iter"], state["loader"]
         print(f"resumed from {args.out / checkpoint.NAME} at iteration {start}")
 
