@@ -738,8 +738,9 @@ def generation(args) -> None:
     args.prompt_tokens = args.prompt_tokens or 32
     n = args.new_tokens or max(1, min(256, config.block_size - args.prompt_tokens))  # the default fits the context
     if args.prompt_tokens + n > config.block_size:  # past it our steps slide a window; transformers' GPT-2 stops
-        sys.exit(f"error: --prompt-tokens {args.prompt_tokens} + --new-tokens {n} is more than the context of "
-                 f"{config.block_size} positions: give fewer, or a longer --seq-len")
+        what = (f"--prompt-tokens {args.prompt_tokens} + --new-tokens {n} is more than" if args.new_tokens
+                else f"--prompt-tokens {args.prompt_tokens} leaves no token to write in")
+        sys.exit(f"error: {what} the context of {config.block_size} positions: give fewer, or a longer --seq-len")
     ours = model_py.GPT(config).eval().to(dev)
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar above the table
     with tempfile.TemporaryDirectory() as tmp:

@@ -104,12 +104,12 @@ def check_config(path: Path, theirs: dict, ours: dict) -> None:
     said = lambda run, k: repr(run[k]) if k in run else "no such setting"  # a setting of one step, not the other's
     if diff := [f"{k}: {said(theirs, k)} in the checkpoint, {said(ours, k)} now" for k in keys
                 if theirs.get(k) != ours.get(k)]:
-        go_on = resume_command(path)
-        sys.exit(f"error: {path / NAME} is from another run; resume it with the command that started it"
-                 + (f", as its Ctrl-C printed it:\n  {go_on}" if go_on else ".") + "\n  " + "\n  ".join(diff))
+        go_on = printed_resume(path)
+        sys.exit(f"error: {path / NAME} is from another run; resume it with the command that started it.\n  "
+                 + "\n  ".join(diff) + (f"\nIts Ctrl-C printed that command:\n  {go_on}" if go_on else ""))
 
 
-def resume_command(out: Path) -> str | None:
+def printed_resume(out: Path) -> str | None:
     """The command that goes on, as a run stopped by Ctrl-C wrote it in its summary.json; None for any other run."""
     try:
         go_on = json.loads((Path(out) / "summary.json").read_text())["interrupted"]["resume"]

@@ -67,6 +67,8 @@ def refuse_a_model_too_big(build, config, device: torch.device) -> None:
     with torch.device("meta"):
         one, two = (sum(p.numel() for p in build(dataclasses.replace(config, n_layer=k)).parameters()) for k in (1, 2))
     n = one + (config.n_layer - 1) * (two - one)
+    if device.type == "cpu" and os.environ.get("LOCAL_RANK", "0") != "0":  # one process decides for the machine:
+        return  # each would read the free memory at another moment, as the others fill it, and might decide otherwise
     free = free_memory(device)
     share = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1  # torchrun's processes here
     if free is not None and 16 * n * share > free:

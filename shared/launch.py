@@ -26,11 +26,11 @@ def main(argv: list[str]) -> int:
     from shared import device
 
     free = device.free_memory(torch.device("cpu"))
-    if free is not None and int(nproc) * PROCESS_BYTES > free:  # before any starts: past it, the kernel kills them
+    if free is not None and int(nproc) > 1 and int(nproc) * PROCESS_BYTES > free:  # past it, the kernel kills them
         sys.exit(f"error: NPROC={nproc}: each process holds a torch and a model of its own, about "
                  f"{cli.size(PROCESS_BYTES)} of memory at the smallest; {nproc} would need "
                  f"{cli.size(int(nproc) * PROCESS_BYTES)}, and this machine has {cli.size(free)} free "
-                 f"(NPROC={free // PROCESS_BYTES} at most)")
+                 f"(NPROC={max(1, free // PROCESS_BYTES)} at most)")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))  # no oversubscribing
     os.environ.setdefault("LOGLEVEL", "ERROR")  # torchrun's agent: no warning when Ctrl-C reaches it
     from torch.distributed import run

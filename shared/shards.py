@@ -433,7 +433,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     needed = (("--source", args.source or args.verify), ("--out", args.out))
     if missing := [flag for flag, given in needed if not given]:
-        p.error(f"{' and '.join(missing)} {'are' if len(missing) == 2 else 'is'} required (--verify needs --out alone)")
+        p.error(f"{' and '.join(missing)} {'are' if len(missing) == 2 else 'is'} required"
+                + " (--verify needs --out alone)" * ("--source" in missing))
     if args.verify:
         return verify(args.out)
     prepare(args.source, args.out, args.shard_tokens, args.max_tokens, args.workers)

@@ -104,6 +104,13 @@ def test_generate_past_the_context_is_refused_with_the_flags_to_change(tmp_path)
     assert "more than the context of 64 positions" in str(stop.value.code) and "--seq-len" in str(stop.value.code)
 
 
+def test_a_prompt_that_fills_the_context_is_refused_without_naming_a_length_never_given(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--generate", "--preset", "tiny", "--prompt-tokens", "64", "--json", str(tmp_path / "g.json")])
+    assert stop.value.code == ("error: --prompt-tokens 64 leaves no token to write in the context of 64 positions: "
+                               "give fewer, or a longer --seq-len")
+
+
 def test_generate_by_default_writes_what_the_context_leaves_after_the_prompt(tmp_path):
     bench.main(["--generate", "--preset", "tiny", "--json", str(tmp_path / "g.json")])  # 256 would not fit in 64
     machine = json.loads((tmp_path / "g.json").read_text())["machine"]

@@ -442,13 +442,24 @@ def test_processes_on_a_macs_gpu_are_refused_by_every_rank_before_gloo_is_starte
 
 
 @pytest.mark.main_needs("join_process_group")
+@pytest.mark.newest  # join_process_group as step 16 brought it, carried unchanged (make diff)
+def test_one_process_on_a_macs_gpu_joins_a_gloo_group_of_one(step, monkeypatch):
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append(backend))
+    step.main.join_process_group(SimpleNamespace(device=torch.device("mps"), rank=0, world=1, dist_timeout=5))
+    assert joined == ["gloo"]
+
+
+@pytest.mark.main_needs("join_process_group")
 def test_the_validation_sums_are_added_on_the_cpu_off_cuda(step, monkeypatch):
     # MPS has no float64: the sums, made on the device, stopped a Mac's run at its first evaluation. meta stands for
     # a device that is neither (.item() of a meta tensor fails); the model and the windows stay on the CPU
     monkeypatch.setattr(step.main, "autocast", lambda args: contextlib.nullcontext())  # none for meta
     model = step.model.GPT(step.model.GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=2, n_embd=8))
     args = SimpleNamespace(batch_size=2, seq_len=8, world=1, rank=0, device=torch.device("meta"), dtype="fp32")
-    assert step.main.reducing(args) == CPU and step.main.reducing(SimpleNamespace(device=CUDA1)) == CUDA1
+    assert step.main.reduce_device(args) == CPU and step.main.reduce_device(SimpleNamespace(device=CUDA1)) == CUDA1
     assert math.isfinite(step.main.evaluate(model, torch.randint(50, (100,)), args))
 
 

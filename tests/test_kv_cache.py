@@ -233,6 +233,16 @@ def test_generate_only_refuses_bad_input_in_one_line(step, saved, flags, words):
 
 
 @pytest.mark.main_needs("generate_only")
+def test_generate_only_under_several_processes_is_refused_before_the_model_is_looked_for(step, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # make step N=18 NPROC=2: torchrun sets them
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--generate-only", "--model", "no-such-model"])
+    assert exit.value.code == 2 and ("--generate-only with 2 processes: each would write the same text; writing is "
+                                     "one process's work (leave NPROC out)") in capsys.readouterr().err
+
+
+@pytest.mark.main_needs("generate_only")
 def test_generate_only_refuses_top_k_beyond_a_smaller_models_vocabulary(step, tmp_path):
     torch.manual_seed(0)
     step.model.GPT(step.model.GPTConfig(**SMALL, vocab_size=1000)).save_pretrained(tmp_path)

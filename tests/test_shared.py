@@ -273,6 +273,20 @@ def test_the_processes_torchrun_starts_on_a_cpu_share_its_free_memory_in_the_mod
         device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))
 
 
+def test_on_a_cpu_the_first_process_of_the_machine_alone_decides_the_model_check(monkeypatch):
+    # each would read the free memory at another moment, as the others fill it: near the limit they could differ,
+    # and a refusal of a rank other than 0 is never seen (only rank 0 prints)
+    gpt = importlib.import_module("steps.10_training.model")
+    config = gpt.GPTConfig(block_size=16, vocab_size=100, n_layer=3, n_head=2, n_embd=16)
+    monkeypatch.setattr(device, "free_memory", lambda d: 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))  # rank 1: no check; rank 0 refuses for both
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit, match="for the 2 processes of NPROC=2"):
+        device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))
+
+
 def test_the_memory_check_draws_nothing_from_the_random_generator():
     # it runs after torch.manual_seed and before the model is built: a draw would change every weight, and every
     # loss the diaries quote (the meta device's init draws nothing)
@@ -318,6 +332,15 @@ def test_the_launcher_refuses_more_processes_than_the_free_memory_holds_before_i
     assert str(exit.value.code) == ("error: NPROC=3: each process holds a torch and a model of its own, about 700.0 "
                                     "MiB of memory at the smallest; 3 would need 2.1 GiB, and this machine has 2.0 GiB "
                                     "free (NPROC=2 at most)")
+
+
+def test_the_launcher_starts_one_process_whatever_the_free_memory_as_a_run_without_nproc_would(monkeypatch):
+    import torch.distributed.run
+
+    started = []
+    monkeypatch.setattr(device, "free_memory", lambda d: 2**20)  # 1 MiB
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: started.append(argv))
+    assert launch.main(["1", "steps.16_ddp"]) == 0 and started[0][:2] == ["--standalone", "--nproc-per-node=1"]
 
 
 def test_a_rank_the_kernel_kills_is_said_to_be_killed_most_likely_for_want_of_memory(tmp_path):

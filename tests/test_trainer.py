@@ -331,8 +331,8 @@ def test_resuming_a_stopped_run_with_other_flags_shows_the_command_its_ctrl_c_pr
         run(step, stopped, "--resume", str(stopped))  # without SIX: another --max-steps and --dropout
     go_on = json.loads((stopped / "summary.json").read_text())["interrupted"]["resume"]
     message = str(exit.value.code)
-    assert f"resume it with the command that started it, as its Ctrl-C printed it:\n  {go_on}\n" in message
-    assert "max_steps: 6 in the checkpoint" in message
+    assert message.endswith(f"\nIts Ctrl-C printed that command:\n  {go_on}")
+    assert "\n  max_steps: 6 in the checkpoint" in message
 
 
 @pytest.mark.main_needs("Loader")

@@ -137,7 +137,7 @@ def evaluate(model, ids, args) -> float:
             total += model(x, y)[1].item() * y.numel()
         count += y.numel()
     model.train()
-    sums = torch.tensor([total, count], dtype=torch.float64, device=reducing(args))  # (2,)
+    sums = torch.tensor([total, count], dtype=torch.float64, device=reduce_device(args))  # (2,)
     if args.world > 1:
         dist.all_reduce(sums)  # every rank now holds the sums over all ranks
     return (sums[0] / sums[1]).item()
@@ -261,7 +261,7 @@ def join_process_group(args) -> None:
                      f"process (NPROC={torch.cuda.device_count()}, or --device cpu for gloo between CPU processes)")
         args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # this machine's k-th GPU
         torch.cuda.set_device(args.device)
-    if args.device.type == "mps":  # every rank refuses, rank 0 says so
+    if args.device.type == "mps" and args.world > 1:  # every rank refuses, rank 0 says so
         sys.exit("error: NPROC on a Mac's GPU (mps): gloo, the backend between processes there, adds CPU tensors only "
                  "(give --device cpu)")
     backend = "nccl" if args.device.type == "cuda" else "gloo"
@@ -278,7 +278,7 @@ def join_process_group(args) -> None:
         sys.exit(1)
 
 
-def reducing(args) -> torch.device:
+def reduce_device(args) -> torch.device:
     """Where sums added over the ranks are made: NCCL adds on the GPU, gloo on the CPU (and MPS has no float64)."""
     return args.device if args.device.type == "cuda" else torch.device("cpu")
 

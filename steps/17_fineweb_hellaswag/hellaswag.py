@@ -145,9 +145,9 @@ def evaluate(model, items: list[dict], tok, args, autocast) -> tuple[float, floa
     per_batch = 8 if args.device.type == "cuda" else 1  # on 2 CPU cores 8 items a forward were slower (diary 17)
     summed, mean = ending_losses(model, mine, tok, args.device, model.config.block_size, autocast, per_batch)
     labels = torch.tensor([item["label"] for item in mine])
-    reducing = args.device if args.device.type == "cuda" else "cpu"  # NCCL adds on the GPU, gloo on the CPU
+    where = args.device if args.device.type == "cuda" else "cpu"  # NCCL adds on the GPU, gloo on the CPU
     counts = torch.tensor([(summed.argmin(1) == labels).sum().item(), (mean.argmin(1) == labels).sum().item(),
-                           len(mine)], dtype=torch.float64, device=reducing)  # (3,)
+                           len(mine)], dtype=torch.float64, device=where)  # (3,)
     if args.world > 1:
         dist.all_reduce(counts)
     model.train()
