@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import small_run_flags
+
 CPU = torch.device("cpu")
 # fp32 throughout. SDPA and torch.compile compute the same sums as the eager code in another order (fused, blocked):
 # a few float32 rounding steps (1.2e-7 relative) at values of order 1, so 1e-5 absolute is ample and still tight.
@@ -148,3 +150,17 @@ def test_the_loaders_batches_are_views_of_its_tokens_not_copies(step):
     ids = torch.arange(100)
     x, y = step.main.Loader(ids, batch_size=2, seq_len=8).next_batch()
     assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr()
+
+
+@pytest.mark.main_needs("compiled")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_a_compiled_run_trains_through_the_compiled_model(step, tmp_path, monkeypatch):
+    calls = []
+
+    def compiles(model):  # stands for torch.compile: a new callable that runs the model, and counts its calls
+        return lambda *inputs: calls.append(1) or model(*inputs)
+    monkeypatch.setattr(torch, "compile", compiles)
+    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--compile", "--max-steps", "2",
+                    "--max-new-tokens", "1", "--out", str(tmp_path)])
+    micro_steps = 2 if "--total-batch-size" in small_run_flags(step) else 1  # 128 tokens in micro-batches of 2 x 32
+    assert len(calls) == 1 + 2 * micro_steps  # the try, then every training forward

@@ -86,6 +86,15 @@ def test_two_ranks_read_disjoint_windows_whose_union_is_what_one_process_reads(s
 
 
 @pytest.mark.main_needs("shards")
+def test_a_shard_of_a_whole_number_of_windows_keeps_its_last_token_for_the_last_target(step, tmp_path):
+    files = shard_dir(tmp_path, [64, 33])  # 64 = 8 x 8 tokens: 7 windows of T + 1 = 9, the 8th has no target for t=8
+    loader = step.main.Loader(files, batch_size=11, seq_len=8, shuffle=False)
+    assert loader.windows == 7 + 4
+    x, y = loader.next_batch()  # the whole epoch in one batch
+    assert [int(w[0]) for w in x] == [*range(0, 56, 8), *range(64, 96, 8)] and torch.equal(y, x + 1)
+
+
+@pytest.mark.main_needs("shards")
 def test_the_gpt2_preset_is_build_nanogpts_10b_token_run(step):
     # build-nanogpt's train_gpt2.py: B=64, T=1024, 2^19 tokens a step for 19,073 steps (10B tokens, one epoch of its
     # FineWeb-Edu sample), lr 6e-4 warmed up over 715 steps and decayed to 10%; AdamW (0.9, 0.95), eps 1e-8, decay 0.1
@@ -156,6 +165,25 @@ def test_a_run_stopped_by_ctrl_c_across_a_shard_boundary_resumes_to_the_losses_o
             step.main.main([*flags, "--out", str(tmp_path / "split")])
     step.main.main([*flags, "--out", str(tmp_path / "split"), "--resume", str(tmp_path / "split")])
     assert metrics(tmp_path / "split") == metrics(tmp_path / "whole")  # every loss, digit for digit
+
+
+@pytest.mark.main_needs("shards")
+def test_val_windows_evaluates_that_many_windows_of_the_val_shard(step, small_shards, tmp_path, monkeypatch):
+    lengths, evaluate = [], step.main.evaluate
+    monkeypatch.setattr(step.main, "evaluate", lambda model, ids, args: lengths.append(len(ids)) or evaluate(model, ids,
+                                                                                                          args))
+    step.main.main([*small_run_flags(step), "--data", str(small_shards), "--val-windows", "3", "--max-steps", "1",
+                    "--max-new-tokens", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert lengths == [3 * 32 + 1]  # 3 windows of T = 32, the last with its 33rd token as the last target
+
+
+@pytest.mark.main_needs("shards")
+def test_more_validation_windows_than_the_split_holds_are_said_to_be_fewer(step, small_shards, tmp_path, capsys):
+    step.main.main([*small_run_flags(step), "--data", str(small_shards), "--max-steps", "1", "--val-windows", "100",
+                    "--device", "cpu", "--out", str(tmp_path / "run")])
+    held = (len(np.load(next(small_shards.glob("*_val_*.npy")))) - 1) // 32  # T = 32
+    assert (f"holds {held} validation windows of 32 tokens, fewer than --val-windows 100: each evaluation reads "
+            f"those {held}") in capsys.readouterr().out and 0 < held < 100
 
 
 @pytest.mark.main_needs("shards")
@@ -444,11 +472,18 @@ def test_a_val_file_with_another_count_of_items_is_refused(step, tmp_path, monke
 @pytest.mark.newest  # score_only and hellaswag.py as step 17 brought them, carried unchanged (make diff)
 @pytest.mark.main_needs("hellaswag")
 def test_eval_only_scores_a_saved_model_and_two_processes_count_what_one_does(step, saved_model, tmp_path, capsys):
-    items = write_items(tmp_path / "items.jsonl", [json.dumps(item) for item in ITEMS])
+    # labels the model gets right on some items only (it answers the same for each copy of an item): an accuracy of
+    # 0 or 1, as an untrained model's answers and HellaSwag's labels give, is the same whatever items a rank counts
+    summed, _ = step.main.hellaswag.ending_losses(saved_model[0], ITEMS, data.gpt2_tokenizer(), CPU, 32,
+                                                  contextlib.nullcontext())
+    right = summed.argmin(1).tolist()
+    labelled = [{**item, "label": right[i] if i % 3 else (right[i] + 1) % 4} for i, item in enumerate(ITEMS)]
+    items = write_items(tmp_path / "items.jsonl", [json.dumps(item) for item in labelled])
     flags = ["--eval-only", "--model", str(saved_model[1]), "--hellaswag", str(items), "--device", "cpu",
              "--dtype", "fp32"]
     step.main.main(flags)
     one = re.search(r"hellaswag acc \S+ acc_norm \S+", capsys.readouterr().out).group(0)
+    assert one.startswith("hellaswag acc 0.6667 ")  # 6 of 9 right: items 1, 2, 4, 5, 7, 8
     r = subprocess.run([sys.executable, "-m", "shared.launch", "2", f"steps.{step.name}", *flags], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

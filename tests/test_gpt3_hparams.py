@@ -155,3 +155,17 @@ def test_a_run_shorter_than_its_warmup_says_its_lr_never_reaches_lr(step, tmp_pa
 def test_a_run_shorter_than_its_warmup_only_warms_up(step):
     args = SimpleNamespace(lr=1e-3, warmup_steps=30, max_steps=20)
     assert [step.main.lr_at(it, args) for it in (0, 19)] == pytest.approx([1e-3 / 30, 1e-3 * 20 / 30], rel=1e-12)
+
+
+@pytest.mark.main_needs("lr_at")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_warmup_steps_left_at_0_is_a_tenth_of_max_steps(step, tmp_path, monkeypatch):
+    warmups, lr_at = [], step.main.lr_at
+
+    def recording(it, args):
+        warmups.append(args.warmup_steps)
+        return lr_at(it, args)
+    monkeypatch.setattr(step.main, "lr_at", recording)
+    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "30", "--eval-every",
+                    "100", "--save-every", "100", "--max-new-tokens", "1", "--out", str(tmp_path)])
+    assert warmups == [3] * 30  # --help: "0 = 10% of --max-steps"

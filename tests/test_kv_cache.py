@@ -287,3 +287,17 @@ def test_the_sample_after_training_uses_the_cache_and_says_how_fast(step, tmp_pa
     numbers, size, unit, dtype = re.search(r"= ([\d,]+) numbers, ([\d.]+) (KiB|MiB) in (fp32|bf16)\]", out).groups()
     nbytes = int(numbers.replace(",", "")) * {"fp32": 4, "bf16": 2}[dtype]
     assert float(size) * {"KiB": 2**10, "MiB": 2**20}[unit] == pytest.approx(nbytes, rel=0.05)  # said to 1 decimal
+
+
+@pytest.mark.main_needs("generate_only")
+def test_generate_only_hands_its_sampling_flags_to_the_model(step, saved, monkeypatch):
+    given, stream = [], step.model.GPT.stream
+
+    def recording(self, idx, max_new_tokens, **kwargs):
+        given.append({"max_new_tokens": max_new_tokens, **kwargs})
+        return stream(self, idx, max_new_tokens, **kwargs)
+    monkeypatch.setattr(step.model.GPT, "stream", recording)
+    step.main.main(["--generate-only", "--model", str(saved), "--max-new-tokens", "3", "--num-samples", "2",
+                    "--top-k", "7", "--temperature", "0.5", "--no-cache", "--device", "cpu", "--seed", "0"])
+    assert len(given) == 2 and all(g.pop("generator") is not None for g in given)
+    assert given == [dict(max_new_tokens=3, top_k=7, temperature=0.5, use_cache=False)] * 2

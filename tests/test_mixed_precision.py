@@ -166,3 +166,37 @@ def test_the_weights_stay_fp32_when_training_in_bf16(step, tmp_path):
                     "--out", str(tmp_path)])
     weights = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     assert {w.dtype for w in weights.values()} == {torch.float32}  # autocast computes in bf16; the weights stay fp32
+
+
+@pytest.mark.main_needs("autocast")
+@pytest.mark.parametrize("name, capability, native", GPUS)
+def test_on_any_gpu_fp32_matmuls_are_allowed_tf32(step, a_gpu, name, capability, native):
+    a_gpu(name, capability)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a_gpu puts them back after
+    step.main.choose_dtype(SimpleNamespace(device=torch.device("cuda"), dtype="auto"))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # older GPUs ignore it
+
+
+@pytest.mark.main_needs("autocast")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_a_bf16_run_evaluates_with_its_linear_layers_in_bf16(step, tmp_path, monkeypatch):
+    outputs, evaluating, evaluate = set(), [], step.main.evaluate  # the linear layers' output dtypes in evaluate()
+
+    def flagged(*args, **kwargs):
+        evaluating.append(True)
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            evaluating.pop()
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Linear) and evaluating:
+            outputs.add(output.dtype)
+    monkeypatch.setattr(step.main, "evaluate", flagged)
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "1", "--dtype",
+                        "bf16", "--out", str(tmp_path)])
+    finally:
+        hook.remove()
+    assert outputs == {torch.bfloat16}  # the validation loss is the loss of the model as it trains

@@ -23,7 +23,7 @@ from transformers import GPT2LMHeadModel
 
 from shared import checkpoint, runlog
 from shared.steps import ROOT
-from tests.conftest import small_run_flags, token_loader
+from tests.conftest import mentions, small_run_flags, token_loader
 
 RUN = ["--device", "cpu", "--seed", "0"]
 pytestmark = pytest.mark.usefixtures("first_twentieth_of_the_corpus")
@@ -557,7 +557,7 @@ def test_a_step_of_more_tokens_than_the_data_says_so_before_its_long_first_itera
     corpus = data.shakespeare()  # the fixture's twentieth of tiny shakespeare; a fifth: about 3,000 training tokens
     monkeypatch.setattr(data, "shakespeare", lambda: corpus[: len(corpus) // 5])
     run(step, tmp_path, "--max-steps", "1", "--total-batch-size", "4096")  # 64 micro-batches of 2 x 32
-    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note:"))
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: a step of"))
     assert re.fullmatch(r"note: a step of 4,096 tokens is 1\.\dx the training tokens, and its first log line comes "
                         r"after all 64 micro-batches; a smaller --total-batch-size \(a multiple of 64\) makes it "
                         r"shorter", note), note
@@ -597,3 +597,63 @@ def test_resume_given_the_checkpoint_file_names_the_directory_to_give(step, tmp_
     with pytest.raises(SystemExit):
         run(step, tmp_path / "run", "--resume", str(tmp_path / checkpoint.NAME))
     assert f"is a file, not a directory: give the directory that holds it, {tmp_path}" in capsys.readouterr().err
+
+
+# Flags a run's numbers depend on, with another value than the finished run's: (flag, value, the run's key).
+# --warmup-steps: the finished run's is 1 (3 // 10, at least 1). --dtype: the other one than the run's.
+OTHER_VALUES = [("--dtype", None, "dtype"), ("--warmup-steps", "2", "warmup_steps"),
+                ("--total-batch-size", "256", "total_batch_size"), ("--no-shuffle", None, "shuffle")]
+
+
+@pytest.mark.main_needs("Loader")
+@pytest.mark.main_mentions('"--dtype"')  # the first flag of OTHER_VALUES to come (step 11); each is tried where it is
+def test_resuming_with_another_value_of_any_flag_the_run_depends_on_is_refused(step, tmp_path, finished):
+    finished(step, tmp_path)  # --max-steps 3 --eval-every 2 --lr 1e-3
+    dtype = checkpoint.load(tmp_path)["config"]["dtype"]
+    tried = []
+    for flag, value, key in OTHER_VALUES:
+        if not mentions(step, f'"{flag.replace("--no-", "--")}"'):  # a flag of a later step
+            continue
+        value = {"fp32": "bf16", "bf16": "fp32"}[dtype] if flag == "--dtype" else value
+        with pytest.raises(SystemExit) as exit:
+            run(step, tmp_path, "--max-steps", "3", "--eval-every", "2", "--lr", "1e-3", flag,
+                *([value] if value else []), "--resume", str(tmp_path))
+        assert "from another run" in str(exit.value.code) and f"\n  {key}: " in str(exit.value.code), flag
+        tried.append(flag)
+    assert tried  # --dtype at least
+
+
+@pytest.mark.main_needs("Loader")
+def test_training_starts_at_the_first_batch_and_reads_the_batches_in_turn(step, tmp_path, monkeypatch):
+    # Before training, the header's shapes (and from step 12 the compile's try) read a batch: the loader is put back
+    # to 0 after them, or the run would start at its second batch.
+    positions, next_batch = [], step.main.Loader.next_batch
+
+    def recording(self):
+        positions.append(self.pos)
+        return next_batch(self)
+    monkeypatch.setattr(step.main.Loader, "next_batch", recording)
+    run(step, tmp_path, "--max-steps", "2", "--save-every", "100", "--eval-every", "100")
+    micro_steps = 2 if "--total-batch-size" in small_run_flags(step) else 1  # 128 tokens in micro-batches of 2 x 32
+    trained = positions[-2 * micro_steps:]  # the 2 iterations' batches: the last ones read
+    stride = trained[1] - trained[0]
+    assert trained[0] == 0 and stride > 0 and trained == [k * stride for k in range(len(trained))], positions
+
+
+@pytest.mark.main_needs("Loader")
+@pytest.mark.main_lacks("lr_at")  # step 14 brings clipping to 1.0 (test_gpt3_hparams.py)
+def test_before_step_14_the_gradient_norm_is_measured_not_clipped(step, tmp_path):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []  # the norm of all the gradients as each optimizer step begins
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None])).item()))
+    try:
+        run(step, tmp_path, "--max-steps", "3", *(["--dtype", "fp32"] if mentions(step, '"--dtype"') else []))
+    finally:
+        hook.remove()
+    logged = [json.loads(line)["grad_norm"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert max(logged) > 1.05  # a clip to 1.0 would show
+    # fp32: the same norm computed twice, in another order of its sums
+    assert seen == pytest.approx(logged, rel=1e-5)

@@ -428,6 +428,9 @@ def main(argv=None):
     val = np.load(val_file, mmap_mode="r")[: args.val_windows * args.seq_len + 1]  # the first --val-windows windows
     if len(val) <= args.seq_len:
         sys.exit(f"error: --seq-len {args.seq_len} does not fit {val_file}: a window needs {args.seq_len + 1} tokens")
+    if (held := (len(val) - 1) // args.seq_len) < args.val_windows:  # said, not refused: the split is what it is
+        print(f"note: {val_file} holds {held:,} validation windows of {args.seq_len} tokens, fewer than --val-windows "
+              f"{args.val_windows:,}: each evaluation reads those {held:,}")
     shards.check_ids(val, val_file)
     val_ids = torch.from_numpy(val.astype(np.int64)).to(args.device)  # once: 8 bytes a token
     device.refuse_a_model_too_big(GPT, config, args.device)  # before minutes of building
