@@ -333,6 +333,18 @@ def test_hellaswags_counts_are_added_on_the_cpu_off_cuda(step, monkeypatch):
 
 
 @pytest.mark.main_needs("hellaswag")
+def test_after_scoring_hellaswag_the_model_is_back_in_training_mode(step, monkeypatch):
+    # in eval mode, training would go on with its dropout silently off after every evaluation
+    summed = mean = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    monkeypatch.setattr(step.main.hellaswag, "ending_losses", lambda *a, **k: (summed, mean))
+    model = torch.nn.Dropout(0.1).train()
+    model.config = SimpleNamespace(block_size=32)
+    step.main.hellaswag.evaluate(model, [{"ctx": "", "endings": [""] * 4, "label": 0}], None,
+                                 SimpleNamespace(rank=0, world=1, device=CPU), None)
+    assert model.training
+
+
+@pytest.mark.main_needs("hellaswag")
 def test_acc_takes_the_lowest_summed_loss_and_acc_norm_the_lowest_loss_per_token(step, monkeypatch):
     # Item 0: ending 1 has the lowest sum, ending 2 the lowest mean (a long ending); the label is 2.
     # Item 1: ending 3 is lowest both ways; the label is 3.
