@@ -47,6 +47,14 @@ def rank_env(rank: int, world: int, port: int) -> dict:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
 
 
+def as_rank(monkeypatch, device: str, rank: int, world: int) -> SimpleNamespace:
+    """In this process, the environment torchrun gives rank `rank` of `world` on one machine; and the args that
+    join_process_group reads."""
+    for k, v in dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world).items():
+        monkeypatch.setenv(k, str(v))
+    return SimpleNamespace(device=torch.device(device), rank=rank, world=world, dist_timeout=5)
+
+
 def start_rank(step, rank: int, world: int, port: int, *flags, twentieth=False):
     """One process of a run, started as torchrun starts it."""
     command = ["-c", ON_A_TWENTIETH.format(step.name)] if twentieth else ["-m", f"steps.{step.name}"]
@@ -422,10 +430,8 @@ def test_alone_it_logs_the_losses_of_step_15(step, tmp_path):
 @pytest.mark.newest  # join_process_group as step 16 brought it, carried unchanged (make diff)
 def test_more_processes_than_gpus_are_refused_by_every_rank_before_nccl_is_started(step, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a Colab with one GPU, NPROC=2
-    for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2").items():
-        monkeypatch.setenv(k, v)
     with pytest.raises(SystemExit) as exit:
-        step.main.join_process_group(SimpleNamespace(device=torch.device("cuda"), rank=1, world=2, dist_timeout=5))
+        step.main.join_process_group(as_rank(monkeypatch, "cuda", rank=1, world=2))
     assert str(exit.value.code) == ("error: NPROC=2 on 1 GPU: NCCL takes a GPU for each process (NPROC=1, or --device "
                                     "cpu for gloo between CPU processes)")
 
@@ -433,10 +439,8 @@ def test_more_processes_than_gpus_are_refused_by_every_rank_before_nccl_is_start
 @pytest.mark.main_needs("join_process_group")
 @pytest.mark.newest  # join_process_group as step 16 brought it, carried unchanged (make diff)
 def test_processes_on_a_macs_gpu_are_refused_by_every_rank_before_gloo_is_started(step, monkeypatch):
-    for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
-        monkeypatch.setenv(k, v)
     with pytest.raises(SystemExit) as exit:
-        step.main.join_process_group(SimpleNamespace(device=torch.device("mps"), rank=0, world=2, dist_timeout=5))
+        step.main.join_process_group(as_rank(monkeypatch, "mps", rank=0, world=2))
     assert str(exit.value.code) == ("error: NPROC on a Mac's GPU (mps): gloo, the backend between processes there, "
                                     "adds CPU tensors only (give --device cpu)")
 
@@ -444,11 +448,9 @@ def test_processes_on_a_macs_gpu_are_refused_by_every_rank_before_gloo_is_starte
 @pytest.mark.main_needs("join_process_group")
 @pytest.mark.newest  # join_process_group as step 16 brought it, carried unchanged (make diff)
 def test_one_process_on_a_macs_gpu_joins_a_gloo_group_of_one(step, monkeypatch):
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
-        monkeypatch.setenv(k, v)
     joined = []
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append(backend))
-    step.main.join_process_group(SimpleNamespace(device=torch.device("mps"), rank=0, world=1, dist_timeout=5))
+    step.main.join_process_group(as_rank(monkeypatch, "mps", rank=0, world=1))
     assert joined == ["gloo"]
 
 
