@@ -11,8 +11,8 @@ from transformers.models.marian.modeling_marian import MarianAttention
 from tests.refs import additive_mask, load_mha_into_torch, marian_config
 from tests.test_steps import kwargs_it_takes
 
-# fp32, d_model 32: the references sum the same products in another order; 1e-5 is a few hundred
-# float32 rounding steps at the size of these outputs (|x| ~ 1).
+# fp32, d_model 32: the references sum the same products in another order; 1e-5 is about 80 float32 rounding
+# steps (1.2e-7) at the size of these outputs (|x| ~ 1). Measured on this CPU: 3.6e-7 at most.
 ATOL = 1e-5
 
 

@@ -15,7 +15,7 @@ from tests.refs import load_into_marian, load_layer_into_torch, marian_config, m
 from tests.test_block import layer_params
 from tests.test_steps import Bigram
 
-ATOL = 1e-5  # fp32, two layers of d_model 32: the same sums in another order
+ATOL = 1e-5  # fp32, two layers of d_model 32: the same sums in another order (7e-7 measured)
 
 
 def small_encoder(step):

@@ -139,7 +139,9 @@ def test_every_optimizer_step_uses_the_scheduled_lr_and_gpt3s_betas_and_eps(step
 def test_every_optimizer_step_is_given_gradients_clipped_to_norm_1(step, optimizer_steps):
     steps, before_clipping = optimizer_steps(step)
     assert len(steps) == 6 and min(before_clipping) > 1.05 * step.main.CLIP  # each step's needed it (1.13 at least)
-    assert max(norm for _, norm in steps) <= step.main.CLIP * (1 + 1e-5)  # fp32: the clipped norm, recomputed
+    # fp32: the clipped norm, recomputed. Measured 1 - 6e-7 at most (clip_grad_norm_ scales by 1 / (norm + 1e-6));
+    # 1e-5 is some 80 rounding steps at 1.
+    assert max(norm for _, norm in steps) <= step.main.CLIP * (1 + 1e-5)
 
 
 @pytest.mark.main_needs("lr_at")

@@ -72,6 +72,7 @@ def test_a_40_iteration_run_cuts_the_loss_by_at_least_a_tenth(step, forty):
     losses = [r["loss"] for r in rows]
     assert [r["iter"] for r in rows] == list(range(40))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    # measured last / first: 0.62-0.84 over the steps (0.84 in 04, 0.83 in 05); a model that does not learn gives ~1
     assert last < 0.9 * first, f"loss went from {first:.3f} to {last:.3f} in 40 iterations"
     assert "shapes through one forward pass" in printed and "iter    39" in printed  # shapes, then the live log
     end = printed.split("iter    39", 1)[1]  # after the last iteration, an evaluation of seconds says it is running
@@ -87,6 +88,7 @@ def test_first_loss_is_about_a_uniform_guess(step, forty):
     rows, _, out, _ = forty(step)
     # An untrained model's logits are about Gaussian with a std s, which costs about s^2 / 2 nats over ln(vocab):
     # 1 nat allows s up to 1.4. Step 08 with nn.Embedding's N(0, 1) init started at 42 (ln 50257 = 10.8).
+    # Measured: 0.32 and 0.45 above it in 07 and 08, within 0.04 from 10 on.
     assert abs(rows[0]["loss"] - json.loads((out / "summary.json").read_text())["uniform_guess"]) < 1.0
 
 

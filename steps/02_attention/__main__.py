@@ -35,7 +35,7 @@ def evaluate(model, ids, args) -> float:
     total, count = 0.0, 0
     for x, y in data.sequential_windows(ids, args.batch_size, args.block_size):
         x, y = x.to(args.device), y.to(args.device)
-        total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() * y.numel()
+        total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() * y.numel()  # (B*T, vocab_size), (B*T,)
         count += y.numel()
     model.train()
     return total / count
@@ -72,7 +72,7 @@ def main(argv=None):
         for it in range(args.max_steps):
             x, y = (t.to(args.device) for t in data.random_windows(train_ids, args.batch_size, args.block_size, gen))
             logits = model(x)  # (B, T, vocab_size)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # (B*T, vocab_size), (B*T,)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -52,7 +52,7 @@ def evaluate(model, ids, args) -> float:
     gen = torch.Generator().manual_seed(0)
     total, count = 0.0, 0
     for x, _ in data.sequential_windows(ids, args.batch_size, args.block_size):
-        x, y = (t.to(args.device) for t in hide(x, gen))
+        x, y = (t.to(args.device) for t in hide(x, gen))  # (B, S) each
         total += F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
         count += (y >= 0).sum().item()
     model.train()
@@ -97,7 +97,7 @@ def main(argv=None):
             x, _ = data.random_windows(train_ids, args.batch_size, args.block_size, gen)  # (B, S)
             x, y = (t.to(args.device) for t in hide(x, gen))
             logits = model(x)  # (B, S, vocab_size)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # (B*S, vocab_size), (B*S,)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -41,10 +41,10 @@ def reversal_batch(batch_size: int, max_letters: int, gen):
     """
     lengths = torch.randint(1, max_letters + 1, (batch_size,), generator=gen)  # (B,)
     letters = torch.randint(3, 3 + len(LETTERS), (batch_size, max_letters), generator=gen)  # (B, L)
-    src = torch.full((batch_size, max_letters + 1), PAD)
-    tgt = torch.full((batch_size, max_letters + 2), PAD)
+    src = torch.full((batch_size, max_letters + 1), PAD)  # (B, L + 1)
+    tgt = torch.full((batch_size, max_letters + 2), PAD)  # (B, L + 2)
     for i, n in enumerate(lengths.tolist()):
-        word = letters[i, :n]
+        word = letters[i, :n]  # (n,)
         src[i, : n + 1] = torch.cat([word, torch.tensor([EOS])])
         tgt[i, : n + 2] = torch.cat([torch.tensor([BOS]), word.flip(0), torch.tensor([EOS])])
     return src, tgt
@@ -52,7 +52,7 @@ def reversal_batch(batch_size: int, max_letters: int, gen):
 
 def loss_of(model, src, tgt):
     logits = model(src, tgt[:, :-1])  # (B, T, vocab_size): teacher forcing, the target shifted right
-    return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD)
+    return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD)  # (B*T, vocab_size), (B*T,)
 
 
 @torch.no_grad()

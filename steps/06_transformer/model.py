@@ -43,7 +43,7 @@ def attention(q, k, v, mask=None):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # (B, H, T, S), each row sums to 1
-    return weights @ v, weights
+    return weights @ v, weights  # (B, H, T, d_k), (B, H, T, S)
 
 
 def padding_mask(idx: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -202,4 +202,4 @@ class Transformer(nn.Module):
             done |= nxt == eos_id
             if done.all():
                 break
-        return out[:, 1:]
+        return out[:, 1:]  # (B, <= max_new_tokens): BOS dropped

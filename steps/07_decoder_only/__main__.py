@@ -16,7 +16,7 @@ PROMPTS = ["ROMEO:", "First Citizen:\nWe are", "KING RICHARD III:\nNow is the wi
 
 def loss_of(model, x, y):
     logits = model(x)  # (B, T, vocab_size): at position t, the scores for token t + 1
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten())  # y is x shifted left by one
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())  # (B*T, vocab_size), (B*T,): y is x shifted left by one
 
 
 @torch.no_grad()
@@ -88,8 +88,8 @@ def main(argv=None):
 def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different length -> idx (B, T) padded on the left, attention_mask (B, T): 0 at padding."""
     T = max(len(r) for r in rows)
-    idx = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    idx = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows])  # (B, T)
+    attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])  # (B, T)
     return idx, attention_mask
 
 
@@ -100,7 +100,7 @@ def show_samples(model, tok, args):
     idx, attention_mask = pad_left([tok.encode(p) for p in PROMPTS], pad_id=tok.eot_token)
     gen = torch.Generator(args.device).manual_seed(args.seed)  # sampling draws on the model's device
     out = model.generate(idx.to(args.device), args.max_new_tokens, attention_mask.to(args.device), generator=gen)
-    for row, mask in zip(out.tolist(), attention_mask.tolist()):
+    for row, mask in zip(out.tolist(), attention_mask.tolist()):  # out: (B, T + max_new_tokens)
         print("-" * 60)
         print(tok.decode(row[mask.count(0):]))  # without the padding
 

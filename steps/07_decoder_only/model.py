@@ -44,7 +44,7 @@ def attention(q, k, v, mask=None):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # (B, H, T, S), each row sums to 1
-    return weights @ v, weights
+    return weights @ v, weights  # (B, H, T, d_k), (B, H, T, S)
 
 
 def causal_mask(T: int, device=None) -> torch.Tensor:
@@ -155,5 +155,5 @@ class DecoderOnlyLM(nn.Module):
             logits = self(idx[:, crop:], attention_mask[:, crop:])[:, -1]  # (B, vocab_size)
             nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)  # (B, t + 1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)  # the new token is real
+            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)  # (B, t + 1): new token is real
         return idx

@@ -83,7 +83,7 @@ def main(argv=None):
     gen = torch.Generator(args.device).manual_seed(args.seed)  # sampling draws on the model's device
     for i in range(args.num_samples):
         print(f"--- sample {i + 1} of {args.num_samples}")
-        stream(model, tok, torch.tensor([ids], device=args.device), args, gen)
+        stream(model, tok, torch.tensor([ids], device=args.device), args, gen)  # idx: (1, T)
 
 
 def stream(model, tok, idx, args, gen) -> None:

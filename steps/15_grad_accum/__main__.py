@@ -310,7 +310,7 @@ def show_sample(model, tok, args):
     model.eval()
     idx = torch.tensor([tok.encode(PROMPT)], device=args.device)  # (1, T)
     gen = torch.Generator(args.device).manual_seed(args.seed)  # sampling draws on the model's device
-    out = model.generate(idx, args.max_new_tokens, generator=gen, top_k=50)
+    out = model.generate(idx, args.max_new_tokens, generator=gen, top_k=50)  # (1, T + max_new_tokens)
     print("-" * 60)
     print(tok.decode(out[0].tolist()))
 

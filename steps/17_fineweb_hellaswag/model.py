@@ -94,7 +94,7 @@ def attention(q, k, v, mask=None):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # (B, H, T, S), each row sums to 1
-    return weights @ v, weights
+    return weights @ v, weights  # (B, H, T, d_k), (B, H, T, S)
 
 
 def causal_mask(T: int, device=None) -> torch.Tensor:
@@ -206,6 +206,7 @@ class GPT(nn.Module):
             x = block(x, mask)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab_size)
         logits[..., self.config.vocab_size :] = float("-inf")  # no token the tokenizer cannot decode: probability 0
+        # cross_entropy over B*T rows: logits (B*T, padded_vocab_size), targets (B*T,)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
@@ -281,5 +282,5 @@ class GPT(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))  # the rest get probability 0
             nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)  # (B, t + 1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)  # the new token is real
+            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)  # (B, t + 1): new token is real
         return idx

@@ -631,7 +631,7 @@ def show_sample(model, tok, args):
         times = [time.perf_counter()]
         try:
             with autocast(args):
-                for nxt in model.stream(idx, args.max_new_tokens, generator=gen, top_k=args.top_k,
+                for nxt in model.stream(idx, args.max_new_tokens, generator=gen, top_k=args.top_k,  # nxt: (1, 1)
                                         temperature=args.temperature, use_cache=args.cache):
                     print(utf8.decode(tok.decode_single_token_bytes(nxt[0, 0].item())), end="", flush=True)
                     times.append(time.perf_counter())  # .item() above waited for the device

@@ -128,14 +128,14 @@ def ending_losses(model, items: list[dict], tok, device, block_size: int, autoca
             scored[r, start - 1 : len(row) - 1] = True  # position t predicts token t + 1
         ids, scored = ids.to(device), scored.to(device)
         with autocast:
-            logits = model(ids)[0]  # (R, L, vocab)
+            logits = model(ids)[0]  # (R, L, padded_vocab_size)
         losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
         losses = losses.view(len(batch), width - 1) * scored  # (R, L - 1), 0 off the endings
-        summed.append(losses.sum(1).view(-1, 4))
-        mean.append((losses.sum(1) / scored.sum(1)).view(-1, 4))
+        summed.append(losses.sum(1).view(-1, 4))  # (items, 4): each ending's loss, summed
+        mean.append((losses.sum(1) / scored.sum(1)).view(-1, 4))  # (items, 4): per token
     if not items:  # a rank with no items (more ranks than items)
         return torch.zeros(0, 4), torch.zeros(0, 4)
-    return torch.cat(summed).cpu(), torch.cat(mean).cpu()
+    return torch.cat(summed).cpu(), torch.cat(mean).cpu()  # (len(items), 4) each
 
 
 def evaluate(model, items: list[dict], tok, args, autocast) -> tuple[float, float]:
@@ -144,7 +144,7 @@ def evaluate(model, items: list[dict], tok, args, autocast) -> tuple[float, floa
     mine = items[args.rank :: args.world]
     per_batch = 8 if args.device.type == "cuda" else 1  # on 2 CPU cores 8 items a forward were slower (diary 17)
     summed, mean = ending_losses(model, mine, tok, args.device, model.config.block_size, autocast, per_batch)
-    labels = torch.tensor([item["label"] for item in mine])
+    labels = torch.tensor([item["label"] for item in mine])  # (len(mine),)
     where = args.device if args.device.type == "cuda" else "cpu"  # NCCL adds on the GPU, gloo on the CPU
     counts = torch.tensor([(summed.argmin(1) == labels).sum().item(), (mean.argmin(1) == labels).sum().item(),
                            len(mine)], dtype=torch.float64, device=where)  # (3,)

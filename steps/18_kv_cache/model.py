@@ -94,7 +94,7 @@ def attention(q, k, v, mask=None):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # (B, H, T, S), each row sums to 1
-    return weights @ v, weights
+    return weights @ v, weights  # (B, H, T, d_k), (B, H, T, S)
 
 
 def causal_mask(T: int, device=None) -> torch.Tensor:
@@ -233,7 +233,7 @@ class GPT(nn.Module):
         """
         T, past = idx.size(1), 0 if cache is None else cache.length  # past: positions already in the cache
         if attention_mask is None and past and T > 1:  # new positions after cached ones: the mask says which
-            attention_mask = torch.ones(idx.size(0), past + T, dtype=torch.long, device=idx.device)
+            attention_mask = torch.ones(idx.size(0), past + T, dtype=torch.long, device=idx.device)  # (B, S)
         if attention_mask is None:
             mask, pos = None, torch.arange(past, past + T, device=idx.device)  # causal attention, (T,)
         else:
@@ -244,6 +244,7 @@ class GPT(nn.Module):
             x = block(x, mask, None if cache is None else cache[i])
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab_size)
         logits[..., self.config.vocab_size :] = float("-inf")  # no token the tokenizer cannot decode: probability 0
+        # cross_entropy over B*T rows: logits (B*T, padded_vocab_size), targets (B*T,)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
@@ -326,8 +327,9 @@ class GPT(nn.Module):
         cache, window = None, self.config.block_size  # the model sees the last block_size tokens at most
         padded = not attention_mask.all()  # without padding the cached path needs no mask at all
         for _ in range(max_new_tokens):
+            # logits: (B, padded_vocab_size), the last position's, on each of the three paths
             if not use_cache:  # the reference: the whole sequence again, for every token
-                logits = self(idx[:, -window:], attention_mask=attention_mask[:, -window:])[0][:, -1]  # (B, vocab)
+                logits = self(idx[:, -window:], attention_mask=attention_mask[:, -window:])[0][:, -1]
             elif cache is None or idx.size(1) > window:  # the prefill, or past the context: a new cache
                 cache = KVCache(self.config)
                 logits = self(idx[:, -window:], attention_mask=attention_mask[:, -window:] if padded else None,
@@ -339,5 +341,5 @@ class GPT(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))  # the rest get probability 0
             nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)  # (B, t + 1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)  # the new token is real
+            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)  # (B, t + 1): new token is real
             yield nxt
