@@ -2,6 +2,8 @@
 #   make list              the steps and their lessons
 #   make step N=08         run a stage (ARGS="--max-steps 60 --device cpu" passes flags to it)
 #   make step N=16 NPROC=2 a stage on 2 processes (torchrun), from step 16 on
+#   make curves ARGS="runs/13_vocab_50304 runs/14_gpt3_hparams"
+#                          the loss curves of several runs in one picture (runs/curves.svg)
 #   make test [N=08]       the whole test suite, or one stage's tests
 #   make bench             the speed ladder of steps 10-16 (ARGS="--steps 10,15" for some, "--steps all" for all)
 #   make data              text to token shards for steps 17 and 18
@@ -28,7 +30,7 @@ override ARGS := $(value ARGS)
 export ARGS
 ARGV = eval "set -- $$ARGS" 2>/dev/null || exec $(REGISTRY) bad-args
 
-TARGETS := help list setup step test bench data gpu-check mistake book diff clean
+TARGETS := help list setup step curves test bench data gpu-check mistake book diff clean
 .PHONY: $(TARGETS)
 # `make step N=01 ARGS=--max-steps 10` makes 10 a goal of its own: say so before the step runs without it
 ifneq ($(filter-out $(TARGETS) $(STAMP),$(MAKECMDGOALS)),)
@@ -72,6 +74,9 @@ test: $(STAMP)
 	@$(ARGV); if [ -n "$(N)" ]; then s=$$($(REGISTRY) resolve "$(N)") && $(PY) -m pytest --step $$s "$$@"; \
 	else $(PY) -m pytest -n $(WORKERS) --dist loadfile "$$@"; fi
 
+curves: $(STAMP)
+	@$(ARGV); $(PY) -m shared.curves "$$@"
+
 bench: $(STAMP)
 	@$(ARGV); $(PY) -m shared.bench "$$@"
 
@@ -87,9 +92,12 @@ mistake: $(STAMP)
 book: $(STAMP)
 	@$(ARGV); $(PY) -m shared.book "$$@"
 
+# The file headers without their times (they are the clone's, not the lesson's); in colour on a terminal.
 diff:
-	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) && \
-	{ diff -ruN -x __pycache__ --color steps/$$p steps/$$s; test $$? -le 1; } && $(REGISTRY) brought $$s
+	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) || exit 2; c=never; [ -t 1 ] && c=always; \
+	{ diff -ruN -x __pycache__ --color=$$c steps/$$p steps/$$s | sed -E -e "s/ -x __pycache__ '--color=$$c'//" \
+	-e $$'s/\t[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:.]+ [+-][0-9]{4}//'; test $${PIPESTATUS[0]} -le 1; } && \
+	$(REGISTRY) brought $$s
 
 clean:
 	rm -rf $(VENV) runs book .hypothesis

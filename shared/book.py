@@ -346,7 +346,9 @@ def diary_html(step: str, diary_dir: Path, tests: set[str], up: str) -> str:
                    {t: f"{up}/{path}" for t, path in whole_suite_tests().items()})
     for level in (5, 4, 3, 2):  # one level under the page's own sections
         out = out.replace(f"<h{level}>", f"<h{level + 1}>").replace(f"</h{level}>", f"</h{level + 1}>")
-    return out
+    here = diary_dir.resolve()  # a picture beside the diary, as the diary's own link names it
+    here = f"{up}/{here.relative_to(ROOT).as_posix()}" if here.is_relative_to(ROOT) else here.as_uri()
+    return re.sub(r'src="(?!https?:|/)([^"]+)"', lambda m: f'src="{here}/{m[1]}"', out)
 
 
 def shapes_html(step: str, f: Facts) -> str:
@@ -420,36 +422,8 @@ def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """The rows of a metrics.jsonl that make step wrote, and what was wrong with the others: a blank line is skipped,
-    a cut-off last line (a run that was killed) ends the curve there, any other bad line is left out and counted."""
-    rows, notes, bad = [], [], 0
-    lines = path.read_text(errors="replace").splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines):
-                notes.append("its last line is cut off (a run that was stopped?): the curve ends at the line before")
-            else:
-                bad += 1
-            continue
-        good = isinstance(row, dict) and isinstance(row.get("iter"), int) and all(
-            isinstance(row.get(k), (int, float, type(None))) for k in ("loss", "val_loss"))
-        if good:
-            rows.append(row)
-        else:
-            bad += 1
-    if bad:
-        notes.append(f"{cli.plural(bad, 'line')} that {'are not rows' if bad > 1 else 'is not a row'} of make step's "
-                     "log left out")
-    return rows, notes
-
-
 def curve_html(step: str, runs_dir: Path) -> str:
-    from shared.runlog import loss_svg
+    from shared.runlog import loss_svg, metrics_rows
 
     if "RunLog(" not in (STEPS_DIR / step / "__main__.py").read_text():
         return gap("This step's command trains nothing and writes no metrics: there is no curve to draw.")

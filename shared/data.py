@@ -29,14 +29,19 @@ FILES = {  # name -> (canonical URL, sha256)
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("GPT2STEPS_DATA") or "data")  # set but empty: the default too, not "." (Path(""))
+    """data/, or $GPT2STEPS_DATA; exits when that is a file (nothing could be read from it or saved in it)."""
+    where = Path(os.environ.get("GPT2STEPS_DATA") or "data")  # set but empty: the default too, not "." (Path(""))
+    if where.exists() and not where.is_dir():
+        named = f"GPT2STEPS_DATA={where}" if os.environ.get("GPT2STEPS_DATA") else f"{where}/"
+        sys.exit(f"error: {named} is a file, not a directory: the data files ({', '.join(FILES)}) go in a "
+                 "directory; set GPT2STEPS_DATA to one, or leave it unset for data/")
+    return where
 
 
 def not_in_data_dir(name: str) -> str:
-    """'NAME is not in DIR/', saying so when DIR is itself missing or a file: a mistyped $GPT2STEPS_DATA."""
+    """'NAME is not in DIR/', saying so when DIR itself is missing: a mistyped $GPT2STEPS_DATA."""
     where = data_dir()
-    state = "" if where.is_dir() else " (a file, not a directory)" if where.exists() else " (no such directory)"
-    return f"{name} is not in {where}/{state}"
+    return f"{name} is not in {where}/{'' if where.is_dir() else ' (no such directory)'}"
 
 
 def fetch(name: str) -> bytes:

@@ -36,6 +36,34 @@ def rows_before(path: Path, start: int) -> list[dict]:
     return rows
 
 
+def metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a metrics.jsonl that make step wrote, and what was wrong with the others: a blank line is skipped,
+    a cut-off last line (a run that was killed) ends the curve there, any other bad line is left out and counted."""
+    rows, notes, bad = [], [], 0
+    lines = path.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):
+                notes.append("its last line is cut off (a run that was stopped?): the curve ends at the line before")
+            else:
+                bad += 1
+            continue
+        good = isinstance(row, dict) and isinstance(row.get("iter"), int) and all(
+            isinstance(row.get(k), (int, float, type(None))) for k in ("loss", "val_loss"))
+        if good:
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        notes.append(f"{cli.plural(bad, 'line')} that {'are not rows' if bad > 1 else 'is not a row'} of make step's "
+                     "log left out")
+    return rows, notes
+
+
 class RunLog:
     """Log of one training run of `total` iterations, printing every `every`-th (0: about 25 lines a run, and one
     at the end of the first iteration QUIET_S seconds or more after the last line: a long run is never silent long)."""
@@ -205,12 +233,13 @@ COLOURS = {"train": "#1f77b4", "validation": "#d62728", "acc_norm": "#2ca02c", "
 
 
 def loss_svg(curves: dict[str, list[tuple[int, float]]], w: int = 640, h: int = 360, pad: int = 48,
-             below: tuple[str, dict] | None = None) -> str:
+             below: tuple[str, dict] | None = None, colours: dict[str, str] | None = None) -> str:
     """Loss curves as a self-contained SVG (open it in a browser); no plotting library needed.
     curves: name -> [(iter, loss), ...]; a curve of one point is drawn as a dot. below: (label, curves) of a second
-    panel under the first, on the same iterations (e.g. HellaSwag's accuracy)."""
+    panel under the first, on the same iterations (e.g. HellaSwag's accuracy). colours: name -> colour, for names
+    not in COLOURS; a name ending in "validation" is drawn thicker (few points, each over the whole split)."""
     panels = [("loss", curves), *([below] if below else [])]
-    body = "\n".join(panel(c, w, h, pad, label, top=i * h) for i, (label, c) in enumerate(panels))
+    body = "\n".join(panel(c, w, h, pad, label, i * h, colours or {}) for i, (label, c) in enumerate(panels))
     return f"""<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h * len(panels)}" \
 viewBox="0 0 {w} {h * len(panels)}" font-family="sans-serif" font-size="12">
 <rect width="{w}" height="{h * len(panels)}" fill="white"/>
@@ -224,7 +253,8 @@ def tick(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
-def panel(curves: dict[str, list[tuple[int, float]]], w: int, h: int, pad: int, label: str, top: int) -> str:
+def panel(curves: dict[str, list[tuple[int, float]]], w: int, h: int, pad: int, label: str, top: int,
+          colours: dict[str, str]) -> str:
     points = [p for curve in curves.values() for p in curve]
     x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
     y0, y1 = min(y for _, y in points), max(y for _, y in points)
@@ -232,9 +262,11 @@ def panel(curves: dict[str, list[tuple[int, float]]], w: int, h: int, pad: int, 
     sy = lambda y: top + h - pad - (y - y0) / max(y1 - y0, 1e-9) * (h - 2 * pad)
     lines = []
     for i, (name, curve) in enumerate(c for c in curves.items() if c[1]):
-        colour = COLOURS.get(name, "black")
+        colour, width = COLOURS.get(name) or colours.get(name, "black"), 2.5 if name.endswith("validation") else 1.5
         xy = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in curve)
-        lines.append(f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="1.5"/>' if len(curve) > 1
+        faint = ' stroke-opacity="0.5"' if name.endswith(" train") else ""  # several runs': their validation stands out
+        lines.append(f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="{width}"{faint}/>'
+                     if len(curve) > 1
                      else f'<circle cx="{sx(curve[0][0]):.1f}" cy="{sy(curve[0][1]):.1f}" r="3" fill="{colour}"/>')
         lines.append(f'<text x="{w - pad}" y="{top + pad + 16 * i}" text-anchor="end" fill="{colour}">{name}</text>')
     body = "\n".join(lines)

@@ -10,6 +10,7 @@ import ast
 import os
 import re
 import shlex
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -118,4 +119,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # make list | head: stop quietly when the reader does
     sys.exit(main(sys.argv[1:]))

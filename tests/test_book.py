@@ -250,6 +250,22 @@ def test_a_missing_or_unreadable_diary_costs_its_page_one_line_not_the_book(tmp_
     assert "<h3>" in section((tmp_path / "book" / "05_decoder.html").read_text(), "diary")  # the others as ever
 
 
+@pytest.mark.parametrize("inside", [True, False], ids=["diary-in-the-project", "diary-elsewhere"])
+def test_a_picture_a_diary_shows_beside_it_is_found_from_the_page(tmp_path, inside):
+    diaries = (ROOT / "diary") if inside else tmp_path / "diary"
+    if not inside:
+        shutil.copytree(ROOT / "diary", diaries)
+        (diaries / "img").mkdir(exist_ok=True)
+        (diaries / "img" / "x.svg").write_text("<svg/>")
+        (diaries / "02_attention.md").write_text("# 02\n\n![a curve](img/x.svg)\n")
+    book.write(tmp_path / "book", {}, {}, diary_dir=diaries, runs_dir=tmp_path / "runs")
+    for page in (tmp_path / "book" / f"{s}.html" for s in all_steps()):
+        for src in re.findall(r'<img src="([^"]+)"', section(page.read_text(), "diary")):
+            file = Path(src.removeprefix("file://")) if src.startswith("file://") else (page.parent / src).resolve()
+            assert file.is_file(), f"{page.name}: {src}"
+    assert inside or '<img src="' in (tmp_path / "book" / "02_attention.html").read_text()
+
+
 def test_tests_pytest_could_not_collect_are_said_to_be_missing_on_every_page(tmp_path):
     failing = "print('tests/test_gpt2.py::test_a'); print('ERROR tests/test_x.py - ImportError: no x'); exit(2)"
     proc = subprocess.Popen([sys.executable, "-c", failing], stdout=subprocess.PIPE, text=True)  # as pytest fails

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared import checkpoint, cli, data, device, launch, runlog, shapes
+from shared import checkpoint, cli, curves, data, device, launch, runlog, shapes
 from shared.steps import ROOT, all_steps, resolve
 from tests.conftest import MAKE_VARIABLES, data_dir_copy
 
@@ -81,6 +81,19 @@ def test_make_diff_shows_a_file_new_in_the_step_whole_as_added_lines():
     assert all(f"+{line}" in r.stdout.splitlines() for line in new)
 
 
+def test_make_diff_file_headers_name_the_files_without_their_times_or_diffs_options():
+    out = sh("make", "-s", "diff", "N=17").stdout.splitlines()
+    headers = [line for line in out if line.startswith(("---", "+++"))]
+    assert "--- steps/16_ddp/__main__.py" in headers and "+++ steps/17_fineweb_hellaswag/__main__.py" in headers
+    assert all("\t" not in line for line in headers)  # diff's times: when this clone wrote the file, not the lesson
+    assert "diff -ruN steps/16_ddp/__main__.py steps/17_fineweb_hellaswag/__main__.py" in out
+
+
+def test_a_registry_command_read_by_head_stops_quietly_without_a_traceback():
+    r = subprocess.run("make -s list | head -1", shell=True, cwd=ROOT, capture_output=True, text=True)
+    assert r.stdout.startswith("  01  01_embedding") and "Traceback" not in r.stderr
+
+
 def test_make_diff_names_the_shared_code_the_step_is_the_first_to_import():
     r = sh("make", "-s", "diff", "N=17")  # make data's pipeline, shared/shards.py: half of step 17's lesson
     assert r.returncode == 0 and r.stdout.splitlines()[-1].startswith(
@@ -108,15 +121,24 @@ def test_the_data_directory_is_data_unless_gpt2steps_data_names_one(monkeypatch,
     assert data.data_dir() == Path("data")
 
 
-@pytest.mark.parametrize("typo, said", [("no-such-dir", "(no such directory)"),
-                                        ("a-file", "(a file, not a directory)")])
-def test_a_data_directory_that_is_missing_or_a_file_is_named_as_such(tmp_path, monkeypatch, typo, said):
-    (tmp_path / "a-file").write_text("not a directory")
-    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path / typo))
+def test_a_data_directory_that_is_missing_is_named_as_such(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path / "no-such-dir"))
     monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(SystemExit) as exit:
         data.shakespeare()
-    assert str(exit.value.code).startswith(f"error: tinyshakespeare.txt is not in {tmp_path / typo}/ {said}")
+    assert str(exit.value.code).startswith(f"error: tinyshakespeare.txt is not in {tmp_path}/no-such-dir/ (no such "
+                                           "directory) and could not be downloaded")
+
+
+def test_a_data_directory_that_is_a_file_is_refused_before_any_download_with_where_the_files_go(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path / "a-file"))
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: pytest.fail("a download was tried"))
+    with pytest.raises(SystemExit) as exit:
+        data.shakespeare()
+    assert str(exit.value.code) == (f"error: GPT2STEPS_DATA={tmp_path}/a-file is a file, not a directory: the data "
+                                    "files (tinyshakespeare.txt, r50k_base.tiktoken) go in a directory; set "
+                                    "GPT2STEPS_DATA to one, or leave it unset for data/")
 
 
 class Response:
@@ -434,6 +456,90 @@ def test_a_summary_or_curve_that_cannot_be_written_stops_the_run_in_one_line(tmp
     with pytest.raises(SystemExit) as exit:
         log.close(val_loss=2.1)
     assert str(exit.value.code) == f"error: cannot write {tmp_path / name} (No space left on device)"
+
+
+def a_run(where: Path, losses: list[float], val: dict[int, float] | None = None) -> Path:
+    """A run's directory as make step leaves it: metrics.jsonl, a row an iteration, val_loss on some."""
+    where.mkdir(parents=True)
+    rows = [{"iter": i, "loss": loss, **({"val_loss": (val or {})[i]} if i in (val or {}) else {})}
+            for i, loss in enumerate(losses)]
+    (where / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return where
+
+
+def test_make_curves_draws_each_runs_training_and_validation_loss_in_a_colour_of_its_own(tmp_path, capsys):
+    a = a_run(tmp_path / "13_vocab_50304", [10.8, 7.0, 6.5, 6.0], {1: 7.2, 3: 6.6})
+    b = a_run(tmp_path / "14_gpt3_hparams", [10.8, 8.0, 6.2, 5.8], {1: 8.1, 3: 6.3})
+    assert curves.main([str(a), str(b), "--out", str(tmp_path / "c.svg")]) == 0
+    svg = (tmp_path / "c.svg").read_text()
+    assert svg.count("<polyline") == 4  # two runs, a training and a validation curve each
+    for name in ("13_vocab_50304 train", "13_vocab_50304 validation", "14_gpt3_hparams train",
+                 "14_gpt3_hparams validation"):
+        assert f">{name}</text>" in svg
+    colours = re.findall(r'<polyline [^>]*stroke="([^"]+)"', svg)
+    assert colours[0] == colours[1] != colours[2] == colours[3]  # one colour a run, another for the next
+    out = capsys.readouterr().out
+    assert "14_gpt3_hparams: train loss 5.8000 at iteration 3, validation loss 6.3000 at iteration 3" in out
+
+
+def test_make_curves_draws_validation_thick_and_training_thin_and_faint(tmp_path):
+    a = a_run(tmp_path / "r", [3.0, 2.0, 1.5], {0: 3.1, 2: 1.6})
+    curves.main([str(a), "--out", str(tmp_path / "c.svg")])
+    train, val = re.findall(r"<polyline [^>]*>", (tmp_path / "c.svg").read_text())
+    assert 'stroke-width="1.5" stroke-opacity="0.5"' in train  # one batch a point: noisy
+    assert 'stroke-width="2.5"' in val and "opacity" not in val  # the whole split each time: the one to read
+
+
+def test_make_curves_names_two_runs_of_one_step_by_their_paths(tmp_path):
+    a = a_run(tmp_path / "seed0" / "10_training", [3.0, 2.0])
+    b = a_run(tmp_path / "seed1" / "10_training", [3.1, 2.1])
+    curves.main([str(a), str(b), "--out", str(tmp_path / "c.svg")])
+    svg = (tmp_path / "c.svg").read_text()
+    assert f">{a} train</text>" in svg and f">{b} train</text>" in svg
+
+
+@pytest.mark.parametrize("given, said", [
+    ("missing", "does not exist"),
+    ("empty", "holds no metrics.jsonl: give the --out of a make step run"),
+    ("no_loss", "has no loss to draw"),
+])
+def test_make_curves_refuses_a_directory_that_is_not_a_run_in_one_line(tmp_path, capsys, given, said):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_loss").mkdir()
+    (tmp_path / "no_loss" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        curves.main([str(tmp_path / given), "--out", str(tmp_path / "c.svg")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and said in err and "Traceback" not in err and "usage:" not in err
+    assert not (tmp_path / "c.svg").exists()
+
+
+def test_make_curves_refuses_an_out_it_cannot_write_in_one_line(tmp_path, capsys):
+    a = a_run(tmp_path / "r", [3.0, 2.0])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        curves.main([str(a), "--out", str(tmp_path / "a_file" / "c.svg")])
+    assert exit.value.code == 2 and f"argument --out: {tmp_path / 'a_file'} is a file" in capsys.readouterr().err
+
+
+def test_make_curves_refuses_more_runs_than_it_has_colours(tmp_path, capsys):
+    runs = [str(a_run(tmp_path / f"r{i}", [3.0, 2.0])) for i in range(len(curves.PALETTE) + 1)]
+    with pytest.raises(SystemExit) as exit:
+        curves.main([*runs, "--out", str(tmp_path / "c.svg")])
+    assert exit.value.code == 2 and f"{len(runs)} runs: {len(curves.PALETTE)} at most" in capsys.readouterr().err
+
+
+def test_make_curves_writes_runs_curves_svg_unless_told_otherwise(tmp_path, monkeypatch):
+    a = a_run(tmp_path / "r", [3.0, 2.0])
+    monkeypatch.chdir(tmp_path)  # make runs it in the project's root
+    assert curves.main([str(a)]) == 0 and (tmp_path / "runs" / "curves.svg").read_text().startswith("<svg")
+
+
+def test_make_curves_runs_from_make(tmp_path):
+    a = a_run(tmp_path / "r", [3.0, 2.0])
+    r = subprocess.run(["make", "-s", "curves", f"ARGS={a} --out {tmp_path / 'c.svg'}"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and (tmp_path / "c.svg").read_text().startswith("<svg")
 
 
 def test_a_new_run_log_removes_an_earlier_runs_summary_and_curve_a_resumed_one_keeps_them(tmp_path):
