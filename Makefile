@@ -96,8 +96,8 @@ book: $(STAMP)
 diff:
 	@s=$$($(REGISTRY) resolve "$(N)") && p=$$($(REGISTRY) prev $$s) || exit 2; c=never; [ -t 1 ] && c=always; \
 	{ diff -ruN -x __pycache__ --color=$$c steps/$$p steps/$$s | sed -E -e "s/ -x __pycache__ '--color=$$c'//" \
-	-e $$'s/\t[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:.]+ [+-][0-9]{4}//'; test $${PIPESTATUS[0]} -le 1; } && \
-	$(REGISTRY) brought $$s
+	-e $$'/^(.\\[1m)?(---|\\+\\+\\+) /s/\t[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:.]+ [+-][0-9]{4}//'; \
+	r=$${PIPESTATUS[0]}; [ $$r -le 1 ] || [ $$r -eq 141 ]; } && $(REGISTRY) brought $$s  # 141: | head had enough
 
 clean:
 	rm -rf $(VENV) runs book .hypothesis

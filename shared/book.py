@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from markdown_it import MarkdownIt
 from pygments import highlight
@@ -346,9 +347,16 @@ def diary_html(step: str, diary_dir: Path, tests: set[str], up: str) -> str:
                    {t: f"{up}/{path}" for t, path in whole_suite_tests().items()})
     for level in (5, 4, 3, 2):  # one level under the page's own sections
         out = out.replace(f"<h{level}>", f"<h{level + 1}>").replace(f"</h{level}>", f"</h{level + 1}>")
-    here = diary_dir.resolve()  # a picture beside the diary, as the diary's own link names it
-    here = f"{up}/{here.relative_to(ROOT).as_posix()}" if here.is_relative_to(ROOT) else here.as_uri()
-    return re.sub(r'src="(?!https?:|/)([^"]+)"', lambda m: f'src="{here}/{m[1]}"', out)
+    here = diary_dir.resolve()  # a picture beside the diary, named as the diary's own link names it
+    return rebased(out, f"{up}/{here.relative_to(ROOT).as_posix()}" if here.is_relative_to(ROOT) else here.as_uri(),
+                   "src")
+
+
+def rebased(fragment: str, base: str, attrs: str = "src|href") -> str:
+    """Each relative link of an HTML fragment (no scheme, not an anchor, not absolute) made relative to base."""
+    def fix(m: re.Match) -> str:
+        return m[0] if urlsplit(m[2]).scheme or m[2].startswith(("#", "/")) else f'{m[1]}="{base}/{m[2]}"'
+    return re.sub(rf'\b({attrs})="([^"]+)"', fix, fragment)
 
 
 def shapes_html(step: str, f: Facts) -> str:
@@ -519,7 +527,7 @@ def index_page(steps: list[str], found: dict[str, Facts], readme: str, up: str) 
              '<th>make bench: ms/iter, spread, vs 10</th>'
              f"</tr>{''.join(rows)}</table></div>")
     intro = re.sub(r"^!\[.*$", "", intro, flags=re.M)  # the README's picture is of this book: not in it
-    intro = re.sub(r'(src|href)="(?!https?:|#)([^"]+)"', rf'\1="{up}/\2"', markdown(intro))  # the README's links
+    intro = rebased(markdown(intro), up)  # the README's links
     body = (f"<h1>gpt2-steps</h1>{intro}<h2>The steps</h2>"
             '<p class="narrow">The table scrolls sideways: parameters, reference and speed are to the right.</p>'
             f"{table}"

@@ -118,12 +118,12 @@ def one_line(e: BaseException, width: int = 200) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def out_file(text: str) -> Path:
+def out_file(text: str, example: str = "results.json") -> Path:
     """An argparse type: a file whose directory can be written to (made now). A default given as text is checked
     too (argparse converts a str default), so a missing runs/ is made before the work, not found after it."""
     path = Path(text)
     if answered(path.is_dir, text):
-        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / 'results.json'}")
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / example}")
     out_dir(str(path.parent))
     return path
 

@@ -3,8 +3,9 @@
     make step N=13 ARGS="--eval-every 25"; make step N=14 ARGS="--eval-every 25"
     make curves ARGS="runs/13_vocab_50304 runs/14_gpt3_hparams"        draws runs/curves.svg
 
-Each run is drawn in a colour of its own: its training loss thin (one batch an iteration: noisy), its validation
-loss thick (the whole split each time). Runs compare when they saw the same batches: the same step sizes and --seed.
+Each run is drawn in a colour of its own: its training loss thin and faint (one batch an iteration: noisy), its
+validation loss thick (the whole split each time). Runs compare when they train on the same batches from the same
+start: the same sizes (the loader's batches) and the same --seed (the initial weights).
 """
 import argparse
 import sys
@@ -24,35 +25,47 @@ def run_dir(text: str) -> Path:
     return path
 
 
+def svg_file(text: str) -> Path:
+    return cli.out_file(text, example="curves.svg")
+
+
 def labels(dirs: list[Path]) -> list[str]:
     """Each run's name in the legend: its directory's name, or the whole path where two names are the same."""
-    names = [d.name for d in dirs]
-    return [d.name if names.count(d.name) == 1 else str(d) for d in dirs]
+    names = [d.resolve().name for d in dirs]
+    return [name if names.count(name) == 1 else str(d) for name, d in zip(names, dirs)]
 
 
 def main(argv=None) -> int:
-    p = cli.ArgumentParser(prog="make curves", description=__doc__.split("\n\n")[0], hint='make curves ARGS="--help"')
-    p.add_argument("runs", nargs="+", type=run_dir, help="the runs' directories (each a --out of make step)")
-    p.add_argument("--out", type=cli.out_file, default="runs/curves.svg", help="the picture (default: runs/curves.svg)")
+    p = cli.ArgumentParser(prog="make curves", description=__doc__.split(": ", 1)[1], hint='make curves ARGS="--help"',
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=run_dir, metavar="DIR", help="a run's directory (the --out of make step)")
+    p.add_argument("--out", type=svg_file, default="runs/curves.svg", metavar="FILE", help="the picture (default: "
+                   "runs/curves.svg)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if len(args.runs) > len(PALETTE):
         p.error(f"{len(args.runs)} runs: {len(PALETTE)} at most, one colour each")
-    if len(set(d.resolve() for d in args.runs)) < len(args.runs):
-        p.error("a run is named twice")
-    curves, colours = {}, {}
+    seen = {}
+    for d in args.runs:
+        if d.resolve() in seen:
+            p.error(f"{d} is named twice (as {seen[d.resolve()]} before)")
+        seen[d.resolve()] = d
+    train, validation, colours, ended = {}, {}, {}, {}
     for label, d, colour in zip(labels(args.runs), args.runs, PALETTE):
-        rows, notes = runlog.metrics_rows(d / "metrics.jsonl")
+        try:
+            rows, notes = runlog.metrics_rows(d / "metrics.jsonl")
+        except OSError as e:
+            p.error(f"cannot read {d / 'metrics.jsonl'} ({cli.reason(e)})")
         for note in notes:
             print(f"note: {d / 'metrics.jsonl'}: {note}", file=sys.stderr)
-        for part, key in (("train", "loss"), ("validation", "val_loss")):
-            if points := [(r["iter"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]:
+        for curves, part, key in ((train, "train", "loss"), (validation, "validation", "val_loss")):
+            if points := [(r["iter"], r[key]) for r in rows if r.get(key) is not None]:
                 curves[f"{label} {part}"], colours[f"{label} {part}"] = points, colour
-        if not any(name.startswith(f"{label} ") for name in curves):
+                ended[label] = part, *points[-1]  # the validation loss's where there is one: a batch's is noisy
+        if label not in ended:
             p.error(f"{d / 'metrics.jsonl'} has no loss to draw")
-    runlog.write_or_stop(args.out, runlog.loss_svg(curves, colours=colours))
-    for label, d in zip(labels(args.runs), args.runs):
-        last = {part: curves[f"{label} {part}"][-1] for part in ("train", "validation") if f"{label} {part}" in curves}
-        print(f"{label}: " + ", ".join(f"{part} loss {y:.4f} at iteration {x}" for part, (x, y) in last.items()))
+    runlog.write_or_stop(args.out, runlog.loss_svg(train | validation, colours=colours))  # validation on top
+    for label, (part, it, loss) in ended.items():
+        print(f"{label}: {part} loss {loss:.4f} at iteration {it}")
     print(f"curves: {args.out}")
     return 0
 

@@ -1,6 +1,7 @@
 """A live log line every few iterations, metrics.jsonl (every iteration), summary.json and loss.svg at the end."""
 import contextlib
 import fcntl
+import html
 import json
 import math
 import os
@@ -52,8 +53,9 @@ def metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
             else:
                 bad += 1
             continue
-        good = isinstance(row, dict) and isinstance(row.get("iter"), int) and all(
-            isinstance(row.get(k), (int, float, type(None))) for k in ("loss", "val_loss"))
+        good = isinstance(row, dict) and isinstance(row.get("iter"), int) and all(  # json reads NaN; make step writes
+            row.get(k) is None or isinstance(row[k], (int, float)) and math.isfinite(row[k])  # null (finite())
+            for k in ("loss", "val_loss"))
         if good:
             rows.append(row)
         else:
@@ -262,18 +264,20 @@ def panel(curves: dict[str, list[tuple[int, float]]], w: int, h: int, pad: int, 
     sy = lambda y: top + h - pad - (y - y0) / max(y1 - y0, 1e-9) * (h - 2 * pad)
     lines = []
     for i, (name, curve) in enumerate(c for c in curves.items() if c[1]):
-        colour, width = COLOURS.get(name) or colours.get(name, "black"), 2.5 if name.endswith("validation") else 1.5
+        colour = COLOURS.get(name) or colours.get(name, "black")
+        width = 2.5 if name.endswith("validation") else 1.5
         xy = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in curve)
         faint = ' stroke-opacity="0.5"' if name.endswith(" train") else ""  # several runs': their validation stands out
         lines.append(f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="{width}"{faint}/>'
                      if len(curve) > 1
                      else f'<circle cx="{sx(curve[0][0]):.1f}" cy="{sy(curve[0][1]):.1f}" r="3" fill="{colour}"/>')
-        lines.append(f'<text x="{w - pad}" y="{top + pad + 16 * i}" text-anchor="end" fill="{colour}">{name}</text>')
+        lines.append(f'<text x="{w - pad}" y="{top + pad + 16 * i}" text-anchor="end" fill="{colour}">'
+                     f'{html.escape(name)}</text>')
     body = "\n".join(lines)
     return f"""{body}
 <line x1="{pad}" y1="{top + h - pad}" x2="{w - pad}" y2="{top + h - pad}" stroke="black"/>
 <line x1="{pad}" y1="{top + pad}" x2="{pad}" y2="{top + h - pad}" stroke="black"/>
-<text x="{pad}" y="{top + pad - 8}">{label} {tick(y1)}</text>
+<text x="{pad}" y="{top + pad - 8}">{html.escape(label)} {tick(y1)}</text>
 <text x="4" y="{top + h - pad}">{tick(y0)}</text>
 <text x="{pad}" y="{top + h - pad + 16}">iter {x0}</text>
 <text x="{w - pad}" y="{top + h - pad + 16}" text-anchor="end">iter {x1}</text>"""

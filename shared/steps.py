@@ -10,7 +10,6 @@ import ast
 import os
 import re
 import shlex
-import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -119,5 +118,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # make list | head: stop quietly when the reader does
-    sys.exit(main(sys.argv[1:]))
+    try:
+        code = main(sys.argv[1:])
+        sys.stdout.flush()  # here, where a reader gone (make list | head) is caught, not at exit
+    except BrokenPipeError:  # the reader has what it wanted: stop as quietly as it did
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush has nowhere to fail
+        code = 0
+    sys.exit(code)

@@ -89,9 +89,11 @@ def test_make_diff_file_headers_name_the_files_without_their_times_or_diffs_opti
     assert "diff -ruN steps/16_ddp/__main__.py steps/17_fineweb_hellaswag/__main__.py" in out
 
 
-def test_a_registry_command_read_by_head_stops_quietly_without_a_traceback():
-    r = subprocess.run("make -s list | head -1", shell=True, cwd=ROOT, capture_output=True, text=True)
-    assert r.stdout.startswith("  01  01_embedding") and "Traceback" not in r.stderr
+@pytest.mark.parametrize("command", ["make -s list | head -1", "make -s diff N=17 | head -1"])
+def test_a_command_read_by_head_stops_quietly_when_head_has_enough(command):
+    r = subprocess.run(f"set -o pipefail; {command}", shell=True, executable="/bin/bash", cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and r.stderr == ""  # no traceback, no make error
 
 
 def test_make_diff_names_the_shared_code_the_step_is_the_first_to_import():
@@ -476,10 +478,9 @@ def test_make_curves_draws_each_runs_training_and_validation_loss_in_a_colour_of
     for name in ("13_vocab_50304 train", "13_vocab_50304 validation", "14_gpt3_hparams train",
                  "14_gpt3_hparams validation"):
         assert f">{name}</text>" in svg
-    colours = re.findall(r'<polyline [^>]*stroke="([^"]+)"', svg)
-    assert colours[0] == colours[1] != colours[2] == colours[3]  # one colour a run, another for the next
-    out = capsys.readouterr().out
-    assert "14_gpt3_hparams: train loss 5.8000 at iteration 3, validation loss 6.3000 at iteration 3" in out
+    colours = re.findall(r'<polyline [^>]*stroke="([^"]+)"', svg)  # both runs' training, then their validation
+    assert colours[0] == colours[2] != colours[1] == colours[3]  # one colour a run, another for the next
+    assert "14_gpt3_hparams: validation loss 6.3000 at iteration 3" in capsys.readouterr().out  # not one batch's
 
 
 def test_make_curves_draws_validation_thick_and_training_thin_and_faint(tmp_path):
@@ -488,6 +489,38 @@ def test_make_curves_draws_validation_thick_and_training_thin_and_faint(tmp_path
     train, val = re.findall(r"<polyline [^>]*>", (tmp_path / "c.svg").read_text())
     assert 'stroke-width="1.5" stroke-opacity="0.5"' in train  # one batch a point: noisy
     assert 'stroke-width="2.5"' in val and "opacity" not in val  # the whole split each time: the one to read
+
+
+def test_make_curves_draws_a_picture_a_browser_reads_whatever_the_runs_are_called(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    a = a_run(tmp_path / "a&b <c>", [3.0, 2.0])
+    curves.main([str(a), "--out", str(tmp_path / "c.svg")])
+    assert ET.parse(tmp_path / "c.svg").getroot().tag.endswith("svg")  # a bare & or < is not well-formed XML
+
+
+def test_make_curves_leaves_out_a_row_with_a_loss_that_is_not_a_number(tmp_path, capsys):
+    a = a_run(tmp_path / "r", [3.0, 2.0, 1.0])
+    (a / "metrics.jsonl").write_text((a / "metrics.jsonl").read_text() + '{"iter": 3, "loss": NaN}\n')
+    curves.main([str(a), "--out", str(tmp_path / "c.svg")])  # make step writes null: this one was edited by hand
+    assert "nan" not in (tmp_path / "c.svg").read_text().lower()
+    assert "1 line that is not a row of make step's log left out" in capsys.readouterr().err
+
+
+def test_make_curves_says_a_metrics_file_it_cannot_read_in_one_line(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").symlink_to("/proc/self/mem")  # a file that is there but fails to read (EIO)
+    with pytest.raises(SystemExit) as exit:
+        curves.main([str(tmp_path / "r"), "--out", str(tmp_path / "c.svg")])
+    assert exit.value.code == 2 and f"cannot read {tmp_path / 'r' / 'metrics.jsonl'} (" in capsys.readouterr().err
+
+
+def test_make_curves_refuses_a_run_named_twice_naming_it(tmp_path, capsys):
+    a = a_run(tmp_path / "r", [3.0, 2.0])
+    with pytest.raises(SystemExit) as exit:
+        curves.main([str(a), f"{tmp_path}/../{tmp_path.name}/r", "--out", str(tmp_path / "c.svg")])
+    assert exit.value.code == 2 and f"{tmp_path}/../{tmp_path.name}/r is named twice (as {a} before)" in \
+        capsys.readouterr().err
 
 
 def test_make_curves_names_two_runs_of_one_step_by_their_paths(tmp_path):
@@ -520,6 +553,9 @@ def test_make_curves_refuses_an_out_it_cannot_write_in_one_line(tmp_path, capsys
     with pytest.raises(SystemExit) as exit:
         curves.main([str(a), "--out", str(tmp_path / "a_file" / "c.svg")])
     assert exit.value.code == 2 and f"argument --out: {tmp_path / 'a_file'} is a file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        curves.main([str(a), "--out", str(tmp_path)])
+    assert f"{tmp_path} is a directory; give a file name, e.g. {tmp_path / 'curves.svg'}" in capsys.readouterr().err
 
 
 def test_make_curves_refuses_more_runs_than_it_has_colours(tmp_path, capsys):
