@@ -467,7 +467,20 @@ def curve_html(step: str, runs_dir: Path) -> str:
     return ("".join(said) + f"<p>From <code>{html.escape(shown(path))}</code>, the last run of this step: "
             f"{', '.join(counts)}"
             + (f"; at its end, {', '.join(end)} (summary.json)" if end else "") + ".</p>"
-            f'<div class="scroll"><figure class="curve">{loss_svg(curves)}</figure></div>')
+            f'<div class="scroll"><figure class="curve">{loss_svg(curves)}</figure></div>'
+            + beside_the_step_before(step, runs_dir))
+
+
+def beside_the_step_before(step: str, runs_dir: Path) -> str:
+    """The make curves command that draws this step's last run beside the step before's, where both ran."""
+    i = all_steps().index(step)
+    prev = all_steps()[i - 1] if i else None
+    if not prev or not (runs_dir / prev / "metrics.jsonl").is_file():
+        return ""
+    runs = html.escape(f"{shown(runs_dir / prev)} {shown(runs_dir / step)}")
+    return (f'<p>Beside the last run of step {prev[:2]}: <code>make curves ARGS="{runs}"</code> draws both (they '
+            'compare when they had the same sizes and seed; <a href="14_gpt3_hparams.html#diary">diary 14</a> reads '
+            "such a picture).</p>")
 
 
 def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], diary_dir: Path,

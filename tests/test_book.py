@@ -350,6 +350,15 @@ def test_an_interrupted_run_says_so_over_its_curve_and_whether_it_can_go_on(tmp_
     assert f"This run was {says}" in curve
 
 
+def test_a_curve_names_the_make_curves_command_that_draws_it_beside_the_step_befores_last_run(tmp_path):
+    lines = [ROW.format(0, 3.0), ROW.format(1, 2.5)]
+    runs = write_run(tmp_path, "14_gpt3_hparams", lines)
+    assert "make curves" not in book.curve_html("14_gpt3_hparams", runs)  # no run of step 13 to draw beside it
+    write_run(tmp_path, "13_vocab_50304", lines)
+    curve = text_of(book.curve_html("14_gpt3_hparams", runs))
+    assert f'make curves ARGS="{runs}/13_vocab_50304 {runs}/14_gpt3_hparams" draws both' in curve
+
+
 def test_a_step_that_cannot_run_says_why_on_its_page(tmp_path, monkeypatch):
     data_dir_copy(tmp_path, monkeypatch, missing="tinyshakespeare.txt")
     found = book.facts("01_embedding")
