@@ -195,7 +195,7 @@ class RunLog:
             ms, tok = statistics.median(r["ms"] for r in timed), [r["tok_per_s"] for r in timed if "tok_per_s" in r]
             print(f"speed: median {ms:.2f} ms an iteration" + (f", {statistics.median(tok):,.0f} tok/s" if tok else "")
                   + f" over this run's {len(timed)} iteration{'s' * (len(timed) > 1)}; "
-                  f"{clock(time.perf_counter() - self.start)} in all")
+                  f"{clock(time.perf_counter() - self.start)} since the first")  # building, compiling: before it
         drawn = len(curves["train"]) > 1  # a curve needs two points
         if drawn:
             write_or_stop(self.out / "loss.svg", loss_svg(curves, below=below))

@@ -705,7 +705,7 @@ def test_run_log_ends_with_the_median_speed_of_this_runs_iterations_only(tmp_pat
     log.log(4, 1.0, 0.1, tokens=100)
     log.log(5, 1.0, 0.1, tokens=100)
     log.close()
-    assert ("speed: median 10.00 ms an iteration, 10,000 tok/s over this run's 3 iterations; 0:05 in all"
+    assert ("speed: median 10.00 ms an iteration, 10,000 tok/s over this run's 3 iterations; 0:05 since the first"
             in capsys.readouterr().out)
 
 
