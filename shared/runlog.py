@@ -66,33 +66,42 @@ def metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
+def claim(out: Path, fresh: bool = False) -> int:
+    """One run at a time in a directory: a lock on the directory itself (no file made), held by the descriptor this
+    returns until RunLog.close or the process ends. A step claims its --out before it builds anything, so a second run
+    stops at once. fresh: a new run of a step that saves checkpoints. It checked for an earlier run's checkpoint when
+    it started; it checks again once it holds the directory: a run may have ended in between."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: another run is writing to {out} now: wait for it to end, or give this one another --out")
+    except OSError as e:  # a file system without locks (some network mounts): run, unguarded
+        print(f"note: {out} cannot be locked ({os.strerror(e.errno)}): nothing stops a second run from writing there "
+              "at the same time", flush=True)
+    if fresh:
+        checkpoint.refuse_to_overwrite(out)
+    return fd
+
+
 class RunLog:
     """Log of one training run of `total` iterations, printing every `every`-th (0: about 25 lines a run, and one
     at the end of the first iteration QUIET_S seconds or more after the last line: a long run is never silent long)."""
 
     def __init__(self, out: Path, total: int, every: int = 0, start: int = 0, baseline: tuple | None = None,
-                 fresh: bool = False):
+                 claimed=None):
         """start > 0 continues a resumed run: metrics.jsonl keeps its rows of the iterations before `start`.
         baseline: (prefix, name, value), e.g. ("hellaswag", "GPT-2 124M", 0.2955): the rows' prefix_acc and
         prefix_acc_norm are drawn in a second panel of the loss curve, with the value as a line to beat.
-        fresh: a new run of a step that saves checkpoints. It checked for an earlier run's checkpoint when it started;
-        it checks again once it holds the directory, before it empties anything: a run may have ended in between."""
+        claimed: what claim(out) returned when the run started; without it, the log claims out itself."""
         self.baseline = baseline
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = claim(self.out) if claimed is None else claimed
         self.rows: list[dict] = rows_before(self.out / "metrics.jsonl", start) if start else []
         self.kept = len(self.rows)  # rows of an earlier run, not timed by this one
-        self.file = open(self.out / "metrics.jsonl", "a")  # not "w": emptied only once this run holds the lock
-        try:  # one run at a time in a directory; the lock goes when the file is closed or the process ends
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sys.exit(f"error: another run is writing to {self.out} now: wait for it to end, or give this one another "
-                     "--out")
-        except OSError as e:  # a file system without locks (some network mounts): run, unguarded
-            print(f"note: {self.out} cannot be locked ({os.strerror(e.errno)}): nothing stops a second run from "
-                  "writing there at the same time", flush=True)
-        if fresh:
-            checkpoint.refuse_to_overwrite(self.out)
+        self.file = open(self.out / "metrics.jsonl", "a")  # not "w": emptied once this run has a row (take_over)
         self.taken = False  # out as it was until this run has a row to write (take_over): a failed start wipes no file
         self.total, self.every, self.first = total, every or max(1, math.ceil(total / 25)), start
         self.quiet_s = math.inf if every else QUIET_S
@@ -179,6 +188,7 @@ class RunLog:
         """Finish the run, or stop it: summary.json (e.g. the validation loss) and the loss curve so far."""
         self.take_over()
         self.file.close()
+        os.close(self.lock)  # another run may write here now
         if summary:
             write_or_stop(self.out / "summary.json", json.dumps(jsonable(summary), indent=1) + "\n")
             if line := "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()

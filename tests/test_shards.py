@@ -364,6 +364,15 @@ def test_make_data_names_every_flag_it_needs_in_one_error_line_and_where_the_hel
                     '(make data ARGS="--help" lists every flag)']
 
 
+def test_a_shard_smaller_than_one_window_is_refused_before_any_file_is_made(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # --shard-tokens 100 once made thousands of files without a word
+        shards.main(["--source", "x.txt", "--out", str(tmp_path / "out"), "--shard-tokens", "100"])
+    assert capsys.readouterr().err.splitlines() == [
+        "make data: error: argument --shard-tokens: expected at least 1025: one window of GPT-2's 1,024 tokens and "
+        "the token after it, got '100'", '(make data ARGS="--help" lists every flag)']
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # --out, made by its check, goes at exit if empty
+
+
 def test_a_deleted_shard_is_made_again_by_running_make_data_again(sources, tmp_path, capsys):
     prepare(sources["jsonl"], tmp_path / "whole")
     prepare(sources["jsonl"], tmp_path / "again")

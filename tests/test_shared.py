@@ -588,11 +588,14 @@ def test_a_new_run_log_removes_an_earlier_runs_summary_and_curve_a_resumed_one_k
 
 
 def test_a_new_run_that_fails_before_its_first_row_leaves_the_earlier_runs_files_as_they_were(tmp_path):
-    runlog.RunLog(tmp_path, total=2).log(0, 2.5, 0.1)
+    (earlier_run := runlog.RunLog(tmp_path, total=2)).log(0, 2.5, 0.1)
+    earlier_run.close()
     for name in ("summary.json", "loss.svg"):
         (tmp_path / name).write_text("the earlier run's")
     earlier = (tmp_path / "metrics.jsonl").read_text()
-    runlog.RunLog(tmp_path, total=10).file.close()  # out of memory in its first iteration: the process ends
+    failed = runlog.RunLog(tmp_path, total=10)  # out of memory in its first iteration: the process ends
+    failed.file.close()
+    os.close(failed.lock)
     assert (tmp_path / "metrics.jsonl").read_text() == earlier
     assert (tmp_path / "summary.json").exists() and (tmp_path / "loss.svg").exists()
 
@@ -667,6 +670,11 @@ def test_a_second_run_log_in_the_same_directory_stops_while_the_first_runs(tmp_p
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1  # the first run's row is still there
     first.close()
     runlog.RunLog(tmp_path, total=10)  # once it has ended, the directory is free
+
+
+def test_claiming_a_directory_makes_no_file_in_it(tmp_path):  # the lock is on the directory: a run refused after
+    os.close(runlog.claim(tmp_path / "out"))  # its claim leaves an empty --out, which cli.out_dir removes at exit
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_a_resumed_run_log_keeps_the_rows_before_its_start(tmp_path):
@@ -832,11 +840,11 @@ def test_a_setting_only_one_of_two_steps_has_is_said_to_be_missing_not_shown_as_
                                                 "  dtype: no such setting in the checkpoint, 'bf16' now"]
 
 
-def test_a_fresh_run_log_refuses_a_directory_with_a_checkpoint_and_leaves_its_metrics(tmp_path):
+def test_a_fresh_runs_claim_refuses_a_directory_with_a_checkpoint_and_leaves_its_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 1.0}\n')
     torch.save({"iter": 4}, tmp_path / "checkpoint.pt")
     with pytest.raises(SystemExit, match="already holds a checkpoint of an earlier run"):
-        runlog.RunLog(tmp_path, total=5, fresh=True)
+        runlog.claim(tmp_path, fresh=True)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"iter": 0, "loss": 1.0}\n'
 
 

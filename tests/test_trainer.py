@@ -275,9 +275,8 @@ def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoint(step, tmp_path,
 
 
 @pytest.mark.main_needs("Loader")
-@pytest.mark.first_and_last  # RunLog's second check (shared/runlog.py), reached by the same call in every trainer
-def test_a_run_that_ends_while_a_new_one_builds_its_model_keeps_its_checkpoint_and_metrics(step, tmp_path, finished,
-                                                                                            monkeypatch):
+@pytest.mark.first_and_last  # runlog.claim's second check, reached by the same call in every trainer
+def test_a_run_that_ends_while_a_new_one_starts_keeps_its_checkpoint_and_metrics(step, tmp_path, finished, monkeypatch):
     finished.made(step)  # now: made in the hook, inside the new run's size check, it would build on meta
     build = step.main.GPT
 
@@ -293,13 +292,14 @@ def test_a_run_that_ends_while_a_new_one_builds_its_model_keeps_its_checkpoint_a
 
 
 @pytest.mark.main_needs("Loader")
-@pytest.mark.first_and_last  # the lock is RunLog's (shared/runlog.py), which every trainer uses alike
-def test_a_run_into_a_directory_another_run_is_writing_to_stops(step, tmp_path):
+@pytest.mark.first_and_last  # the lock is runlog.claim's, which every trainer calls alike
+def test_a_run_into_a_directory_another_run_is_writing_to_stops_before_it_builds_its_model(step, tmp_path, capsys):
     other = runlog.RunLog(tmp_path, total=10)  # a run started a moment earlier, not yet at its first checkpoint
     other.log(0, 2.5, 0.5)
     with pytest.raises(SystemExit) as exit:
         run(step, tmp_path, "--max-steps", "2")
     assert str(exit.value.code).startswith(f"error: another run is writing to {tmp_path} now")
+    assert " parameters (" not in capsys.readouterr().out  # printed once the model is built, before shapes, compile
     assert len(metrics(tmp_path)[0]) == 1 and not (tmp_path / checkpoint.NAME).exists()  # the other run's, untouched
     other.close()
 

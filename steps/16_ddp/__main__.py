@@ -346,6 +346,7 @@ def main(argv=None):
                  f"{(len(train_ids) - 1) // (args.world * args.seq_len)} or less)")
     train_ids, val_ids = train_ids.to(args.device), val_ids.to(args.device)  # once: 8 bytes a token, 2.7 MB
     device.refuse_a_model_too_big(GPT, config, args.device)  # before minutes of building
+    claimed = runlog.claim(args.out, fresh=not state) if args.rank == 0 else None  # a second run into --out stops here
     model = GPT(config).to(args.device)
     loader = Loader(train_ids, args.batch_size, args.seq_len, rank=args.rank, world=args.world)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
@@ -383,7 +384,7 @@ def main(argv=None):
             checkpoint.save(args.out, {"config": run, "iter": it, "model": model.state_dict(),
                                        "optimizer": opt.state_dict(), "loader": loader.pos, "rng": rng_states()})
 
-    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, fresh=not state) if args.rank == 0 else None
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, claimed=claimed) if args.rank == 0 else None
     val_loss = math.nan
     with ctrl_c_stops_between_iterations() as stop:
         for it in range(start, args.max_steps):

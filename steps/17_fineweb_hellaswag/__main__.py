@@ -434,6 +434,7 @@ def main(argv=None):
     shards.check_ids(val, val_file)
     val_ids = torch.from_numpy(val.astype(np.int64)).to(args.device)  # once: 8 bytes a token
     device.refuse_a_model_too_big(GPT, config, args.device)  # before minutes of building
+    claimed = runlog.claim(args.out, fresh=not state) if args.rank == 0 else None  # a second run into --out stops here
     model = GPT(config).to(args.device)
     loader = Loader(train_files, args.batch_size, args.seq_len, args.seed, args.shuffle, rank=args.rank,
                     world=args.world, device=args.device)
@@ -478,7 +479,7 @@ def main(argv=None):
             checkpoint.save(args.out, {"config": run, "iter": it, "model": model.state_dict(),
                                        "optimizer": opt.state_dict(), "loader": loader.pos, "rng": rng_states()})
 
-    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, fresh=not state, baseline=(
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, claimed=claimed, baseline=(
         "hellaswag", "GPT-2 124M", hellaswag.GPT2_ACC_NORM)) if args.rank == 0 else None
     val_loss, bench = math.nan, {}
     with ctrl_c_stops_between_iterations() as stop:
