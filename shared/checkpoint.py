@@ -35,9 +35,10 @@ def save(out: Path, state: dict) -> None:
         failed = next((x for x in (e, e.__context__) if isinstance(x, OSError)), None)
         if failed is None:
             raise
-        tmp.unlink(missing_ok=True)  # half a checkpoint would keep the disk full
         kept = f"; {path} is the last one written" if path.is_file() else ""
         sys.exit(f"error: cannot write a checkpoint to {out} ({cli.reason(failed)}){kept}")
+    finally:  # gone once renamed; else half a checkpoint (a full disk, a second Ctrl-C) would keep the disk full
+        tmp.unlink(missing_ok=True)
 
 
 def load(out: Path) -> dict:

@@ -41,6 +41,7 @@ even_positive_int = checked(int, lambda v: v > 0 and v % 2 == 0, "a positive, ev
 learning_rate = checked(float, lambda v: 0 < v < FLOAT32_MAX / 10, "a positive number below 3.4e37")  # nan fails
 probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")  # nan and inf fail the test
 seed = checked(int, lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}")
+new_tokens = checked(int, lambda v: 0 < v <= 10_000, "a positive integer up to 10,000")  # about 7,500 words
 iterations = checked(int, lambda v: 0 < v <= 10**9, "a positive integer up to 1,000,000,000")  # years, at 0.1 s each
 
 

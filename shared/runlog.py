@@ -209,7 +209,8 @@ class RunLog:
         drawn = len(curves["train"]) > 1  # a curve needs two points
         if drawn:
             write_or_stop(self.out / "loss.svg", loss_svg(curves, below=below))
-        print(f"metrics: {self.out / 'metrics.jsonl'}" + f"   loss curve: {self.out / 'loss.svg'}" * drawn)
+        print(f"metrics: {self.out / 'metrics.jsonl'}   " + (f"loss curve: {self.out / 'loss.svg'}" if drawn else
+                                                               "no loss curve: it needs two iterations"))
 
 
 def cannot_write(path: Path, e: OSError):

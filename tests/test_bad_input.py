@@ -205,8 +205,13 @@ def test_a_bad_generation_value_is_refused_naming_the_flag(step, flag, value, ca
 
 @pytest.mark.main_needs("stream")
 def test_a_bad_generation_flag_gets_its_error_line_and_where_the_help_is_not_the_usage_block(step, capsys):
-    assert refuses(step, ["--max-new-tokens", "0"], capsys).splitlines() == error_line_and_help(step,
-                                                                                                  "--max-new-tokens")
+    assert refuses(step, ["--max-new-tokens", "0"], capsys).splitlines() == error_line_and_help(
+        step, "--max-new-tokens", "a positive integer up to 10,000")
+
+
+@pytest.mark.main_mentions('"--max-new-tokens"')
+def test_more_than_10000_new_tokens_are_refused_naming_the_bound(step, capsys):
+    refuses(step, ["--max-new-tokens", "10001"], capsys, "argument --max-new-tokens", "up to 10,000", "'10001'")
 
 
 @pytest.mark.main_needs("stream")

@@ -435,6 +435,17 @@ def test_hellaswag_val_offline_says_where_to_put_the_file(step, tmp_path, monkey
 
 
 @pytest.mark.main_needs("hellaswag")
+def test_hellaswag_val_offline_with_a_read_only_data_directory_says_to_give_the_file(step, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+    monkeypatch.setattr(step.main.hellaswag.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    monkeypatch.setattr(step.main.hellaswag.os, "access", lambda path, mode: False)  # root may write anywhere: so said
+    with pytest.raises(SystemExit) as exit:
+        step.main.hellaswag.load("val")
+    said = str(exit.value.code)
+    assert said.endswith(f"and save it anywhere ({tmp_path} is read-only) and give it: --hellaswag FILE.")
+
+
+@pytest.mark.main_needs("hellaswag")
 @pytest.mark.parametrize("record", ["0" * 64 + "\n", ""], ids=["another download's", "emptied"])
 def test_a_val_file_changed_since_its_download_is_refused(step, tmp_path, monkeypatch, record):
     monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))

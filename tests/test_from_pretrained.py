@@ -326,7 +326,7 @@ def test_command_without_a_model_falls_back_to_an_untrained_one_when_offline(ste
 @pytest.mark.main_needs("stream")
 def test_ctrl_c_while_it_writes_stops_it_in_one_line(step):
     proc = subprocess.Popen([sys.executable, "-m", f"steps.{step.name}", "--model", "random", "--device", "cpu",
-                             "--prompt", "Hello", "--max-new-tokens", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--prompt", "Hello", "--max-new-tokens", "10000"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
     assert proc.stdout.readline().startswith(f"step {step.name} on cpu: random")  # built: the writing begins
     assert proc.stdout.readline().startswith("--- sample 1")

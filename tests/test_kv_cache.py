@@ -162,7 +162,7 @@ def test_generate_only_streams_a_sample_and_times_the_prefill_and_the_decoding(s
 @pytest.mark.main_needs("generate_only")
 def test_ctrl_c_while_generate_only_writes_ends_the_line_and_stops_in_one_line(step, saved, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", f"steps.{step.name}", "--generate-only", "--model", str(saved),
-                             "--device", "cpu", "--prompt", "Hello", "--max-new-tokens", "100000", "--no-cache"],
+                             "--device", "cpu", "--prompt", "Hello", "--max-new-tokens", "10000", "--no-cache"],
                             cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(ROOT)},  # runs/ in tmp_path, if any
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=ctrl_c_as_in_a_terminal)

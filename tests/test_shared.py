@@ -672,6 +672,14 @@ def test_a_second_run_log_in_the_same_directory_stops_while_the_first_runs(tmp_p
     runlog.RunLog(tmp_path, total=10)  # once it has ended, the directory is free
 
 
+def test_a_run_of_one_iteration_says_it_has_no_loss_curve(tmp_path, capsys):
+    log = runlog.RunLog(tmp_path, total=1)
+    log.log(0, 2.5, 0.1)
+    log.close()
+    assert "no loss curve: it needs two iterations" in capsys.readouterr().out
+    assert not (tmp_path / "loss.svg").exists()
+
+
 def test_claiming_a_directory_makes_no_file_in_it(tmp_path):  # the lock is on the directory: a run refused after
     os.close(runlog.claim(tmp_path / "out"))  # its claim leaves an empty --out, which cli.out_dir removes at exit
     assert list((tmp_path / "out").iterdir()) == []

@@ -228,6 +228,25 @@ def test_ctrl_c_leaves_the_loss_curve_so_far_and_a_summary_marked_interrupted(st
     assert f"loss curve: {stopped / 'loss.svg'}" in said
 
 
+@pytest.mark.main_needs("Loader")
+@pytest.mark.first_and_last  # the handler is the same code in every trainer (make diff)
+def test_a_second_ctrl_c_stops_at_once_and_says_the_checkpoint_saved_before_stays(step, tmp_path, monkeypatch, capsys):
+    log = runlog.RunLog.log
+
+    def log_then_two_ctrl_cs(self, it, *args, **kwargs):
+        log(self, it, *args, **kwargs)
+        if it == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(runlog.RunLog, "log", log_then_two_ctrl_cs)
+    with pytest.raises(KeyboardInterrupt):
+        run(step, tmp_path, *SIX, "--save-every", "2")
+    said = capsys.readouterr().err
+    assert "Ctrl-C again: stopping now, saving nothing (a checkpoint saved before stays whole)" in said
+    assert checkpoint.load(tmp_path)["iter"] == 2  # saved after iterations 0 and 1; iteration 3's save never came
+
+
 # A real terminal, a real process: run on the first trainer and the newest (the signal handling is the same code in
 # every trainer, as make diff shows; the in-process test above runs on each of them).
 @pytest.mark.main_needs("Loader")
@@ -314,7 +333,7 @@ def test_resuming_with_another_config_says_what_differs(step, tmp_path, finished
 
 
 @pytest.mark.main_needs("Loader")
-@pytest.mark.parametrize("out", ["elsewhere", "default"])  # "default": the default's own path, given: given all the same
+@pytest.mark.parametrize("out", ["elsewhere", "default"])  # "default": the default's path, given: given all the same
 def test_resume_with_an_out_of_its_own_is_refused_not_ignored(step, tmp_path, capsys, monkeypatch, out):
     monkeypatch.chdir(tmp_path)  # runs/<step>, the default --out, is then under tmp_path
     (tmp_path / "earlier").mkdir()
@@ -485,6 +504,20 @@ def test_a_checkpoint_write_that_fails_part_way_stops_in_one_line_and_leaves_no_
         checkpoint.save(tmp_path, a_state(1) | {"model": {"w": torch.zeros(100_000)}})  # 400 kB
     assert str(exit.value.code) == f"error: cannot write a checkpoint to {tmp_path} (File too large)"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_in_the_middle_of_a_checkpoint_write_leaves_the_last_one_and_no_half_written_file(tmp_path,
+                                                                                                    monkeypatch):
+    checkpoint.save(tmp_path, a_state(1))
+
+    def write_half_then_ctrl_c(state, f):
+        f.write(b"PK half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", write_half_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, a_state(2))
+    assert checkpoint.load(tmp_path)["config"] == {"n": 1} and sorted(tmp_path.iterdir()) == [tmp_path / checkpoint.NAME]
 
 
 @pytest.mark.main_needs("Loader")

@@ -44,7 +44,7 @@ def main(argv=None):
     p.add_argument("--d-ff", type=cli.positive_int, default=256, help="width of the feed-forward hidden layer")
     p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
     p.add_argument("--lr", type=cli.learning_rate, default=3e-3, help="AdamW learning rate")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=40, help="tokens to write after each prompt")
+    p.add_argument("--max-new-tokens", type=cli.new_tokens, default=40, help="tokens to write after each prompt")
     p.add_argument("--size", default="auto", choices=["auto", "small", "base"],
                    help="base = the paper's base sizes (the sizes above are then ignored); auto = base on a CUDA "
                    "GPU, small elsewhere")

@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--n-layer", type=cli.positive_int, default=2, help="blocks")
     p.add_argument("--dropout", type=cli.probability, default=0.1, help="dropout probability")
     p.add_argument("--lr", type=cli.learning_rate, default=3e-3, help="AdamW learning rate")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=40, help="tokens to write after each prompt")
+    p.add_argument("--max-new-tokens", type=cli.new_tokens, default=40, help="tokens to write after each prompt")
     p.add_argument("--size", default="auto", choices=["auto", "small", "124M"],
                    help="124M = GPT-2 small (--n-embd, --n-head and --n-layer are then ignored); auto = 124M on a CUDA "
                    "GPU, small elsewhere")

@@ -29,7 +29,7 @@ def main(argv=None):
                    "a warning when gpt2 cannot be downloaded")
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text to continue ('' starts a "
                    "new document, as <|endoftext|>)")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=30, help="tokens to write per sample")
+    p.add_argument("--max-new-tokens", type=cli.new_tokens, default=30, help="tokens to write per sample")
     p.add_argument("--num-samples", type=cli.positive_int, default=3, help="samples, one after the other")
     p.add_argument("--top-k", type=top_k, default=50, help="sample among the k most likely tokens; 1 is "
                    "greedy decoding")

@@ -127,7 +127,7 @@ def compiled(model, args, x, y):
         fast = torch.compile(model)
         with autocast(args):
             fast(x, y)[1].backward()
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # the trial's gradients: not kept through the first forward
         return fast, f"compiled in {time.perf_counter() - start:.0f} s"
     except Exception as e:  # torch.compile reports its failures at the first call, as any exception
         model.zero_grad(set_to_none=True)
@@ -142,6 +142,8 @@ def ctrl_c_stops_between_iterations():
 
     def handler(signum, frame):
         if stop["requested"]:
+            print("\nCtrl-C again: stopping now, saving nothing (a checkpoint saved before stays whole)",
+                  file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         stop["requested"] = True
         print("\nCtrl-C: stopping before the next iteration (again to stop now)", file=sys.stderr, flush=True)
@@ -189,7 +191,7 @@ def main(argv=None):
     p.add_argument("--save-every", type=cli.positive_int, help="iterations between checkpoints")
     p.add_argument("--resume", type=cli.existing_dir, help="continue the run whose checkpoint.pt is in this directory, "
                    "with the command that started it; the run goes on writing there (another --out is refused)")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=60, help="tokens of the sample written "
+    p.add_argument("--max-new-tokens", type=cli.new_tokens, default=60, help="tokens of the sample written "
                    "at the end")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = cli.parse_with_preset(p, argv, PRESETS, lambda a: "gpt2" if device.pick(a.device).type == "cuda" else "tiny")

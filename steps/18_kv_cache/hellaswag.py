@@ -35,8 +35,11 @@ def val_file() -> Path:
             with urllib.request.urlopen(URL, timeout=30) as r:
                 blob = r.read()
         except (OSError, http.client.HTTPException) as e:  # HTTPException: a connection cut mid-file (IncompleteRead)
+            read_only = path.parent.exists() and not os.access(path.parent, os.W_OK)  # a shared $GPT2STEPS_DATA
+            put = f"save it anywhere ({path.parent} is read-only) and give it" if read_only else \
+                f"save it as {path}, or give a file"
             sys.exit(f"error: {data.not_in_data_dir('hellaswag_val.jsonl')} and could not be downloaded ({e}).\n"
-                     f"Download {URL}\nand save it as {path}, or give a file: --hellaswag FILE.")
+                     f"Download {URL}\nand {put}: --hellaswag FILE.")
         parts = {target: target.with_name(f".{target.name}.{os.getpid()}.part") for target in (record, path)}
         try:  # each rank its own .part: no torn file
             path.parent.mkdir(parents=True, exist_ok=True)
