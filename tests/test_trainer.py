@@ -450,6 +450,20 @@ def test_a_model_directory_on_a_full_disk_stops_in_one_line_and_leaves_no_half_w
     assert list((tmp_path / "model").iterdir()) == []  # config.json.tmp, written before, is gone too
 
 
+@pytest.mark.main_needs("Loader")
+@pytest.mark.first_and_last  # the same lines in every trainer (make diff)
+def test_a_ctrl_c_while_the_model_directory_is_written_leaves_no_half_written_file(step, tmp_path, monkeypatch):
+    def half_then_ctrl_c(self, path):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "model.safetensors.tmp").write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(step.main.GPT, "save_pretrained", half_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run(step, tmp_path, "--max-steps", "2")
+    assert list((tmp_path / "model").iterdir()) == [] and checkpoint.load(tmp_path)["iter"] == 2
+
+
 def a_state(n: int) -> dict:
     return {"config": {"n": n}, "iter": n, "model": {}, "optimizer": {"state": {}, "param_groups": []}, "loader": 0,
             "rng": {"cpu": torch.get_rng_state(), "cuda": []}}

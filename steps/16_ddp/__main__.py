@@ -430,10 +430,11 @@ def main(argv=None):
     try:
         model.save_pretrained(args.out / "model")
     except OSError as e:  # a full disk: the checkpoint written at the last iteration holds the same weights
-        for half in (args.out / "model").glob("*.tmp"):  # a half-written file would keep the disk full
-            half.unlink()
         sys.exit(f"error: cannot write {args.out / 'model'} ({e.strerror}); {args.out / checkpoint.NAME} holds the "
                  "trained weights")
+    finally:  # a file half-written (a full disk, a Ctrl-C) would keep the disk full
+        for half in (args.out / "model").glob("*.tmp"):
+            half.unlink()
     print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "
           f"make step N=09 ARGS=\"--model {args.out / 'model'}\")")
     show_sample(model, tok, args)
