@@ -32,6 +32,8 @@ def save(out: Path, state: dict) -> None:
             os.fsync(f.fileno())  # the bytes on the disk before the name: else a crash could keep the name only
         os.replace(tmp, path)  # atomic on one file system
     except (OSError, RuntimeError) as e:  # a disk full mid-write: torch's zip writer adds a RuntimeError as it closes
+        if isinstance(e.__context__, KeyboardInterrupt):  # a Ctrl-C mid-write, which the zip writer's close hides
+            raise e.__context__ from None
         failed = next((x for x in (e, e.__context__) if isinstance(x, OSError)), None)
         if failed is None:
             raise
@@ -106,7 +108,8 @@ def check_config(path: Path, theirs: dict, ours: dict) -> None:
     if diff := [f"{k}: {said(theirs, k)} in the checkpoint, {said(ours, k)} now" for k in keys
                 if theirs.get(k) != ours.get(k)]:
         go_on = printed_resume(path)
-        sys.exit(f"error: {path / NAME} is from another run; resume it with the command that started it.\n  "
+        sys.exit(f"error: {path / NAME} was saved with other settings than these; resume it with the command that "
+                 "started it.\n  "
                  + "\n  ".join(diff) + (f"\nIts Ctrl-C printed that command:\n  {go_on}" if go_on else ""))
 
 

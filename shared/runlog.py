@@ -66,24 +66,43 @@ def metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
-def claim(out: Path, fresh: bool = False) -> int:
-    """One run at a time in a directory: a lock on the directory itself (no file made), held by the descriptor this
-    returns until RunLog.close or the process ends. A step claims its --out before it builds anything, so a second run
-    stops at once. fresh: a new run of a step that saves checkpoints. It checked for an earlier run's checkpoint when
-    it started; it checks again once it holds the directory: a run may have ended in between."""
+class Claim:
+    """A lock on a directory, held until close(), the end of this object (a run stopped inside a test's process) or
+    the end of the process."""
+
+    def __init__(self, out: Path):
+        self.fd = os.open(out, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # the lock goes with the descriptor
+            self.fd = None
+
+    __del__ = close
+
+
+def claim(out: Path, fresh: bool = False) -> Claim:
+    """One run at a time in a directory: a lock on the directory itself (no file made). A step claims its --out before
+    it reads a checkpoint or builds anything, so a second run stops at once. fresh: a new run of a step that saves
+    checkpoints. It checked for an earlier run's checkpoint when it started; it checks again once it holds the
+    directory: a run may have ended in between."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
+    held = Claim(out)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         sys.exit(f"error: another run is writing to {out} now: wait for it to end, or give this one another --out")
     except OSError as e:  # a file system without locks (some network mounts): run, unguarded
         print(f"note: {out} cannot be locked ({os.strerror(e.errno)}): nothing stops a second run from writing there "
               "at the same time", flush=True)
     if fresh:
-        checkpoint.refuse_to_overwrite(out)
-    return fd
+        try:
+            checkpoint.refuse_to_overwrite(out)
+        except SystemExit:
+            held.close()
+            raise
+    return held
 
 
 class RunLog:
@@ -98,7 +117,7 @@ class RunLog:
         claimed: what claim(out) returned when the run started; without it, the log claims out itself."""
         self.baseline = baseline
         self.out = Path(out)
-        self.lock = claim(self.out) if claimed is None else claimed
+        self.claimed = claim(self.out) if claimed is None else claimed
         self.rows: list[dict] = rows_before(self.out / "metrics.jsonl", start) if start else []
         self.kept = len(self.rows)  # rows of an earlier run, not timed by this one
         self.file = open(self.out / "metrics.jsonl", "a")  # not "w": emptied once this run has a row (take_over)
@@ -188,7 +207,7 @@ class RunLog:
         """Finish the run, or stop it: summary.json (e.g. the validation loss) and the loss curve so far."""
         self.take_over()
         self.file.close()
-        os.close(self.lock)  # another run may write here now
+        self.claimed.close()  # another run may write here now
         if summary:
             write_or_stop(self.out / "summary.json", json.dumps(jsonable(summary), indent=1) + "\n")
             if line := "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()

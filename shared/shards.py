@@ -1,7 +1,7 @@
 """make data: text to token shards, the training data of step 17 on.
 
-    make data ARGS="--source fineweb-edu --out data/edu_fineweb10B"             FineWeb-Edu sample-10BT, streamed
-    make data ARGS="--source texts/ --out data/mine --max-tokens 100000000"     local .parquet, .jsonl, .json or .txt
+    make data ARGS="--source fineweb-edu --out data/edu_fineweb10B"                FineWeb-Edu sample-10BT, streamed
+    make data ARGS="--source texts/ --out data/mine --shard-tokens 10000000"    local .parquet, .jsonl, .json, .txt
 
 Every document becomes <|endoftext|> (id 50256) and then its GPT-2 tokens (tiktoken's encode_ordinary: the text
 "<|endoftext|>" inside a document stays text). The stream of tokens is cut into shards of --shard-tokens uint16 ids

@@ -535,6 +535,16 @@ def test_eval_only_with_a_model_of_fewer_tokens_than_gpt2s_is_refused(step, tmp_
 
 
 @pytest.mark.main_needs("hellaswag")
+def test_eval_only_names_a_mistyped_model_before_it_looks_for_hellaswag(step, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))  # no hellaswag_val.jsonl: it would be downloaded
+    monkeypatch.setattr(step.main.hellaswag.urllib.request, "urlopen", lambda *a, **k: pytest.fail("looked for it"))
+    with pytest.raises(SystemExit) as exit:
+        step.main.main(["--eval-only", "--model", str(tmp_path / "no-such-model"), "--hellaswag", "val", "--device",
+                        "cpu"])
+    assert str(exit.value.code).startswith(f"error: --model {tmp_path / 'no-such-model'}: ")
+
+
+@pytest.mark.main_needs("hellaswag")
 def test_eval_only_refuses_a_model_with_a_nan_weight_not_scores_it(step, saved_model, tmp_path):
     items = write_items(tmp_path / "items.jsonl", [json.dumps(ITEMS[0])])
     nan = with_a_nan_weight(saved_model[1], tmp_path / "nan")

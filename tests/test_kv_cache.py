@@ -201,6 +201,7 @@ def test_generate_only_past_the_context_says_it_slides(step, saved, capsys, cach
     out = capsys.readouterr().out
     assert "the model sees the last 64" in out and "a sliding window" in out
     assert ("the cache is filled again" in out) == (cache == "--cache")  # no cache, nothing to fill
+    assert "tokens/s past its 64-token context" in out  # its speed there said apart from the speed within it
 
 
 @pytest.mark.main_needs("generate_only")

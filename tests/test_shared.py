@@ -533,6 +533,7 @@ def test_make_curves_names_two_runs_of_one_step_by_their_paths(tmp_path):
 
 @pytest.mark.parametrize("given, said", [
     ("missing", "does not exist"),
+    ("13_vocab_50304", "13_vocab_50304 does not exist: make step N=13 writes it"),
     ("empty", "holds no metrics.jsonl: give the --out of a make step run"),
     ("no_loss", "has no loss to draw"),
 ])
@@ -595,7 +596,7 @@ def test_a_new_run_that_fails_before_its_first_row_leaves_the_earlier_runs_files
     earlier = (tmp_path / "metrics.jsonl").read_text()
     failed = runlog.RunLog(tmp_path, total=10)  # out of memory in its first iteration: the process ends
     failed.file.close()
-    os.close(failed.lock)
+    failed.claimed.close()
     assert (tmp_path / "metrics.jsonl").read_text() == earlier
     assert (tmp_path / "summary.json").exists() and (tmp_path / "loss.svg").exists()
 
@@ -681,7 +682,7 @@ def test_a_run_of_one_iteration_says_it_has_no_loss_curve(tmp_path, capsys):
 
 
 def test_claiming_a_directory_makes_no_file_in_it(tmp_path):  # the lock is on the directory: a run refused after
-    os.close(runlog.claim(tmp_path / "out"))  # its claim leaves an empty --out, which cli.out_dir removes at exit
+    runlog.claim(tmp_path / "out").close()  # its claim leaves an empty --out, which cli.out_dir removes at exit
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -851,9 +852,11 @@ def test_a_setting_only_one_of_two_steps_has_is_said_to_be_missing_not_shown_as_
 def test_a_fresh_runs_claim_refuses_a_directory_with_a_checkpoint_and_leaves_its_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 1.0}\n')
     torch.save({"iter": 4}, tmp_path / "checkpoint.pt")
-    with pytest.raises(SystemExit, match="already holds a checkpoint of an earlier run"):
+    with pytest.raises(SystemExit, match="already holds a checkpoint of an earlier run") as refused:
         runlog.claim(tmp_path, fresh=True)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"iter": 0, "loss": 1.0}\n'
+    runlog.claim(tmp_path).close()  # let go at once, while `refused` keeps the refusing call's frame: a run in the
+    del refused  # same process (a notebook's, a test's) may take the directory
 
 
 def test_remove_if_empty_goes_up_from_the_deepest_and_stops_at_the_first_that_holds_something(tmp_path):

@@ -296,14 +296,14 @@ def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoint(step, tmp_path,
 @pytest.mark.main_needs("Loader")
 @pytest.mark.first_and_last  # runlog.claim's second check, reached by the same call in every trainer
 def test_a_run_that_ends_while_a_new_one_starts_keeps_its_checkpoint_and_metrics(step, tmp_path, finished, monkeypatch):
-    finished.made(step)  # now: made in the hook, inside the new run's size check, it would build on meta
-    build = step.main.GPT
+    finished.made(step)  # now: made in the hook, its own run would call the hook
+    claim = runlog.claim
 
-    def build_while_an_earlier_run_ends(config):  # after the new run's first check, before it takes the directory
+    def claim_as_an_earlier_run_ends(out, fresh):  # after the new run's first check, before it holds the directory
         finished(step, tmp_path)
-        return build(config)
+        return claim(out, fresh)
 
-    monkeypatch.setattr(step.main, "GPT", build_while_an_earlier_run_ends)
+    monkeypatch.setattr(runlog, "claim", claim_as_an_earlier_run_ends)
     with pytest.raises(SystemExit) as exit:
         run(step, tmp_path, "--max-steps", "2")
     assert "holds a finished run" in str(exit.value.code)
@@ -324,12 +324,22 @@ def test_a_run_into_a_directory_another_run_is_writing_to_stops_before_it_builds
 
 
 @pytest.mark.main_needs("Loader")
+@pytest.mark.first_and_last  # runlog.claim, before the checkpoint is looked for, in every trainer
+def test_resuming_a_run_still_going_before_its_first_checkpoint_says_that_it_is_running(step, tmp_path):
+    other = runlog.RunLog(tmp_path, total=10)  # was: "no checkpoint to resume from", a wrong reason
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "2", "--resume", str(tmp_path))
+    assert str(exit.value.code).startswith(f"error: another run is writing to {tmp_path} now")
+    other.close()
+
+
+@pytest.mark.main_needs("Loader")
 def test_resuming_with_another_config_says_what_differs(step, tmp_path, finished):
     finished(step, tmp_path)  # --lr 1e-3
     with pytest.raises(SystemExit) as exit:
         run(step, tmp_path, "--max-steps", "3", "--lr", "2e-3", "--resume", str(tmp_path))
     message = str(exit.value.code)
-    assert "from another run" in message and "lr: 0.001 in the checkpoint, 0.002 now" in message
+    assert "saved with other settings than these" in message and "lr: 0.001 in the checkpoint, 0.002 now" in message
 
 
 @pytest.mark.main_needs("Loader")
@@ -372,7 +382,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_work(step, tmp_pat
     monkeypatch.setattr(step.main, "GPT", lambda config: pytest.fail("the model was built before the refusal"))
     with pytest.raises(SystemExit) as exit:
         run(step, tmp_path, "--max-steps", "3", "--lr", "2e-3", "--resume", str(tmp_path))
-    assert "from another run" in str(exit.value.code)
+    assert "was saved with other settings than these" in str(exit.value.code)
     assert f"step {step.name} on" not in capsys.readouterr().out  # no header, no shapes: refused before the model
 
 
@@ -520,15 +530,24 @@ def test_a_checkpoint_write_that_fails_part_way_stops_in_one_line_and_leaves_no_
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_ctrl_c_in_the_middle_of_a_checkpoint_write_leaves_the_last_one_and_no_half_written_file(tmp_path,
-                                                                                                    monkeypatch):
-    checkpoint.save(tmp_path, a_state(1))
-
-    def write_half_then_ctrl_c(state, f):
-        f.write(b"PK half a zip")
+def ctrl_c_as_torch_save_meets_it(state, f):  # measured: torch.save's zip writer, closed by the KeyboardInterrupt,
+    f.write(b"PK half a zip")  # raises a RuntimeError of its own ("unexpected pos"), whose __context__ is the Ctrl-C
+    try:
         raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 28964992 vs 28964884")
 
-    monkeypatch.setattr(checkpoint.torch, "save", write_half_then_ctrl_c)
+
+def ctrl_c_between_two_writes(state, f):
+    f.write(b"PK half a zip")
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("write", [ctrl_c_as_torch_save_meets_it, ctrl_c_between_two_writes])
+def test_a_ctrl_c_in_the_middle_of_a_checkpoint_write_leaves_the_last_one_and_no_half_written_file(tmp_path,
+                                                                                                    monkeypatch, write):
+    checkpoint.save(tmp_path, a_state(1))
+    monkeypatch.setattr(checkpoint.torch, "save", write)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(tmp_path, a_state(2))
     assert checkpoint.load(tmp_path)["config"] == {"n": 1} and sorted(tmp_path.iterdir()) == [tmp_path / checkpoint.NAME]
@@ -666,7 +685,8 @@ def test_resuming_with_another_value_of_any_flag_the_run_depends_on_is_refused(s
         with pytest.raises(SystemExit) as exit:
             run(step, tmp_path, "--max-steps", "3", "--eval-every", "2", "--lr", "1e-3", flag,
                 *([value] if value else []), "--resume", str(tmp_path))
-        assert "from another run" in str(exit.value.code) and f"\n  {key}: " in str(exit.value.code), flag
+        said = str(exit.value.code)
+        assert "saved with other settings than these" in said and f"\n  {key}: " in said, flag
         tried.append(flag)
     assert tried  # --dtype at least
 

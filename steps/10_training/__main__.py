@@ -123,6 +123,7 @@ def main(argv=None):
     config = GPTConfig(args.seq_len, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout)
     run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size, "lr": args.lr,
            "max_steps": args.max_steps, "seed": args.seed}  # what must match for --resume
+    claimed = runlog.claim(args.out, fresh=not args.resume)  # one run at a time in --out
     state = checkpoint.load(args.out) if args.resume else None  # read and checked before any work
     if state:
         checkpoint.check_config(args.out, state["config"], run)
@@ -135,7 +136,6 @@ def main(argv=None):
         sys.exit(f"error: a batch of {args.batch_size} x {args.seq_len} tokens does not fit the {len(train_ids):,} "
                  f"training tokens (use --batch-size {(len(train_ids) - 1) // args.seq_len} or less)")
     device.refuse_a_model_too_big(GPT, config, args.device)  # before minutes of building
-    claimed = runlog.claim(args.out, fresh=not state)  # a second run into --out stops here
     model = GPT(config).to(args.device)
     loader = Loader(train_ids, args.batch_size, args.seq_len)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "

@@ -199,6 +199,7 @@ def main(argv=None):
     run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size, "lr": args.lr,
            "max_steps": args.max_steps, "seed": args.seed, "dtype": args.dtype,
            "warmup_steps": args.warmup_steps}  # what must match for --resume
+    claimed = runlog.claim(args.out, fresh=not args.resume)  # one run at a time in --out
     state = checkpoint.load(args.out) if args.resume else None  # read and checked before any work
     if state:
         checkpoint.check_config(args.out, state["config"], run)
@@ -212,7 +213,6 @@ def main(argv=None):
                  f"training tokens (use --batch-size {(len(train_ids) - 1) // args.seq_len} or less)")
     train_ids, val_ids = train_ids.to(args.device), val_ids.to(args.device)  # once: 8 bytes a token, 2.7 MB
     device.refuse_a_model_too_big(GPT, config, args.device)  # before minutes of building
-    claimed = runlog.claim(args.out, fresh=not state)  # a second run into --out stops here
     model = GPT(config).to(args.device)
     loader = Loader(train_ids, args.batch_size, args.seq_len)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "

@@ -420,6 +420,7 @@ def main(argv=None):
            "max_steps": args.max_steps, "seed": args.seed, "dtype": args.dtype,
            "warmup_steps": args.warmup_steps, "data": f"{len(train_files)} shards in {args.data.resolve()}",
            "shuffle": args.shuffle}  # what must match for --resume
+    claimed = runlog.claim(args.out, fresh=not args.resume) if args.rank == 0 else None  # one run at a time in --out
     state = checkpoint.load(args.out) if args.resume else None  # read and checked before any work
     if state:
         checkpoint.check_config(args.out, state["config"], run)
@@ -436,7 +437,6 @@ def main(argv=None):
     shards.check_ids(val, val_file)
     val_ids = torch.from_numpy(val.astype(np.int64)).to(args.device)  # once: 8 bytes a token
     device.refuse_a_model_too_big(GPT, config, args.device)  # before minutes of building
-    claimed = runlog.claim(args.out, fresh=not state) if args.rank == 0 else None  # a second run into --out stops here
     model = GPT(config).to(args.device)
     loader = Loader(train_files, args.batch_size, args.seq_len, args.seed, args.shuffle, rank=args.rank,
                     world=args.world, device=args.device)
@@ -555,12 +555,12 @@ def score_only(args, precision: str) -> None:
     """--eval-only: HellaSwag for a trained model, a model/ directory of a trainer step or gpt2 ... gpt2-xl."""
     if not args.hellaswag:
         sys.exit("error: --eval-only scores HellaSwag: give --hellaswag val or --hellaswag FILE")
-    items = hellaswag.load(args.hellaswag)
     join_process_group(args)
-    model = load_model(args)
+    model = load_model(args)  # before the items: a --model mistyped is named before HellaSwag is looked for
     if model.config.vocab_size < data.gpt2_tokenizer().n_vocab:  # HellaSwag's text has ids past its table
         sys.exit(f"error: --model {args.model} knows {model.config.vocab_size:,} tokens; HellaSwag needs GPT-2's "
                  "50,257")
+    items = hellaswag.load(args.hellaswag)
     print(f"step {STEP} on {args.device}: scoring {args.model} ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters) on {cli.plural(len(items), 'HellaSwag item')}, dtype {precision}")
     start = time.perf_counter()
