@@ -20,7 +20,7 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 def run_dir(text: str) -> Path:
     """An argparse type: a directory that holds a metrics.jsonl (what make step writes to its --out)."""
     if (step := Path(text).name) in all_steps() and not Path(text).exists():  # runs/13_vocab_50304 on a fresh clone
-        raise argparse.ArgumentTypeError(f"{text} does not exist: make step N={step[:2]} writes it")
+        raise argparse.ArgumentTypeError(f"{text} does not exist (make step N={step[:2]} writes runs/{step})")
     path = cli.existing_dir(text)
     if not (path / "metrics.jsonl").is_file():
         raise argparse.ArgumentTypeError(f"{text} holds no metrics.jsonl: give the --out of a make step run "

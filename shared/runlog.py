@@ -66,43 +66,22 @@ def metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
-class Claim:
-    """A lock on a directory, held until close(), the end of this object (a run stopped inside a test's process) or
-    the end of the process."""
-
-    def __init__(self, out: Path):
-        self.fd = os.open(out, os.O_RDONLY)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # the lock goes with the descriptor
-            self.fd = None
-
-    __del__ = close
-
-
-def claim(out: Path, fresh: bool = False) -> Claim:
-    """One run at a time in a directory: a lock on the directory itself (no file made). A step claims its --out before
-    it reads a checkpoint or builds anything, so a second run stops at once. fresh: a new run of a step that saves
-    checkpoints. It checked for an earlier run's checkpoint when it started; it checks again once it holds the
-    directory: a run may have ended in between."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    held = Claim(out)
+def refuse_if_running(out: Path) -> None:
+    """Stop at once, in one line, if another run is writing to `out`: before any work, where RunLog's own lock would
+    find it only once the model is built. A shared lock, let go at once: it makes no file, holds nothing (a run
+    refused later leaves `out` free), and never stops the ranks of one run, which all ask at the same time."""
     try:
-        fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(Path(out) / "metrics.jsonl", os.O_RDONLY)  # a run that is writing made it
+    except OSError:  # none there (nothing is writing), or unreadable: RunLog says what is wrong, if anything
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         sys.exit(f"error: another run is writing to {out} now: wait for it to end, or give this one another --out")
-    except OSError as e:  # a file system without locks (some network mounts): run, unguarded
-        print(f"note: {out} cannot be locked ({os.strerror(e.errno)}): nothing stops a second run from writing there "
-              "at the same time", flush=True)
-    if fresh:
-        try:
-            checkpoint.refuse_to_overwrite(out)
-        except SystemExit:
-            held.close()
-            raise
-    return held
+    except OSError:  # a file system without locks: RunLog says so
+        pass
+    finally:
+        os.close(fd)
 
 
 class RunLog:
@@ -110,17 +89,28 @@ class RunLog:
     at the end of the first iteration QUIET_S seconds or more after the last line: a long run is never silent long)."""
 
     def __init__(self, out: Path, total: int, every: int = 0, start: int = 0, baseline: tuple | None = None,
-                 claimed=None):
+                 fresh: bool = False):
         """start > 0 continues a resumed run: metrics.jsonl keeps its rows of the iterations before `start`.
         baseline: (prefix, name, value), e.g. ("hellaswag", "GPT-2 124M", 0.2955): the rows' prefix_acc and
         prefix_acc_norm are drawn in a second panel of the loss curve, with the value as a line to beat.
-        claimed: what claim(out) returned when the run started; without it, the log claims out itself."""
+        fresh: a new run of a step that saves checkpoints. It checked for an earlier run's checkpoint when it started;
+        it checks again once it holds the directory, before it empties anything: a run may have ended in between."""
         self.baseline = baseline
         self.out = Path(out)
-        self.claimed = claim(self.out) if claimed is None else claimed
+        self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = rows_before(self.out / "metrics.jsonl", start) if start else []
         self.kept = len(self.rows)  # rows of an earlier run, not timed by this one
-        self.file = open(self.out / "metrics.jsonl", "a")  # not "w": emptied once this run has a row (take_over)
+        self.file = open(self.out / "metrics.jsonl", "a")  # not "w": emptied only once this run holds the lock
+        try:  # one run at a time in a directory; the lock goes when the file is closed or the process ends
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"error: another run is writing to {self.out} now: wait for it to end, or give this one another "
+                     "--out")
+        except OSError as e:  # a file system without locks (some network mounts): run, unguarded
+            print(f"note: {self.out} cannot be locked ({os.strerror(e.errno)}): nothing stops a second run from "
+                  "writing there at the same time", flush=True)
+        if fresh:
+            checkpoint.refuse_to_overwrite(self.out)
         self.taken = False  # out as it was until this run has a row to write (take_over): a failed start wipes no file
         self.total, self.every, self.first = total, every or max(1, math.ceil(total / 25)), start
         self.quiet_s = math.inf if every else QUIET_S
@@ -207,7 +197,6 @@ class RunLog:
         """Finish the run, or stop it: summary.json (e.g. the validation loss) and the loss curve so far."""
         self.take_over()
         self.file.close()
-        self.claimed.close()  # another run may write here now
         if summary:
             write_or_stop(self.out / "summary.json", json.dumps(jsonable(summary), indent=1) + "\n")
             if line := "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()

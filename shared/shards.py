@@ -294,8 +294,10 @@ def make_shards(source: str, out: Path, shard_tokens: int, max_tokens: int | Non
     say(f"{out}: {cli.plural(len(manifest['shards']), 'shard')}, {total:,} tokens, "
         f"{cli.plural(sum(s['documents'] for s in manifest['shards']), 'document')}")
     if len(manifest["shards"]) == 1:
-        say(f"note: one shard only, and the first shard is the validation split: training needs more. Make them "
-            f"again into another --out with a smaller --shard-tokens (e.g. {max(MIN_SHARD, total // 10):,})")
+        say("note: one shard only, and the first shard is the validation split: training needs more. " + (
+            f"Make them again into another --out with a smaller --shard-tokens (e.g. {max(MIN_SHARD, total // 10):,})"
+            if total >= 2 * MIN_SHARD else f"{total:,} tokens are too few for two shards of {MIN_SHARD:,} tokens (a "
+            "window of 1,024 and the token after it): give a bigger source"))
     return manifest
 
 

@@ -396,7 +396,7 @@ def test_a_run_into_the_out_of_a_running_one_stops_with_rank_0s_line_and_no_trac
     (_, err0), (_, err1) = [p.communicate(timeout=120) for p in procs]
     assert err0.strip() == f"error: another run is writing to {tmp_path} now: wait for it to end, or give this one " \
         "another --out" and procs[0].returncode == 1
-    assert err1 == "" and procs[1].returncode != 0  # rank 0 left: rank 1's next exchange failed, and it says nothing
+    assert err1 == "" and procs[1].returncode != 0  # every rank asks; rank 1 stops as well, and says nothing
     other.close()
 
 

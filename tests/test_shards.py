@@ -399,6 +399,12 @@ def test_a_source_smaller_than_a_shard_is_named_with_what_to_do(sources, tmp_pat
     refused(lambda: shards.shard_files(tmp_path), "a validation shard and no training shard", "--shard-tokens")
 
 
+def test_a_source_too_small_for_two_shards_is_told_so_not_to_make_smaller_shards(tmp_path, capsys):
+    (tmp_path / "small.txt").write_text("A few words, far fewer than two windows of 1,024 tokens.")
+    shards.prepare(str(tmp_path / "small.txt"), tmp_path / "out", shard_tokens=100_000, quiet=False, progress=False)
+    assert "tokens are too few for two shards of 1,025" in capsys.readouterr().out
+
+
 def test_shards_made_inside_the_source_directory_are_not_read_as_source(documents, tmp_path, monkeypatch):
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))

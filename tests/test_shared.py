@@ -1,6 +1,7 @@
 """The project's helpers: the step registry behind the Makefile, data files, tokenizers, device, run log."""
 import argparse
 import http.client
+import fcntl
 import importlib
 import json
 import os
@@ -533,7 +534,7 @@ def test_make_curves_names_two_runs_of_one_step_by_their_paths(tmp_path):
 
 @pytest.mark.parametrize("given, said", [
     ("missing", "does not exist"),
-    ("13_vocab_50304", "13_vocab_50304 does not exist: make step N=13 writes it"),
+    ("13_vocab_50304", "13_vocab_50304 does not exist (make step N=13 writes runs/13_vocab_50304)"),
     ("empty", "holds no metrics.jsonl: give the --out of a make step run"),
     ("no_loss", "has no loss to draw"),
 ])
@@ -589,14 +590,11 @@ def test_a_new_run_log_removes_an_earlier_runs_summary_and_curve_a_resumed_one_k
 
 
 def test_a_new_run_that_fails_before_its_first_row_leaves_the_earlier_runs_files_as_they_were(tmp_path):
-    (earlier_run := runlog.RunLog(tmp_path, total=2)).log(0, 2.5, 0.1)
-    earlier_run.close()
+    runlog.RunLog(tmp_path, total=2).log(0, 2.5, 0.1)
     for name in ("summary.json", "loss.svg"):
         (tmp_path / name).write_text("the earlier run's")
     earlier = (tmp_path / "metrics.jsonl").read_text()
-    failed = runlog.RunLog(tmp_path, total=10)  # out of memory in its first iteration: the process ends
-    failed.file.close()
-    failed.claimed.close()
+    runlog.RunLog(tmp_path, total=10).file.close()  # out of memory in its first iteration: the process ends
     assert (tmp_path / "metrics.jsonl").read_text() == earlier
     assert (tmp_path / "summary.json").exists() and (tmp_path / "loss.svg").exists()
 
@@ -681,9 +679,29 @@ def test_a_run_of_one_iteration_says_it_has_no_loss_curve(tmp_path, capsys):
     assert not (tmp_path / "loss.svg").exists()
 
 
-def test_claiming_a_directory_makes_no_file_in_it(tmp_path):  # the lock is on the directory: a run refused after
-    runlog.claim(tmp_path / "out").close()  # its claim leaves an empty --out, which cli.out_dir removes at exit
-    assert list((tmp_path / "out").iterdir()) == []
+def test_asking_whether_a_run_is_writing_stops_while_one_is(tmp_path):
+    running = runlog.RunLog(tmp_path, total=10)
+    with pytest.raises(SystemExit, match=f"error: another run is writing to {tmp_path} now"):
+        runlog.refuse_if_running(tmp_path)
+    running.close()
+    runlog.refuse_if_running(tmp_path)  # ended: free
+
+
+def test_asking_whether_a_run_is_writing_makes_no_file_and_holds_no_lock(tmp_path):
+    runlog.refuse_if_running(tmp_path / "out")  # no such directory yet: nothing is writing there
+    runlog.refuse_if_running(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # a run refused after asking leaves an empty --out, removed at exit
+    (tmp_path / "metrics.jsonl").write_text("")  # an earlier run's, ended
+    runlog.refuse_if_running(tmp_path)
+    runlog.RunLog(tmp_path, total=10).close()  # the directory was left free: a run in the same process takes it
+
+
+def test_the_ranks_of_one_run_asking_at_the_same_moment_do_not_stop_each_other(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    fd = os.open(tmp_path / "metrics.jsonl", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another rank, asking now
+    runlog.refuse_if_running(tmp_path)
+    os.close(fd)
 
 
 def test_a_resumed_run_log_keeps_the_rows_before_its_start(tmp_path):
@@ -849,14 +867,12 @@ def test_a_setting_only_one_of_two_steps_has_is_said_to_be_missing_not_shown_as_
                                                 "  dtype: no such setting in the checkpoint, 'bf16' now"]
 
 
-def test_a_fresh_runs_claim_refuses_a_directory_with_a_checkpoint_and_leaves_its_metrics(tmp_path):
+def test_a_fresh_run_log_refuses_a_directory_with_a_checkpoint_and_leaves_its_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 1.0}\n')
     torch.save({"iter": 4}, tmp_path / "checkpoint.pt")
-    with pytest.raises(SystemExit, match="already holds a checkpoint of an earlier run") as refused:
-        runlog.claim(tmp_path, fresh=True)
+    with pytest.raises(SystemExit, match="already holds a checkpoint of an earlier run"):
+        runlog.RunLog(tmp_path, total=5, fresh=True)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"iter": 0, "loss": 1.0}\n'
-    runlog.claim(tmp_path).close()  # let go at once, while `refused` keeps the refusing call's frame: a run in the
-    del refused  # same process (a notebook's, a test's) may take the directory
 
 
 def test_remove_if_empty_goes_up_from_the_deepest_and_stops_at_the_first_that_holds_something(tmp_path):

@@ -294,16 +294,17 @@ def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoint(step, tmp_path,
 
 
 @pytest.mark.main_needs("Loader")
-@pytest.mark.first_and_last  # runlog.claim's second check, reached by the same call in every trainer
-def test_a_run_that_ends_while_a_new_one_starts_keeps_its_checkpoint_and_metrics(step, tmp_path, finished, monkeypatch):
-    finished.made(step)  # now: made in the hook, its own run would call the hook
-    claim = runlog.claim
+@pytest.mark.first_and_last  # RunLog's second check (shared/runlog.py), reached by the same call in every trainer
+def test_a_run_that_ends_while_a_new_one_builds_its_model_keeps_its_checkpoint_and_metrics(step, tmp_path, finished,
+                                                                                            monkeypatch):
+    finished.made(step)  # now: made in the hook, inside the new run's size check, it would build on meta
+    build = step.main.GPT
 
-    def claim_as_an_earlier_run_ends(out, fresh):  # after the new run's first check, before it holds the directory
+    def build_while_an_earlier_run_ends(config):  # after the new run's first check, before it takes the directory
         finished(step, tmp_path)
-        return claim(out, fresh)
+        return build(config)
 
-    monkeypatch.setattr(runlog, "claim", claim_as_an_earlier_run_ends)
+    monkeypatch.setattr(step.main, "GPT", build_while_an_earlier_run_ends)
     with pytest.raises(SystemExit) as exit:
         run(step, tmp_path, "--max-steps", "2")
     assert "holds a finished run" in str(exit.value.code)
@@ -311,7 +312,7 @@ def test_a_run_that_ends_while_a_new_one_starts_keeps_its_checkpoint_and_metrics
 
 
 @pytest.mark.main_needs("Loader")
-@pytest.mark.first_and_last  # the lock is runlog.claim's, which every trainer calls alike
+@pytest.mark.first_and_last  # runlog.refuse_if_running, which every trainer calls alike
 def test_a_run_into_a_directory_another_run_is_writing_to_stops_before_it_builds_its_model(step, tmp_path, capsys):
     other = runlog.RunLog(tmp_path, total=10)  # a run started a moment earlier, not yet at its first checkpoint
     other.log(0, 2.5, 0.5)
@@ -324,11 +325,22 @@ def test_a_run_into_a_directory_another_run_is_writing_to_stops_before_it_builds
 
 
 @pytest.mark.main_needs("Loader")
-@pytest.mark.first_and_last  # runlog.claim, before the checkpoint is looked for, in every trainer
+@pytest.mark.first_and_last  # runlog.refuse_if_running, before the checkpoint is looked for, in every trainer
 def test_resuming_a_run_still_going_before_its_first_checkpoint_says_that_it_is_running(step, tmp_path):
     other = runlog.RunLog(tmp_path, total=10)  # was: "no checkpoint to resume from", a wrong reason
     with pytest.raises(SystemExit) as exit:
         run(step, tmp_path, "--max-steps", "2", "--resume", str(tmp_path))
+    assert str(exit.value.code).startswith(f"error: another run is writing to {tmp_path} now")
+    other.close()
+
+
+@pytest.mark.main_needs("Loader")
+@pytest.mark.first_and_last  # runlog.refuse_if_running, before the checkpoint is looked for, in every trainer
+def test_a_new_run_into_a_run_still_going_past_its_first_checkpoint_says_that_it_is_running(step, tmp_path):
+    other = runlog.RunLog(tmp_path, total=10)  # was: "already holds a checkpoint of an earlier run. Continue it
+    checkpoint.save(tmp_path, a_state(1))  # with --resume", which would be refused as well, for the same reason
+    with pytest.raises(SystemExit) as exit:
+        run(step, tmp_path, "--max-steps", "2")
     assert str(exit.value.code).startswith(f"error: another run is writing to {tmp_path} now")
     other.close()
 

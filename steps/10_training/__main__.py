@@ -113,6 +113,7 @@ def main(argv=None):
     args.device = device.pick(args.device)
     if args.resume and "--out" in p.given and args.out.resolve() != args.resume.resolve():
         p.error(f"--out {args.out} with --resume {args.resume}: a resumed run goes on in the directory it resumes")
+    runlog.refuse_if_running(args.resume or args.out)  # a second run into one --out: stopped before any work
     if args.resume:
         args.out = args.resume
     else:
@@ -123,7 +124,6 @@ def main(argv=None):
     config = GPTConfig(args.seq_len, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout)
     run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size, "lr": args.lr,
            "max_steps": args.max_steps, "seed": args.seed}  # what must match for --resume
-    claimed = runlog.claim(args.out, fresh=not args.resume)  # one run at a time in --out
     state = checkpoint.load(args.out) if args.resume else None  # read and checked before any work
     if state:
         checkpoint.check_config(args.out, state["config"], run)
@@ -161,7 +161,7 @@ def main(argv=None):
         checkpoint.save(args.out, {"config": run, "iter": it, "model": model.state_dict(),
                                    "optimizer": opt.state_dict(), "loader": loader.pos, "rng": rng_states()})
 
-    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, claimed=claimed)
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, fresh=not state)
     val_loss = math.nan
     with ctrl_c_stops_between_iterations() as stop:
         for it in range(start, args.max_steps):
@@ -192,7 +192,7 @@ def main(argv=None):
     except OSError as e:  # a full disk: the checkpoint written at the last iteration holds the same weights
         sys.exit(f"error: cannot write {args.out / 'model'} ({e.strerror}); {args.out / checkpoint.NAME} holds the "
                  "trained weights")
-    finally:  # a file half-written (a full disk, a Ctrl-C) would keep the disk full
+    finally:  # a file half-written (a full disk, a Ctrl-C) would be left behind
         for half in (args.out / "model").glob("*.tmp"):
             half.unlink()
     print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "

@@ -90,7 +90,7 @@ def compiled(model, args, x, y):
         fast = torch.compile(model)
         with autocast(args):
             fast(x, y)[1].backward()
-        model.zero_grad(set_to_none=True)  # the trial's gradients: not kept through the first forward
+        model.zero_grad(set_to_none=True)  # the trial's gradients, freed at once
         return fast, f"compiled in {time.perf_counter() - start:.0f} s"
     except Exception as e:  # torch.compile reports its failures at the first call, as any exception
         model.zero_grad(set_to_none=True)
@@ -159,6 +159,7 @@ def main(argv=None):
     precision = choose_dtype(args)
     if args.resume and "--out" in p.given and args.out.resolve() != args.resume.resolve():
         p.error(f"--out {args.out} with --resume {args.resume}: a resumed run goes on in the directory it resumes")
+    runlog.refuse_if_running(args.resume or args.out)  # a second run into one --out: stopped before any work
     if args.resume:
         args.out = args.resume
     else:
@@ -169,7 +170,6 @@ def main(argv=None):
     config = GPTConfig(args.seq_len, tok.n_vocab, args.n_layer, args.n_head, args.n_embd, args.dropout)
     run = {"step": STEP, **dataclasses.asdict(config), "batch_size": args.batch_size, "lr": args.lr,
            "max_steps": args.max_steps, "seed": args.seed, "dtype": args.dtype}  # what must match for --resume
-    claimed = runlog.claim(args.out, fresh=not args.resume)  # one run at a time in --out
     state = checkpoint.load(args.out) if args.resume else None  # read and checked before any work
     if state:
         checkpoint.check_config(args.out, state["config"], run)
@@ -211,7 +211,7 @@ def main(argv=None):
         checkpoint.save(args.out, {"config": run, "iter": it, "model": model.state_dict(),
                                    "optimizer": opt.state_dict(), "loader": loader.pos, "rng": rng_states()})
 
-    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, claimed=claimed)
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, fresh=not state)
     val_loss = math.nan
     with ctrl_c_stops_between_iterations() as stop:
         for it in range(start, args.max_steps):
@@ -243,7 +243,7 @@ def main(argv=None):
     except OSError as e:  # a full disk: the checkpoint written at the last iteration holds the same weights
         sys.exit(f"error: cannot write {args.out / 'model'} ({e.strerror}); {args.out / checkpoint.NAME} holds the "
                  "trained weights")
-    finally:  # a file half-written (a full disk, a Ctrl-C) would keep the disk full
+    finally:  # a file half-written (a full disk, a Ctrl-C) would be left behind
         for half in (args.out / "model").glob("*.tmp"):
             half.unlink()
     print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "

@@ -225,7 +225,7 @@ def compiled(model, args, x, y):
         fast = torch.compile(model)
         with autocast(args):
             fast(x, y)[1].backward()
-        model.zero_grad(set_to_none=True)  # the trial's gradients: not kept through the first forward
+        model.zero_grad(set_to_none=True)  # the trial's gradients, freed at once
         return fast, f"compiled in {time.perf_counter() - start:.0f} s"
     except Exception as e:  # torch.compile reports its failures at the first call, as any exception
         model.zero_grad(set_to_none=True)
@@ -310,8 +310,9 @@ def leave_process_group(args) -> None:
 
 def only_rank_0_speaks(rank: int) -> None:
     """The ranks run the same program on the same numbers: rank 0 prints for all of them (its log, its refusals).
-    The others print nothing, except a crash of their own. When rank 0 stops alone (another run is writing to
-    --out), their next exchange with it fails: rank 0 has said why, and they stay quiet."""
+    The others print nothing, except a crash of their own. When rank 0 stops alone (its log: a run into the same
+    --out begun a moment before, a full disk), their next exchange with it fails: rank 0 has said why, and they stay
+    quiet."""
     if rank != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
 
@@ -431,6 +432,7 @@ def main(argv=None):
               f"{args.max_steps / args.warmup_steps:.1%} of --lr and no further")
     if args.resume and "--out" in p.given and args.out.resolve() != args.resume.resolve():
         p.error(f"--out {args.out} with --resume {args.resume}: a resumed run goes on in the directory it resumes")
+    runlog.refuse_if_running(args.resume or args.out)  # a second run into one --out: stopped before any work
     if args.resume:
         args.out = args.resume
     else:
@@ -448,7 +450,6 @@ def main(argv=None):
            "max_steps": args.max_steps, "seed": args.seed, "dtype": args.dtype,
            "warmup_steps": args.warmup_steps, "data": f"{len(train_files)} shards in {args.data.resolve()}",
            "shuffle": args.shuffle}  # what must match for --resume
-    claimed = runlog.claim(args.out, fresh=not args.resume) if args.rank == 0 else None  # one run at a time in --out
     state = checkpoint.load(args.out) if args.resume else None  # read and checked before any work
     if state:
         checkpoint.check_config(args.out, state["config"], run)
@@ -509,7 +510,7 @@ def main(argv=None):
             checkpoint.save(args.out, {"config": run, "iter": it, "model": model.state_dict(),
                                        "optimizer": opt.state_dict(), "loader": loader.pos, "rng": rng_states()})
 
-    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, claimed=claimed, baseline=(
+    log = runlog.RunLog(args.out, args.max_steps, args.log_every, start, fresh=not state, baseline=(
         "hellaswag", "GPT-2 124M", hellaswag.GPT2_ACC_NORM)) if args.rank == 0 else None
     val_loss, bench = math.nan, {}
     with ctrl_c_stops_between_iterations() as stop:
@@ -559,7 +560,7 @@ def main(argv=None):
     except OSError as e:  # a full disk: the checkpoint written at the last iteration holds the same weights
         sys.exit(f"error: cannot write {args.out / 'model'} ({e.strerror}); {args.out / checkpoint.NAME} holds the "
                  "trained weights")
-    finally:  # a file half-written (a full disk, a Ctrl-C) would keep the disk full
+    finally:  # a file half-written (a full disk, a Ctrl-C) would be left behind
         for half in (args.out / "model").glob("*.tmp"):
             half.unlink()
     print(f"model: {args.out / 'model'} (transformers.GPT2LMHeadModel.from_pretrained reads it, and so does "
