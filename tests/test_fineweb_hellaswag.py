@@ -289,6 +289,22 @@ def saved_model(step, tmp_path):
     return model, tmp_path / "model"
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.main_needs("hellaswag")
+@pytest.mark.parametrize("where", ["a terminal", "a file"])
+def test_hellaswag_shows_its_progress_on_a_terminal_only(step, saved_model, monkeypatch, where):
+    err = Terminal() if where == "a terminal" else io.StringIO()  # a log file would keep every redrawing
+    monkeypatch.setattr(sys, "stderr", err)
+    step.main.hellaswag.ending_losses(saved_model[0], ITEMS, data.gpt2_tokenizer(), CPU, 32, contextlib.nullcontext(),
+                                      per_batch=1, progress=True)
+    drawn = re.search(rf"HellaSwag: +\d+%\|.*\| \d+/{len(ITEMS)} ", err.getvalue())  # "HellaSwag:  0%| | 0/9 "
+    assert bool(drawn) == (where == "a terminal")
+
+
 @pytest.mark.main_needs("hellaswag")
 def test_ending_losses_equal_those_from_gpt2lmheadmodels_logits(step, saved_model):
     model, path = saved_model
