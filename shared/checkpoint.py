@@ -39,7 +39,7 @@ def save(out: Path, state: dict) -> None:
             raise
         kept = f"; {path} is the last one written" if path.is_file() else ""
         sys.exit(f"error: cannot write a checkpoint to {out} ({cli.reason(failed)}){kept}")
-    finally:  # gone once renamed; else half a checkpoint (a full disk, a second Ctrl-C) would keep the disk full
+    finally:  # gone once renamed; else half a checkpoint (a full disk, a second Ctrl-C) would be left behind
         tmp.unlink(missing_ok=True)
 
 
