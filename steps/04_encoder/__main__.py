@@ -102,7 +102,7 @@ def main(argv=None):
             loss.backward()
             opt.step()
             log.log(it, loss.item(), args.lr, tokens=x.numel())
-        print(f"evaluating {(len(val_ids) - 1) // args.block_size:,} validation windows ...",
+        print(f"evaluating {cli.plural((len(val_ids) - 1) // args.block_size, 'validation window')} ...",
               flush=True)  # it takes seconds: say so
         log.close(val_loss=evaluate(model, val_ids, args), uniform_guess=math.log(tok.vocab_size))
     show_fill_in(model, tok, val_ids, args, gen)

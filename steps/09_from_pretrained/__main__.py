@@ -65,7 +65,7 @@ def main(argv=None):
     config = model.config
     print(f"step {STEP} on {args.device}: {'gpt2' if args.model == 'auto' else args.model}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{config.n_layer} layers, a context of {config.block_size} tokens")
+          f"{cli.plural(config.n_layer, 'layer')}, a context of {config.block_size} tokens")
     if args.top_k > config.vocab_size:
         sys.exit(f"error: --top-k {args.top_k} is more than the {config.vocab_size} tokens of the vocabulary")
 

@@ -231,8 +231,8 @@ def main(argv=None):
             opt.step()
             log.log(it, loss.item(), args.lr, tokens=x.numel(), grad_norm=norm.item())  # stops at a nan loss
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:
-                print(f"iter {it:5d} | evaluating {(len(val_ids) - 1) // args.seq_len:,} validation windows ...",
-                      flush=True)  # the whole split: seconds on a CPU
+                windows = cli.plural((len(val_ids) - 1) // args.seq_len, "validation window")
+                print(f"iter {it:5d} | evaluating {windows} ...", flush=True)  # the whole split: seconds on a CPU
                 val_loss = evaluate(model, val_ids, args)
                 log.log_val(it, val_loss)
             if (it + 1) % args.save_every == 0 or it + 1 == args.max_steps:

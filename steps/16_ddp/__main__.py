@@ -417,8 +417,8 @@ def main(argv=None):
             elif not math.isfinite(loss.item()):
                 sys.exit(1)  # the loss is all-reduced: rank 0 sees the same nan and says so
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:
-                print(f"iter {it:5d} | evaluating {(len(val_ids) - 1) // args.seq_len:,} validation windows ...",
-                      flush=True)  # the whole split: seconds on a CPU
+                windows = cli.plural((len(val_ids) - 1) // args.seq_len, "validation window")
+                print(f"iter {it:5d} | evaluating {windows} ...", flush=True)  # the whole split: seconds on a CPU
                 val_loss = evaluate(model, val_ids, args)
                 if log:
                     log.log_val(it, val_loss)

@@ -514,8 +514,8 @@ def main(argv=None):
                 sys.exit(1)  # the loss is all-reduced: rank 0 sees the same nan and says so
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_steps:
                 also = " and " + cli.plural(len(items), "HellaSwag item") if items else ""
-                print(f"iter {it:5d} | evaluating {(len(val_ids) - 1) // args.seq_len:,} validation windows{also} ...",
-                      flush=True)
+                windows = cli.plural((len(val_ids) - 1) // args.seq_len, "validation window")
+                print(f"iter {it:5d} | evaluating {windows}{also} ...", flush=True)
                 val_loss = evaluate(model, val_ids, args)
                 bench = dict(zip(("hellaswag_acc", "hellaswag_acc_norm"), hellaswag.evaluate(
                     model, items, tok, args, autocast(args)))) if items else {}  # every rank scores its share
