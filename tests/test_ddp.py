@@ -526,7 +526,7 @@ runpy.run_module(os.environ["STEP_MODULE"], run_name="__main__")
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_iteration_and_resumes_exactly(step, tmp_path):
     (tmp_path / "under_torchrun.py").write_text(UNDER_TORCHRUN)
     flags = [*SMALL_TRAINER, "--total-batch-size", "256", "--max-steps", "6", "--eval-every", "3", "--device", "cpu",
-             "--seed", "0"]
+             "--seed", "0", "--dist-timeout", "60"]  # a rank that stops alone leaves the other waiting: 60 s, not 300
 
     def launch(run, *argv, ctrl_c_at=-1):
         (tmp_path / f"counts-{run}").mkdir()
