@@ -12,6 +12,7 @@ from pathlib import Path
 
 from shared import checkpoint, cli
 
+BUSY = "error: another run is writing to {} now: wait for it to end, or give this one another --out"
 QUIET_S = 60  # with --log-every 0, a line at the first iteration's end this long after the last line (seconds)
 
 
@@ -77,7 +78,7 @@ def refuse_if_running(out: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        sys.exit(f"error: another run is writing to {out} now: wait for it to end, or give this one another --out")
+        sys.exit(BUSY.format(out))
     except OSError:  # a file system without locks: RunLog says so
         pass
     finally:
@@ -104,8 +105,7 @@ class RunLog:
         try:  # one run at a time in a directory; the lock goes when the file is closed or the process ends
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            sys.exit(f"error: another run is writing to {self.out} now: wait for it to end, or give this one another "
-                     "--out")
+            sys.exit(BUSY.format(self.out))
         except OSError as e:  # a file system without locks (some network mounts): run, unguarded
             print(f"note: {self.out} cannot be locked ({os.strerror(e.errno)}): nothing stops a second run from "
                   "writing there at the same time", flush=True)

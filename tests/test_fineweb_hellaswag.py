@@ -454,7 +454,8 @@ def test_hellaswag_val_offline_says_where_to_put_the_file(step, tmp_path, monkey
 def test_hellaswag_val_offline_with_a_read_only_data_directory_says_to_give_the_file(step, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
     monkeypatch.setattr(step.main.hellaswag.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError()))
-    monkeypatch.setattr(step.main.hellaswag.os, "access", lambda path, mode: False)  # root may write anywhere: so said
+    # a read-only directory, as os.access answers for one (chmod cannot make one here: root may write anywhere)
+    monkeypatch.setattr(step.main.hellaswag.os, "access", lambda path, mode: False)
     with pytest.raises(SystemExit) as exit:
         step.main.hellaswag.load("val")
     said = str(exit.value.code)

@@ -1,7 +1,7 @@
 """The project's helpers: the step registry behind the Makefile, data files, tokenizers, device, run log."""
 import argparse
-import http.client
 import fcntl
+import http.client
 import importlib
 import json
 import os
@@ -669,6 +669,10 @@ def test_a_second_run_log_in_the_same_directory_stops_while_the_first_runs(tmp_p
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1  # the first run's row is still there
     first.close()
     runlog.RunLog(tmp_path, total=10)  # once it has ended, the directory is free
+
+
+def test_plural_counts_one_thing_and_many_with_thousands_separated():
+    assert [cli.plural(n, "layer") for n in (1, 2, 1000)] == ["1 layer", "2 layers", "1,000 layers"]
 
 
 def test_a_run_of_one_iteration_says_it_has_no_loss_curve(tmp_path, capsys):

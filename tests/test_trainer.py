@@ -326,21 +326,13 @@ def test_a_run_into_a_directory_another_run_is_writing_to_stops_before_it_builds
 
 @pytest.mark.main_needs("Loader")
 @pytest.mark.first_and_last  # runlog.refuse_if_running, before the checkpoint is looked for, in every trainer
-def test_resuming_a_run_still_going_before_its_first_checkpoint_says_that_it_is_running(step, tmp_path):
-    other = runlog.RunLog(tmp_path, total=10)  # was: "no checkpoint to resume from", a wrong reason
+@pytest.mark.parametrize("which", ["a resume before its first checkpoint", "a new run after it"])
+def test_a_run_into_a_run_still_going_is_told_that_it_is_running_not_about_its_checkpoint(step, tmp_path, which):
+    other = runlog.RunLog(tmp_path, total=10)  # was: "no checkpoint to resume from"; after the first checkpoint,
+    if which == "a new run after it":  # "continue it with --resume", which would be refused for the same reason
+        checkpoint.save(tmp_path, a_state(1))
     with pytest.raises(SystemExit) as exit:
-        run(step, tmp_path, "--max-steps", "2", "--resume", str(tmp_path))
-    assert str(exit.value.code).startswith(f"error: another run is writing to {tmp_path} now")
-    other.close()
-
-
-@pytest.mark.main_needs("Loader")
-@pytest.mark.first_and_last  # runlog.refuse_if_running, before the checkpoint is looked for, in every trainer
-def test_a_new_run_into_a_run_still_going_past_its_first_checkpoint_says_that_it_is_running(step, tmp_path):
-    other = runlog.RunLog(tmp_path, total=10)  # was: "already holds a checkpoint of an earlier run. Continue it
-    checkpoint.save(tmp_path, a_state(1))  # with --resume", which would be refused as well, for the same reason
-    with pytest.raises(SystemExit) as exit:
-        run(step, tmp_path, "--max-steps", "2")
+        run(step, tmp_path, "--max-steps", "2", *(["--resume", str(tmp_path)] if which.startswith("a resume") else []))
     assert str(exit.value.code).startswith(f"error: another run is writing to {tmp_path} now")
     other.close()
 
@@ -562,7 +554,8 @@ def test_a_ctrl_c_in_the_middle_of_a_checkpoint_write_leaves_the_last_one_and_no
     monkeypatch.setattr(checkpoint.torch, "save", write)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(tmp_path, a_state(2))
-    assert checkpoint.load(tmp_path)["config"] == {"n": 1} and sorted(tmp_path.iterdir()) == [tmp_path / checkpoint.NAME]
+    assert checkpoint.load(tmp_path)["config"] == {"n": 1}
+    assert sorted(tmp_path.iterdir()) == [tmp_path / checkpoint.NAME]  # no checkpoint.pt.tmp
 
 
 @pytest.mark.main_needs("Loader")

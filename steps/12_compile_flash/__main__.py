@@ -186,8 +186,8 @@ def main(argv=None):
     model = GPT(config).to(args.device)
     loader = Loader(train_ids, args.batch_size, args.seq_len)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.batch_size} x {args.seq_len} tokens, "
-          f"{len(train_ids):,} training tokens, dtype {precision}")
+          f"parameters ({cli.plural(config.n_layer, 'layer')} of {config.n_embd}), batch {args.batch_size} x "
+          f"{args.seq_len} tokens, {len(train_ids):,} training tokens, dtype {precision}")
     shapes.show(model, loader.next_batch()[0][:4], depth=3)
     loader.pos = 0
     fast, compile_note = compiled(model, args, *loader.next_batch())  # fast: the model to train, compiled or not

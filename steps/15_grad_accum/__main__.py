@@ -239,7 +239,8 @@ def main(argv=None):
     model = GPT(config).to(args.device)
     loader = Loader(train_ids, args.batch_size, args.seq_len)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.total_batch_size:,} tokens = "
+          f"parameters ({cli.plural(config.n_layer, 'layer')} of {config.n_embd}), batch "
+          f"{args.total_batch_size:,} tokens = "
           f"{micro_steps} micro-batch{'es' * (micro_steps > 1)} of {args.batch_size} x {args.seq_len}, "
           f"{len(train_ids):,} training tokens, dtype {precision}")
     if args.total_batch_size > len(train_ids):  # GPT-2's 524,288 on tiny shakespeare: some windows twice a step

@@ -353,7 +353,8 @@ def main(argv=None):
     model = GPT(config).to(args.device)
     loader = Loader(train_ids, args.batch_size, args.seq_len, rank=args.rank, world=args.world)
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.total_batch_size:,} tokens = "
+          f"parameters ({cli.plural(config.n_layer, 'layer')} of {config.n_embd}), batch "
+          f"{args.total_batch_size:,} tokens = "
           f"{micro_steps} micro-batch{'es' * (micro_steps > 1)} of {args.batch_size} x {args.seq_len}"
           f"{f' on each of {args.world} processes' * (args.world > 1)}, {len(train_ids):,} training tokens, "
           f"dtype {precision}")

@@ -445,7 +445,8 @@ def main(argv=None):
         sys.exit(f"error: {args.data} has {loader.windows} training windows of {args.seq_len + 1} tokens, fewer than "
                  f"one batch of every process ({args.batch_size * args.world}); give more data or a smaller batch")
     print(f"step {STEP} on {args.device}: preset {args.preset}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters ({config.n_layer} layers of {config.n_embd}), batch {args.total_batch_size:,} tokens = "
+          f"parameters ({cli.plural(config.n_layer, 'layer')} of {config.n_embd}), batch "
+          f"{args.total_batch_size:,} tokens = "
           f"{micro_steps} micro-batch{'es' * (micro_steps > 1)} of {args.batch_size} x {args.seq_len}"
           f"{f' on each of {args.world} processes' * (args.world > 1)}, {loader.tokens:,} training tokens in "
           f"{len(train_files)} shard{'s' * (len(train_files) > 1)} ({'shuffled' if args.shuffle else 'in order'}), "
