@@ -37,6 +37,11 @@ ifneq ($(filter-out $(TARGETS) $(STAMP),$(MAKECMDGOALS)),)
 $(error "$(firstword $(filter-out $(TARGETS) $(STAMP),$(MAKECMDGOALS)))" is not a target (make help \
 lists them); if it is a word of ARGS, put ARGS in quotes, whole, e.g. ARGS="--max-steps 10 --seed 0")
 endif
+# these take no flags: ARGS="--help" or a typo given to them is said, not silently dropped
+NO_ARGS := $(filter help list setup diff clean,$(or $(MAKECMDGOALS),list))
+ifneq ($(and $(ARGS),$(NO_ARGS)),)
+$(error make $(firstword $(NO_ARGS)) takes no ARGS (make help says what each command does))
+endif
 .DEFAULT_GOAL := list
 
 list:

@@ -45,6 +45,7 @@ class Facts:
     parameters: int | None = None
     gpt2_parameters: int | None = None  # the model at GPT-2 124M's size, where the step has a GPTConfig
     gap: str = ""  # why there are no shapes, when there are none
+    stopped: str = ""  # what the step said when it could not run here (no data, offline)
 
 
 class Shapes(BaseException):
@@ -84,7 +85,7 @@ def facts(step: str) -> Facts:
         else:
             errors = [line for line in said.getvalue().splitlines() if line.startswith("error")]
             why = errors[-1] if errors else f"{type(e).__name__}: {e}"
-        found.gap = f"`make step N={step[:2]}` could not run here, so no shapes: {why}"
+        found.gap, found.stopped = f"`make step N={step[:2]}` could not run here, so no shapes: {why}", why
     finally:
         shapes.show = real
     model = importlib.import_module(f"steps.{step}.model")
@@ -612,20 +613,6 @@ def write(out: Path, found: dict[str, Facts], tests: dict, diary_dir: Path = ROO
     return pages
 
 
-SOURCES = ("steps", "diary", "tests", "shared", "docs", ".ci", ".git")  # the project's own files: never written to
-
-
-def book_dir(text: str) -> Path:
-    """An argparse type: a directory to write the book to, anywhere but the project's root or its sources."""
-    if not text.strip():  # "" would resolve to the directory make book runs in: the project's root
-        return cli.out_dir(text)  # which refuses it
-    path = Path(text).resolve()
-    if path == ROOT or any(path.is_relative_to(ROOT / d) for d in SOURCES):
-        raise argparse.ArgumentTypeError(f"{text} is the project's own: the book goes to a directory of its own "
-                                         "(default book/)")
-    return cli.out_dir(text)
-
-
 def runs_dir(text: str) -> Path:
     """An argparse type: a directory with at least one run in it (NN_name/metrics.jsonl), so a typo is not read as
     "no runs"."""
@@ -638,8 +625,8 @@ def runs_dir(text: str) -> Path:
 
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="make book", description=__doc__.split("\n\n")[0], hint='make book ARGS="--help"')
-    p.add_argument("--out", type=book_dir, default=str(BOOK), help="the directory to write the site to (default "
-                   "book/)")  # a str default goes through book_dir too
+    p.add_argument("--out", type=cli.out_dir, default=str(BOOK), help="the directory to write the site to "
+                   "(default book/)")  # a str default goes through cli.out_dir too
     p.add_argument("--runs", type=runs_dir, default=ROOT / "runs", help="the directory of the runs whose loss "
                    "curves the pages draw, NN_name/metrics.jsonl in it (default runs/, where make step writes them)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -649,6 +636,11 @@ def main(argv=None) -> int:
         found, tests, no_tests = gather()
         if no_tests:
             print(f"make book: {no_tests}", file=sys.stderr)
+        if stopped := {s: f.stopped for s, f in found.items() if f.stopped}:  # said on their pages; here, too
+            first = next(iter(stopped))
+            print(f"make book: {cli.plural(len(stopped), 'step')} could not run here, so no shapes on "
+                  f"{'its page' if len(stopped) == 1 else 'their pages'} ({', '.join(s[:2] for s in stopped)}); "
+                  f"step {first[:2]} said: {stopped[first]}", file=sys.stderr)
         pages = write(args.out, found, tests, runs_dir=args.runs, no_tests=no_tests)
     except KeyboardInterrupt:
         print("make book: interrupted; run it again for a whole book", file=sys.stderr)

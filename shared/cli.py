@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from shared.steps import STEPS_DIR, all_steps
+from shared.steps import ROOT, STEPS_DIR, all_steps
 
 
 def checked(convert, ok, what: str):
@@ -53,6 +53,14 @@ def out_dir(text: str) -> Path:
         raise argparse.ArgumentTypeError("expected a directory, got ''")
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone writes, and checks: another rank, stopped by
         return path  # torchrun when rank 0 refuses to run, would leave behind a directory it had made
+    not_the_projects_own(text)
+    return writable_dir(text)
+
+
+def writable_dir(text: str) -> Path:
+    """The directory text names, made now (what it made goes at exit if it is still empty), with a file made in it
+    and removed: one that cannot be written to is refused before any work."""
+    path = Path(text)
     try:  # OSError: a name too long, too
         if path.exists() and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")
@@ -62,11 +70,28 @@ def out_dir(text: str) -> Path:
         made = [d for d in (path.absolute(), *path.absolute().parents) if not d.exists()]  # deepest first
         atexit.register(remove_if_empty, made)  # absolute: the directory the process ends in may be another
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot write to {text} ({reason(e)})")
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:  # /proc, say: there, but no file can be made in it
+        raise argparse.ArgumentTypeError(f"cannot write to {text}: a file cannot be made in it ({reason(e)})")
     return path
+
+
+SOURCES = ("steps", "diary", "tests", "shared", "docs", ".ci", ".git")  # the project's own directories
+ROOT_FILES = ("README.md", "Makefile", "pyproject.toml", ".gitignore")
+
+
+def not_the_projects_own(text: str) -> None:
+    """Refuses the project's root, its own directories and what is in them, and its own files in the root: what a
+    command makes never overwrites the project."""
+    path = Path(text).resolve()
+    if path == ROOT or any(path.is_relative_to(ROOT / d) for d in SOURCES) or (path.parent == ROOT and path.name
+                                                                                  in ROOT_FILES):
+        raise argparse.ArgumentTypeError(f"{text} is the project's own: what a command makes goes elsewhere (runs/, "
+                                         "data/ and book/ are for it)")
 
 
 def remove_if_empty(dirs: list[Path]) -> None:
@@ -123,9 +148,12 @@ def out_file(text: str, example: str = "results.json") -> Path:
     """An argparse type: a file whose directory can be written to (made now). A default given as text is checked
     too (argparse converts a str default), so a missing runs/ is made before the work, not found after it."""
     path = Path(text)
+    if not text.strip():  # Path("") is "."
+        raise argparse.ArgumentTypeError(f"expected a file name, got '' (e.g. {example})")
     if answered(path.is_dir, text):
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / example}")
-    out_dir(str(path.parent))
+    not_the_projects_own(text)
+    writable_dir(str(path.parent))  # the root itself may hold a file of yours (make curves --out curves.svg)
     return path
 
 

@@ -29,7 +29,14 @@ def run_dir(text: str) -> Path:
 
 
 def svg_file(text: str) -> Path:
-    return cli.out_file(text, example="curves.svg")
+    """An argparse type: a new picture's name, .svg, not a run's own loss curve (loss.svg beside a metrics.jsonl)."""
+    path = cli.out_file(text, example="curves.svg")
+    if path.suffix.lower() != ".svg":
+        raise argparse.ArgumentTypeError(f"{text} is not named .svg: the picture is an SVG (e.g. runs/curves.svg)")
+    if path.name == "loss.svg" and (path.parent / "metrics.jsonl").exists():
+        raise argparse.ArgumentTypeError(f"{text} is the loss curve make step drew for the run beside it: give "
+                                         "another name")
+    return path
 
 
 def labels(dirs: list[Path]) -> list[str]:

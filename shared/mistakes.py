@@ -10,6 +10,7 @@ with it. It applies to every step from its own on whose file has that line (a la
 carries the mistake). steps/ is never touched: the project is copied to a temporary directory, which is removed
 at the end, Ctrl-C included.
 """
+import argparse
 import difflib
 import os
 import shutil
@@ -331,31 +332,38 @@ def run_tests(root: Path, mistake: Mistake, step: str | None) -> list[tuple]:
     subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not report.exists():
         sys.exit("error: pytest wrote no report; run the tests by hand to see why")
-    results = []  # (test, its parameters, the first line of its failure or None)
+    results = []  # (test, its parameters, passed / FAILED / ERROR, the first line of what went wrong or None)
     for case in ET.parse(report).getroot().iter("testcase"):
         name, _, param = case.get("name").partition("[")
         if name not in mistake.tests:
             continue
-        failed = case.find("failure") if case.find("failure") is not None else case.find("error")
-        results.append((name, param.rstrip("]"), None if failed is None else said(failed.get("message") or "failed")))
+        if (failed := case.find("failure")) is not None:  # an assertion of the test: what catches a mistake
+            results.append((name, param.rstrip("]"), "FAILED", said(failed.get("message") or "failed")))
+        elif (error := case.find("error")) is not None:  # its set-up (data, a fixture) broke: it checked nothing
+            results.append((name, param.rstrip("]"), "ERROR", said(error.get("message") or "error", width=None)))
+        else:
+            results.append((name, param.rstrip("]"), "passed", None))
     return results
 
 
-def said(message: str) -> str:
-    """A failure's first line, and the greatest difference where torch.testing.assert_close gives one."""
-    lines = message.splitlines()
+def said(message: str, width: int | None = 160) -> str:
+    """A failure's first line (cut to width), and the greatest difference where torch.testing.assert_close gives one."""
+    lines = message.splitlines() or [""]
     worst = next((line.strip() for line in lines if line.strip().startswith("Greatest absolute difference")), None)
-    return lines[0][:160] + (f" ({worst[:120]})" if worst else "")
+    first = lines[0] if width is None or len(lines[0]) <= width else lines[0][:width] + " ..."
+    return first + (f" ({worst[:120]})" if worst else "")
 
 
 def on(results: list, step: str, mistake: Mistake) -> list:
-    """[(test, the first line of its first failure, or None)] for the tests that ran on this step (a test of shared/
-    code is on the step it is made for). A test fails when any of its cases does (k=1 of k micro-batches cannot)."""
-    ran = {}
-    for name, param, failure in results:
-        if mistake.file.startswith("shared/") or step in param.split("-"):
-            ran[name] = ran.get(name) or failure
-    return list(ran.items())
+    """[(test, passed / FAILED / ERROR, what went wrong or None)] for the tests that ran on this step (a test of
+    shared/ code is on the step it is made for). A test fails when any of its cases does (k=1 of k micro-batches
+    cannot); one that only errored could not run."""
+    ran, rank = {}, {"passed": 0, "ERROR": 1, "FAILED": 2}  # the worst case of a test, the first of its kind
+    for name, param, status, what in results:
+        on_step = mistake.file.startswith("shared/") or step in param.split("-")
+        if on_step and (name not in ran or rank[status] > rank[ran[name][0]]):
+            ran[name] = status, what
+    return [(name, status, what) for name, (status, what) in ran.items()]
 
 
 def reading(mistake: Mistake, step: str) -> str:
@@ -366,8 +374,6 @@ def reading(mistake: Mistake, step: str) -> str:
 
 
 def show(mistake: Mistake, step: str) -> int:
-    if step not in mistake.steps():
-        sys.exit(f"error: {mistake.id} is not in step {step}: it applies to {', '.join(mistake.steps()) or 'no step'}")
     with tempfile.TemporaryDirectory(prefix="gpt2-steps-mistake-") as tmp:
         root = copy_project(Path(tmp))
         print(f"{mistake.id}: {mistake.what}. Made in a temporary copy of step {step}; steps/ is untouched:\n")
@@ -377,9 +383,13 @@ def show(mistake: Mistake, step: str) -> int:
     if not results:
         print(f"none of its tests runs on step {step}")
         return 1
-    for name, failure in results:
-        print(f"  {'FAILED' if failure else 'passed'}  {name}" + (f"\n          {failure}" if failure else ""))
-    caught = all(failure for _, failure in results)
+    for name, status, what in results:
+        print(f"  {status:<6}  {name}" + (f"\n          {what}" if what else ""))
+    if errored := sum(status == "ERROR" for _, status, _ in results):
+        print(f"\nNOT caught: {cli.plural(errored, 'test')} above could not run (ERROR: its set-up failed before it "
+              "checked anything); put that right and run make mistake again")
+        return 1
+    caught = all(status == "FAILED" for _, status, _ in results)
     print(f"\n{'caught' if caught else 'NOT caught'}: read {reading(mistake, step)}, and the test"
           f"{'s' * (len(results) > 1)} above in tests/.")
     return 0 if caught else 1
@@ -400,7 +410,8 @@ def check() -> int:
             ran = on(results, step, mistake)
             if not ran:
                 bad.append(f"{mistake.id} on {step}: none of its tests ran")
-            bad += [f"{mistake.id} on {step}: {name} passed" for name, failure in ran if failure is None]
+            bad += [f"{mistake.id} on {step}: {name} {'passed' if status == 'passed' else 'could not run: ' + what}"
+                    for name, status, what in ran if status != "FAILED"]
         print(f"{'ok  ' if not any(b.startswith(mistake.id + ' ') for b in bad) else 'FAIL'} {mistake.id:<30} "
               f"{', '.join(steps)}", flush=True)
     for line in bad:
@@ -410,11 +421,20 @@ def check() -> int:
     return 1 if bad else 0
 
 
+class Once(argparse.Action):
+    """A flag given twice (M=untied-head and ARGS="--id exact-gelu") is refused: the last is not silently taken."""
+    def __call__(self, parser, namespace, value, option_string=None):
+        if (before := getattr(namespace, self.dest)) is not None:
+            parser.error(f"{option_string} given twice, {before} and {value} (M= gives --id, N= gives --step)")
+        setattr(namespace, self.dest, value)
+
+
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="make mistake", description=__doc__.split("\n\n")[0],
                            hint='make mistake ARGS="--help"')
-    p.add_argument("--step", help="the step to make it in (make mistake N=08); default: the first it belongs to")
-    p.add_argument("--id", help="the mistake (make mistake M=<id>); none: the list")
+    p.add_argument("--step", action=Once, help="the step to make it in (make mistake N=08); default: the first it "
+                   "belongs to")
+    p.add_argument("--id", action=Once, help="the mistake (make mistake M=<id>); none: the list")
     p.add_argument("--check", action="store_true", help="every mistake on every step it applies to (CI)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.check and (args.id or args.step):
@@ -436,6 +456,8 @@ def main(argv=None) -> int:
                     f"{f' N={step[:2]}' if step else ''} lists them)")
         p.error(f"no mistake {args.id!r}; the ids{f' in step {step}' if step else ''}: {', '.join(ids)}")
     mistake = BY_ID[args.id]
+    if step and step not in mistake.steps():
+        p.error(f"{mistake.id} is not in step {step}: it applies to {', '.join(mistake.steps())}")
     return show(mistake, step or resolve(mistake.step))
 
 

@@ -295,7 +295,7 @@ def make_shards(source: str, out: Path, shard_tokens: int, max_tokens: int | Non
         f"{cli.plural(sum(s['documents'] for s in manifest['shards']), 'document')}")
     if len(manifest["shards"]) == 1:
         say("note: one shard only, and the first shard is the validation split: training needs more. " + (
-            f"Make them again into another --out with a smaller --shard-tokens (e.g. {max(MIN_SHARD, total // 10):,})"
+            f"Make them again into another --out with a smaller --shard-tokens (e.g. {max(MIN_SHARD, -(-total // 10))})"
             if total >= 2 * MIN_SHARD else f"{total:,} tokens are too few for two shards of {MIN_SHARD:,} tokens (a "
             "window of 1,024 and the token after it): give a bigger source"))
     return manifest
@@ -426,9 +426,9 @@ def main(argv=None):
     p.add_argument("--source", help="required unless --verify: fineweb-edu (streamed from the hub), or a .parquet, "
                    ".jsonl or .json (a text field) or .txt file, or a directory of them")
     p.add_argument("--out", type=cli.out_dir, help="required: the directory of shards (made, or continued)")
-    p.add_argument("--shard-tokens", type=cli.checked(int, lambda v: v >= MIN_SHARD, f"at least {MIN_SHARD}: one "
-                   "window of GPT-2's 1,024 tokens and the token after it"), default=100_000_000, help="tokens a shard "
-                   f"(default 100M, 200 MB; at least {MIN_SHARD})")
+    p.add_argument("--shard-tokens", type=cli.checked(int, lambda v: v >= MIN_SHARD, f"a whole number, at least "
+                   f"{MIN_SHARD}: one window of GPT-2's 1,024 tokens and the token after it"), default=100_000_000,
+                   help=f"tokens a shard (default 100000000, 200 MB; at least {MIN_SHARD})")
     p.add_argument("--max-tokens", type=cli.positive_int, help="stop after this many tokens (default: the whole "
                    "source)")
     p.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1, help="tokenizing processes "

@@ -13,6 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from shared import device
+from shared.steps import ROOT
 from tests.conftest import data_dir_copy, mentions, small_run_flags, with_a_nan_weight
 
 FAST = ["--max-steps", "2", "--device", "cpu", "--seed", "0"]
@@ -76,6 +77,12 @@ def test_an_empty_out_is_refused_not_taken_as_the_current_directory(step, capsys
 @pytest.mark.main_needs("evaluate")
 def test_out_that_cannot_be_written_is_refused(step, capsys):
     refuses(step, ["--out", "/proc/forbidden"], capsys, "argument --out", "cannot write to /proc/forbidden")
+
+
+@pytest.mark.main_needs("evaluate")
+def test_an_out_among_the_projects_own_files_is_refused(step, capsys):  # its checkpoint would land in steps/
+    out = str(ROOT / "steps" / step.name)
+    refuses(step, ["--out", out], capsys, "argument --out", f"{out} is the project's own")
 
 
 @pytest.mark.main_mentions('"--d-model"')

@@ -277,6 +277,17 @@ def test_tests_pytest_could_not_collect_are_said_to_be_missing_on_every_page(tmp
     assert "Pytest could not collect the tests" in page and "No test of the suite runs" not in page
 
 
+def test_steps_that_could_not_run_are_named_in_the_terminal_too_not_only_on_their_pages(tmp_path, monkeypatch,
+                                                                                          capsys):
+    found = {"01_embedding": book.Facts(stopped="error: no data"), "02_attention": book.Facts(stopped="error: x"),
+             "08_gpt2": book.Facts(rows=[("h", "Block", "(4, 8, 64)")])}
+    monkeypatch.setattr(book, "gather", lambda: (found, {}, ""))
+    monkeypatch.setattr(book, "write", lambda out, *args, **kwargs: [out / "index.html"])
+    assert book.main(["--out", str(tmp_path / "book")]) == 0  # the book is written, with what could be made
+    assert capsys.readouterr().err == ("make book: 2 steps could not run here, so no shapes on their pages (01, 02); "
+                                       "step 01 said: error: no data\n")
+
+
 def test_a_full_disk_stops_the_book_in_one_line_naming_no_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(book, "gather", lambda: ({}, {}, ""))
 

@@ -75,9 +75,20 @@ def test_the_untied_head_in_step_08_shows_163_037_184_parameters_and_exits_0_and
     (["M=untied-head", "N=99"], "unknown step '99'"),
     (["N=99"], "unknown step '99'"),
 ])
-def test_a_wrong_id_or_step_gets_one_error_line(args, message):
+def test_a_wrong_id_or_step_gets_one_error_line_and_where_the_help_is(args, message):
     r = make_mistake(*args)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert 'make mistake ARGS="--help" lists every flag' in r.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--id", "untied-head", "--id", "exact-gelu"], "--id given twice, untied-head and exact-gelu (M= gives --id, N="),
+    (["--step", "08", "--step", "10"], "--step given twice, 08 and 10"),
+])
+def test_a_mistake_or_a_step_given_twice_is_refused_not_the_last_taken(args, said, capsys):
+    with pytest.raises(SystemExit) as exit:  # make mistake M=untied-head ARGS="--id exact-gelu" ran exact-gelu
+        mistakes.main(args)
+    assert exit.value.code == 2 and said in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args", [["--check", "--id", "untied-head"], ["--check", "--step", "08"]])
@@ -102,7 +113,7 @@ def test_after_the_tests_a_learner_is_sent_to_the_diary_of_the_step_the_mistake_
 
 def reporting(monkeypatch, results: list[tuple]) -> None:
     """make mistake without its copy, its edit and its pytest run: the mistake's tests report `results`, each
-    (test, its parameters, the first line of its failure or None)."""
+    (test, its parameters, passed / FAILED / ERROR, the first line of what went wrong or None)."""
     monkeypatch.setattr(mistakes, "copy_project", lambda into: into)
     monkeypatch.setattr(mistakes, "make", lambda mistake, root, step: "")
     monkeypatch.setattr(mistakes, "run_tests", lambda root, mistake, step: results)
@@ -110,10 +121,28 @@ def reporting(monkeypatch, results: list[tuple]) -> None:
 
 def test_a_mistake_only_some_of_its_tests_catch_is_not_caught(monkeypatch, capsys):
     untied = mistakes.BY_ID["untied-head"]  # every one of its tests that runs on the step must fail
-    reporting(monkeypatch, [(untied.tests[0], "08_gpt2", "assert 163037184 == 124439808"),
-                               (untied.tests[1], "08_gpt2", None)])
+    reporting(monkeypatch, [(untied.tests[0], "08_gpt2", "FAILED", "assert 163037184 == 124439808"),
+                               (untied.tests[1], "08_gpt2", "passed", None)])
     assert mistakes.show(untied, "08_gpt2") == 1
     assert "NOT caught" in capsys.readouterr().out
+
+
+def test_a_mistake_whose_tests_could_not_run_is_not_caught(monkeypatch, capsys):
+    untied = mistakes.BY_ID["untied-head"]  # data missing: an error in set-up is no failure of the test
+    reporting(monkeypatch, [(name, "08_gpt2", "ERROR", 'failed on setup with "SystemExit: error: no data"')
+                            for name in untied.tests])
+    assert mistakes.show(untied, "08_gpt2") == 1
+    out = capsys.readouterr().out
+    assert f"ERROR   {untied.tests[0]}" in out and "no data" in out and "\ncaught" not in out
+    assert "NOT caught: 2 tests above could not run" in out
+
+
+def test_check_fails_a_mistake_whose_tests_could_not_run(monkeypatch, capsys):
+    monkeypatch.setattr(mistakes, "MISTAKES", [mistakes.BY_ID["untied-head"]])
+    reporting(monkeypatch, [(name, "08_gpt2", "ERROR", "no data") for name in mistakes.BY_ID["untied-head"].tests])
+    assert mistakes.check() == 1
+    assert "error: untied-head on 08_gpt2: test_gpt2_small_has_124_439_808_parameters could not run: no data" in \
+        capsys.readouterr().err
 
 
 def test_check_fails_a_mistake_none_of_whose_tests_ran(monkeypatch, capsys):

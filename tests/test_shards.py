@@ -3,6 +3,7 @@ Sources are made here, offline: the same documents as a .jsonl, a .parquet and a
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -368,9 +369,22 @@ def test_a_shard_smaller_than_one_window_is_refused_before_any_file_is_made(tmp_
     with pytest.raises(SystemExit):  # --shard-tokens 100 once made thousands of files without a word
         shards.main(["--source", "x.txt", "--out", str(tmp_path / "out"), "--shard-tokens", "100"])
     assert capsys.readouterr().err.splitlines() == [
-        "make data: error: argument --shard-tokens: expected at least 1025: one window of GPT-2's 1,024 tokens and "
-        "the token after it, got '100'", '(make data ARGS="--help" lists every flag)']
+        "make data: error: argument --shard-tokens: expected a whole number, at least 1025: one window of GPT-2's "
+        "1,024 tokens and the token after it, got '100'", '(make data ARGS="--help" lists every flag)']
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # --out, made by its check, goes at exit if empty
+
+
+def test_shard_tokens_written_as_10m_is_told_to_be_a_whole_number(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # the help says "default 100,000,000"; 100M is no number to int()
+        shards.main(["--source", "x.txt", "--out", str(tmp_path / "out"), "--shard-tokens", "10M"])
+    assert "expected a whole number, at least 1025" in capsys.readouterr().err
+
+
+def test_an_out_among_the_projects_own_directories_is_refused(capsys):
+    with pytest.raises(SystemExit):  # make data --out steps once wrote its shards and manifest into steps/
+        shards.main(["--source", "x.txt", "--out", str(ROOT / "steps")])
+    assert f"make data: error: argument --out: {ROOT / 'steps'} is the project's own" in capsys.readouterr().err
+    assert not (ROOT / "steps" / "manifest.json").exists()
 
 
 def test_a_deleted_shard_is_made_again_by_running_make_data_again(sources, tmp_path, capsys):
@@ -397,6 +411,15 @@ def test_a_source_smaller_than_a_shard_is_named_with_what_to_do(sources, tmp_pat
     shards.prepare(sources["jsonl"], tmp_path, shard_tokens=100_000, quiet=False, progress=False)
     assert "one shard only" in capsys.readouterr().out  # 12,697 tokens: the validation shard alone
     refused(lambda: shards.shard_files(tmp_path), "a validation shard and no training shard", "--shard-tokens")
+
+
+def test_the_shard_size_suggested_for_a_small_source_makes_ten_shards_each_at_least_a_window(sources, tmp_path,
+                                                                                              capsys):
+    shards.prepare(sources["jsonl"], tmp_path / "one", shard_tokens=100_000, quiet=False, progress=False)
+    suggested = int(re.search(r"--shard-tokens \(e\.g\. (\d+)\)", capsys.readouterr().out)[1])  # pasted as it is
+    made = shards.prepare(sources["jsonl"], tmp_path / "ten", shard_tokens=suggested, progress=False)
+    sizes = [s["tokens"] for s in made["shards"]]  # 12,697 // 10 once left an eleventh shard of 7 tokens
+    assert len(sizes) == 10 and min(sizes) >= shards.MIN_SHARD, sizes
 
 
 def test_a_source_too_small_for_two_shards_is_told_so_not_to_make_smaller_shards(tmp_path, capsys):

@@ -50,6 +50,14 @@ def test_a_word_of_args_left_outside_its_quotes_stops_make_before_the_step_runs(
     assert '"10" is not a target (make help lists them); if it is a word of ARGS, put ARGS in quotes' in r.stderr
 
 
+@pytest.mark.parametrize("goal", [["diff", "N=03"], ["list"], [], ["help"]], ids=["diff", "list", "default", "help"])
+@pytest.mark.parametrize("args", ["--help", "--bogus"])
+def test_args_given_to_a_command_that_takes_none_is_said_not_dropped(goal, args):
+    r = sh("make", "-s", *goal, f"ARGS={args}")  # make diff N=03 ARGS=--bogus once showed the diff as if all was well
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"make {goal[0] if goal else 'list'} takes no ARGS (make help says what each command does)" in r.stderr
+
+
 def test_the_makes_a_test_starts_see_none_of_make_tests_own_variables():
     # under `make test N=03`, a make started with N=03 in its environment would run step 03 (or refuse, as
     # `make mistake N=03 ARGS=` did): conftest.py takes them out
@@ -560,6 +568,22 @@ def test_make_curves_refuses_an_out_it_cannot_write_in_one_line(tmp_path, capsys
     assert f"{tmp_path} is a directory; give a file name, e.g. {tmp_path / 'curves.svg'}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("out, said", [
+    ("README.md", "README.md is the project's own"),
+    ("A_RUN/metrics.jsonl", "metrics.jsonl is not named .svg"),
+    ("A_RUN/loss.svg", "loss.svg is the loss curve make step drew for the run beside it"),
+    ("c.png", "c.png is not named .svg: the picture is an SVG"),
+], ids=["readme", "its-own-input", "a-runs-curve", "not-svg"])
+def test_make_curves_refuses_an_out_that_would_overwrite_a_file_not_its_own(tmp_path, capsys, out, said):
+    a = a_run(tmp_path / "r", [3.0, 2.0])
+    out = str(ROOT / out) if out == "README.md" else out.replace("A_RUN", str(a))
+    before = {p: p.read_bytes() for p in (ROOT / "README.md", a / "metrics.jsonl", a / "loss.svg") if p.exists()}
+    with pytest.raises(SystemExit) as exit:
+        curves.main([str(a), "--out", out])
+    assert exit.value.code == 2 and said in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_make_curves_refuses_more_runs_than_it_has_colours(tmp_path, capsys):
     runs = [str(a_run(tmp_path / f"r{i}", [3.0, 2.0])) for i in range(len(curves.PALETTE) + 1)]
     with pytest.raises(SystemExit) as exit:
@@ -887,6 +911,30 @@ def test_remove_if_empty_goes_up_from_the_deepest_and_stops_at_the_first_that_ho
     (tmp_path / "a" / "b" / "metrics.jsonl").write_text("{}")
     cli.remove_if_empty([tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"])
     assert sorted(p.name for p in (tmp_path / "a").rglob("*")) == ["b", "metrics.jsonl"]  # c went; b held a file
+
+
+@pytest.mark.parametrize("kind, out", [(cli.out_dir, ""), (cli.out_dir, "steps/10_training"), (cli.out_dir, "tests"),
+                                       (cli.out_dir, "runs/../diary"), (cli.out_file, "README.md"),
+                                       (cli.out_file, "Makefile"), (cli.out_file, "shared/results.json")])
+def test_the_projects_root_its_sources_and_its_own_files_are_refused_as_an_out(kind, out):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(str(ROOT / out))} is the project's own: what "
+                                                          "a command makes goes elsewhere"):
+        kind(str(ROOT / out))
+
+
+def test_a_file_of_your_own_in_the_projects_root_is_an_out_like_any_other():
+    assert cli.out_file(str(ROOT / "curves.svg")) == ROOT / "curves.svg"  # make curves --out curves.svg
+    assert not (ROOT / "curves.svg").exists()  # checked, not made
+
+
+def test_an_empty_out_file_is_refused_not_read_as_the_directory_it_runs_in():
+    with pytest.raises(argparse.ArgumentTypeError, match="^expected a file name, got '' \\(e.g. results.json\\)$"):
+        cli.out_file("")
+
+
+def test_an_out_in_a_directory_where_no_file_can_be_made_is_refused_saying_so():
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^cannot write to /proc: a file cannot be made in it \("):
+        cli.out_file("/proc/r.json")  # /proc is there: "cannot write to /proc (No such file...)" read as if it were not
 
 
 def test_an_out_file_is_refused_where_it_names_a_directory_and_its_directory_is_made(tmp_path):
