@@ -1,10 +1,12 @@
 """Print the tensor shapes through a model: one forward pass with a hook on every module."""
 import torch
 
+from shared import cli
+
 
 def show(model: torch.nn.Module, *inputs: torch.Tensor, depth: int = 2) -> None:
     """Print rows(model, *inputs, depth=depth)."""
-    print(f"shapes through one forward pass of {len(inputs[0])} rows (a training batch may have more):")
+    print(f"shapes through one forward pass of {cli.plural(len(inputs[0]), 'row')} (a training batch may have more):")
     for name, kind, shape in rows(model, *inputs, depth=depth):
         print(f"  {name:<24} {kind:<20} {shape}")
 

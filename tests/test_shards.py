@@ -422,6 +422,12 @@ def test_the_shard_size_suggested_for_a_small_source_makes_ten_shards_each_at_le
     assert len(sizes) == 10 and min(sizes) >= shards.MIN_SHARD, sizes
 
 
+def test_make_datas_processes_tokenize_without_importing_torch():
+    code = "import sys; from shared import shards; shards.encode(['a document']); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.stdout == "False\n", r.stderr  # torch is 175 MB of memory in each of them, for nothing (diary 17)
+
+
 def test_a_source_too_small_for_two_shards_is_told_so_not_to_make_smaller_shards(tmp_path, capsys):
     (tmp_path / "small.txt").write_text("A few words, far fewer than two windows of 1,024 tokens.")
     shards.prepare(str(tmp_path / "small.txt"), tmp_path / "out", shard_tokens=100_000, quiet=False, progress=False)

@@ -1110,6 +1110,8 @@ def test_the_shapes_say_how_many_rows_they_were_taken_on(capsys):
     shapes.show(torch.nn.Linear(2, 3), torch.zeros(4, 2))
     assert capsys.readouterr().out.splitlines()[0] == ("shapes through one forward pass of 4 rows (a training batch "
                                                        "may have more):")
+    shapes.show(torch.nn.Linear(2, 3), torch.zeros(1, 2))  # --batch-size 1
+    assert capsys.readouterr().out.splitlines()[0].startswith("shapes through one forward pass of 1 row (")
 
 
 def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0():
