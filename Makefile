@@ -65,7 +65,9 @@ $(STAMP): pyproject.toml
 
 # NPROC=4: four processes under torchrun (shared/launch.py), for the steps that share the work (16 on).
 step: $(STAMP)
-	@$(ARGV); s=$$($(REGISTRY) resolve "$(N)") && if [ -z "$(NPROC)" ]; then $(PY) -m steps.$$s "$$@"; \
+	@$(ARGV); s=$$($(REGISTRY) resolve "$(N)") && if [ -z "$(NPROC)" ]; then $(PY) -m steps.$$s "$$@" || { r=$$?; \
+	[ $$r -ne 137 ] || echo "make step: the run was killed (SIGKILL, exit 137), most often by the kernel when memory" \
+	"runs out (dmesg says so), which leaves the run no word of its own: try a smaller --batch-size" >&2; exit $$r; }; \
 	elif ! grep -q init_process_group steps/$$s/__main__.py; then \
 	echo "error: step $$s runs as one process; NPROC is for step 16 (16_ddp) and later" >&2; exit 2; \
 	elif ! [[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]]; then echo "error: NPROC=$(NPROC) is not a number of processes" >&2; exit 2; \

@@ -613,6 +613,15 @@ def write(out: Path, found: dict[str, Facts], tests: dict, diary_dir: Path = ROO
     return pages
 
 
+def book_dir(text: str) -> Path:
+    """An argparse type: a directory to write the site to, made now; not the project's own, and not a run's."""
+    path = cli.out_dir(text)
+    if (path / "metrics.jsonl").exists():  # make book --out runs/13_vocab_50304: 19 pages beside its checkpoint
+        raise argparse.ArgumentTypeError(f"{text} holds a run (its metrics.jsonl): the book goes to a directory of "
+                                         "its own (default book/)")
+    return path
+
+
 def runs_dir(text: str) -> Path:
     """An argparse type: a directory with at least one run in it (NN_name/metrics.jsonl), so a typo is not read as
     "no runs"."""
@@ -625,8 +634,8 @@ def runs_dir(text: str) -> Path:
 
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="make book", description=__doc__.split("\n\n")[0], hint='make book ARGS="--help"')
-    p.add_argument("--out", type=cli.out_dir, default=str(BOOK), help="the directory to write the site to "
-                   "(default book/)")  # a str default goes through cli.out_dir too
+    p.add_argument("--out", type=book_dir, default=str(BOOK), help="the directory to write the site to "
+                   "(default book/)")  # a str default goes through book_dir too
     p.add_argument("--runs", type=runs_dir, default=ROOT / "runs", help="the directory of the runs whose loss "
                    "curves the pages draw, NN_name/metrics.jsonl in it (default runs/, where make step writes them)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +57,30 @@ def test_args_given_to_a_command_that_takes_none_is_said_not_dropped(goal, args)
     r = sh("make", "-s", *goal, f"ARGS={args}")  # make diff N=03 ARGS=--bogus once showed the diff as if all was well
     assert r.returncode == 2 and r.stdout == ""
     assert f"make {goal[0] if goal else 'list'} takes no ARGS (make help says what each command does)" in r.stderr
+
+
+def words_of(cmdline: Path) -> list[bytes]:
+    """A process's command line, word by word; none for a process gone meanwhile."""
+    try:
+        return cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the run's process in Linux's /proc")
+def test_a_run_killed_by_the_kernel_is_explained_by_make_step(tmp_path):
+    # the out-of-memory killer sends SIGKILL: the run can say nothing, so make says what exit 137 most often means
+    proc = subprocess.Popen(["make", "-s", "step", "N=01", f"ARGS=--max-steps 100000 --out {tmp_path / 'run'}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter"):  # training: the run is the python process whose command line names its --out
+            break
+    run = next(int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+               if {b"steps.01_embedding", str(tmp_path / "run").encode()} <= set(words_of(p)))
+    os.kill(run, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2  # make's own: its recipe failed (with 137)
+    assert "make step: the run was killed (SIGKILL, exit 137), most often by the kernel when memory runs out" in err
 
 
 def test_the_makes_a_test_starts_see_none_of_make_tests_own_variables():
