@@ -26,6 +26,7 @@ REGISTRY := $(PYTHON) -m shared.steps
 # ARGS as the shell splits it ("--prompt 'To be'": two words), into "$$@". Read from the environment, not pasted
 # into the recipe: a quote left open is one line, not a broken recipe. Taken as typed: make would expand a $ in it
 # (from a terminal, ARGS="--prompt 'cost \$5'" would reach the step as 'cost ').
+ARGS_FROM := $(origin ARGS)
 override ARGS := $(value ARGS)
 export ARGS
 ARGV = eval "set -- $$ARGS" 2>/dev/null || exec $(REGISTRY) bad-args
@@ -37,9 +38,10 @@ ifneq ($(filter-out $(TARGETS) $(STAMP),$(MAKECMDGOALS)),)
 $(error "$(firstword $(filter-out $(TARGETS) $(STAMP),$(MAKECMDGOALS)))" is not a target (make help \
 lists them); if it is a word of ARGS, put ARGS in quotes, whole, e.g. ARGS="--max-steps 10 --seed 0")
 endif
-# these take no flags: ARGS="--help" or a typo given to them is said, not silently dropped
+# these take no flags: ARGS="--help" or a typo given to them is said, not silently dropped (an ARGS exported for the
+# steps is left alone)
 NO_ARGS := $(filter help list setup diff clean,$(or $(MAKECMDGOALS),list))
-ifneq ($(and $(ARGS),$(NO_ARGS)),)
+ifneq ($(and $(filter command line,$(ARGS_FROM)),$(ARGS),$(NO_ARGS)),)
 $(error make $(firstword $(NO_ARGS)) takes no ARGS (make help says what each command does))
 endif
 .DEFAULT_GOAL := list
@@ -67,7 +69,8 @@ $(STAMP): pyproject.toml
 step: $(STAMP)
 	@$(ARGV); s=$$($(REGISTRY) resolve "$(N)") && if [ -z "$(NPROC)" ]; then $(PY) -m steps.$$s "$$@" || { r=$$?; \
 	[ $$r -ne 137 ] || echo "make step: the run was killed (SIGKILL, exit 137), most often by the kernel when memory" \
-	"runs out (dmesg says so), which leaves the run no word of its own: try a smaller --batch-size" >&2; exit $$r; }; \
+	"runs out (its log says so: sudo dmesg), which leaves the run no word of its own: make the run smaller" >&2; \
+	exit $$r; }; \
 	elif ! grep -q init_process_group steps/$$s/__main__.py; then \
 	echo "error: step $$s runs as one process; NPROC is for step 16 (16_ddp) and later" >&2; exit 2; \
 	elif ! [[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]]; then echo "error: NPROC=$(NPROC) is not a number of processes" >&2; exit 2; \

@@ -616,9 +616,10 @@ def write(out: Path, found: dict[str, Facts], tests: dict, diary_dir: Path = ROO
 def book_dir(text: str) -> Path:
     """An argparse type: a directory to write the site to, made now; not the project's own, and not a run's."""
     path = cli.out_dir(text)
-    if (path / "metrics.jsonl").exists():  # make book --out runs/13_vocab_50304: 19 pages beside its checkpoint
-        raise argparse.ArgumentTypeError(f"{text} holds a run (its metrics.jsonl): the book goes to a directory of "
-                                         "its own (default book/)")
+    in_a_run = any((d / "metrics.jsonl").exists() for d in (path.absolute(), *path.absolute().parents))
+    if in_a_run or any(path.glob("*/metrics.jsonl")):  # --out runs/13_vocab_50304, or runs: 19 pages among the runs
+        raise argparse.ArgumentTypeError(f"{text} {'is in a run' if in_a_run else 'holds runs'} (a metrics.jsonl): "
+                                         "the book goes to a directory of its own (default book/)")
     return path
 
 

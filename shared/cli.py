@@ -51,9 +51,9 @@ def out_dir(text: str) -> Path:
     path = Path(text)
     if not text.strip():  # Path("") is ".": the run would write into whatever directory it was started in
         raise argparse.ArgumentTypeError("expected a directory, got ''")
+    not_the_projects_own(text)  # on every rank: it makes nothing
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone writes, and checks: another rank, stopped by
         return path  # torchrun when rank 0 refuses to run, would leave behind a directory it had made
-    not_the_projects_own(text)
     return writable_dir(text)
 
 
@@ -87,9 +87,9 @@ ROOT_FILES = ("README.md", "Makefile", "pyproject.toml", ".gitignore")
 def not_the_projects_own(text: str) -> None:
     """Refuses the project's root, its own directories and what is in them, and its own files in the root: what a
     command makes never overwrites the project."""
-    path = Path(text).resolve()
-    if path == ROOT or any(path.is_relative_to(ROOT / d) for d in SOURCES) or (path.parent == ROOT and path.name
-                                                                                  in ROOT_FILES):
+    path, root = (Path(str(p).casefold()) for p in (Path(text).resolve(), ROOT))  # a Mac's disk: Steps/ is steps/
+    if path == root or any(path.is_relative_to(root / d.casefold()) for d in SOURCES) or (
+            path.parent == root and path.name in {f.casefold() for f in ROOT_FILES}):
         raise argparse.ArgumentTypeError(f"{text} is the project's own: what a command makes goes elsewhere (runs/, "
                                          "data/ and book/ are for it)")
 

@@ -4,7 +4,8 @@ Files live in a data directory: `data/` by default, or $GPT2STEPS_DATA. A missin
 downloaded from its canonical URL; when that fails we say which file to put where, and exit.
 Every use checks the file's sha256, so a damaged copy is named instead of silently used.
 """
-from __future__ import annotations  # the hints name torch, which is imported only where a function needs it
+# the hints name torch, which is imported only where a function needs it
+from __future__ import annotations
 
 import base64
 import contextlib
@@ -17,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch in the hints only: make data's tokenizer processes need none of it (175 MB each)
+if TYPE_CHECKING:  # torch in the hints only: make data's tokenizer processes need none of it (170-180 MiB each)
     import torch
 
 FILES = {  # name -> (canonical URL, sha256)
@@ -144,6 +145,7 @@ def split(ids: torch.Tensor, block_size: int, flag: str = "--block-size") -> tup
 def random_windows(ids: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator):
     """x, y: (batch_size, block_size) windows of ids at random offsets, y = x shifted left by one."""
     import torch
+
     starts = torch.randint(len(ids) - block_size, (batch_size,), generator=gen)  # the last window ends at ids[-1]
     x = torch.stack([ids[s : s + block_size] for s in starts])  # (B, T)
     y = torch.stack([ids[s + 1 : s + block_size + 1] for s in starts])  # (B, T)

@@ -332,15 +332,17 @@ def run_tests(root: Path, mistake: Mistake, step: str | None) -> list[tuple]:
     subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not report.exists():
         sys.exit("error: pytest wrote no report; run the tests by hand to see why")
-    results = []  # (test, its parameters, passed / FAILED / ERROR, the first line of what went wrong or None)
+    results = []  # (test, its parameters, passed / skipped / FAILED / ERROR, what it said or None)
     for case in ET.parse(report).getroot().iter("testcase"):
         name, _, param = case.get("name").partition("[")
         if name not in mistake.tests:
             continue
         if (failed := case.find("failure")) is not None:  # an assertion of the test: what catches a mistake
             results.append((name, param.rstrip("]"), "FAILED", said(failed.get("message") or "failed")))
-        elif (error := case.find("error")) is not None:  # its set-up (data, a fixture) broke: it checked nothing
+        elif (error := case.find("error")) is not None:  # its set-up (a fixture) broke: it checked nothing
             results.append((name, param.rstrip("]"), "ERROR", said(error.get("message") or "error", width=None)))
+        elif (skipped := case.find("skipped")) is not None:  # not run here (no GPU, no browser): no catch either
+            results.append((name, param.rstrip("]"), "skipped", said(skipped.get("message") or "skipped")))
         else:
             results.append((name, param.rstrip("]"), "passed", None))
     return results
@@ -355,10 +357,10 @@ def said(message: str, width: int | None = 160) -> str:
 
 
 def on(results: list, step: str, mistake: Mistake) -> list:
-    """[(test, passed / FAILED / ERROR, what went wrong or None)] for the tests that ran on this step (a test of
-    shared/ code is on the step it is made for). A test fails when any of its cases does (k=1 of k micro-batches
+    """[(test, passed / skipped / FAILED / ERROR, what it said or None)] for the tests that ran on this step (a test
+    of shared/ code is on the step it is made for). A test fails when any of its cases does (k=1 of k micro-batches
     cannot); one that only errored could not run."""
-    ran, rank = {}, {"passed": 0, "ERROR": 1, "FAILED": 2}  # the worst case of a test, the first of its kind
+    ran, rank = {}, {"passed": 0, "skipped": 1, "ERROR": 2, "FAILED": 3}  # a test's worst case, the first of its kind
     for name, param, status, what in results:
         on_step = mistake.file.startswith("shared/") or step in param.split("-")
         if on_step and (name not in ran or rank[status] > rank[ran[name][0]]):
@@ -373,7 +375,17 @@ def reading(mistake: Mistake, step: str) -> str:
     return diary if names_it and not mistake.read.startswith(diary) else mistake.read
 
 
+def data_there() -> None:
+    """Every data file the tests read, fetched (or downloaded) and checked now: without them each test would stop in
+    its set-up or its first line, and what it said would be about the data, not the mistake."""
+    from shared import data
+
+    for name in data.FILES:
+        data.fetch(name)  # a missing or damaged file: its one line, and exit 1
+
+
 def show(mistake: Mistake, step: str) -> int:
+    data_there()
     with tempfile.TemporaryDirectory(prefix="gpt2-steps-mistake-") as tmp:
         root = copy_project(Path(tmp))
         print(f"{mistake.id}: {mistake.what}. Made in a temporary copy of step {step}; steps/ is untouched:\n")
@@ -398,6 +410,7 @@ def show(mistake: Mistake, step: str) -> int:
 def check() -> int:
     """Every mistake on every step it applies to: each of its tests that runs there must fail. One copy and one
     pytest run a mistake, the mistake made in all its steps at once."""
+    data_there()
     bad = []
     for mistake in MISTAKES:
         steps = mistake.steps()
@@ -410,7 +423,8 @@ def check() -> int:
             ran = on(results, step, mistake)
             if not ran:
                 bad.append(f"{mistake.id} on {step}: none of its tests ran")
-            bad += [f"{mistake.id} on {step}: {name} {'passed' if status == 'passed' else 'could not run: ' + what}"
+            bad += [f"{mistake.id} on {step}: {name} " + {"passed": "passed", "skipped": f"was skipped: {what}",
+                                                          "ERROR": f"could not run: {what}"}[status]
                     for name, status, what in ran if status != "FAILED"]
         print(f"{'ok  ' if not any(b.startswith(mistake.id + ' ') for b in bad) else 'FAIL'} {mistake.id:<30} "
               f"{', '.join(steps)}", flush=True)

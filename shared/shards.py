@@ -295,10 +295,20 @@ def make_shards(source: str, out: Path, shard_tokens: int, max_tokens: int | Non
         f"{cli.plural(sum(s['documents'] for s in manifest['shards']), 'document')}")
     if len(manifest["shards"]) == 1:
         say("note: one shard only, and the first shard is the validation split: training needs more. " + (
-            f"Make them again into another --out with a smaller --shard-tokens (e.g. {max(MIN_SHARD, -(-total // 10))})"
+            f"Make them again into another --out with a smaller --shard-tokens (e.g. {shard_tokens_for(total)})"
             if total >= 2 * MIN_SHARD else f"{total:,} tokens are too few for two shards of {MIN_SHARD:,} tokens (a "
             "window of 1,024 and the token after it): give a bigger source"))
     return manifest
+
+
+def shard_tokens_for(total: int) -> int:
+    """A --shard-tokens that cuts `total` tokens (2 x MIN_SHARD or more) into at most 10 shards, each at least
+    MIN_SHARD: no last shard too short for a window."""
+    for n in range(min(10, total // MIN_SHARD), 1, -1):  # n = 2 always works: halves of 1,025 or more
+        size = -(-total // n)  # ceil
+        if total - (-(-total // size) - 1) * size >= MIN_SHARD:  # the last of ceil(total / size) shards
+            return size
+    raise ValueError(f"{total:,} tokens are too few for two shards of {MIN_SHARD:,}")
 
 
 def directory(text: str) -> Path:

@@ -381,16 +381,21 @@ def test_a_step_that_cannot_run_says_why_on_its_page(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, said", [
     (["--out", "FILE"], "is a file, not a directory"),
     (["--out", "steps/02_attention"], "is the project's own"),
-    (["--out", "RUN"], "holds a run (its metrics.jsonl): the book goes to a directory of its own"),
+    (["--out", "RUN"], "is in a run (a metrics.jsonl): the book goes to a directory of its own"),
+    (["--out", "RUN/site"], "RUN/site is in a run"),
+    (["--out", "RUNS"], "holds runs (a metrics.jsonl)"),
     (["--runs", "nowhere"], "nowhere does not exist"),
     (["--runs", "steps"], "steps has no run in it"),
     (["--out", ""], "expected a directory, got ''"),
-], ids=["out-a-file", "out-in-steps", "out-a-run", "runs-missing", "runs-without-runs", "out-empty"])
+], ids=["out-a-file", "out-in-steps", "out-a-run", "out-in-a-run", "out-runs", "runs-missing", "runs-without-runs",
+        "out-empty"])
 def test_a_bad_flag_is_refused_with_its_error_line_and_the_help_hint_before_any_work(tmp_path, flags, said):
     (tmp_path / "FILE").write_text("")
-    (tmp_path / "RUN").mkdir()
-    (tmp_path / "RUN" / "metrics.jsonl").write_text("")
-    flags = [str(tmp_path / f) if f in ("FILE", "RUN") else f for f in flags]
+    (tmp_path / "RUNS" / "RUN").mkdir(parents=True)
+    (tmp_path / "RUNS" / "RUN" / "metrics.jsonl").write_text("")
+    where = {"FILE": tmp_path / "FILE", "RUNS": tmp_path / "RUNS", "RUN": tmp_path / "RUNS" / "RUN",
+             "RUN/site": tmp_path / "RUNS" / "RUN" / "site"}
+    flags = [str(where.get(f, f)) for f in flags]
     r = subprocess.run([sys.executable, "-m", "shared.book", *flags], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 2 and "--help" in r.stderr.splitlines()[1]  # the error, where the help is

@@ -12,7 +12,7 @@ import pytest
 
 from shared import mistakes
 from shared.steps import ROOT, STEPS_DIR, resolve
-from tests.conftest import ctrl_c_as_in_a_terminal
+from tests.conftest import ctrl_c_as_in_a_terminal, data_dir_copy
 
 
 def make_mistake(*args):
@@ -135,6 +135,27 @@ def test_a_mistake_whose_tests_could_not_run_is_not_caught(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert f"ERROR   {untied.tests[0]}" in out and "no data" in out and "\ncaught" not in out
     assert "NOT caught: 2 tests above could not run" in out
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["one", "check"])
+@pytest.mark.parametrize("fault", ["missing", "damaged"])
+def test_without_its_data_make_mistake_stops_before_any_test_in_one_line(tmp_path, monkeypatch, check, fault):
+    # a test that cannot read its data fails in its body as often as in its set-up: nothing would tell it from a catch
+    data_dir_copy(tmp_path, monkeypatch, **{fault: "tinyshakespeare.txt"})
+    monkeypatch.setattr(mistakes, "copy_project", lambda into: pytest.fail("work began without the data"))
+    with pytest.raises(SystemExit) as exit:
+        mistakes.check() if check else mistakes.show(mistakes.BY_ID["untied-head"], "08_gpt2")
+    assert str(exit.value.code).startswith(f"error: {tmp_path / 'tinyshakespeare.txt'} is damaged" if fault == "damaged"
+                                           else f"error: tinyshakespeare.txt is not in {tmp_path}/")
+
+
+def test_a_skipped_test_is_no_catch(monkeypatch, capsys):
+    untied = mistakes.BY_ID["untied-head"]  # a test that did not run here (no browser, no GPU) caught nothing
+    reporting(monkeypatch, [(untied.tests[0], "08_gpt2", "FAILED", "assert 163037184 == 124439808"),
+                            (untied.tests[1], "08_gpt2", "skipped", "no GPU")])
+    assert mistakes.show(untied, "08_gpt2") == 1
+    out = capsys.readouterr().out
+    assert f"skipped  {untied.tests[1]}\n          no GPU" in out and "NOT caught" in out
 
 
 def test_check_fails_a_mistake_whose_tests_could_not_run(monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """The project's helpers: the step registry behind the Makefile, data files, tokenizers, device, run log."""
 import argparse
+import contextlib
 import fcntl
 import http.client
 import importlib
@@ -59,6 +60,13 @@ def test_args_given_to_a_command_that_takes_none_is_said_not_dropped(goal, args)
     assert f"make {goal[0] if goal else 'list'} takes no ARGS (make help says what each command does)" in r.stderr
 
 
+def test_args_exported_in_the_shell_for_the_steps_leave_make_list_and_diff_alone():
+    env = {**os.environ, "ARGS": "--device cpu"}  # export ARGS="--device cpu", then make step N=.. a few times
+    for goal in (["list"], ["diff", "N=03"]):
+        r = subprocess.run(["make", "-s", *goal], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert r.returncode == 0 and "takes no ARGS" not in r.stderr and r.stdout, r.stderr
+
+
 def words_of(cmdline: Path) -> list[bytes]:
     """A process's command line, word by word; none for a process gone meanwhile."""
     try:
@@ -71,14 +79,20 @@ def words_of(cmdline: Path) -> list[bytes]:
 def test_a_run_killed_by_the_kernel_is_explained_by_make_step(tmp_path):
     # the out-of-memory killer sends SIGKILL: the run can say nothing, so make says what exit 137 most often means
     proc = subprocess.Popen(["make", "-s", "step", "N=01", f"ARGS=--max-steps 100000 --out {tmp_path / 'run'}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("iter"):  # training: the run is the python process whose command line names its --out
-            break
-    run = next(int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
-               if {b"steps.01_embedding", str(tmp_path / "run").encode()} <= set(words_of(p)))
-    os.kill(run, signal.SIGKILL)
-    out, err = proc.communicate(timeout=60)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a group of its own: nothing of it outlives the test
+    try:
+        for line in proc.stdout:
+            if line.startswith("iter"):  # training: the run is the python process whose command line names its --out
+                break
+        run = next((int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+                    if {b"steps.01_embedding", str(tmp_path / "run").encode()} <= set(words_of(p))), None)
+        assert run is not None, "the run's process was not found"
+        os.kill(run, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 2  # make's own: its recipe failed (with 137)
     assert "make step: the run was killed (SIGKILL, exit 137), most often by the kernel when memory runs out" in err
 
@@ -415,6 +429,12 @@ def test_another_rank_than_0_neither_makes_nor_checks_the_out_directory(tmp_path
     monkeypatch.setenv("RANK", "1")  # under torchrun: rank 0 alone writes there, and it makes the directory
     assert cli.out_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
     assert not (tmp_path / "a").exists()
+
+
+def test_the_projects_own_files_are_refused_on_every_rank(monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # a scheduler may export RANK to a make data or make book as well
+    with pytest.raises(argparse.ArgumentTypeError, match="is the project's own"):
+        cli.out_dir(str(ROOT / "steps"))
 
 
 @pytest.mark.parametrize("error", [  # torch 2.13's words, met with --batch-size 1e19, 2**63 - 1 and --max-letters 1e20
@@ -939,17 +959,19 @@ def test_remove_if_empty_goes_up_from_the_deepest_and_stops_at_the_first_that_ho
 
 
 @pytest.mark.parametrize("kind, out", [(cli.out_dir, ""), (cli.out_dir, "steps/10_training"), (cli.out_dir, "tests"),
-                                       (cli.out_dir, "runs/../diary"), (cli.out_file, "README.md"),
+                                       (cli.out_dir, "runs/../diary"), (cli.out_dir, "Steps/08_gpt2"),
+                                       (cli.out_file, "README.md"), (cli.out_file, "readme.md"),
                                        (cli.out_file, "Makefile"), (cli.out_file, "shared/results.json")])
-def test_the_projects_root_its_sources_and_its_own_files_are_refused_as_an_out(kind, out):
+def test_the_projects_root_its_sources_and_its_own_files_are_refused_as_an_out(kind, out):  # in any case: on a Mac's
+    # disk Steps/ is steps/ and readme.md is README.md
     with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(str(ROOT / out))} is the project's own: what "
                                                           "a command makes goes elsewhere"):
         kind(str(ROOT / out))
 
 
 def test_a_file_of_your_own_in_the_projects_root_is_an_out_like_any_other():
-    assert cli.out_file(str(ROOT / "curves.svg")) == ROOT / "curves.svg"  # make curves --out curves.svg
-    assert not (ROOT / "curves.svg").exists()  # checked, not made
+    mine = ROOT / f"curves-{os.getpid()}.svg"  # make curves --out curves.svg: a name no one has used
+    assert cli.out_file(str(mine)) == mine and not mine.exists()  # checked, not made
 
 
 def test_an_empty_out_file_is_refused_not_read_as_the_directory_it_runs_in():
@@ -957,6 +979,7 @@ def test_an_empty_out_file_is_refused_not_read_as_the_directory_it_runs_in():
         cli.out_file("")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="Linux's /proc: there, but no file can be made in it")
 def test_an_out_in_a_directory_where_no_file_can_be_made_is_refused_saying_so():
     with pytest.raises(argparse.ArgumentTypeError, match=r"^cannot write to /proc: a file cannot be made in it \("):
         cli.out_file("/proc/r.json")  # /proc is there: "cannot write to /proc (No such file...)" read as if it were not
