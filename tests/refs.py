@@ -45,6 +45,16 @@ def distinct_layer_norms(model: nn.Module, gen: torch.Generator = _DRAWS) -> nn.
     return model
 
 
+@torch.no_grad()
+def distinct_biases(model: nn.Module, gen: torch.Generator = _DRAWS) -> nn.Module:
+    """Every bias but a LayerNorm's drawn from N(0, 0.2): GPT-2's init makes them all 0, and a model that left one out
+    would still match its reference."""
+    for m in model.modules():
+        if not isinstance(m, nn.LayerNorm) and isinstance(getattr(m, "bias", None), nn.Parameter):
+            m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+    return model
+
+
 def marian_state(module: nn.Module, decoder: bool) -> dict:
     """Our state dict under Marian's parameter names, our LayerNorms made distinct first (distinct_layer_norms)."""
     distinct_layer_norms(module)

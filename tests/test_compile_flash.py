@@ -58,7 +58,8 @@ def test_a_0_1_float_mask_is_added_to_the_scores_and_hides_nothing(step):
 @pytest.mark.main_needs("compiled")
 @pytest.mark.per_model_file
 def test_on_a_cpu_sdpa_given_a_mask_and_is_causal_applies_both(step):
-    # torch's documentation says the two together raise; torch 2.13 on a CPU applies both instead (diary 12).
+    # torch's documentation says the two together raise. torch 2.13 on a CPU: the flash kernel, the one chosen here,
+    # applies both; the math kernel raises ("Explicit attn_mask should not be set when is_causal=True"). Diary 12.
     q, k, v = torch.randn(3, 1, 2, 7, 8).unbind(0)
     real = torch.tensor([0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
     pads = (real | torch.eye(7, dtype=torch.bool))[None, None]  # (1, 1, T, T): real keys and itself, no causal part
@@ -67,6 +68,19 @@ def test_on_a_cpu_sdpa_given_a_mask_and_is_causal_applies_both(step):
     torch.testing.assert_close(both, combined, atol=ATOL, rtol=0)
     for one in dict(attn_mask=pads), dict(is_causal=True):  # and neither alone gives it: neither was dropped
         assert not torch.allclose(F.scaled_dot_product_attention(q, k, v, **one), both, atol=ATOL)
+
+
+@pytest.mark.main_needs("compiled")
+@pytest.mark.per_model_file
+def test_the_attention_gives_sdpa_a_mask_or_is_causal_never_both(step, monkeypatch):
+    calls, sdpa = [], F.scaled_dot_product_attention  # both at once: applied on one kernel, an error on another
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
+    module = step.model.CausalSelfAttention(step.model.GPTConfig(n_embd=24, n_head=3))
+    x = torch.randn(1, 7, 24)
+    module(x)
+    module(x, step.model.padded_causal_mask(torch.tensor([[0, 0, 0, 1, 1, 1, 1]])))
+    assert len(calls) == 2 and all(kw.get("attn_mask") is None or not kw.get("is_causal") for kw in calls), calls
+    assert calls[0].get("is_causal") and calls[1].get("attn_mask") is not None  # no mask: is_causal; a mask: it alone
 
 
 @pytest.mark.main_needs("compiled")

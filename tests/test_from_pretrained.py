@@ -15,22 +15,25 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from shared import data
 from shared.steps import ROOT
 from tests.conftest import ctrl_c_as_in_a_terminal
-from tests.refs import distinct_layer_norms
-from tests.test_gpt2 import gpt2_params, rows
+from tests.refs import distinct_biases, distinct_layer_norms
+from tests.test_gpt2 import INIT, gpt2_params, rows
 
 pytestmark = pytest.mark.per_model_file  # model.py's from_pretrained; the command tests run on step 09 alone
 
-# fp32: HF computes the same products, summed in another order. 1e-5 at n_embd 32 (1.5e-7 measured, logits below
-# 0.6); at 124M size the sums run over 768 and 3072 terms through 12 layers (3e-6 measured here), and 1e-4 is still
-# a few hundred float32 rounding steps at the size of these logits (up to about 3).
+# fp32: HF computes the same products, summed in another order. 1e-5 at n_embd 32 (up to 2.9e-6 measured, logits up
+# to about 6: weights of std INIT, LayerNorms and biases drawn); at 124M size the sums run over 768 and 3072 terms
+# through 12 layers (1e-6 to 3e-6 measured here), and 1e-4 is still a few hundred float32 rounding steps at the size of
+# these logits (up to about 3).
 ATOL, ATOL_124M = 1e-5, 1e-4
 
 IDX = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11], [464, 2068, 7586, 21831, 18045, 625, 262, 16931]])
 
 
 def hf_small():
-    """A randomly initialised GPT2LMHeadModel over GPT-2's 50257 tokens, 2 layers of n_embd 32, LayerNorms distinct."""
-    return distinct_layer_norms(GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval())
+    """A randomly initialised GPT2LMHeadModel over GPT-2's 50257 tokens, 2 layers of n_embd 32, LayerNorms and biases
+    distinct, weights of std INIT (0.2, where the exact GELU shows: test_gpt2.py)."""
+    config = GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=INIT)
+    return distinct_biases(distinct_layer_norms(GPT2LMHeadModel(config).eval()))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def saved_124m(tmp_path_factory):
     """A randomly initialised GPT2LMHeadModel at GPT-2 small's full size, written by save_pretrained."""
     path = tmp_path_factory.mktemp("gpt2-124m-random")
     torch.manual_seed(0)
-    hf = distinct_layer_norms(GPT2LMHeadModel(GPT2Config()).eval())
+    hf = distinct_biases(distinct_layer_norms(GPT2LMHeadModel(GPT2Config()).eval()))
     hf.save_pretrained(path)
     return hf, path
 

@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from shared import data
 from shared.steps import ROOT
 from tests.conftest import ctrl_c_as_in_a_terminal, small_run_flags, with_a_nan_weight
+from tests.refs import distinct_biases, distinct_layer_norms
 
 pytestmark = pytest.mark.needs("KVCache")
 # A small GPT-2 with a context of 64 tokens, so that a test can write past it.
@@ -60,7 +61,7 @@ def test_past_the_context_the_logits_with_the_cache_are_those_without_it(step):
 
 @pytest.mark.parametrize("prompt", [1, 50])
 def test_greedy_tokens_with_the_cache_are_transformers_generate(step, prompt, tmp_path):
-    model = small_model(step)
+    model = distinct_biases(distinct_layer_norms(small_model(step)))  # as built all 0 (and 1): a left-out one would pass
     model.save_pretrained(tmp_path)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = torch.randint(50257, (1, prompt), generator=torch.Generator().manual_seed(2))
