@@ -34,6 +34,7 @@ from shared import cli
 from shared.steps import ROOT, STEPS_DIR, all_steps, lesson, shared_brought
 
 BOOK = ROOT / "book"
+GENERATOR = "make book (gpt2-steps)"  # in every page's head and atop book.css: what --out may write over
 STYLE = "hl"  # the CSS class of highlighted code
 
 
@@ -308,13 +309,14 @@ def page(title: str, body: str, nav: str = "") -> str:
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="{GENERATOR}">
 <title>{html.escape(title)}</title>
 <link rel="stylesheet" href="book.css">
 </head>
 <body>
 <nav>{nav}</nav>
 <main>
-{body}
+{flags_whole(body)}
 </main>
 <nav>{nav}</nav>
 </body>
@@ -322,9 +324,36 @@ def page(title: str, body: str, nav: str = "") -> str:
 """
 
 
+def flags_whole(body: str) -> str:
+    """Each flag in inline code (--max-new-tokens) in a span the line never breaks in: a line ending at one of its
+    hyphens would be copied as two words. Blocks of code (<pre>) keep their lines as they are."""
+    def spans(code: re.Match) -> str:  # a flag starts a word: after a space, a tag, an = or a quote (", &quot;)
+        return re.sub(r"(?<![^\s>=;(\"'])(--?[A-Za-z][^\s<]*)", r'<span class="flag">\1</span>', code[0])
+    parts = re.split(r"(<pre\b.*?</pre>)", body, flags=re.S)
+    return "".join(p if p.startswith("<pre") else re.sub(r"<code>.*?</code>", spans, p, flags=re.S) for p in parts)
+
+
+def run_it(steps: list[str], i: int) -> str:
+    """The command that runs steps[i], as the Makefile runs it: from the step that shares the work on, NPROC=2 too."""
+    def shares(s: str) -> bool:  # the Makefile's test for NPROC
+        return "init_process_group" in (STEPS_DIR / s / "__main__.py").read_text()
+    one = f"<code>make step N={steps[i][:2]}</code>"
+    two = f"<code>make step N={steps[i][:2]} NPROC=2</code>"
+    if not shares(steps[i]):
+        return one
+    if i == 0 or not shares(steps[i - 1]):  # its lesson: two processes; one is the step before it
+        return f"{two} (two processes: the lesson; {one} runs one)"
+    return f"{one}, or {two} on two processes"
+
+
+def inline(text: str) -> str:
+    """Text as HTML, its `backticks` become code."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def gap(text: str) -> str:
-    """A line that says what is missing from a page; `backticks` in it become code."""
-    return '<p class="gap">' + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text)) + "</p>"
+    """A line that says what is missing from a page."""
+    return f'<p class="gap">{inline(text)}</p>'
 
 
 def section(title: str, anchor: str, make) -> str:
@@ -418,7 +447,7 @@ def mistakes_html(step: str, tests: set[str]) -> str:
         caught = ", ".join(c for c in map(catcher, m.tests) if c)
         own = resolve(m.step) == step
         command = f"make mistake M={m.id}" + ("" if own else f" N={step[:2]}")
-        items.append(f"<li><code>{command}</code>: {html.escape(m.what)}" + ("" if own else
+        items.append(f"<li><code>{command}</code>: {inline(m.what)}" + ("" if own else
                      f' (step {m.step}\'s, in code this step carries: <a href="{resolve(m.step)}.html#mistakes">'
                      f"{resolve(m.step)}</a>)") + f". Caught by {caught}.</li>")
     return ("<p>Each one made on purpose in a temporary copy of the step, with the tests that catch it run "
@@ -439,8 +468,11 @@ def curve_html(step: str, runs_dir: Path) -> str:
     where = runs_dir / step
     path = where / "metrics.jsonl"
     if not path.exists():
-        return gap(f"No run of this step in {shown(runs_dir)}/ yet: `make step N={step[:2]}` writes "
-                   f"`runs/{step}/metrics.jsonl`, and the next `make book` draws its loss curve here.")
+        default = runs_dir.resolve() == (ROOT / "runs").resolve()
+        run = f"make step N={step[:2]}" + ("" if default else " " + cli.make_args(["--out", shown(where)]))
+        book = "make book" + ("" if default else " " + cli.make_args(["--runs", shown(runs_dir)]))
+        return gap(f"No run of this step in {shown(runs_dir)}/ yet: `{run}` writes `{shown(path)}`, and the next "
+                   f"`{book}` draws its loss curve here.")
     rows, notes = metrics_rows(path)
     try:
         summary = json.loads((where / "summary.json").read_text())
@@ -499,7 +531,7 @@ def step_page(i: int, steps: list[str], f: Facts, tests: dict[str, list[str]], d
         files += "; first used here, from <code>shared/</code>: " + ", ".join(
             f'<a href="#shared-{n}"><code>{n}</code></a>' for n in brought)
     head = (f"<h1>{step[:2]} &middot; {html.escape(lesson(step))}</h1>"
-            f'<p class="files">The step\'s files: {files}. Run it: <code>make step N={step[:2]}</code>.</p>'
+            f'<p class="files">The step\'s files: {files}. Run it: {run_it(steps, i)}.</p>'
             f'<p class="toc"><a href="#diary">diary</a> &middot; <a href="#diff">{"diff" if i else "code"}</a> '
             '&middot; <a href="#shapes">shapes</a> &middot; <a href="#mistakes">mistakes</a> &middot; '
             '<a href="#tests">tests</a> &middot; <a href="#curve">loss curve</a></p>')
@@ -529,7 +561,7 @@ def index_page(steps: list[str], found: dict[str, Facts], readme: str, up: str) 
     rows = []
     for s in steps:
         f = found.get(s, Facts())
-        params = f"{f.parameters:,}" if f.parameters else ""
+        params = f"{f.parameters:,}" if f.parameters else "not run here:<br>its page says why"
         if f.gpt2_parameters:
             params += f"{'<br>' if params else ''}{f.gpt2_parameters:,} at 124M"
         bench = f"{ladder[s][0]} ms<br>&plusmn;{ladder[s][1]}, {ladder[s][2]}" if s in ladder else ""  # 2 lines: fits
@@ -553,7 +585,7 @@ def index_page(steps: list[str], found: dict[str, Facts], readme: str, up: str) 
     return page("gpt2-steps: the book", body, f'<a href="{steps[0]}.html">start: {steps[0]} &rarr;</a>')
 
 
-CSS = """
+CSS = f"/* {GENERATOR} */" + """
 body { margin: 0; font: 16px/1.55 system-ui, sans-serif; color: #1d1d1f; background: #fdfdfc; }
 main { max-width: 60rem; margin: 0 auto; padding: 0 1rem 2rem; overflow-wrap: break-word; }
 nav { max-width: 60rem; margin: 0 auto; padding: .6rem 1rem; display: flex; gap: 1rem; flex-wrap: wrap;
@@ -563,7 +595,7 @@ h1 { font-size: 1.6rem; line-height: 1.25; } h2 { margin-top: 2.2rem; border-bot
 h3.file { font: 600 .95rem/1.4 ui-monospace, monospace; margin: 1.4rem 0 .4rem; overflow-wrap: anywhere; }
 a { color: #0b57a4; } code { font: .9em ui-monospace, monospace; overflow-wrap: anywhere; }
 pre { overflow-x: auto; background: #f5f5f2; padding: .7rem; border-radius: 4px; }
-pre code { overflow-wrap: normal; }
+pre code { overflow-wrap: normal; } code .flag { white-space: nowrap; }
 .scroll { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; } th, td { padding: .25rem .5rem; border: 1px solid #e3e3e0; vertical-align: top; }
 td.num { text-align: right; white-space: nowrap; }
@@ -614,13 +646,29 @@ def write(out: Path, found: dict[str, Facts], tests: dict, diary_dir: Path = ROO
 
 
 def book_dir(text: str) -> Path:
-    """An argparse type: a directory to write the site to, made now; not the project's own, and not a run's."""
+    """An argparse type: a directory to write the site to, made now; not the project's own, and not a run's. Other
+    than book/, it may hold only what make book wrote there before: it overwrites index.html and book.css."""
     path = cli.out_dir(text)
     in_a_run = any((d / "metrics.jsonl").exists() for d in (path.absolute(), *path.absolute().parents))
     if in_a_run or any(path.glob("*/metrics.jsonl")):  # --out runs/13_vocab_50304, or runs: 19 pages among the runs
         raise argparse.ArgumentTypeError(f"{text} {'is in a run' if in_a_run else 'holds runs'} (a metrics.jsonl): "
                                          "the book goes to a directory of its own (default book/)")
+    if path.resolve() != BOOK.resolve() and (other := not_the_books(path)):
+        raise argparse.ArgumentTypeError(f"{text} holds {other.name}, which make book did not write: the book goes to "
+                                         "a new or empty directory, or one it wrote before (default book/)")
     return path
+
+
+def not_the_books(path: Path) -> Path | None:
+    """The first entry of path that make book did not write (its pages and book.css carry GENERATOR), if any."""
+    for entry in sorted(path.iterdir()):
+        try:
+            ours = entry.suffix in (".html", ".css") and entry.is_file() and GENERATOR in entry.read_text()[:1000]
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            return entry
+    return None
 
 
 def runs_dir(text: str) -> Path:

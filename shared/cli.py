@@ -82,12 +82,15 @@ def writable_dir(text: str) -> Path:
 
 SOURCES = ("steps", "diary", "tests", "shared", "docs", ".ci", ".git")  # the project's own directories
 ROOT_FILES = ("README.md", "Makefile", "pyproject.toml", ".gitignore")
+PICTURES = "diary/img"  # the diaries' pictures: make curves draws them there (diaries 14 and 17 say how)
 
 
-def not_the_projects_own(text: str) -> None:
+def not_the_projects_own(text: str, picture: bool = False) -> None:
     """Refuses the project's root, its own directories and what is in them, and its own files in the root: what a
-    command makes never overwrites the project."""
+    command makes never overwrites the project. picture: a file right in diary/img is let through (make curves)."""
     path, root = (Path(str(p).casefold()) for p in (Path(text).resolve(), ROOT))  # a Mac's disk: Steps/ is steps/
+    if picture and path.parent == root / PICTURES:
+        return
     if path == root or any(path.is_relative_to(root / d.casefold()) for d in SOURCES) or (
             path.parent == root and path.name in {f.casefold() for f in ROOT_FILES}):
         raise argparse.ArgumentTypeError(f"{text} is the project's own: what a command makes goes elsewhere (runs/, "
@@ -144,15 +147,16 @@ def one_line(e: BaseException, width: int = 200) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def out_file(text: str, example: str = "results.json") -> Path:
+def out_file(text: str, example: str = "results.json", picture: bool = False) -> Path:
     """An argparse type: a file whose directory can be written to (made now). A default given as text is checked
-    too (argparse converts a str default), so a missing runs/ is made before the work, not found after it."""
+    too (argparse converts a str default), so a missing runs/ is made before the work, not found after it.
+    picture: see not_the_projects_own."""
     path = Path(text)
     if not text.strip():  # Path("") is "."
         raise argparse.ArgumentTypeError(f"expected a file name, got '' (e.g. {example})")
     if answered(path.is_dir, text):
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / example}")
-    not_the_projects_own(text)
+    not_the_projects_own(text, picture)
     writable_dir(str(path.parent))  # the root itself may hold a file of yours (make curves --out curves.svg)
     return path
 

@@ -29,8 +29,9 @@ def run_dir(text: str) -> Path:
 
 
 def svg_file(text: str) -> Path:
-    """An argparse type: a new picture's name, .svg, not a run's own loss curve (loss.svg beside a metrics.jsonl)."""
-    path = cli.out_file(text, example="curves.svg")
+    """An argparse type: a new picture's name, .svg, not a run's own loss curve (loss.svg beside a metrics.jsonl);
+    in the project, only a diary's picture (diary/img/NAME.svg)."""
+    path = cli.out_file(text, example="curves.svg", picture=True)
     if path.suffix.lower() != ".svg":
         raise argparse.ArgumentTypeError(f"{text} is not named .svg: the picture is an SVG (e.g. runs/curves.svg)")
     if path.name == "loss.svg" and (path.parent / "metrics.jsonl").exists():

@@ -35,6 +35,11 @@ class Mistake:
     wrong: str  # the same line with the mistake
     tests: tuple[str, ...]  # the tests that must fail: every one of them that runs on the step
     read: str  # where the mistake is explained
+    also: tuple[tuple[str, str], ...] = ()  # (right, wrong): the line as some later steps spell it
+
+    def spelling(self, text: str) -> tuple[str, str] | None:
+        """(right, wrong) as this file's text spells the line (exactly once), or None where it lacks it."""
+        return next(((r, w) for r, w in ((self.right, self.wrong), *self.also) if text.count(r) == 1), None)
 
     def steps(self) -> list[str]:
         """The steps it applies to: its own and every later one whose file has the line."""
@@ -43,7 +48,7 @@ class Mistake:
             return [first]
         later = all_steps()[all_steps().index(first):]
         return [s for s in later if (STEPS_DIR / s / self.file).exists()
-                and (STEPS_DIR / s / self.file).read_text().count(self.right) == 1]
+                and self.spelling((STEPS_DIR / s / self.file).read_text())]
 
     def path(self, root: Path, step: str) -> Path:
         return root / self.file if self.file.startswith("shared/") else root / "steps" / step / self.file
@@ -155,7 +160,8 @@ MISTAKES = [
             "__main__.py",
             "loss = model(x, y)[1]",
             "_, loss = model(x, y)",
-            ("test_a_training_forwards_logits_are_freed_before_its_backward",), "diary/10_training.md"),
+            ("test_a_training_forwards_logits_are_freed_before_its_backward",), "diary/10_training.md",
+            also=(("loss = fast(x, y)[1]", "_, loss = fast(x, y)"),)),  # 12-14 train the compiled model, fast
     Mistake("weights-in-bf16", "11", "the model itself cast to bf16 (model.bfloat16()), not autocast: the weights "
             "lose their small updates", "__main__.py",
             "    model = GPT(config).to(args.device)",
@@ -306,9 +312,9 @@ def make(mistake: Mistake, root: Path, step: str) -> str:
     """Makes the mistake in the copy at root; returns it as a unified diff."""
     path = mistake.path(root, step)
     before = path.read_text()
-    if before.count(mistake.right) != 1:
+    if (spelled := mistake.spelling(before)) is None:
         sys.exit(f"error: {mistake.id}: {path.relative_to(root)} does not have the line `{mistake.right}` exactly once")
-    after = before.replace(mistake.right, mistake.wrong)
+    after = before.replace(*spelled)
     path.write_text(after)
     name = str(path.relative_to(root))
     diff = difflib.unified_diff(before.splitlines(True), after.splitlines(True), name, name + " (mistake)", n=1)

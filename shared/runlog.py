@@ -49,7 +49,7 @@ def metrics_rows(path: Path) -> tuple[list[dict], list[str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines):
+            if i == len(lines) and rows:  # after good rows; a file of nothing but bad lines was never a log
                 notes.append("its last line is cut off (a run that was stopped?): the curve ends at the line before")
             else:
                 bad += 1

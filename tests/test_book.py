@@ -1,6 +1,7 @@
 """make book (shared/book.py): a page for every step, whose diff is make diff's, whose links resolve and whose
 diary is rendered; a bad diary costs its page one line, not the book; and every page loads in a real Chromium at a
 desktop and a phone width, with no error and no sideways scroll. Screenshots go to runs/book-shots/."""
+import argparse
 import errno
 import html
 import json
@@ -98,6 +99,21 @@ def test_every_diary_is_rendered_with_no_markdown_left_in_its_text(built, name):
     assert "|---" not in prose and "](" not in prose and not re.search(r"^#", prose, re.M)  # tables, links, headings
 
 
+@pytest.mark.parametrize("name", PAGES)
+def test_no_page_shows_a_markdown_backtick_outside_its_code(built, name):
+    code = r"<(pre|code|style)\b.*?</\1>|<table class=\"diff.*?</table>"  # code blocks, inline code, diffs
+    prose = text_of(re.sub(code, "", (built / name).read_text(), flags=re.S))
+    assert "`" not in prose, prose[max(0, prose.find("`") - 80):][:160]
+
+
+def test_every_flag_in_running_text_is_in_a_span_that_keeps_it_on_one_line(built):
+    page = re.sub(r"<pre\b.*?</pre>", "", (built / "18_kv_cache.html").read_text(), flags=re.S)
+    said = re.findall(r"<code>(.*?)</code>", page)
+    assert not [c for c in said if re.search(r"(^|[\s=\"'(;])--[a-z]", c)]  # a flag outside a span
+    assert '<span class="flag">--max-new-tokens</span>' in page and "code .flag { white-space: nowrap; }" in (
+        built / "book.css").read_text()
+
+
 @pytest.mark.parametrize("name", all_steps(), ids=lambda s: f"page{s[:2]}")
 def test_every_table_of_a_diary_is_an_html_table(built, name):
     text = (ROOT / "diary" / f"{name}.md").read_text()
@@ -157,9 +173,11 @@ def test_the_last_runs_loss_curve_is_drawn_inline_with_its_validation_points(bui
     assert "<svg" in curve and curve.count("<polyline") == 2 and "5 validation points" in curve
 
 
-def test_a_step_without_a_run_says_how_to_make_one(built):
+def test_a_step_without_a_run_says_how_to_make_one_where_make_book_will_find_it(built):
     curve = text_of(section((built / "11_mixed_precision.html").read_text(), "curve"))
-    assert "make step N=11 writes runs/11_mixed_precision/metrics.jsonl" in curve
+    runs = (built.parent / "runs").resolve()  # built with --runs: the run must go there, and the book look there
+    assert (f'make step N=11 ARGS="--out {runs}/11_mixed_precision" writes {runs}/11_mixed_precision/metrics.jsonl, '
+            f'and the next make book ARGS="--runs {runs}" draws its loss curve here') in curve
 
 
 def test_the_index_names_the_reference_every_step_matches(built):
@@ -227,9 +245,17 @@ def test_a_mistakes_tests_are_those_that_run_on_the_page_or_in_the_whole_suite(b
     assert "(tests/test_shards.py, in the whole make test)" in on_17  # make data's tests: no step of their own
 
 
+def test_the_step_that_shares_the_work_says_to_run_it_on_two_processes(built):
+    head = text_of((built / "16_ddp.html").read_text().split('<p class="toc">')[0])
+    assert "Run it: make step N=16 NPROC=2 (two processes: the lesson; make step N=16 runs one)." in head
+    assert "Run it: make step N=15." in text_of((built / "15_grad_accum.html").read_text())
+
+
 def test_a_page_lists_the_mistakes_of_earlier_steps_in_the_code_it_carries(built):
     mistakes = text_of(section((built / "05_decoder.html").read_text(), "mistakes"))
     assert "make mistake M=heads-merged-wrong N=05" in mistakes and "make mistake M=ffn-per-position N=05" in mistakes
+    on_12 = text_of(section((built / "12_compile_flash.html").read_text(), "mistakes"))
+    assert "make mistake M=logits-kept N=12" in on_12  # its line spelled loss = fast(x, y)[1] there
 
 
 def test_a_code_box_has_as_many_lines_as_its_file(built):
@@ -302,7 +328,8 @@ def test_a_full_disk_stops_the_book_in_one_line_naming_no_file(tmp_path, monkeyp
 def test_a_book_that_cannot_be_written_stops_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(book, "gather", lambda: ({}, {}, ""))  # no steps run: the writing is what is tried
     (tmp_path / "book" / "index.html").mkdir(parents=True)  # a directory where the index goes
-    assert book.main(["--out", str(tmp_path / "book")]) == 1
+    monkeypatch.setattr(book, "BOOK", tmp_path / "book")  # book/ itself: a --out elsewhere would refuse the directory
+    assert book.main([]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"make book: cannot write the book to {tmp_path / 'book'} (Is a directory") and \
         err.count("\n") == 1
@@ -334,6 +361,13 @@ def test_a_metrics_file_with_a_blank_line_a_bad_one_and_a_cut_off_end_still_give
              '{"iter": 4, "lo']
     curve = text_of(book.curve_html("10_training", write_run(tmp_path, "10_training", lines)))
     assert "3 iterations" in curve and "2 lines that are not rows" in curve and "last line is cut off" in curve
+
+
+def test_a_metrics_file_of_nothing_but_bytes_is_not_said_to_be_a_log_cut_off(tmp_path):
+    runs = write_run(tmp_path, "10_training", [])
+    (runs / "10_training" / "metrics.jsonl").write_bytes(bytes(range(128, 256)) * 4)  # no line break: one "line"
+    curve = text_of(book.curve_html("10_training", runs))
+    assert "1 line that is not a row" in curve and "cut off" not in curve and "a curve needs two" in curve
 
 
 def test_a_run_that_evaluates_once_at_its_end_gives_its_validation_loss_not_a_count_of_none(tmp_path):
@@ -387,19 +421,34 @@ def test_a_step_that_cannot_run_says_why_on_its_page(tmp_path, monkeypatch):
     (["--runs", "nowhere"], "nowhere does not exist"),
     (["--runs", "steps"], "steps has no run in it"),
     (["--out", ""], "expected a directory, got ''"),
+    (["--out", "SITE"], "SITE holds index.html, which make book did not write: the book goes to a new or empty"),
 ], ids=["out-a-file", "out-in-steps", "out-a-run", "out-in-a-run", "out-runs", "runs-missing", "runs-without-runs",
-        "out-empty"])
+        "out-empty", "out-a-site-of-yours"])
 def test_a_bad_flag_is_refused_with_its_error_line_and_the_help_hint_before_any_work(tmp_path, flags, said):
     (tmp_path / "FILE").write_text("")
     (tmp_path / "RUNS" / "RUN").mkdir(parents=True)
     (tmp_path / "RUNS" / "RUN" / "metrics.jsonl").write_text("")
+    (tmp_path / "SITE").mkdir()
+    (tmp_path / "SITE" / "index.html").write_text("<p>my own home page</p>")  # make book writes an index.html too
     where = {"FILE": tmp_path / "FILE", "RUNS": tmp_path / "RUNS", "RUN": tmp_path / "RUNS" / "RUN",
-             "RUN/site": tmp_path / "RUNS" / "RUN" / "site"}
+             "RUN/site": tmp_path / "RUNS" / "RUN" / "site", "SITE": tmp_path / "SITE"}
     flags = [str(where.get(f, f)) for f in flags]
     r = subprocess.run([sys.executable, "-m", "shared.book", *flags], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 2 and "--help" in r.stderr.splitlines()[1]  # the error, where the help is
     assert "running each step" not in r.stdout  # refused before any work
+    assert (tmp_path / "SITE" / "index.html").read_text() == "<p>my own home page</p>"
+
+
+def test_an_out_that_make_book_wrote_before_is_written_again(built, tmp_path):
+    assert book.book_dir(str(built)) == built  # every page and book.css carries the mark
+    (built / "notes.txt").write_text("mine")
+    try:
+        with pytest.raises(argparse.ArgumentTypeError, match="holds notes.txt, which make book did not write"):
+            book.book_dir(str(built))
+    finally:
+        (built / "notes.txt").unlink()
+    assert book.book_dir(str(tmp_path / "new")) == tmp_path / "new"  # a new directory, made now
 
 
 def test_a_default_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
@@ -444,6 +493,22 @@ def test_the_index_table_of_the_steps_fits_a_desktop_window_without_scrolling(bu
                         "d.clientWidth]; })()")
     page.close()
     assert box[0] <= box[1], f"the steps table is {box[0]} px wide in a box of {box[1]} px"  # no hidden column
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_no_flag_in_the_text_is_broken_across_two_lines(built, browser, width):
+    # a line that ends at a flag's hyphen (--max- / new-tokens) is copied as two words
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    flags, broken = 0, []
+    for name in PAGES:
+        page.goto((built / name).as_uri())
+        lines = page.evaluate("[...document.querySelectorAll('main code')].filter(e => !e.closest('pre'))"
+                              ".flatMap(e => [...e.querySelectorAll('.flag')]).map(f => [f.textContent, "
+                              "f.getClientRects().length])")
+        flags += len(lines)
+        broken += [f"{name}: {flag}" for flag, rects in lines if rects > 1]
+    page.close()
+    assert flags > 300 and broken == []  # 347 flags in the book's running text
 
 
 @pytest.mark.parametrize("width", [1280, 390])

@@ -3,6 +3,7 @@ learner sees what caught it. That every mistake is caught on every step it appli
 `make mistake ARGS=--check`, which CI runs after make test (about 4 minutes here)."""
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,16 @@ def make_mistake(*args):
 def test_every_mistake_is_a_line_its_own_step_has(mistake):
     steps = mistake.steps()
     assert steps and steps[0] == resolve(mistake.step), f"{mistake.file} of step {mistake.step} lacks {mistake.right!r}"
+
+
+def test_a_mistake_is_made_in_each_spelling_of_its_line_in_the_steps_it_applies_to(tmp_path):
+    kept = mistakes.BY_ID["logits-kept"]  # 12-14 train the compiled model: loss = fast(x, y)[1]
+    assert {"12_compile_flash", "14_gpt3_hparams", "15_grad_accum"} <= set(kept.steps())
+    for step, wrong in ("10_training", "_, loss = model(x, y)"), ("12_compile_flash", "_, loss = fast(x, y)"):
+        copy = tmp_path / "steps" / step / kept.file
+        copy.parent.mkdir(parents=True)
+        copy.write_text((STEPS_DIR / step / kept.file).read_text())
+        assert re.search(rf"^\+ +{re.escape(wrong)}  #", mistakes.make(kept, tmp_path, step), re.M)
 
 
 def test_the_list_names_every_mistake_with_its_step():

@@ -629,6 +629,16 @@ def test_make_curves_refuses_an_out_that_would_overwrite_a_file_not_its_own(tmp_
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_make_curves_draws_a_diarys_picture_into_diary_img_and_nowhere_else_in_the_project(capsys):
+    picture = str(ROOT / "diary/img/14_gpt3_hparams.svg")  # diary 14's command draws it
+    assert curves.svg_file(picture) == Path(picture)
+    for out in ("diary/14_gpt3_hparams.svg", "diary/img/sub/x.svg", "steps/x.svg", "docs/x.svg"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is the project's own"):
+            curves.svg_file(str(ROOT / out))
+    with pytest.raises(argparse.ArgumentTypeError, match="not named .svg"):
+        curves.svg_file(str(ROOT / "diary/img/notes.md"))
+
+
 def test_make_curves_refuses_more_runs_than_it_has_colours(tmp_path, capsys):
     runs = [str(a_run(tmp_path / f"r{i}", [3.0, 2.0])) for i in range(len(curves.PALETTE) + 1)]
     with pytest.raises(SystemExit) as exit:
