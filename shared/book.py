@@ -377,9 +377,52 @@ def diary_html(step: str, diary_dir: Path, tests: set[str], up: str) -> str:
                    {t: f"{up}/{path}" for t, path in whole_suite_tests().items()})
     for level in (5, 4, 3, 2):  # one level under the page's own sections
         out = out.replace(f"<h{level}>", f"<h{level + 1}>").replace(f"</h{level}>", f"</h{level + 1}>")
+    out = cross_linked(folded(anchored(out)), up)
     here = diary_dir.resolve()  # a picture beside the diary, named as the diary's own link names it
     return rebased(out, f"{up}/{here.relative_to(ROOT).as_posix()}" if here.is_relative_to(ROOT) else here.as_uri(),
                    "src")
+
+
+def anchored(fragment: str) -> str:
+    """Each heading of a diary gets an id, its GitHub anchor after diary- (## Too many processes:
+    diary-too-many-processes), and the diary's #links to its headings follow: the page's sections have ids of
+    their own (shapes, tests), and a test's name links to the page's list of tests."""
+    seen: dict[str, int] = {}
+
+    def heading(m: re.Match) -> str:
+        slug = re.sub(r"[^\w\- ]", "", html.unescape(re.sub(r"<[^>]+>", "", m[2])).lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        return f'<h{m[1]} id="diary-{slug}{f"-{seen[slug]}" if seen[slug] else ""}">{m[2]}</h{m[1]}>'
+    fragment = re.sub(r"<h([3-6])>(.*?)</h\1>", heading, fragment)
+    return re.sub(r'href="#([^"]+)"', lambda m: f'href="#diary-{m[1]}"' if m[1] in seen else m[0], fragment)
+
+
+def cross_linked(fragment: str, up: str) -> str:
+    """"diary 11" in a diary's prose links to step 11's page, and `docs/bench.md` to the file."""
+    pages, out, inside = {s[:2]: f"{s}.html" for s in all_steps()}, [], 0  # inside: an <a>, <code> or <pre>
+
+    def link(m: re.Match) -> str:
+        return f'<a href="{pages[m[2]]}">{m[0]}</a>' if m[2] in pages else m[0]
+    for part in re.split(r"(<[^>]+>)", fragment):
+        if re.match(r"</?(a|code|pre)\b", part):
+            inside += -1 if part.startswith("</") else 1
+        out.append(part if part.startswith("<") or inside else re.sub(r"\b([Dd]iary) (\d\d)\b", link, part))
+    bench = "<code>docs/bench.md</code>"
+    return "".join(out).replace(bench, f'<a href="{up}/docs/bench.md">{bench}</a>')
+
+
+EDGES = "The command's edges"  # a diary's part on wrong input, failures and Ctrl-C: under the lesson, folded
+
+
+def folded(fragment: str) -> str:
+    """The diary's part titled EDGES, up to the next heading of its level, in a <details> the reader opens."""
+    m = re.search(rf'<h3 id="[^"]*">{re.escape(EDGES)}.*?</h3>', fragment)
+    if not m:
+        return fragment
+    end = fragment.find("<h3 ", m.end())
+    end = len(fragment) if end < 0 else end
+    return (fragment[: m.start()] + f'<details class="edges"><summary>{m[0]}</summary>'
+            + fragment[m.end() : end] + "</details>" + fragment[end:])
 
 
 def rebased(fragment: str, base: str, attrs: str = "src|href") -> str:
@@ -611,6 +654,7 @@ figure.curve { margin: 0; } figure.curve svg { width: 100%; min-width: 480px; he
 main img { max-width: 100%; height: auto; }
 table.steps td:nth-child(2) { min-width: 12rem; } table.steps code { overflow-wrap: normal; }
 .narrow { display: none; }
+details.edges > summary { cursor: pointer; } details.edges > summary > h3 { display: inline; }
 ul.tests { columns: 2 22rem; column-gap: 2.5rem; font-size: .9rem; } ul.tests li { break-inside: avoid; }
 .toc, .files { color: #51607a; }
 @media (max-width: 600px) { body { font-size: 15px; } h1 { font-size: 1.3rem; } table.diff { font-size: 12px; }

@@ -95,7 +95,7 @@ def test_every_internal_link_and_image_resolves(built, name):
 def test_every_diary_is_rendered_with_no_markdown_left_in_its_text(built, name):
     diary = section((built / f"{name}.html").read_text(), "diary")
     prose = text_of(re.sub(r"<(pre|code)\b.*?</\1>", "", diary, flags=re.S))
-    assert "<h3>" in diary and "**" not in prose and "`" not in prose
+    assert "<h3 id=" in diary and "**" not in prose and "`" not in prose
     assert "|---" not in prose and "](" not in prose and not re.search(r"^#", prose, re.M)  # tables, links, headings
 
 
@@ -112,6 +112,28 @@ def test_every_flag_in_running_text_is_in_a_span_that_keeps_it_on_one_line(built
     assert not [c for c in said if re.search(r"(^|[\s=\"'(;])--[a-z]", c)]  # a flag outside a span
     assert '<span class="flag">--max-new-tokens</span>' in page and "code .flag { white-space: nowrap; }" in (
         built / "book.css").read_text()
+
+
+@pytest.mark.parametrize("name", ["01_embedding", "10_training", "17_fineweb_hellaswag"])
+def test_a_diarys_part_on_the_commands_edges_is_folded_after_the_lesson(built, name):
+    diary = section((built / f"{name}.html").read_text(), "diary")
+    lesson, edges = diary.split('<details class="edges"><summary><h3 id="diary-the-commands-edges">')
+    assert "What this step adds" in lesson and "</details>" in edges and "<details" not in lesson  # closed: no open
+
+
+def test_every_id_on_a_page_is_its_own_and_a_diarys_headings_have_one(built):
+    for name in PAGES:
+        page = (built / name).read_text()
+        ids = re.findall(r'\bid="([^"]+)"', page)
+        assert len(ids) == len(set(ids)), f"{name}: {sorted(i for i in ids if ids.count(i) > 1)}"
+        assert not re.search(r"<h[3-6]>", section(page, "diary") if name != "index.html" else "")
+    assert 'href="#diary-the-commands-edges"' in (built / "10_training.html").read_text()  # the diary's own link
+
+
+def test_diary_nn_in_a_diarys_prose_links_to_that_steps_page(built):
+    page = (built / "13_vocab_50304.html").read_text()
+    assert '<a href="11_mixed_precision.html">diary 11</a>' in page  # "(step 11's bf16 runs: 21%, diary 11)"
+    assert re.search(r'<a href="[^"]*/docs/bench.md"><code>docs/bench.md</code></a>', page)
 
 
 @pytest.mark.parametrize("name", all_steps(), ids=lambda s: f"page{s[:2]}")
@@ -273,7 +295,7 @@ def test_a_missing_or_unreadable_diary_costs_its_page_one_line_not_the_book(tmp_
     assert len(pages) == len(PAGES)
     assert "diary/03_feedforward.md is missing" in (tmp_path / "book" / "03_feedforward.html").read_text()
     assert "diary/04_encoder.md could not be read" in (tmp_path / "book" / "04_encoder.html").read_text()
-    assert "<h3>" in section((tmp_path / "book" / "05_decoder.html").read_text(), "diary")  # the others as ever
+    assert "<h3 id=" in section((tmp_path / "book" / "05_decoder.html").read_text(), "diary")  # the others as ever
 
 
 @pytest.mark.parametrize("inside", [True, False], ids=["diary-in-the-project", "diary-elsewhere"])

@@ -100,7 +100,7 @@ def test_two_processes_log_the_loss_of_one_process_over_the_same_windows(step, t
     # at 10.8 is 1e-6, and metrics.jsonl rounds to 6 decimals. Measured: 1e-6 (one step of the 6th decimal), and 0
     # for the validation loss.
     assert abs(two - one) <= 3e-6
-    assert abs(two_val - one_val) <= 3e-6  # the validation windows split between the ranks, the sums all-reduced
+    assert abs(two_val - one_val) <= 3e-6  # the sums of each rank's validation windows, all-reduced
 
 
 @pytest.mark.main_needs("join_process_group")
@@ -109,8 +109,9 @@ def test_two_processes_log_the_loss_of_one_process_over_the_same_windows(step, t
 def test_two_processes_end_the_step_with_the_gradients_and_parameters_of_one_process(step, two_ranks_and_one):
     root = two_ranks_and_one(step)
     two, one = (torch.load(root / d / "checkpoint.pt", weights_only=True) for d in ("rank0", "one"))
-    # AdamW's first moment after one step is 0.1 x the (clipped) gradient: the gradients, compared in fp32. They
-    # are sums of the same terms in another order: 1e-5 of a value is about a hundred float32 rounding steps, and
+    # AdamW's first moment after one step is 0.1 x the (clipped) gradient, kept in fp32 whatever --dtype auto picks
+    # (bf16 where the CPU has it): each micro-batch's gradient is the same computation in both runs, and their sum
+    # adds the same terms in another order: 1e-5 of a value is about a hundred float32 rounding steps, and
     # 1e-9 absolute a few at gradients below 1e-2, for the values near 0. Measured: 3% of this tolerance at most.
     assert two["optimizer"]["state"].keys() == one["optimizer"]["state"].keys() and two["optimizer"]["state"]
     for (i, a), b in zip(two["optimizer"]["state"].items(), one["optimizer"]["state"].values()):
@@ -453,6 +454,35 @@ def test_one_process_on_a_macs_gpu_joins_a_gloo_group_of_one(step, monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append(backend))
     step.main.join_process_group(as_rank(monkeypatch, "mps", rank=0, world=1))
     assert joined == ["gloo"]
+
+
+class Windows(torch.nn.Module):
+    """A stand-in model that keeps the first token of every window it is given: (logits, loss) as GPT returns."""
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, y):
+        self.seen += x[:, 0].tolist()
+        return None, x.float().mean()
+
+
+@pytest.mark.main_needs("join_process_group")
+def test_each_rank_evaluates_its_own_validation_windows_and_together_every_one_once(step, monkeypatch):
+    # the sum and the count of the windows each rank scores are added over the ranks: ranks that each scored every
+    # window would give the same mean, world times the work
+    monkeypatch.setattr(step.main.dist, "all_reduce", lambda sums: None)  # no group here: each rank's own sums
+    ids = torch.arange(1000)  # 62 batches of 2 windows of 8 (+ 1)
+    seen = []
+    for rank in range(3):
+        model = Windows()
+        step.main.evaluate(model, ids, SimpleNamespace(batch_size=2, seq_len=8, world=3, rank=rank, device=CPU,
+                                                        dtype="fp32"))
+        seen.append(model.seen)
+    alone = Windows()
+    step.main.evaluate(alone, ids, SimpleNamespace(batch_size=2, seq_len=8, world=1, rank=0, device=CPU, dtype="fp32"))
+    assert sorted(sum(seen, [])) == sorted(alone.seen) and len(set(alone.seen)) == len(alone.seen) == 124
+    assert all(40 <= len(s) <= 42 for s in seen)  # 21, 21 and 20 batches of 2
 
 
 @pytest.mark.main_needs("join_process_group")

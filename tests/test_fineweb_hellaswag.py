@@ -64,6 +64,25 @@ def test_the_order_is_the_seeds_and_another_epoch_is_shuffled_anew(step, tmp_pat
 
 
 @pytest.mark.main_needs("shards")
+def test_the_shards_themselves_are_read_in_a_shuffled_order_not_only_their_windows(step, tmp_path):
+    files = shard_dir(tmp_path, [17] * 6)  # 6 shards of 2 windows: shard i's windows start at 17 i and 17 i + 8
+    epochs = read_windows(step.main.Loader(files, 2, 8, seed=0), 18)  # 3 epochs of 12 windows
+    shard_order = [[w // 17 for w in epochs[e * 12 : (e + 1) * 12 : 2]] for e in range(3)]  # a shard's 2 together
+    assert all(sorted(o) == list(range(6)) for o in shard_order)  # each shard once an epoch, its windows together
+    assert list(range(6)) not in shard_order and len({tuple(o) for o in shard_order}) == 3  # drawn anew an epoch
+
+
+@pytest.mark.main_needs("shards")
+def test_a_loader_made_at_any_position_reads_on_as_the_one_that_read_its_way_there(step, tmp_path):
+    # what a resumed run does: a new Loader at the checkpoint's pos, in any epoch (each epoch's order comes from
+    # (seed, epoch), not from a generator that has drawn the epochs before)
+    files = shard_dir(tmp_path, [33, 65, 17])  # 4 + 8 + 2 = 14 windows an epoch
+    walked = read_windows(step.main.Loader(files, 2, 8, seed=4), 24)  # 48 windows: into the 4th epoch
+    for pos in (0, 6, 14, 20, 30, 42):  # within and across epochs 0 to 3
+        assert read_windows(step.main.Loader(files, 2, 8, seed=4, pos=pos), 3) == walked[pos : pos + 6], pos
+
+
+@pytest.mark.main_needs("shards")
 def test_no_shuffle_reads_the_shards_and_their_windows_in_order(step, tmp_path):
     files = shard_dir(tmp_path, [33, 17])
     assert read_windows(step.main.Loader(files, 3, 8, shuffle=False), 2) == [0, 8, 16, 24, 33, 41]
@@ -139,8 +158,8 @@ def test_resident_memory_does_not_grow_with_the_number_of_shards(step, tmp_path)
         read_windows(loader, 50)
         return resident_mb() - before
 
-    # 20 shards are 80 MB: read whole they would add that much. Memory-mapped, 50 batches touch 400 windows, at
-    # most 400 pages of 4 kB each, 1.6 MB, whatever the number of shards; 8 MB of slack for Python's own heap.
+    # 20 shards are 80 MB: read whole they would add that much. Memory-mapped, 50 batches touch 400 windows of 130
+    # bytes, each on at most 2 pages of 4 kB: 3.2 MB, whatever the number of shards; 8 MB of slack for Python's heap.
     assert growth(20) < growth(2) + 8
 
 
@@ -165,6 +184,24 @@ def test_a_run_stopped_by_ctrl_c_across_a_shard_boundary_resumes_to_the_losses_o
             step.main.main([*flags, "--out", str(tmp_path / "split")])
     step.main.main([*flags, "--out", str(tmp_path / "split"), "--resume", str(tmp_path / "split")])
     assert metrics(tmp_path / "split") == metrics(tmp_path / "whole")  # every loss, digit for digit
+
+
+@pytest.mark.main_needs("shards")
+def test_a_run_reads_its_shards_in_the_order_its_seed_and_no_shuffle_give(step, small_shards, tmp_path, monkeypatch):
+    batches, next_batch = [], step.main.Loader.next_batch
+    monkeypatch.setattr(step.main.Loader, "next_batch", lambda self: batches.append(next_batch(self)) or batches[-1])
+
+    def first_batch(*flags):  # the first batch the run trains on
+        batches.clear()
+        step.main.main([*small_run_flags(step), "--data", str(small_shards), "--max-steps", "1", "--device", "cpu",
+                        "--out", str(tmp_path / "_".join(flags)), *flags])
+        return batches[0][0]
+    train = shards.shard_files(small_shards)[1]
+    expected = lambda **order: step.main.Loader(train, 2, 32, **order).next_batch()[0]  # SMALL_TRAINER's B and T
+    assert torch.equal(first_batch("--seed", "1"), expected(seed=1))
+    assert torch.equal(first_batch("--seed", "2"), expected(seed=2))
+    assert torch.equal(first_batch("--seed", "1", "--no-shuffle"), expected(shuffle=False))
+    assert not torch.equal(expected(seed=1), expected(seed=2))  # the seeds' orders differ from their first batch
 
 
 @pytest.mark.main_needs("shards")

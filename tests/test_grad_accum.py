@@ -18,7 +18,7 @@ def model_and_tokens(step):
 
 
 @pytest.mark.main_needs("accumulate")
-@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("k", [1, 4])  # k = 1: accumulate itself changes nothing (no stray scale or extra step)
 def test_k_micro_batches_give_the_gradient_and_loss_of_one_batch_k_times_as_large(step, k):
     model, ids = model_and_tokens(step)
     args = SimpleNamespace(device=CPU, dtype="fp32", rank=0, world=1)  # one process

@@ -69,7 +69,8 @@ def test_bf16_is_native_on_a_cpu_with_avx512_bf16_or_amx(monkeypatch, flags, nat
 @pytest.fixture
 def a_gpu(monkeypatch):
     """a_gpu(name, capability): torch.cuda answers as on that GPU. is_bf16_supported() answers yes, as torch 2.13's
-    default (including_emulation=True) does on every GPU since the T4: it must not be what decides."""
+    default (including_emulation=True) does on any GPU where a bf16 tensor can be made (a V100 too): it must not be what
+    decides."""
     def gpu(name, capability):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)

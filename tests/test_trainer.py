@@ -98,6 +98,14 @@ def test_before_step_14_no_parameter_is_decayed(step, finished, tmp_path):
     assert [g["weight_decay"] for g in groups] == [0.0]
 
 
+@pytest.mark.main_needs("param_groups")
+def test_from_step_14_the_runs_optimizer_decays_one_group_by_weight_decay_and_the_other_not(step, finished, tmp_path):
+    # param_groups() is tested on its own (test_gpt3_hparams.py); this is that the run builds AdamW from it, each
+    # group with its own decay, not one weight_decay= for both
+    groups = checkpoint.load(finished(step, tmp_path))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [step.main.WEIGHT_DECAY, 0.0] and all(g["params"] for g in groups)
+
+
 # ---- the training loop
 
 @pytest.mark.main_needs("Loader")
@@ -123,6 +131,18 @@ def test_a_training_forwards_logits_are_freed_before_its_backward(step, tmp_path
     run(step, tmp_path, "--max-steps", "3")
     assert len(returned) >= 3  # one forward an iteration at least (two micro-batches from step 15 on)
     assert checked == list(range(1, len(returned) + 1))  # and after each, its backward, watched
+
+
+@pytest.mark.main_needs("ctrl_c_stops_between_iterations")
+def test_after_the_loop_ctrl_c_stops_at_once_again_while_the_model_is_saved(step, tmp_path, monkeypatch):
+    # the loop's handler only sets a flag that the next iteration reads: left in place after the loop, a Ctrl-C
+    # while the model is saved or the sample written would be said and then ignored
+    during, save = [], step.main.GPT.save_pretrained
+    monkeypatch.setattr(step.main.GPT, "save_pretrained",
+                        lambda self, *a, **k: during.append(signal.getsignal(signal.SIGINT)) or save(self, *a, **k))
+    before = signal.getsignal(signal.SIGINT)
+    run(step, tmp_path, "--max-steps", "1")
+    assert during == [before] and signal.getsignal(signal.SIGINT) is before
 
 
 # ---- the data loader
@@ -260,7 +280,7 @@ def test_ctrl_c_in_a_terminal_saves_a_checkpoint_and_prints_how_to_resume(step, 
             break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in err
+    assert proc.returncode == 130 and "Traceback" not in err  # 128 + SIGINT, as a shell reports Ctrl-C
     assert f"--resume {tmp_path}" in err
     state = torch.load(tmp_path / checkpoint.NAME, weights_only=True)
     assert state["iter"] >= 1 and state["config"]["step"] == step.name
