@@ -316,7 +316,7 @@ def page(title: str, body: str, nav: str = "") -> str:
 <body>
 <nav>{nav}</nav>
 <main>
-{flags_whole(body)}
+{words_whole(body)}
 </main>
 <nav>{nav}</nav>
 </body>
@@ -324,13 +324,21 @@ def page(title: str, body: str, nav: str = "") -> str:
 """
 
 
-def flags_whole(body: str) -> str:
-    """Each flag in inline code (--max-new-tokens) in a span the line never breaks in: a line ending at one of its
-    hyphens would be copied as two words. Blocks of code (<pre>) keep their lines as they are."""
-    def spans(code: re.Match) -> str:  # a flag starts a word: after a space, a tag, an = or a quote (", &quot;)
-        return re.sub(r"(?<![^\s>=;(\"'])(--?[A-Za-z][^\s<]*)", r'<span class="flag">\1</span>', code[0])
+WHOLE = 40  # characters: a word of inline code this long still fits a phone's line (390 px) whole
+
+
+def words_whole(body: str) -> str:
+    """Each word of inline code with a hyphen in it (--max-new-tokens, M=heads-merged-wrong), up to WHOLE characters,
+    in a span the line never breaks in: a line that ends at a hyphen reads as two words. Only the text between tags
+    is touched; blocks of code (<pre>) keep their lines as they are."""
+    def words(text: str) -> str:
+        return re.sub(r"\S*-\S*", lambda w: f'<span class="word">{w[0]}</span>' if len(html.unescape(w[0])) <= WHOLE
+                      else w[0], text)
+
+    def code(m: re.Match) -> str:
+        return "".join(p if p.startswith("<") else words(p) for p in re.split(r"(<[^>]+>)", m[0]))
     parts = re.split(r"(<pre\b.*?</pre>)", body, flags=re.S)
-    return "".join(p if p.startswith("<pre") else re.sub(r"<code>.*?</code>", spans, p, flags=re.S) for p in parts)
+    return "".join(p if p.startswith("<pre") else re.sub(r"<code>.*?</code>", code, p, flags=re.S) for p in parts)
 
 
 def run_it(steps: list[str], i: int) -> str:
@@ -407,8 +415,8 @@ def cross_linked(fragment: str, up: str) -> str:
         if re.match(r"</?(a|code|pre)\b", part):
             inside += -1 if part.startswith("</") else 1
         out.append(part if part.startswith("<") or inside else re.sub(r"\b([Dd]iary) (\d\d)\b", link, part))
-    bench = "<code>docs/bench.md</code>"
-    return "".join(out).replace(bench, f'<a href="{up}/docs/bench.md">{bench}</a>')
+    return re.sub(r'(?<!">)<code>docs/bench\.md</code>', f'<a href="{up}/docs/bench.md"><code>docs/bench.md</code></a>',
+                  "".join(out))  # not one already inside a link
 
 
 EDGES = "The command's edges"  # a diary's part on wrong input, failures and Ctrl-C: under the lesson, folded
@@ -604,7 +612,8 @@ def index_page(steps: list[str], found: dict[str, Facts], readme: str, up: str) 
     rows = []
     for s in steps:
         f = found.get(s, Facts())
-        params = f"{f.parameters:,}" if f.parameters else "not run here:<br>its page says why"
+        params = (f"{f.parameters:,}" if f.parameters else "not run here:<br>its page says why" if f.stopped
+                  else "no model<br>of its own")  # step 09 loads one
         if f.gpt2_parameters:
             params += f"{'<br>' if params else ''}{f.gpt2_parameters:,} at 124M"
         bench = f"{ladder[s][0]} ms<br>&plusmn;{ladder[s][1]}, {ladder[s][2]}" if s in ladder else ""  # 2 lines: fits
@@ -638,7 +647,7 @@ h1 { font-size: 1.6rem; line-height: 1.25; } h2 { margin-top: 2.2rem; border-bot
 h3.file { font: 600 .95rem/1.4 ui-monospace, monospace; margin: 1.4rem 0 .4rem; overflow-wrap: anywhere; }
 a { color: #0b57a4; } code { font: .9em ui-monospace, monospace; overflow-wrap: anywhere; }
 pre { overflow-x: auto; background: #f5f5f2; padding: .7rem; border-radius: 4px; }
-pre code { overflow-wrap: normal; } code .flag { white-space: nowrap; }
+pre code { overflow-wrap: normal; } code .word { white-space: nowrap; }
 .scroll { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; } th, td { padding: .25rem .5rem; border: 1px solid #e3e3e0; vertical-align: top; }
 td.num { text-align: right; white-space: nowrap; }
@@ -704,13 +713,20 @@ def book_dir(text: str) -> Path:
 
 
 def not_the_books(path: Path) -> Path | None:
-    """The first entry of path that make book did not write (its pages and book.css carry GENERATOR), if any."""
-    for entry in sorted(path.iterdir()):
+    """The first entry of path that make book did not write (its pages and book.css carry GENERATOR; a link is not
+    its own, whatever it points to), if any. A hidden file (a Mac's .DS_Store) it never writes is left alone."""
+    try:
+        entries = sorted(e for e in path.iterdir() if not e.name.startswith("."))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{path} cannot be read ({cli.reason(e)})")
+    for entry in entries:
+        if entry.suffix not in (".html", ".css") or entry.is_symlink() or not entry.is_file():
+            return entry
         try:
-            ours = entry.suffix in (".html", ".css") and entry.is_file() and GENERATOR in entry.read_text()[:1000]
-        except (OSError, UnicodeDecodeError):
-            ours = False
-        if not ours:
+            with entry.open(errors="replace") as f:
+                if GENERATOR not in f.read(1000):
+                    return entry
+        except OSError:
             return entry
     return None
 

@@ -88,9 +88,9 @@ PICTURES = "diary/img"  # the diaries' pictures: make curves draws them there (d
 def not_the_projects_own(text: str, picture: bool = False) -> None:
     """Refuses the project's root, its own directories and what is in them, and its own files in the root: what a
     command makes never overwrites the project. picture: a file right in diary/img is let through (make curves)."""
-    path, root = (Path(str(p).casefold()) for p in (Path(text).resolve(), ROOT))  # a Mac's disk: Steps/ is steps/
-    if picture and path.parent == root / PICTURES:
+    if picture and Path(text).resolve().parent == (ROOT / PICTURES).resolve():  # exactly, case and all
         return
+    path, root = (Path(str(p).casefold()) for p in (Path(text).resolve(), ROOT))  # a Mac's disk: Steps/ is steps/
     if path == root or any(path.is_relative_to(root / d.casefold()) for d in SOURCES) or (
             path.parent == root and path.name in {f.casefold() for f in ROOT_FILES}):
         raise argparse.ArgumentTypeError(f"{text} is the project's own: what a command makes goes elsewhere (runs/, "

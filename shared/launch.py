@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 
 from shared import cli
 
@@ -39,7 +40,9 @@ def main(argv: list[str]) -> int:
 
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # torchrun's own log, its report among it
     try:
-        run.main(["--standalone", f"--nproc-per-node={nproc}", "-m", module, *flags])
+        # its ranks' error files go here, and go with it (torchrun's own /tmp/torchelastic_* would stay)
+        with tempfile.TemporaryDirectory(prefix="torchrun-") as logs:
+            run.main(["--standalone", f"--nproc-per-node={nproc}", f"--log-dir={logs}", "-m", module, *flags])
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode == 130:  # Ctrl-C: every rank stopped at the same iteration; rank 0 has said how to go on

@@ -313,7 +313,8 @@ def make(mistake: Mistake, root: Path, step: str) -> str:
     path = mistake.path(root, step)
     before = path.read_text()
     if (spelled := mistake.spelling(before)) is None:
-        sys.exit(f"error: {mistake.id}: {path.relative_to(root)} does not have the line `{mistake.right}` exactly once")
+        lines = " or ".join(f"`{right}`" for right, _ in ((mistake.right, mistake.wrong), *mistake.also))
+        sys.exit(f"error: {mistake.id}: {path.relative_to(root)} does not have the line {lines} exactly once")
     after = before.replace(*spelled)
     path.write_text(after)
     name = str(path.relative_to(root))

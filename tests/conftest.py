@@ -135,12 +135,19 @@ def first_twentieth_of_the_corpus(monkeypatch):
     monkeypatch.setattr(data, "shakespeare", lambda: corpus[: len(corpus) // 20])
 
 
+@functools.cache
+def kept_until_exit() -> tempfile.TemporaryDirectory:
+    """A directory for files that a test's objects may read after the test (a loader's memory-mapped shard), removed
+    when the test process exits (TemporaryDirectory's finalizer), not left in /tmp."""
+    return tempfile.TemporaryDirectory(prefix="gpt2-steps-tests-")
+
+
 def token_loader(step: Step, ids: torch.Tensor, batch_size: int, seq_len: int, **kwargs):
     """step.main.Loader over ids: the tensor itself up to step 16; from step 17 on, ids saved as one uint16 shard and
     read in order (no shuffling), whose windows are the same consecutive windows."""
     if not hasattr(step.main, "shards"):
         return step.main.Loader(ids, batch_size, seq_len, **kwargs)
-    path = Path(tempfile.mkdtemp()) / "ids_train_000001.npy"
+    path = Path(tempfile.mkdtemp(dir=kept_until_exit().name)) / "ids_train_000001.npy"
     np.save(path, ids.numpy().astype(np.uint16))
     return step.main.Loader([path], batch_size, seq_len, shuffle=False, **kwargs)
 

@@ -425,6 +425,17 @@ def test_a_rank_the_kernel_kills_is_said_to_be_killed_most_likely_for_want_of_me
                                               "were stopped\n")
 
 
+@pytest.mark.parametrize("code", ["", "raise SystemExit(3)"], ids=["ends", "fails"])
+def test_the_launcher_leaves_nothing_in_the_temporary_directory(tmp_path, code):
+    (tmp_path / "rank.py").write_text(code + "\n")
+    (tmp_path / "tmp").mkdir()  # torchrun made a torchelastic_* directory of logs there for every run, and left it
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "TMPDIR": str(tmp_path / "tmp")}
+    r = subprocess.run([sys.executable, "-m", "shared.launch", "1", "rank"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == (3 if code else 0), r.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_another_rank_than_0_neither_makes_nor_checks_the_out_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")  # under torchrun: rank 0 alone writes there, and it makes the directory
     assert cli.out_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
@@ -629,10 +640,11 @@ def test_make_curves_refuses_an_out_that_would_overwrite_a_file_not_its_own(tmp_
     assert {p: p.read_bytes() for p in before} == before
 
 
-def test_make_curves_draws_a_diarys_picture_into_diary_img_and_nowhere_else_in_the_project(capsys):
+def test_make_curves_draws_a_diarys_picture_into_diary_img_and_nowhere_else_in_the_project():
     picture = str(ROOT / "diary/img/14_gpt3_hparams.svg")  # diary 14's command draws it
     assert curves.svg_file(picture) == Path(picture)
-    for out in ("diary/14_gpt3_hparams.svg", "diary/img/sub/x.svg", "steps/x.svg", "docs/x.svg"):
+    for out in ("diary/14_gpt3_hparams.svg", "diary/img/sub/x.svg", "steps/x.svg", "docs/x.svg",
+                "Diary/img/x.svg", "diary/IMG/x.svg"):  # on a disk that tells case apart, not diary/img
         with pytest.raises(argparse.ArgumentTypeError, match="is the project's own"):
             curves.svg_file(str(ROOT / out))
     with pytest.raises(argparse.ArgumentTypeError, match="not named .svg"):
