@@ -89,6 +89,20 @@ def test_multi_head_attention_matches_torch_multihead_attention(step):
 
 @pytest.mark.check("reference")
 @pytest.mark.needs("MultiHeadAttention", "padding_mask")
+def test_multi_head_attention_takes_its_keys_and_its_values_from_its_own_arguments(step):
+    # every call in the steps passes key = value (self-attention, or the memory twice): distinct ones tell k_proj(key)
+    # from k_proj(value)
+    mha = step.model.MultiHeadAttention(d_model=32, n_heads=4)
+    ref = nn.MultiheadAttention(32, 4, batch_first=True)
+    load_mha_into_torch(mha, ref)
+    idx, q = _padded_batch()
+    k, v = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    expected, _ = ref(q, k, v, key_padding_mask=idx == 0)
+    torch.testing.assert_close(mha(q, k, v, step.model.padding_mask(idx, 0)), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.check("reference")
+@pytest.mark.needs("MultiHeadAttention", "padding_mask")
 def test_multi_head_attention_matches_marian_attention(step):
     mha = step.model.MultiHeadAttention(d_model=32, n_heads=4)
     ref = MarianAttention(32, 4, config=marian_config(d_model=32, n_heads=4))

@@ -49,8 +49,8 @@ def test_encoder_layer_matches_torch_transformer_encoder_layer(step):
     x = torch.randn(2, 4, 32)
     ours = layer(x, step.model.padding_mask(idx, 0))
     expected = ref(x, src_key_padding_mask=idx == 0)
-    real = idx != 0  # torch's fast path may zero the pad positions; only real ones are compared
-    torch.testing.assert_close(ours[real], expected[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)  # every position, the pads' too (training mode:
+    # torch's fast path, which zeroes them, never runs here)
 
 
 @pytest.mark.check("reference")
@@ -70,6 +70,27 @@ def test_encoder_layer_matches_marian_encoder_layer(step):
 def test_encoder_layer_parameter_count(step):
     layer = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.1)
     assert sum(p.numel() for p in layer.parameters()) == layer_params(32, 64, n_attn=1)
+
+
+class PlusOne(torch.nn.Module):
+    """A stand-in sub-layer: its input plus 1 (an attention's first argument, the query)."""
+    def forward(self, x, *rest):
+        return x + 1
+
+
+@pytest.mark.needs("EncoderLayer")
+def test_dropout_drops_each_sub_layers_output_before_it_is_added(step):
+    # the paper: "apply dropout to the output of each sub-layer, before it is added to the sub-layer input and
+    # normalized". Sub-layers that add 1 tell that apart from dropout on their input (the 1 would stay), on the sum
+    # (x dropped too) or none; torch's generator, seeded alike, drops the same positions in the layer and here
+    layer = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.5).train()
+    layer.self_attn, layer.ffn = PlusOne(), PlusOne()
+    x = torch.randn(2, 5, 32)
+    torch.manual_seed(0)
+    out = layer(x)
+    torch.manual_seed(0)
+    h = layer.norm1(x + torch.nn.functional.dropout(x + 1, 0.5))
+    torch.testing.assert_close(out, layer.norm2(h + torch.nn.functional.dropout(h + 1, 0.5)), atol=0, rtol=0)
 
 
 @pytest.mark.needs("EncoderLayer")

@@ -11,7 +11,7 @@ from transformers.models.marian.modeling_marian import MarianDecoder
 
 from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state, \
     torch_decoder_layer
-from tests.test_block import layer_params
+from tests.test_block import PlusOne, layer_params
 from tests.test_steps import Bigram
 
 ATOL = 1e-5  # fp32, d_model 32: the same sums in another order (1.2e-6 measured through two layers)
@@ -106,6 +106,20 @@ def test_training_reads_the_target_without_its_last_token_and_scores_each_positi
     loss = step.main.loss_of(next_token_model, SRC, TGT)
     assert torch.equal(read[0], TGT[:, :-1])
     assert loss.item() < 1e-6  # 49 e^-100 per position; a target off by one position costs about 100
+
+
+@pytest.mark.needs("DecoderLayer")
+def test_dropout_drops_each_of_the_three_sub_layers_outputs_before_it_is_added(step):
+    # as test_block.py's, for the decoder's three sub-layers (the cross-attention's query is x, its keys the memory)
+    layer = step.model.DecoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.5).train()
+    layer.self_attn, layer.cross_attn, layer.ffn = PlusOne(), PlusOne(), PlusOne()
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    torch.manual_seed(0)
+    out = layer(x, memory, None, None)
+    torch.manual_seed(0)
+    for norm in (layer.norm1, layer.norm2, layer.norm3):
+        x = norm(x + F.dropout(x + 1, 0.5))
+    torch.testing.assert_close(out, x, atol=0, rtol=0)
 
 
 @pytest.mark.needs("Decoder")

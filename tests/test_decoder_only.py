@@ -154,11 +154,27 @@ def test_generate_keeps_the_prompt_and_appends_max_new_tokens(step):
     assert ((0 <= out) & (out < 50)).all()
 
 
+def read_by(model) -> list:
+    """What each forward pass of model is given from now on: its first argument, the token ids."""
+    seen, forward = [], model.forward
+    model.forward = lambda idx, *args, **kwargs: seen.append(idx.clone()) or forward(idx, *args, **kwargs)
+    return seen
+
+
 @pytest.mark.needs("DecoderOnlyLM")
-def test_generate_crops_the_context_to_max_len(step):
+def test_generate_reads_exactly_the_last_max_len_tokens(step):
     model = step.model.DecoderOnlyLM(50, 32, 4, 2, 64, max_len=8, dropout=0.0).eval()
+    seen = read_by(model)
     out = model.generate(torch.randint(50, (1, 8)), max_new_tokens=4, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 12)  # no position past the sinusoid table of 8 rows was asked for
+    assert [s.tolist() for s in seen] == [out[:, i : i + 8].tolist() for i in range(4)]  # the last 8, not 7
+
+
+@pytest.mark.needs("DecoderOnlyLM")
+def test_generate_at_temperature_1_samples_not_only_the_most_likely_token(step):
+    model = small(step).eval()  # untrained: logits of order 1 over 50 tokens, no one token near certain
+    out = model.generate(IDX[:1].repeat(64, 1), max_new_tokens=1, generator=torch.Generator().manual_seed(0))
+    assert len(set(out[:, -1].tolist())) > 5  # 64 draws of one distribution
 
 
 def argmax_loop(model, idx, n: int):

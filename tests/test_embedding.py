@@ -41,6 +41,14 @@ def test_sinusoid_is_marians_table_with_the_channels_reordered(step):
     torch.testing.assert_close(marian_positions(step.model.sinusoidal_table(512, 64)), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.needs("Embedder")
+def test_the_token_table_is_drawn_with_std_d_model_to_the_minus_half_so_that_scaled_it_has_unit_scale(step):
+    torch.manual_seed(0)
+    tok = step.model.Embedder(vocab_size=1000, d_model=64, max_len=8, dropout=0.0).tok.weight  # 64,000 draws
+    # the std of n normal draws is off by about std / sqrt(2n), 0.28% here: 5 of those is a 1-in-a-million miss
+    assert abs(tok.std().item() - 64**-0.5) < 5 * 64**-0.5 / math.sqrt(2 * tok.numel())
+
+
 @pytest.mark.check("shapes")
 @pytest.mark.needs("Embedder")
 @given(batch=st.integers(1, 4), length=st.integers(1, 32))

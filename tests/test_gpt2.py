@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from shared import data
 from tests.refs import distinct_biases, distinct_layer_norms
-from tests.test_decoder_only import argmax_loop, reading_context
+from tests.test_decoder_only import argmax_loop, read_by, reading_context
 
 pytestmark = pytest.mark.per_model_file  # tests of model.py alone (test_summary... is step 08's command)
 
@@ -185,9 +185,20 @@ def test_left_padded_logits_match_gpt2lmheadmodel_with_the_same_positions(step):
 
 
 @pytest.mark.needs("GPTConfig", "GPT")
+@pytest.mark.lacks("GPT.save_pretrained")  # step 10 brings GPT-2's own init (std 0.02; test_trainer.py)
+def test_both_tables_are_drawn_with_std_n_embd_to_the_minus_half(step):
+    torch.manual_seed(0)
+    model = step.model.GPT(step.model.GPTConfig(block_size=512, vocab_size=1000, n_layer=1, n_head=2, n_embd=64))
+    for table in (model.transformer.wte.weight, model.transformer.wpe.weight):  # 64,000 and 32,768 draws
+        # the std of n normal draws is off by about std / sqrt(2n): 5 of those is a 1-in-a-million miss
+        assert abs(table.std().item() - 64**-0.5) < 5 * 64**-0.5 / math.sqrt(2 * table.numel())
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
 def test_loss_is_the_cross_entropy_of_the_logits_against_the_targets(step):
     model = small(step)
     targets = torch.randint(100, IDX.shape)
+    targets[0, 0] = 0  # GPT-2's id 0 is "!", a token like any other: no ignore_index=0 (steps 05-06's PAD)
     logits, loss = model(IDX, targets)
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1)), atol=ATOL, rtol=0)
 
@@ -240,12 +251,21 @@ def test_left_padding_does_not_change_the_logits_of_real_tokens(step, lengths):
 
 
 @pytest.mark.needs("GPTConfig", "GPT")
-def test_generate_keeps_the_prompt_and_crops_the_context_to_block_size(step):
+def test_generate_keeps_the_prompt_and_reads_exactly_the_last_block_size_tokens(step):
     config = step.model.GPTConfig(block_size=8, vocab_size=100, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
     model = step.model.GPT(config).eval()
     prompt = torch.randint(100, (2, 8))
+    seen = read_by(model)
     out = model.generate(prompt, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 12) and torch.equal(out[:, :8], prompt)  # no position past wpe's 8 rows was asked for
+    assert [s.tolist() for s in seen[:4]] == [out[:, i : i + 8].tolist() for i in range(4)]  # the last 8, not 7
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
+def test_generate_at_temperature_1_samples_not_only_the_most_likely_token(step):
+    model = small(step).eval()  # untrained: nearly uniform over 100 tokens
+    out = model.generate(IDX[:1].repeat(64, 1), max_new_tokens=1, generator=torch.Generator().manual_seed(0))
+    assert len(set(out[:, -1].tolist())) > 5  # 64 draws of one distribution
 
 
 @pytest.mark.needs("GPTConfig", "GPT")

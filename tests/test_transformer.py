@@ -8,6 +8,7 @@ from transformers import MarianMTModel
 
 from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state
 from tests.test_block import layer_params
+from tests.test_decoder_only import reading_context
 
 ATOL = 1e-5  # fp32, small sizes: the same sums in another order (9.5e-7 measured)
 
@@ -83,14 +84,14 @@ def test_transformer_matches_marian_mt_model_logits(step):
 
 @pytest.mark.needs("Transformer")
 def test_greedy_decode_picks_the_argmax_of_a_full_forward_pass_each_time(step):
-    model = small(step).eval()
-    src = SRC[:1]
-    out = model.greedy_decode(src, bos_id=1, eos_id=2, max_new_tokens=8)
-    assert 1 <= out.size(1) <= 8
-    tgt = torch.tensor([[1]])
-    for _ in range(out.size(1)):  # the slow way: recompute everything for each new token
-        tgt = torch.cat([tgt, model(src, tgt)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, tgt[:, 1:])
+    torch.manual_seed(0)
+    model = reading_context(small(step).eval(), "encoder.embed.tok.weight")  # untrained, it would echo BOS
+    out = model.greedy_decode(SRC, bos_id=1, eos_id=2, max_new_tokens=8)
+    tgt = torch.ones(2, 1, dtype=torch.long)  # BOS
+    for _ in range(8):  # the slow way: recompute everything for each new token
+        tgt = torch.cat([tgt, model(SRC, tgt)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, tgt[:, 1:])  # all 8 tokens: with seed 0 no row makes EOS
+    assert not torch.equal(out[0], out[1])  # each row reads its own source
 
 
 @pytest.mark.needs("Transformer")
