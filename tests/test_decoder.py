@@ -151,6 +151,16 @@ def test_the_steps_decoder_reads_no_later_target_token(step):
     torch.testing.assert_close(model(src, tgt)[:, :4], model(src, changed)[:, :4], atol=0, rtol=0)
 
 
+@pytest.mark.main_needs("FixedMemoryDecoder")
+def test_the_steps_decoder_reads_no_source_pad_and_its_memory_stays_as_drawn(step):
+    torch.manual_seed(0)
+    model = step.main.FixedMemoryDecoder(vocab_size=20, d_model=16, n_heads=2, n_layers=2, d_ff=32, max_len=16,
+                                         dropout=0.0).eval()
+    src, tgt = torch.tensor([[5, 6, 2, 0, 0]]), torch.randint(3, 20, (1, 6))  # a word, EOS (2), then PAD (0)
+    torch.testing.assert_close(model(src, tgt), model(src[:, :3], tgt), atol=1e-6, rtol=0)  # the pads: nothing
+    assert not any(p.requires_grad for p in model.memory.parameters())  # frozen: a fixed, random memory
+
+
 @pytest.mark.main_needs("reversal_batch")
 def test_the_target_is_bos_the_source_word_reversed_and_eos(step):
     src, tgt = step.main.reversal_batch(50, 6, torch.Generator().manual_seed(0))  # (50, 7), (50, 8)

@@ -91,6 +91,29 @@ def test_every_batch_hides_at_least_one_character_so_that_its_loss_is_a_number(s
         assert torch.equal(x == step.main.MASK, y >= 0)  # and each hidden character is a MASK in x
 
 
+@pytest.mark.main_needs("hide")
+def test_a_batch_is_cut_to_random_lengths_and_15_percent_of_its_real_characters_are_hidden(step):
+    x = torch.randint(2, 60, (400, 32))  # 0 and 1 are PAD and MASK
+    hidden, y = step.main.hide(x, torch.Generator().manual_seed(0))
+    pad = hidden == step.main.PAD
+    lengths = (~pad).sum(1)  # each row: real characters first, then PAD to the end
+    assert torch.equal(pad, torch.arange(32) >= lengths[:, None])
+    assert lengths.min() >= 16 and len(set(lengths.tolist())) > 10  # from S // 2 to S, drawn a row
+    masked = (hidden == step.main.MASK).sum().item() / (~pad).sum().item()
+    assert abs(masked - 0.15) < 0.01  # about 9,600 real characters: the fraction's sd is 0.0036, 3 of them 0.011
+    assert torch.equal(hidden[~pad & (y < 0)], x[~pad & (y < 0)])  # the others kept as they were
+
+
+@pytest.mark.main_needs("MaskedCharLM")
+def test_the_masked_lm_hides_the_pads_from_every_position_and_nothing_else(step):
+    torch.manual_seed(0)
+    model = step.main.MaskedCharLM(60, 32, 4, 2, 64, max_len=8, dropout=0.0).eval()
+    x = torch.tensor([[5, 1, 7, 0, 0], [5, 1, 7, 9, 1]])  # MASK (1) is a character to read; PAD (0) is not
+    short = model(x[:1, :3])  # the same row without its pads
+    torch.testing.assert_close(model(x)[0, :3], short[0], atol=1e-6, rtol=0)  # the pads change nothing real
+    assert not torch.allclose(model(x)[1, :3], short[0], atol=1e-3)  # but a 4th character does
+
+
 @pytest.mark.main_needs("hide", "evaluate")
 def test_validation_loss_is_one_cross_entropy_over_every_hidden_character(step):
     torch.manual_seed(0)

@@ -195,6 +195,18 @@ def test_both_tables_are_drawn_with_std_n_embd_to_the_minus_half(step):
 
 
 @pytest.mark.needs("GPTConfig", "GPT")
+def test_in_training_dropout_drops_the_embeddings_before_the_first_block_and_not_in_eval(step):
+    model = step.model.GPT(step.model.GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=2, n_embd=64,
+                                                dropout=0.5))
+    given = []  # what the first block is given: wte + wpe, dropped
+    model.transformer.h[0].register_forward_pre_hook(lambda block, args: given.append(args[0]))
+    model.train()(IDX)
+    model.eval()(IDX)
+    dropped = (given[0] == 0).float().mean().item()  # 2 x 6 x 64 = 768 draws at 0.5: sd 0.018, 0.1 is 5.5 sd
+    assert 0.4 < dropped < 0.6 and (given[1] == 0).sum() == 0
+
+
+@pytest.mark.needs("GPTConfig", "GPT")
 def test_loss_is_the_cross_entropy_of_the_logits_against_the_targets(step):
     model = small(step)
     targets = torch.randint(100, IDX.shape)
