@@ -106,7 +106,7 @@ def test_no_page_shows_a_markdown_backtick_outside_its_code(built, name):
     assert "`" not in prose, prose[max(0, prose.find("`") - 80):][:160]
 
 
-@pytest.mark.parametrize("name", ["01_embedding", "10_training", "17_fineweb_hellaswag"])
+@pytest.mark.parametrize("name", ["01_embedding", "10_training", "16_ddp", "17_fineweb_hellaswag"])
 def test_a_diarys_part_on_the_commands_edges_is_folded_after_the_lesson(built, name):
     diary = section((built / f"{name}.html").read_text(), "diary")
     lesson, edges = diary.split('<details class="edges"><summary><h3 id="diary-the-commands-edges">')
