@@ -53,6 +53,30 @@ def test_encoder_layer_matches_torch_transformer_encoder_layer(step):
     # torch's fast path, which zeroes them, never runs here)
 
 
+@torch.no_grad()
+def shrunk_norms(*layers):
+    """Each layer's LayerNorms but the last scaled by 0.1 (weight and bias): the next one then sees inputs of std ~0.1
+    too, and the last passes a change made in any of them on at full size."""
+    for layer in layers:
+        norms = [m for m in layer.modules() if isinstance(m, torch.nn.LayerNorm)]  # in the order of the sub-layers
+        for norm in norms[:-1]:
+            norm.weight.mul_(0.1)
+            norm.bias.mul_(0.1)
+
+
+@pytest.mark.needs("EncoderLayer")
+def test_encoder_layer_normalises_with_the_references_eps(step):
+    # LayerNorm divides by sqrt(var + eps), torch's and Marian's eps 1e-5. On the N(0, 1) inputs above an eps of 1e-6
+    # moves the outputs by 1.5e-5, near ATOL; with inputs of std 0.1 at every LayerNorm by 3.1e-4 or more, in either
+    # of them (measured, steps 03-06; 4.8e-7 to 7.2e-7 with 1e-5)
+    layer = step.model.EncoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
+    ref = torch_encoder_layer(32, 4, 64)
+    load_layer_into_torch(layer, ref)
+    shrunk_norms(layer, ref)
+    x = 0.1 * torch.randn(2, 4, 32)
+    torch.testing.assert_close(layer(x), ref(x), atol=ATOL, rtol=0)
+
+
 @pytest.mark.check("reference")
 @pytest.mark.needs("EncoderLayer", "padding_mask")
 def test_encoder_layer_matches_marian_encoder_layer(step):

@@ -11,7 +11,7 @@ from transformers.models.marian.modeling_marian import MarianDecoder
 
 from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state, \
     torch_decoder_layer
-from tests.test_block import PlusOne, layer_params
+from tests.test_block import PlusOne, layer_params, shrunk_norms
 from tests.test_steps import Bigram
 
 ATOL = 1e-5  # fp32, d_model 32: the same sums in another order (1.2e-6 measured through two layers)
@@ -47,6 +47,20 @@ def test_decoder_layer_matches_torch_transformer_decoder_layer(step):
     x, memory = torch.randn(2, 5, 32), torch.randn(2, 6, 32)
     expected = ref(x, memory, tgt_mask=~step.model.causal_mask(5)[0, 0], tgt_key_padding_mask=TGT == 0,
                    memory_key_padding_mask=SRC == 0)  # torch: True = may NOT attend
+    torch.testing.assert_close(layer(x, memory, *masks(step)), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("DecoderLayer")
+def test_decoder_layer_normalises_with_the_references_eps(step):
+    # torch's eps 1e-5 for all three LayerNorms (see test_block.py): 1e-6 in any one of them moves the outputs by
+    # 1.5e-4 or more (measured, steps 05-06)
+    layer = step.model.DecoderLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
+    ref = torch_decoder_layer(32, 4, 64)
+    load_layer_into_torch(layer, ref)
+    shrunk_norms(layer, ref)
+    x, memory = 0.1 * torch.randn(2, 5, 32), 0.1 * torch.randn(2, 6, 32)
+    expected = ref(x, memory, tgt_mask=~step.model.causal_mask(5)[0, 0], tgt_key_padding_mask=TGT == 0,
+                   memory_key_padding_mask=SRC == 0)
     torch.testing.assert_close(layer(x, memory, *masks(step)), expected, atol=ATOL, rtol=0)
 
 

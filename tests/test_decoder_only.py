@@ -1,4 +1,6 @@
 """Step 07's lesson: the decoder alone as a language model over GPT-2 BPE tokens, with a padding (attention) mask."""
+import argparse
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import MarianForCausalLM
 
+from shared import data
 from tests.refs import load_into_marian, load_layer_into_torch, marian_config, marian_state, torch_encoder_layer
-from tests.test_block import layer_params
+from tests.test_block import layer_params, shrunk_norms
 
 ATOL = 1e-5  # fp32, two layers of d_model 32: the references add the same products in another order (1.9e-6 measured)
 
@@ -108,6 +111,18 @@ def test_matches_torch_transformer_encoder_with_a_causal_mask(step):
     T = IDX.size(1)
     hidden = ref(model.embed(IDX), mask=nn.Transformer.generate_square_subsequent_mask(T), is_causal=True)
     torch.testing.assert_close(model(IDX), model.out_proj(hidden), atol=ATOL, rtol=0)
+
+
+@pytest.mark.needs("DecoderOnlyLayer", "causal_mask")
+def test_a_layer_normalises_with_the_references_eps(step):
+    # torch's eps 1e-5 for both LayerNorms (see test_block.py): 1e-6 in either moves the outputs by 4.1e-4 or more
+    layer = step.model.DecoderOnlyLayer(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
+    ref = torch_encoder_layer(32, 4, 64)
+    load_layer_into_torch(layer, ref)
+    shrunk_norms(layer, ref)
+    x = 0.1 * torch.randn(2, 6, 32)
+    expected = ref(x, src_mask=nn.Transformer.generate_square_subsequent_mask(6), is_causal=True)
+    torch.testing.assert_close(layer(x, step.model.causal_mask(6)), expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.needs("DecoderOnlyLM")
@@ -211,3 +226,41 @@ def test_generate_at_a_temperature_near_0_is_the_argmax_of_a_whole_forward_pass_
 def test_the_runs_prompts_are_padded_on_the_left_with_a_mask_of_their_real_tokens(step):
     idx, mask = step.main.pad_left([[7], [2, 3, 4]], 0)
     assert idx.tolist() == [[0, 0, 7], [2, 3, 4]] and mask.tolist() == [[0, 0, 1], [1, 1, 1]]
+
+
+class GenerateRecorder(nn.Module):
+    """Stands in for the run's model: keeps what show_samples hands to generate, and writes '..' after each prompt."""
+
+    def generate(self, idx, max_new_tokens, attention_mask=None, generator=None):
+        self.seen = {"training": self.training, "idx": idx, "attention_mask": attention_mask}
+        return torch.cat([idx, torch.full((idx.size(0), max_new_tokens), 13)], dim=1)  # (B, T + new): 13 is '.'
+
+
+def show_samples(step, capsys):
+    """The run's samples, written by the recorder (in training mode, as the loop leaves a model): (recorder, text)."""
+    model = GenerateRecorder().train()
+    step.main.show_samples(model, data.gpt2_tokenizer(), argparse.Namespace(device="cpu", seed=0, max_new_tokens=2))
+    return model, capsys.readouterr().out
+
+
+@pytest.mark.main_needs("show_samples")
+def test_the_runs_samples_are_drawn_in_eval_mode(step, capsys):
+    model, _ = show_samples(step, capsys)
+    assert model.seen["training"] is False  # dropout off while writing
+
+
+@pytest.mark.main_needs("show_samples")
+def test_the_runs_samples_are_drawn_with_a_mask_of_each_prompts_own_tokens(step, capsys):
+    model, _ = show_samples(step, capsys)
+    prompts = [data.gpt2_tokenizer().encode(p) for p in step.main.PROMPTS]
+    idx, mask = model.seen["idx"], model.seen["attention_mask"]  # (B, T) each
+    for i, ids in enumerate(prompts):
+        assert mask[i].tolist() == [0] * (idx.size(1) - len(ids)) + [1] * len(ids), f"prompt {i}"
+        assert idx[i, idx.size(1) - len(ids):].tolist() == ids, f"prompt {i}"
+
+
+@pytest.mark.main_needs("show_samples")
+def test_the_runs_samples_are_printed_without_their_padding(step, capsys):
+    _, out = show_samples(step, capsys)
+    samples = [s.strip("\n") for s in out.split("-" * 60 + "\n")[1:]]
+    assert samples == [p + ".." for p in step.main.PROMPTS]  # no <|endoftext|> pads before a prompt

@@ -95,6 +95,21 @@ def test_greedy_decode_picks_the_argmax_of_a_full_forward_pass_each_time(step):
 
 
 @pytest.mark.needs("Transformer")
+def test_greedy_decode_never_looks_at_the_sources_pads(step):
+    torch.manual_seed(0)
+    model = reading_context(small(step).eval(), "encoder.embed.tok.weight")
+    expected = model.greedy_decode(SRC, bos_id=1, eos_id=2, max_new_tokens=8)
+    encode = model.encode
+
+    def loud_pads(src):  # the memory at the source's pads (row 1's last 3) replaced by noise 100 times its size
+        memory, src_mask = encode(src)  # (B, S, d_model), (B, 1, 1, S)
+        return torch.where((src == 0)[..., None], 100 * torch.randn_like(memory), memory), src_mask
+
+    model.encode = loud_pads
+    assert torch.equal(model.greedy_decode(SRC, bos_id=1, eos_id=2, max_new_tokens=8), expected)
+
+
+@pytest.mark.needs("Transformer")
 def test_greedy_decode_pads_rows_after_their_eos_and_stops_when_all_are_done(step):
     model = small(step).eval()
     script = {0: [7, 2, 9, 9], 1: [7, 7, 2, 9]}  # row -> the token each decoding step makes most likely
