@@ -82,6 +82,13 @@ def test_a_40_iteration_run_cuts_the_loss_by_at_least_a_tenth(step, forty):
     assert (out / "loss.svg").exists() and "val_loss" in json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.main_needs("FixedMemoryDecoder")
+def test_the_run_counts_its_frozen_memory_among_its_parameters_and_says_how_many(step, forty):
+    _, printed, _, _ = forty(step)
+    frozen = (len(step.main.LETTERS) + 3) * 64  # the memory's token table at the default --d-model: 29 x 64
+    assert f"139,101 parameters ({frozen:,} of them frozen)" in printed  # diary 05's numbers
+
+
 @pytest.mark.main_needs("evaluate")
 @pytest.mark.main_mentions("gpt2_tokenizer")  # the language models over GPT-2's 50257 tokens: 07 on
 def test_first_loss_is_about_a_uniform_guess(step, forty):

@@ -93,8 +93,9 @@ def main(argv=None):
     tok = data.CharTokenizer(LETTERS, specials=("_", "<", ">"))  # PAD shows as _, BOS as <, EOS as >
     model = FixedMemoryDecoder(tok.vocab_size, args.d_model, args.n_heads, args.n_layers, args.d_ff,
                                args.max_letters + 2, args.dropout).to(args.device)
-    print(f"step {STEP} on {args.device}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"vocabulary of {tok.vocab_size} tokens")
+    frozen = sum(p.numel() for p in model.memory.parameters())  # the source's embedder: counted, never trained
+    print(f"step {STEP} on {args.device}: {sum(p.numel() for p in model.parameters()):,} parameters "
+          f"({frozen:,} of them frozen), vocabulary of {tok.vocab_size} tokens")
     src, tgt = reversal_batch(4, args.max_letters, gen)
     shapes.show(model, src.to(args.device), tgt[:, :-1].to(args.device), depth=3)
 
