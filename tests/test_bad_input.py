@@ -39,7 +39,7 @@ def refuses(step, argv, capsys, *words):
     ("--max-steps", "0"), ("--max-steps", "1.5"), ("--max-steps", "1000000001"),
     ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"),
     ("--lr", "3.5e37"),  # AdamW's first step size, 10 x lr, past float32's largest: an overflow in torch
-    ("--dropout", "1.5"), ("--dropout", "nan"), ("--batch-size", "0"), ("--log-every", "-1"),
+    ("--dropout", "1.5"), ("--dropout", "1"), ("--dropout", "nan"), ("--batch-size", "0"), ("--log-every", "-1"),
 ])
 def test_a_bad_value_is_refused_naming_the_flag(step, flag, value, capsys):
     refuses(step, [flag, value], capsys, f"argument {flag}", repr(value))

@@ -30,7 +30,8 @@ def test_the_peak_of_a_known_gpu_is_its_datasheet_dense_bf16(name, tflops):
     assert bench.cuda_peak(name, None)[0] == tflops
 
 
-@pytest.mark.parametrize("steps, batch", [(None, 16), (["17_fineweb_hellaswag", "18_kv_cache"], 64)])
+@pytest.mark.parametrize("steps, batch", [(None, 16), (["17_fineweb_hellaswag", "18_kv_cache"], 64),
+                                          (["10_training", "17_fineweb_hellaswag"], 16)])
 def test_a_gpus_batch_is_the_smallest_of_the_timed_steps_own(steps, batch):
     # at step 17's 64, step 10's fp32 attention scores alone would take 3.2 GB a layer
     assert bench.default_batch_size(steps or bench.default_steps(), "gpt2") == batch
@@ -507,13 +508,20 @@ def test_on_a_cpu_a_default_run_is_2_rounds_of_3_warm_up_and_3_timed_iterations(
 
 def test_a_rows_time_is_the_median_of_its_iterations_and_its_spread_the_range_of_its_round_medians(
         scripted_rows, tmp_path):
-    ms = {"15_grad_accum": [[100.0, 102.0], [110.0, 112.0], [104.0, 106.0]], "15_grad_accum again": [[105.0]] * 3}
+    ms = {"15_grad_accum": [[100.0, 101.0, 108.0], [110.0, 111.0, 118.0], [104.0, 105.0, 112.0]],  # a slow third
+          "15_grad_accum again": [[105.0]] * 3}
     scripted_rows(ms, "--steps", "15", "--rounds", "3", "--json", str(tmp_path / "b.json"))
     row, control = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert row["ms_per_iter"] == 105.0  # the median of the six timed iterations
-    assert row["round_ms"] == [101.0, 111.0, 105.0]
-    assert row["spread"] == round((111.0 - 101.0) / 105.0, 4)
+    assert row["ms_per_iter"] == 108.0  # the median of the nine timed iterations (their mean: 107.7)
+    assert row["round_ms"] == [101.0, 111.0, 105.0]  # medians, not means (103, 113, 107)
+    assert row["spread"] == round((111.0 - 101.0) / 108.0, 4)
     assert control["spread"] == 0.0
+
+
+def test_the_noise_line_says_how_far_the_control_is_from_its_row_over_that_rows_time(scripted_rows, tmp_path, capsys):
+    ms = {"15_grad_accum": [[100.0]], "15_grad_accum again": [[110.0]]}
+    scripted_rows(ms, "--steps", "15", "--rounds", "1", "--json", str(tmp_path / "b.json"))
+    assert "differs from 15_grad_accum by 10.0%;" in capsys.readouterr().out  # 10 / 100, not 10 / 110
 
 
 def test_a_rows_ms_are_its_own_not_scaled_by_the_clock_whose_median_it_shows(scripted_rows, tmp_path, capsys):
@@ -550,6 +558,12 @@ def test_a_row_without_a_clock_shows_a_dash_in_the_clock_column():
     row = {"step": "15_grad_accum", "ms_per_iter": 50.0, "spread": 0.0, "clock_ms_median": None, "tok_per_s": 1.0,
            "mfu": None, "peak_mem_mb": 1.0, "dtype": "bf16", "compile_s": None, "lesson": "x"}
     assert re.search(r"^15_grad_accum +50\.0 +0\.0% +- +1 ", bench.table([row], 1), re.M)
+
+
+def test_a_rows_spread_is_shown_in_percent():
+    row = {"step": "15_grad_accum", "ms_per_iter": 50.0, "spread": 0.123, "clock_ms_median": None, "tok_per_s": 1.0,
+           "mfu": None, "peak_mem_mb": 1.0, "dtype": "bf16", "compile_s": None, "lesson": "x"}
+    assert re.search(r"^15_grad_accum +50\.0 +12\.3% ", bench.table([row], 1), re.M)
 
 
 def test_a_long_row_name_keeps_the_table_columns_aligned():

@@ -129,6 +129,20 @@ def test_a_prepare_stopped_after_two_shards_goes_on_to_the_shards_of_one_run(sou
     assert all(p.read_bytes() == (tmp_path / "split" / p.name).read_bytes() for p in whole)  # manifest too
 
 
+def test_a_prepare_stopped_inside_a_document_that_spans_several_shards_goes_on_to_the_shards_of_one_run(
+        documents, tmp_path, monkeypatch):
+    source = tmp_path / "long.jsonl"  # a first document of over 6,000 tokens: shards 0, 1 and 2 cut it
+    long = [" ".join(documents[:200]), *documents[200:240]]
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in long))
+    prepare(source, tmp_path / "whole")
+    stopped_at_the_third_shard(monkeypatch, source, tmp_path / "split")
+    prepare(source, tmp_path / "split")
+    manifest = shards.read_manifest(tmp_path / "split")
+    assert [s["next"][0] for s in manifest["shards"][:3]] == [0, 0, 0]  # the resumed document cut again
+    assert manifest == shards.read_manifest(tmp_path / "whole")  # where each shard ends in it: as one run records
+    assert every_token(tmp_path / "split").tobytes() == every_token(tmp_path / "whole").tobytes()
+
+
 def test_max_tokens_stops_there(sources, tmp_path):
     manifest = prepare(sources["jsonl"], tmp_path, max_tokens=5_000)
     assert [s["tokens"] for s in manifest["shards"]] == [2_000, 2_000, 1_000]
@@ -159,6 +173,13 @@ def test_making_shards_where_another_process_is_making_them_is_refused_in_one_li
     assert exit.value.code == f"error: another process is making shards in {tmp_path} now: wait for it to end, or " \
         "give this one another --out"
     assert prepare(sources["jsonl"], tmp_path)["complete"]  # once the other has let go, the same command runs
+
+
+def test_two_makers_of_one_directory_cannot_both_hold_it(tmp_path):
+    # the lock is an exclusive one: a shared one would let both in
+    with shards.one_maker(tmp_path, wait=False), pytest.raises(SystemExit, match="another process is making shards"), \
+            shards.one_maker(tmp_path, wait=False):
+        pass
 
 
 def test_other_settings_in_the_same_directory_are_refused(sources, tmp_path):
@@ -217,6 +238,19 @@ def test_a_shard_of_another_dtype_is_named(sources, tmp_path, dtype):
     path = tmp_path / "docs_train_000001.npy"
     np.save(path, np.load(path).astype(dtype))
     refused(lambda: shards.shard_files(tmp_path), str(path), dtype, "uint16")
+
+
+def test_a_shard_of_two_dimensions_is_named(sources, tmp_path):
+    prepare(sources["jsonl"], tmp_path)
+    path = tmp_path / "docs_train_000001.npy"
+    np.save(path, np.load(path)[:, None])  # (2000, 1): uint16, and 2,000 long, as its manifest says
+    refused(lambda: shards.shard_files(tmp_path), str(path), "of shape (2000, 1), not a 1-D array")
+
+
+def test_token_ids_up_to_endoftext_pass_and_the_first_past_it_is_named():
+    shards.check_ids(np.array([0, 50_256], dtype=np.uint16), "a shard")  # <|endoftext|>, GPT-2's last id
+    with pytest.raises(SystemExit, match="a shard holds token id 50,257, past GPT-2's last, 50,256"):
+        shards.check_ids(np.array([0, 50_257], dtype=np.uint16), "a shard")
 
 
 def test_a_damaged_manifest_is_named(sources, tmp_path):
@@ -404,6 +438,16 @@ def test_a_shortened_shard_is_made_again_by_running_make_data_again(sources, tmp
     path = tmp_path / "docs_train_000002.npy"
     made = path.read_bytes()
     np.save(path, np.load(path)[:100])  # a whole .npy, but shorter than the manifest says
+    prepare(sources["jsonl"], tmp_path)
+    assert "making it, and those after it, again" in capsys.readouterr().out
+    assert path.read_bytes() == made
+
+
+def test_a_lengthened_shard_is_made_again_by_running_make_data_again(sources, tmp_path, capsys):
+    prepare(sources["jsonl"], tmp_path)
+    path = tmp_path / "docs_train_000002.npy"
+    made = path.read_bytes()
+    np.save(path, np.concatenate([np.load(path), np.load(path)[:100]]))  # longer than the manifest says
     prepare(sources["jsonl"], tmp_path)
     assert "making it, and those after it, again" in capsys.readouterr().out
     assert path.read_bytes() == made

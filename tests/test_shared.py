@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -232,6 +233,22 @@ def test_a_download_that_cannot_be_saved_leaves_no_part_file(tmp_path, monkeypat
     with pytest.raises(SystemExit, match=r"could not be downloaded \(\[Errno 28\] No space left on device"):
         data.shakespeare()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_download_makes_the_data_directory_when_there_is_none_and_saves_the_file_there(tmp_path, monkeypatch):
+    blob = data.shakespeare().encode()  # the real file's bytes: its checksum passes
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path / "new" / "data"))  # as data/ in a fresh clone: not there yet
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: Response(lambda: blob))
+    assert data.shakespeare().encode() == blob
+    assert (tmp_path / "new" / "data" / "tinyshakespeare.txt").read_bytes() == blob
+
+
+def test_a_data_file_that_cannot_be_read_is_said_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2STEPS_DATA", str(tmp_path))
+    (tmp_path / "tinyshakespeare.txt").mkdir()  # there, but not a file
+    with pytest.raises(SystemExit) as exit:
+        data.shakespeare()
+    assert str(exit.value.code) == f"error: cannot read {tmp_path / 'tinyshakespeare.txt'} (Is a directory)"
 
 
 def test_gpt2_tokenizer_works_offline_with_gpt2_ids():
@@ -572,6 +589,18 @@ def test_make_curves_leaves_out_a_row_with_a_loss_that_is_not_a_number(tmp_path,
     assert "1 line that is not a row of make step's log left out" in capsys.readouterr().err
 
 
+def test_make_curves_leaves_out_a_row_without_an_iteration_number(tmp_path, capsys):
+    a = a_run(tmp_path / "r", [3.0, 2.0, 1.0])
+    (a / "metrics.jsonl").write_text((a / "metrics.jsonl").read_text() + '{"loss": 0.5}\n{"iter": "3", "loss": 0.5}\n')
+    curves.main([str(a), "--out", str(tmp_path / "c.svg")])
+    assert "2 lines that are not rows of make step's log left out" in capsys.readouterr().err
+
+
+def test_a_curve_of_one_point_is_drawn_as_a_dot():
+    svg = runlog.loss_svg({"a run validation": [(10, 2.0)], "a run train": [(0, 3.0), (10, 2.1)]})
+    assert svg.count("<circle") == 1 and svg.count("<polyline") == 1  # a polyline of one point shows nothing
+
+
 def test_make_curves_says_a_metrics_file_it_cannot_read_in_one_line(tmp_path, capsys):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.jsonl").symlink_to("/proc/self/mem")  # a file that is there but fails to read (EIO)
@@ -740,6 +769,14 @@ def test_the_eta_leaves_out_the_first_iterations_start_up_cost(tmp_path, capsys,
     assert capsys.readouterr().out.splitlines()[-1].endswith("| 1:41 elapsed, eta 0:08")
 
 
+def test_run_log_stops_at_an_infinite_loss_as_at_a_nan(tmp_path):
+    log = runlog.RunLog(tmp_path, total=10)
+    log.log(0, 2.5, 0.5)
+    with pytest.raises(SystemExit) as exit:
+        log.log(1, float("inf"), 0.5)
+    assert str(exit.value.code).startswith("error: the loss is inf at iteration 1 (lr 0.5)")
+
+
 def test_run_log_stops_at_a_nan_loss_naming_the_iteration_and_the_lr(tmp_path):
     log = runlog.RunLog(tmp_path, total=10)
     log.log(0, 2.5, 0.5)
@@ -839,6 +876,20 @@ def test_run_log_ends_with_the_median_speed_of_this_runs_iterations_only(tmp_pat
             in capsys.readouterr().out)
 
 
+def test_run_log_times_the_iteration_after_an_evaluation_from_the_evaluations_end(tmp_path, monkeypatch):
+    now = [0.0]  # the clock, in seconds
+    monkeypatch.setattr(runlog, "time", argparse.Namespace(perf_counter=lambda: now[0]))
+    log = runlog.RunLog(tmp_path, total=100, every=1000)
+    now[0] = 0.010
+    log.log(0, 1.0, 0.1, tokens=100)  # 10 ms
+    now[0] = 0.040
+    log.log_val(0, 1.0)  # an evaluation of 30 ms
+    now[0] = 0.070
+    log.log(1, 1.0, 0.1, tokens=100)  # 30 ms after the evaluation
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("ms") for r in rows] == [10.0, None, 30.0]  # not 60: the evaluation's 30 ms are not iteration 1's
+
+
 def test_run_log_summary_is_valid_json_whatever_the_values(tmp_path):
     log = runlog.RunLog(tmp_path, total=1)
     log.close(val_loss=float("inf"), ok=1.0)
@@ -860,6 +911,12 @@ def test_the_largest_learning_rate_is_the_one_whose_first_adamw_step_size_fits_i
         cli.learning_rate("3.5e37")
     with pytest.raises(RuntimeError, match="overflow"):  # what the refusal saves a learner from
         torch.optim.AdamW([p], lr=3.5e37).step()
+
+
+@pytest.mark.parametrize("text", ["0", str(2**32 - 1)])
+def test_seed_takes_every_seed_torch_takes_from_0_to_2_to_the_32_minus_1(text):
+    assert cli.seed(text) == int(text)
+    torch.manual_seed(int(text))
 
 
 @pytest.mark.parametrize("text", ["-1", str(2**32), "99999999999999999999999", "1.5"])
@@ -962,6 +1019,14 @@ def test_a_setting_only_one_of_two_steps_has_is_said_to_be_missing_not_shown_as_
                                                 "  dtype: no such setting in the checkpoint, 'bf16' now"]
 
 
+@pytest.mark.parametrize("summary", ["{", "[1]", '{"interrupted": 3}', ""])  # cut off, edited, another run's
+def test_a_damaged_summary_beside_the_checkpoint_leaves_the_settings_refusal_as_it_is(tmp_path, summary):
+    (tmp_path / "summary.json").write_text(summary)  # where a Ctrl-C's resume command would be
+    with pytest.raises(SystemExit) as exit:
+        checkpoint.check_config(tmp_path, {"step": "10_training"}, {"step": "11_mixed_precision"})
+    assert exit.value.code.splitlines()[1:] == ["  step: '10_training' in the checkpoint, '11_mixed_precision' now"]
+
+
 def test_a_fresh_run_log_refuses_a_directory_with_a_checkpoint_and_leaves_its_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 1.0}\n')
     torch.save({"iter": 4}, tmp_path / "checkpoint.pt")
@@ -1060,6 +1125,13 @@ def test_a_shortened_flag_gets_every_flag_it_begins_and_a_misspelt_one_the_neare
     with pytest.raises(SystemExit):
         p.parse_args([typed, "3"])
     assert f"unrecognized arguments: {typed} 3 (did you mean {meant}?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["Hi!", "$HOME", "a`b`", "a\\b"])
+def test_make_args_puts_a_value_a_terminal_would_expand_in_single_quotes(value):
+    # in double quotes a terminal still acts on $, ` and a backslash, and an interactive bash on ! (its history)
+    args = cli.make_args(["--prompt", value])
+    assert args.startswith("ARGS='") and shlex.split(shlex.split(args)[0].split("=", 1)[1]) == ["--prompt", value]
 
 
 def test_make_args_puts_a_value_with_an_apostrophe_in_escaped_double_quotes():

@@ -412,12 +412,28 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_work(step, tmp_pat
 
 @pytest.mark.main_needs("Loader")
 @pytest.mark.first_and_last  # shared/checkpoint.py's load and check, which every trainer calls alike
-@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "no checkpoint", "a pickled object", "no iter",
-                                    "a config that is not a dict", "no cpu rng", "no param groups", "a nan weight",
-                                    "a negative loader position", "an rng state of floats", "a weight missing",
-                                    "a weight of another shape", "an empty list of param groups",
-                                    "an rng state cut short"])
-def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, damage, finished):
+@pytest.mark.parametrize("damage, said", [
+    ("truncated", "cut short: the write that made it did not finish"),
+    ("not a checkpoint", "not the zip archive that torch.save writes"),
+    ("no checkpoint", "no checkpoint to resume from"),
+    ("a pickled object", "weights_only=True builds none"),
+    ("not a dict", "not a dict of the run's state"),
+    ("no iter", "(no iter of the right kind)"),
+    ("a config that is not a dict", "(no config of the right kind)"),
+    ("no cpu rng", "its rng or optimizer is not as a step saves it"),
+    ("no param groups", "its rng or optimizer is not as a step saves it"),
+    ("an rng state of floats", "its rng or optimizer is not as a step saves it"),
+    ("a nan weight", "has nan or inf in"),
+    ("an inf weight", "has nan or inf in"),
+    ("a negative loader position", "a step saves neither below 0"),
+    ("a weight missing", "does not fit this run"),  # these four pass torch.load and the checks of checkpoint.load
+    ("a weight of another shape", "does not fit this run"),
+    ("an empty list of param groups", "does not fit this run"),
+    ("an rng state cut short", "does not fit this run"),
+    ("a param group without its params", "does not fit this run"),  # a KeyError in torch's load_state_dict
+    ("a param group that is not a dict", "does not fit this run")])  # a TypeError there
+def test_a_damaged_checkpoint_gets_one_line_that_says_what_is_wrong_not_a_traceback(step, tmp_path, damage, said,
+                                                                                     finished):
     finished(step, tmp_path)
     path = tmp_path / checkpoint.NAME
     if damage == "truncated":
@@ -428,9 +444,11 @@ def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, dama
         path.unlink()
     elif damage == "a pickled object":  # weights_only=True refuses to build objects: loading cannot run its code
         torch.save({"config": {}, "hook": subprocess.Popen}, path)
-    elif damage == "a nan weight":  # a bit flipped on disk, or a run's state edited by hand
+    elif damage == "not a dict":
+        torch.save([1, 2], path)
+    elif damage in ("a nan weight", "an inf weight"):  # a bit flipped on disk, or a run's state edited by hand
         state = torch.load(path, weights_only=True)
-        next(iter(state["model"].values()))[0] = float("nan")
+        next(iter(state["model"].values()))[0] = float("nan" if damage == "a nan weight" else "inf")
         torch.save(state, path)
     else:  # readable, but not what a step saves
         state = torch.load(path, weights_only=True) | {"iter": 1}  # one iteration of 3 done: there is work to resume
@@ -444,7 +462,7 @@ def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, dama
             state["loader"] = -10**9
         elif damage == "an rng state of floats":
             state["rng"]["cpu"] = state["rng"]["cpu"].float()
-        elif damage == "a weight missing":  # the next four pass torch.load and the checks of checkpoint.load
+        elif damage == "a weight missing":
             del state["model"]["transformer.wte.weight"]
         elif damage == "a weight of another shape":
             state["model"]["transformer.wte.weight"] = state["model"]["transformer.wte.weight"][:-1]
@@ -452,13 +470,17 @@ def test_a_damaged_checkpoint_gets_one_line_not_a_traceback(step, tmp_path, dama
             state["optimizer"]["param_groups"] = []
         elif damage == "an rng state cut short":
             state["rng"]["cpu"] = state["rng"]["cpu"][:100]
+        elif damage == "a param group without its params":
+            del state["optimizer"]["param_groups"][0]["params"]
+        elif damage == "a param group that is not a dict":
+            state["optimizer"]["param_groups"][0] = 7
         else:
             del state["optimizer"]["param_groups"]
         torch.save(state, path)
     with pytest.raises(SystemExit) as exit:  # the finished run's own command, resumed
         run(step, tmp_path, "--max-steps", "3", "--eval-every", "2", "--lr", "1e-3", "--resume", str(tmp_path))
     assert str(exit.value.code).startswith("error: ") and str(path) in str(exit.value.code)
-    assert "\n" not in str(exit.value.code)
+    assert said in str(exit.value.code) and "\n" not in str(exit.value.code)
 
 
 @pytest.mark.main_needs("Loader")
