@@ -458,17 +458,20 @@ def scripted_rows(monkeypatch):
     """bench.main with the workers replaced: each run of a row returns the next of the ms lists given for it."""
     def script(ms_by_row: dict, *flags, peak="1"):
         """ms_by_row: a row's label -> one entry a run: its ms, or (its ms, the clock beside each), or (its ms, the
-        clock, the page faults of each). script.specs: what each worker was asked."""
+        clock, the page faults of each), or {"ms": ..., "peak_mem_mb": ...} (1.0 otherwise). script.specs: what each
+        worker was asked."""
         asked, left = [], {k: list(v) for k, v in ms_by_row.items()}
         script.specs = []
 
         def run_worker(spec, label):
             asked.append((label, spec["compile"]))
             script.specs.append(spec)
-            ms, clock, faults = left[label].pop(0), None, None
+            ms, clock, faults, peak_mem = left[label].pop(0), None, None, 1.0
+            if isinstance(ms, dict):
+                ms, peak_mem = ms["ms"], ms["peak_mem_mb"]
             if isinstance(ms, tuple):
                 ms, clock, faults = (*ms, None)[:3]
-            row = {"ms": ms, "compile_s": None, "compile": "no", "dtype": "fp32", "peak_mem_mb": 1.0}
+            row = {"ms": ms, "compile_s": None, "compile": "no", "dtype": "fp32", "peak_mem_mb": peak_mem}
             row.update({"faults": faults} if faults else {})
             return {**row, "clock_ms": clock, "clock_dtype": "float32"} if clock else row
         monkeypatch.setattr(bench, "run_worker", run_worker)
@@ -516,6 +519,13 @@ def test_a_rows_time_is_the_median_of_its_iterations_and_its_spread_the_range_of
     assert row["round_ms"] == [101.0, 111.0, 105.0]  # medians, not means (103, 113, 107)
     assert row["spread"] == round((111.0 - 101.0) / 108.0, 4)
     assert control["spread"] == 0.0
+
+
+def test_a_rows_peak_memory_is_the_largest_of_its_rounds(scripted_rows, tmp_path):
+    ms = {"15_grad_accum": [{"ms": [1.0], "peak_mem_mb": 5.0}, {"ms": [1.0], "peak_mem_mb": 7.0}],
+          "15_grad_accum again": [[1.0]] * 2}
+    scripted_rows(ms, "--steps", "15", "--rounds", "2", "--json", str(tmp_path / "b.json"))
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["peak_mem_mb"] == 7.0  # what the row needs
 
 
 def test_the_noise_line_says_how_far_the_control_is_from_its_row_over_that_rows_time(scripted_rows, tmp_path, capsys):

@@ -596,6 +596,18 @@ def test_make_curves_leaves_out_a_row_without_an_iteration_number(tmp_path, caps
     assert "2 lines that are not rows of make step's log left out" in capsys.readouterr().err
 
 
+def test_a_metrics_file_whose_last_line_is_cut_off_ends_its_curve_at_the_line_before(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 3.0}\n{"iter": 1, "lo')  # a run killed mid-write
+    rows, notes = runlog.metrics_rows(tmp_path / "metrics.jsonl")
+    assert rows == [{"iter": 0, "loss": 3.0}] and notes == [
+        "its last line is cut off (a run that was stopped?): the curve ends at the line before"]
+
+
+def test_a_metrics_file_of_one_bad_line_is_not_called_cut_off(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("not json\n")  # never a log: nothing before it was a row
+    assert runlog.metrics_rows(tmp_path / "metrics.jsonl") == ([], ["1 line that is not a row of make step's log left out"])
+
+
 def test_a_curve_of_one_point_is_drawn_as_a_dot():
     svg = runlog.loss_svg({"a run validation": [(10, 2.0)], "a run train": [(0, 3.0), (10, 2.1)]})
     assert svg.count("<circle") == 1 and svg.count("<polyline") == 1  # a polyline of one point shows nothing
