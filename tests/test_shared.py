@@ -781,22 +781,15 @@ def test_the_eta_leaves_out_the_first_iterations_start_up_cost(tmp_path, capsys,
     assert capsys.readouterr().out.splitlines()[-1].endswith("| 1:41 elapsed, eta 0:08")
 
 
-def test_run_log_stops_at_an_infinite_loss_as_at_a_nan(tmp_path):
+@pytest.mark.parametrize("loss", ["nan", "inf"])
+def test_run_log_stops_at_a_nan_or_infinite_loss_naming_the_iteration_and_the_lr(tmp_path, loss):
     log = runlog.RunLog(tmp_path, total=10)
     log.log(0, 2.5, 0.5)
     with pytest.raises(SystemExit) as exit:
-        log.log(1, float("inf"), 0.5)
-    assert str(exit.value.code).startswith("error: the loss is inf at iteration 1 (lr 0.5)")
-
-
-def test_run_log_stops_at_a_nan_loss_naming_the_iteration_and_the_lr(tmp_path):
-    log = runlog.RunLog(tmp_path, total=10)
-    log.log(0, 2.5, 0.5)
-    with pytest.raises(SystemExit) as exit:
-        log.log(1, float("nan"), 0.5)
-    assert str(exit.value.code).startswith("error: the loss is nan at iteration 1 (lr 0.5)")
-    summary = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no NaN in it
-    assert summary == {"diverged": {"iter": 1, "loss": "nan", "lr": 0.5}}
+        log.log(1, float(loss), 0.5)
+    assert str(exit.value.code).startswith(f"error: the loss is {loss} at iteration 1 (lr 0.5)")
+    summary = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no NaN or Infinity in it
+    assert summary == {"diverged": {"iter": 1, "loss": loss, "lr": 0.5}}
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["loss"] is None
 
