@@ -504,9 +504,19 @@ def test_each_rank_restores_its_gpus_generator_from_rank_0s_first_gpu(step, monk
     cpu, first, second = torch.get_rng_state(), torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)
     step.main.restore_rng({"cpu": cpu, "cuda": [first, second]}, CUDA1)  # rank 1, on GPU 1
     assert len(restored) == 1 and restored[0][0] is first and restored[0][1] == CUDA1
-    step.main.restore_rng({"cpu": cpu, "cuda": []}, CUDA1)  # saved on a CPU: the GPU keeps its seeded generator
-    step.main.restore_rng({"cpu": cpu, "cuda": [first]}, CPU)  # saved on a GPU, resumed on a CPU
-    assert len(restored) == 1
+
+
+@pytest.mark.main_needs("restore_rng")
+@pytest.mark.parametrize("saved_gpus, device", [
+    (0, CUDA1),  # saved on a CPU, resumed on a GPU: the GPU keeps its seeded generator
+    (1, CPU),  # saved on a GPU, resumed on a CPU: there is no GPU generator to restore
+])
+def test_a_gpu_generator_is_restored_only_where_one_was_saved_and_one_is_used(step, monkeypatch, saved_gpus, device):
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    step.main.restore_rng({"cpu": torch.get_rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * saved_gpus},
+                          device)
+    assert restored == []
 
 
 def test_make_step_refuses_nproc_for_a_step_that_runs_as_one_process():

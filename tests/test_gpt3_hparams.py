@@ -81,68 +81,81 @@ def test_adams_first_step_moves_every_weight_by_about_lr_whatever_the_size_of_it
     assert torch.all((moved[big] > 1e-3 * (1 - 1e-3) - ulp) & (moved[big] < 1e-3 + ulp))  # ... the same step
 
 
-@pytest.mark.main_needs("lr_at")
-@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
-def test_a_run_logs_the_scheduled_lr_and_a_clipped_step(step, tmp_path, monkeypatch):
-    clips, clip = [], torch.nn.utils.clip_grad_norm_
-    def recording_clip(parameters, max_norm, *rest, **kwargs):
-        norm = clip(parameters, max_norm, *rest, **kwargs)
-        clips.append((max_norm, norm.item()))
-        return norm
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
-    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "6", "--warmup-steps", "2",
-                    "--lr", "1e-3", "--out", str(tmp_path)])
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    args = SimpleNamespace(lr=1e-3, warmup_steps=2, max_steps=6)
-    assert [r["lr"] for r in rows] == [step.main.lr_at(it, args) for it in range(6)]
-    assert [max_norm for max_norm, _ in clips] == [step.main.CLIP] * 6  # one clip an optimizer step, to norm 1.0
-    assert [r["grad_norm"] for r in rows] == [norm for _, norm in clips]  # the log shows the norm before the clip
-
-
 @pytest.fixture(scope="session")
 def optimizer_steps(tmp_path_factory):
-    """optimizer_steps(step): what each AdamW step of a 6-iteration fp32 run (warmup 2, --lr 1e-3) was given, seen
-    as it begins: the lr, betas and eps of every group and the norm of all the gradients; and the norms the run
-    logged, before clipping (made once a step)."""
+    """optimizer_steps(step): a 6-iteration fp32 run (warmup 2, --lr 1e-3), made once a step and seen three ways.
+    .steps: what each AdamW step was given, seen as it begins: the lr, betas and eps of every group and the norm of
+    all the gradients. .clips: each clip_grad_norm_ call's max_norm and the norm it returned (the one before the
+    clip). .logged: the run's metrics rows."""
     runs = {}
 
     def steps_of(step):
         if step.name not in runs:
-            seen, out = [], tmp_path_factory.mktemp("opt")
+            seen, clips, out = [], [], tmp_path_factory.mktemp("opt")
+            clip = torch.nn.utils.clip_grad_norm_
 
             def record(opt, args, kwargs):
                 grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
                 seen.append(([(g["lr"], g["betas"], g["eps"]) for g in opt.param_groups],
                              torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()))
+
+            def recording_clip(parameters, max_norm, *rest, **kwargs):
+                norm = clip(parameters, max_norm, *rest, **kwargs)
+                clips.append((max_norm, norm.item()))
+                return norm
             hook = register_optimizer_step_pre_hook(record)  # every optimizer's step
             try:
-                step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "6",
-                                "--warmup-steps", "2", "--lr", "1e-3", "--dtype", "fp32", "--out", str(out)])
+                with pytest.MonkeyPatch.context() as m:
+                    m.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+                    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "6",
+                                    "--warmup-steps", "2", "--lr", "1e-3", "--dtype", "fp32", "--out", str(out)])
             finally:
                 hook.remove()
-            runs[step.name] = seen, [json.loads(line)["grad_norm"] for line in
-                                     (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+            runs[step.name] = SimpleNamespace(steps=seen, clips=clips, logged=[
+                json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line])
         return runs[step.name]
 
     return steps_of
 
 
+SCHEDULE = SimpleNamespace(lr=1e-3, warmup_steps=2, max_steps=6)  # optimizer_steps' run
+
+
 @pytest.mark.main_needs("lr_at")
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_every_optimizer_step_uses_the_scheduled_lr_and_gpt3s_betas_and_eps(step, optimizer_steps):
-    args = SimpleNamespace(lr=1e-3, warmup_steps=2, max_steps=6)
-    assert [groups for groups, _ in optimizer_steps(step)[0]] == [
-        [(step.main.lr_at(it, args), step.main.BETAS, step.main.EPS)] * 2 for it in range(6)]  # both groups alike
+    assert [groups for groups, _ in optimizer_steps(step).steps] == [
+        [(step.main.lr_at(it, SCHEDULE), step.main.BETAS, step.main.EPS)] * 2 for it in range(6)]  # both groups alike
+
+
+@pytest.mark.main_needs("lr_at")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_the_log_shows_the_scheduled_lr_of_each_iteration(step, optimizer_steps):
+    assert [r["lr"] for r in optimizer_steps(step).logged] == [step.main.lr_at(it, SCHEDULE) for it in range(6)]
+
+
+@pytest.mark.main_needs("lr_at")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_every_optimizer_step_calls_the_clip_once_with_max_norm_1(step, optimizer_steps):
+    assert [max_norm for max_norm, _ in optimizer_steps(step).clips] == [step.main.CLIP] * 6  # step.main.CLIP: 1.0
 
 
 @pytest.mark.main_needs("lr_at")
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_every_optimizer_step_is_given_gradients_clipped_to_norm_1(step, optimizer_steps):
-    steps, before_clipping = optimizer_steps(step)
-    assert len(steps) == 6 and min(before_clipping) > 1.05 * step.main.CLIP  # each step's needed it (1.13 at least)
+    run = optimizer_steps(step)
+    before_clipping = [r["grad_norm"] for r in run.logged]
+    assert len(run.steps) == 6 and min(before_clipping) > 1.05 * step.main.CLIP  # each step's needed it (1.13 at least)
     # fp32: the clipped norm, recomputed. Measured 1 - 6e-7 at most (clip_grad_norm_ scales by 1 / (norm + 1e-6));
     # 1e-5 is some 80 rounding steps at 1.
-    assert max(norm for _, norm in steps) <= step.main.CLIP * (1 + 1e-5)
+    assert max(norm for _, norm in run.steps) <= step.main.CLIP * (1 + 1e-5)
+
+
+@pytest.mark.main_needs("lr_at")
+@pytest.mark.usefixtures("first_twentieth_of_the_corpus")
+def test_the_log_shows_the_gradient_norm_before_the_clip(step, optimizer_steps):
+    run = optimizer_steps(step)
+    assert [r["grad_norm"] for r in run.logged] == [norm for _, norm in run.clips]  # what clip_grad_norm_ returned
 
 
 @pytest.mark.main_needs("lr_at")

@@ -227,11 +227,17 @@ def interrupted(tmp_path_factory):
 
 
 @pytest.mark.main_needs("Loader")
+def test_ctrl_c_stops_after_the_iteration_it_came_in_and_says_how_to_resume(step, interrupted):
+    stopped, code, said = interrupted(step)  # Ctrl-C as iteration 3 is logged
+    assert code == 130  # 128 + SIGINT, as a shell reports Ctrl-C
+    assert "interrupted: 4 iterations done" in said and f"--resume {stopped}" in said
+    assert len(metrics(stopped)[0]) == 4
+
+
+@pytest.mark.main_needs("Loader")
 def test_a_run_stopped_by_ctrl_c_and_resumed_logs_the_losses_of_one_run(step, tmp_path, interrupted):
     whole = run(step, tmp_path / "whole", *SIX)
-    stopped, code, said = interrupted(step)
-    assert code == 130 and "interrupted: 4 iterations done" in said and "--resume" in said
-    assert len(metrics(stopped)[0]) == 4
+    stopped, _, _ = interrupted(step)
     shutil.copytree(stopped, tmp_path / "split")  # resumed in a copy: the stopped run stays for the next test
     resumed = run(step, tmp_path / "split", *SIX, "--resume", str(tmp_path / "split"))
     assert resumed == whole  # every training loss and every validation loss, digit for digit
@@ -654,11 +660,21 @@ def test_tokens_per_second_are_the_tokens_of_an_optimizer_step_over_its_time(ste
 
 @pytest.mark.main_needs("Loader")
 def test_a_finished_run_leaves_metrics_a_checkpoint_and_the_model(step, tmp_path, finished):
-    losses, vals = metrics(finished(step, tmp_path))  # --max-steps 3 --eval-every 2
-    assert [i for i, _ in losses] == [0, 1, 2] and [i for i, _ in vals] == [1, 2]
+    finished(step, tmp_path)
     written = {p.name for p in tmp_path.iterdir()}
     assert {"metrics.jsonl", "summary.json", "loss.svg", checkpoint.NAME, "model"} <= written
     assert "validation" in (tmp_path / "loss.svg").read_text()  # both curves in the picture
+
+
+@pytest.mark.main_needs("Loader")
+def test_a_finished_runs_metrics_have_every_iteration_and_every_evaluation(step, tmp_path, finished):
+    losses, vals = metrics(finished(step, tmp_path))  # --max-steps 3 --eval-every 2: the last iteration evaluates too
+    assert [i for i, _ in losses] == [0, 1, 2] and [i for i, _ in vals] == [1, 2]
+
+
+@pytest.mark.main_needs("Loader")
+def test_a_finished_run_prints_its_preset_and_a_sample(step, finished):
+    finished.made(step)
     assert "preset tiny" in finished.printed[step.name] and "ROMEO:" in finished.printed[step.name]  # header, sample
 
 
