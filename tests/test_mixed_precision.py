@@ -1,5 +1,6 @@
 """Step 11's lesson and every trainer after it: bf16 autocast where the hardware computes in bf16, fp32 elsewhere,
 TF32 matmuls on CUDA, and a log that says which and why."""
+import platform
 from types import SimpleNamespace
 
 import pytest
@@ -64,6 +65,16 @@ def test_bf16_is_native_on_a_cpu_with_avx512_bf16_or_amx(monkeypatch, flags, nat
     monkeypatch.setattr(device, "cpu_flags", lambda: flags)
     ok, why = device.bf16_native(CPU)
     assert ok is native and (("has" in why) if native else ("emulated" in why))
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
+                    reason="x86 Linux lists its CPU's features on a flags line of /proc/cpuinfo")
+def test_the_cpus_flags_are_read_from_linuxs_cpuinfo():
+    assert {"fpu", "sse2"} <= device.cpu_flags()  # in every x86-64 CPU's flags
+
+
+def test_bf16_is_not_chosen_automatically_on_mps():
+    assert device.bf16_native(torch.device("mps")) == (False, "bf16 autocast is not chosen automatically on mps")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,27 @@ def test_unknown_step_prints_the_list_and_exits_nonzero():
     for n in ("99", "", "embedding", "²", "٨"):  # digits to str.isdigit, not to int() or a learner
         r = sh(sys.executable, "-m", "shared.steps", "resolve", n)
         assert r.returncode == 2 and "01_embedding" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("n, said", [("99", "error: unknown step '99'. The steps are:"),
+                                     ("", "error: no step given (use N=08). The steps are:")])
+def test_an_unknown_step_and_no_step_at_all_are_told_apart(n, said):
+    assert sh(sys.executable, "-m", "shared.steps", "resolve", n).stderr.startswith(said)
+
+
+def test_the_step_registry_lists_every_pinned_dependency_for_make_to_install():
+    pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sh(sys.executable, "-m", "shared.steps", "deps").stdout.split() == pinned
+
+
+def test_the_step_registry_lists_only_the_dependencies_it_is_asked_for():
+    # make's first install: torch alone, from PyTorch's CPU index (the default one would pull CUDA's packages)
+    assert sh(sys.executable, "-m", "shared.steps", "deps", "torch").stdout.split() == ["torch==2.13.0"]
+
+
+def test_what_a_step_brought_of_an_unknown_step_is_an_error():
+    r = sh(sys.executable, "-m", "shared.steps", "brought", "99")
+    assert r.returncode == 2 and r.stderr == "error: unknown step '99'\n"
 
 
 def test_make_list_shows_every_step_with_its_lesson():
@@ -140,8 +162,9 @@ def test_make_diff_file_headers_name_the_files_without_their_times_or_diffs_opti
 
 @pytest.mark.parametrize("command", ["make -s list | head -1", "make -s diff N=17 | head -1"])
 def test_a_command_read_by_head_stops_quietly_when_head_has_enough(command):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as in a learner's terminal
     r = subprocess.run(f"set -o pipefail; {command}", shell=True, executable="/bin/bash", cwd=ROOT,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.count("\n") == 1 and r.stderr == ""  # no traceback, no make error
 
 
@@ -331,6 +354,18 @@ def test_unavailable_device_exits_with_a_message(name, monkeypatch):
         device.pick(name)
 
 
+@pytest.mark.parametrize("cuda, mps, picked", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_auto_takes_cuda_then_mps_then_the_cpu(cuda, mps, picked, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert device.pick("auto") == torch.device(picked)
+
+
+def test_a_cuda_devices_free_memory_is_cudas_free_count_not_its_total(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (3 * 2**30, 80 * 2**30))  # (free, total)
+    assert device.free_memory(torch.device("cuda")) == 3 * 2**30
+
+
 def main_raising(error):
     """A step's main, as every step wraps it, that raises `error`."""
     @device.explain_out_of_memory
@@ -376,6 +411,22 @@ def test_on_a_cpu_the_first_process_of_the_machine_alone_decides_the_model_check
         device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cpu"))
 
 
+def test_where_the_free_memory_is_not_known_the_model_check_lets_the_run_go_on(monkeypatch):
+    gpt = importlib.import_module("steps.10_training.model")
+    config = gpt.GPTConfig(block_size=16, vocab_size=100, n_layer=3, n_head=2, n_embd=16)
+    monkeypatch.setattr(device, "free_memory", lambda d: None)  # MPS: torch has no count of its free memory
+    device.refuse_a_model_too_big(gpt.GPT, config, torch.device("mps"))
+
+
+def test_the_processes_of_one_machine_share_its_free_memory_only_on_a_cpu(monkeypatch):
+    gpt = importlib.import_module("steps.10_training.model")
+    config = gpt.GPTConfig(block_size=16, vocab_size=100, n_layer=3, n_head=2, n_embd=16)
+    n = sum(p.numel() for p in gpt.GPT(config).parameters())
+    monkeypatch.setattr(device, "free_memory", lambda d: 16 * n)  # one model's worth on each GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two processes, each on a GPU of its own
+    device.refuse_a_model_too_big(gpt.GPT, config, torch.device("cuda"))
+
+
 def test_the_memory_check_draws_nothing_from_the_random_generator():
     # it runs after torch.manual_seed and before the model is built: a draw would change every weight, and every
     # loss the diaries quote (the meta device's init draws nothing)
@@ -397,6 +448,14 @@ def test_a_cuda_out_of_memory_is_one_line_with_the_size_torch_gave():
     with pytest.raises(SystemExit) as exit:
         main()
     assert str(exit.value.code).startswith("error: out of memory: a tensor of 20.00 GiB did not fit.")
+
+
+def test_an_mps_out_of_memory_is_one_line_with_the_size_torch_gave():
+    main = main_raising(RuntimeError("MPS backend out of memory (MPS allocated: 17.90 GB, other allocations: 1.20 GB, "
+                                     "max allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool."))
+    with pytest.raises(SystemExit) as exit:  # a RuntimeError, not torch.OutOfMemoryError: its words decide
+        main()
+    assert str(exit.value.code).startswith("error: out of memory: a tensor of 256.00 MB did not fit.")
 
 
 def test_a_cpu_allocation_under_a_gib_is_said_in_mib():
@@ -430,6 +489,39 @@ def test_the_launcher_starts_one_process_whatever_the_free_memory_as_a_run_witho
     monkeypatch.setattr(device, "free_memory", lambda d: 2**20)  # 1 MiB
     monkeypatch.setattr(torch.distributed.run, "main", lambda argv: started.append(argv))
     assert launch.main(["1", "steps.16_ddp"]) == 0 and started[0][:2] == ["--standalone", "--nproc-per-node=1"]
+
+
+def test_the_launcher_starts_as_many_processes_as_the_free_memory_holds_to_the_byte(monkeypatch):
+    import torch.distributed.run
+
+    started = []
+    monkeypatch.setattr(device, "free_memory", lambda d: 3 * launch.PROCESS_BYTES)
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: started.append(argv))
+    assert launch.main(["3", "steps.16_ddp"]) == 0 and "--nproc-per-node=3" in started[0]
+
+
+def test_the_launcher_gives_each_process_an_equal_share_of_the_cores(monkeypatch):
+    import torch.distributed.run
+
+    threads = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # put back as it was when the test ends
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: threads.append(os.environ["OMP_NUM_THREADS"]))
+    launch.main(["2", "steps.16_ddp"])
+    assert threads == ["4"]  # each rank's torch: 4 threads, 8 in all; 8 each would fight over the cores
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, "SignalException"])
+def test_a_ctrl_c_that_reaches_the_launcher_exits_130_as_a_shell_reports_it(monkeypatch, stop):
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    error = SignalException("Process got signal: 2", signal.SIGINT) if stop == "SignalException" else stop()
+
+    def interrupted(argv):
+        raise error
+    monkeypatch.setattr(torch.distributed.run, "main", interrupted)
+    assert launch.main(["2", "steps.16_ddp"]) == 130
 
 
 def test_a_rank_the_kernel_kills_is_said_to_be_killed_most_likely_for_want_of_memory(tmp_path):
@@ -589,6 +681,13 @@ def test_make_curves_leaves_out_a_row_with_a_loss_that_is_not_a_number(tmp_path,
     assert "1 line that is not a row of make step's log left out" in capsys.readouterr().err
 
 
+def test_make_curves_draws_no_point_for_a_loss_logged_as_null(tmp_path, capsys):
+    a = a_run(tmp_path / "r", [3.0, 2.0, 1.0])
+    (a / "metrics.jsonl").write_text((a / "metrics.jsonl").read_text() + '{"iter": 3, "loss": null}\n')  # nan's JSON
+    assert curves.main([str(a), "--out", str(tmp_path / "c.svg")]) == 0
+    assert "r: train loss 1.0000 at iteration 2" in capsys.readouterr().out
+
+
 def test_make_curves_leaves_out_a_row_without_an_iteration_number(tmp_path, capsys):
     a = a_run(tmp_path / "r", [3.0, 2.0, 1.0])
     (a / "metrics.jsonl").write_text((a / "metrics.jsonl").read_text() + '{"loss": 0.5}\n{"iter": "3", "loss": 0.5}\n')
@@ -681,6 +780,11 @@ def test_make_curves_refuses_an_out_that_would_overwrite_a_file_not_its_own(tmp_
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_make_curves_draws_a_picture_of_another_name_beside_a_runs_metrics(tmp_path):
+    a = a_run(tmp_path / "r", [3.0, 2.0])
+    assert curves.svg_file(str(a / "compare.svg")) == a / "compare.svg"  # only its own loss.svg is the run's
+
+
 def test_make_curves_draws_a_diarys_picture_into_diary_img_and_nowhere_else_in_the_project():
     picture = str(ROOT / "diary/img/14_gpt3_hparams.svg")  # diary 14's command draws it
     assert curves.svg_file(picture) == Path(picture)
@@ -697,6 +801,18 @@ def test_make_curves_refuses_more_runs_than_it_has_colours(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         curves.main([*runs, "--out", str(tmp_path / "c.svg")])
     assert exit.value.code == 2 and f"{len(runs)} runs: {len(curves.PALETTE)} at most" in capsys.readouterr().err
+
+
+def test_make_curves_draws_as_many_runs_as_it_has_colours(tmp_path):
+    runs = [str(a_run(tmp_path / f"r{i}", [3.0, 2.0])) for i in range(len(curves.PALETTE))]
+    assert curves.main([*runs, "--out", str(tmp_path / "c.svg")]) == 0
+    assert (tmp_path / "c.svg").read_text().count("<polyline") == len(curves.PALETTE)
+
+
+def test_make_curves_ends_by_naming_the_picture_it_drew(tmp_path, capsys):
+    a = a_run(tmp_path / "r", [3.0, 2.0])
+    curves.main([str(a), "--out", str(tmp_path / "c.svg")])
+    assert capsys.readouterr().out.splitlines()[-1] == f"curves: {tmp_path / 'c.svg'}"
 
 
 def test_make_curves_writes_runs_curves_svg_unless_told_otherwise(tmp_path, monkeypatch):
@@ -1250,6 +1366,26 @@ def test_shapes_come_in_the_order_the_modules_finish_a_parent_after_its_children
     assert shapes.rows(two_levels(), torch.zeros(1, 2), depth=2) == [
         ("input 0", "", (1, 2)), ("0.0", "Linear", (1, 3)), ("0.1", "ReLU", (1, 3)), ("0", "Sequential", (1, 3)),
         ("1", "Linear", (1, 1))]
+
+
+def test_shapes_list_every_input_of_a_model_that_takes_two():
+    # step 05's decoder and step 06's transformer take (source, target)
+    bilinear = torch.nn.Bilinear(2, 3, 1)  # no module inside: the model's own output has no row
+    assert shapes.rows(bilinear, torch.zeros(4, 2), torch.zeros(4, 3)) == [("input 0", "", (4, 2)),
+                                                                          ("input 1", "", (4, 3))]
+
+
+def test_shapes_leave_no_hook_on_the_model():
+    model = two_levels()  # a hook left on would record every training forward after it, and slow each one
+    shapes.rows(model, torch.zeros(1, 2))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_shapes_print_a_row_a_module_in_columns_of_name_type_and_shape(capsys):
+    shapes.show(two_levels(), torch.zeros(1, 2), depth=1)
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        f"  {'input 0':<24} {'':<20} (1, 2)", f"  {'0':<24} {'Sequential':<20} (1, 3)",
+        f"  {'1':<24} {'Linear':<20} (1, 1)"]
 
 
 def test_the_shapes_say_how_many_rows_they_were_taken_on(capsys):
