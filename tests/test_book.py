@@ -384,6 +384,11 @@ def test_a_metrics_file_of_nothing_but_bytes_is_not_said_to_be_a_log_cut_off(tmp
     assert "1 line that is not a row" in curve and "cut off" not in curve and "a curve needs two" in curve
 
 
+def test_a_run_of_one_loss_says_a_curve_needs_two_and_draws_no_dot(tmp_path):
+    curve = book.curve_html("10_training", write_run(tmp_path, "10_training", [ROW.format(0, 3.0)]))
+    assert "has 1 iteration with a loss: a curve needs two." in text_of(curve) and "<svg" not in curve
+
+
 def test_a_run_that_evaluates_once_at_its_end_gives_its_validation_loss_not_a_count_of_none(tmp_path):
     lines = [ROW.format(0, 3.0), ROW.format(1, 2.5)]  # steps 01-08: no val_loss row, one at the end in summary.json
     curve = text_of(book.curve_html("03_feedforward", write_run(tmp_path, "03_feedforward", lines, {"val_loss": 2.4})))
@@ -497,6 +502,19 @@ def test_the_index_says_which_step_has_no_model_of_its_own_and_which_could_not_r
                                           .split("<tr>")[2:])}
     assert "not run here:its page says why" in rows["01_embedding"]
     assert "no modelof its own7 at 124M" in rows["09_from_pretrained"]
+
+
+def test_the_indexs_bench_cell_gives_a_steps_ms_its_spread_and_its_speed_vs_10():
+    readme = "# x\n## The speed ladder\n\n```\n11_mixed_precision  3059.4  0.3%  42.3  335  1.84x  69.9%\n```\n"
+    index = book.index_page(all_steps(), {}, readme, "..")
+    row = next(r for r in index.split("<tr>") if 'href="11_mixed_precision.html"' in r)
+    assert text_of(re.findall(r'<td class="num">(.*?)</td>', row)[-1]) == "3059.4 ms±0.3%, 1.84x"
+
+
+def test_the_index_leaves_out_the_readmes_picture_of_the_book_and_keeps_its_words():
+    readme = "# gpt2-steps\nA course.\n\n![Step 08's page in the book](docs/book-08_gpt2.png)\n\n## Steps\n"
+    index = book.index_page(all_steps(), {}, readme, "..")
+    assert "A course." in index and "<img" not in index and "book-08_gpt2.png" not in index
 
 
 def test_a_default_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):

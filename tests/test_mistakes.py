@@ -138,6 +138,20 @@ def test_a_mistake_only_some_of_its_tests_catch_is_not_caught(monkeypatch, capsy
     assert "NOT caught" in capsys.readouterr().out
 
 
+def test_a_mistake_none_of_whose_tests_runs_on_the_step_is_not_caught(monkeypatch, capsys):
+    untied = mistakes.BY_ID["untied-head"]  # a test renamed and not in the registry: pytest -k selects nothing
+    reporting(monkeypatch, [])
+    assert mistakes.show(untied, "08_gpt2") == 1
+    assert "none of its tests runs on step 08_gpt2" in capsys.readouterr().out
+
+
+def test_a_test_fails_when_any_of_its_cases_does():
+    summed = mistakes.BY_ID["summed-micro-losses"]  # k=1 micro-batch cannot catch a sum: k=4 does
+    name = summed.tests[0]
+    results = [(name, "15_grad_accum-1", "passed", None), (name, "15_grad_accum-4", "FAILED", "assert 4.0 == 1.0")]
+    assert mistakes.on(results, "15_grad_accum", summed) == [(name, "FAILED", "assert 4.0 == 1.0")]
+
+
 def test_a_mistake_whose_tests_could_not_run_is_not_caught(monkeypatch, capsys):
     untied = mistakes.BY_ID["untied-head"]  # data missing: an error in set-up is no failure of the test
     reporting(monkeypatch, [(name, "08_gpt2", "ERROR", 'failed on setup with "SystemExit: error: no data"')
@@ -175,6 +189,16 @@ def test_check_fails_a_mistake_whose_tests_could_not_run(monkeypatch, capsys):
     assert mistakes.check() == 1
     assert "error: untied-head on 08_gpt2: test_gpt2_small_has_124_439_808_parameters could not run: no data" in \
         capsys.readouterr().err
+
+
+def test_check_fails_a_mistake_one_of_whose_tests_passed(monkeypatch, capsys):
+    untied = mistakes.BY_ID["untied-head"]
+    monkeypatch.setattr(mistakes, "MISTAKES", [untied])
+    reporting(monkeypatch, [(untied.tests[0], "08_gpt2", "FAILED", "assert 163037184 == 124439808"),
+                            (untied.tests[1], "08_gpt2", "passed", None)])
+    assert mistakes.check() == 1
+    out, err = capsys.readouterr()
+    assert f"error: untied-head on 08_gpt2: {untied.tests[1]} passed" in err and "1 not caught" in out
 
 
 def test_check_fails_a_mistake_none_of_whose_tests_ran(monkeypatch, capsys):
