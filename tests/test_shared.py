@@ -14,6 +14,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -442,6 +443,12 @@ def test_a_cpus_free_memory_is_linuxs_memavailable():
     assert 0 < device.free_memory(torch.device("cpu")) <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def test_a_cpus_free_memory_is_memavailable_in_bytes_not_memfree(monkeypatch):
+    meminfo = "MemTotal:       24000000 kB\nMemFree:          100000 kB\nMemAvailable:    2000000 kB\n"
+    monkeypatch.setattr(device, "Path", lambda path: SimpleNamespace(read_text=lambda: meminfo))
+    assert device.free_memory(torch.device("cpu")) == 2_000_000 * 1024  # Linux's kB are KiB; MemFree leaves out caches
+
+
 def test_a_cuda_out_of_memory_is_one_line_with_the_size_torch_gave():
     main = main_raising(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
                                          "capacity of 79.19 GiB of which 3.12 GiB is free."))  # CUDA's words in torch 2
@@ -509,6 +516,16 @@ def test_the_launcher_gives_each_process_an_equal_share_of_the_cores(monkeypatch
     monkeypatch.setattr(torch.distributed.run, "main", lambda argv: threads.append(os.environ["OMP_NUM_THREADS"]))
     launch.main(["2", "steps.16_ddp"])
     assert threads == ["4"]  # each rank's torch: 4 threads, 8 in all; 8 each would fight over the cores
+
+
+def test_the_launcher_keeps_torchruns_agent_to_its_errors(monkeypatch):
+    import torch.distributed.run
+
+    levels = []
+    monkeypatch.delenv("LOGLEVEL", raising=False)
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: levels.append(os.environ["LOGLEVEL"]))
+    launch.main(["2", "steps.16_ddp"])
+    assert levels == ["ERROR"]  # its warnings at a Ctrl-C would bury rank 0's resume command
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, "SignalException"])
