@@ -11,7 +11,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -1412,89 +1411,3 @@ def test_the_shapes_say_how_many_rows_they_were_taken_on(capsys):
                                                        "may have more):")
     shapes.show(torch.nn.Linear(2, 3), torch.zeros(1, 2))  # --batch-size 1
     assert capsys.readouterr().out.splitlines()[0].startswith("shapes through one forward pass of 1 row (")
-
-
-def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: make gpu-check runs the checks instead")
-    r = subprocess.run(["make", "-s", "gpu-check", "ARGS="], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().splitlines() == [
-        "make gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"]
-
-
-def test_gpu_check_without_a_gpu_writes_nothing_not_even_the_json_directory(tmp_path, monkeypatch):
-    from shared import gpu_check
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_check.main(["--json", str(tmp_path / "runs" / "gpu-check.json")]) == 0
-    assert not (tmp_path / "runs").exists()
-
-
-def test_gpu_check_on_a_gpu_refuses_an_unwritable_json_before_any_check(tmp_path, monkeypatch, capsys):
-    from shared import gpu_check
-    (tmp_path / "a_file").write_text("")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the --json check comes before any GPU call
-    with pytest.raises(SystemExit) as e:
-        gpu_check.main(["--json", str(tmp_path / "a_file" / "gpu-check.json")])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[0] == (f"make gpu-check: error: argument --json: "
-                                                       f"{tmp_path / 'a_file'} is a file, not a directory")
-
-
-def test_a_gpu_check_that_runs_out_of_time_kills_the_processes_its_command_started(tmp_path):
-    from shared import gpu_check
-
-    child = tmp_path / "child.pid"  # a grandchild in a session of its own, as torchrun starts its ranks
-    spawn = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
-             f"time.sleep(60)'], start_new_session=True); open({str(child)!r}, 'w').write(str(p.pid)); "
-             "time.sleep(60)")
-    start = time.monotonic()
-    assert gpu_check.within([sys.executable, "-c", spawn], 4) is None
-    assert time.monotonic() - start < 30
-    pid = int(child.read_text())  # written within the 4 s: python starts in well under 1 s
-    for _ in range(40):  # the kill is sent; the kernel takes a moment to end it
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":  # ended, not yet reaped
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"process {pid} outlived the check that started it")
-
-
-def test_a_gpu_checks_short_run_reports_the_losses_of_a_crashed_run_and_no_peak(tmp_path, monkeypatch):
-    from shared import gpu_check
-
-    asked = []
-
-    def crashed(cmd, seconds, capture=False):  # a run killed by a signal: no peak line, a line cut off
-        asked.append(cmd)
-        out = Path(cmd[cmd.index("--out") + 1])
-        out.mkdir()
-        (out / "metrics.jsonl").write_text('{"iter": 0, "loss": 10.9}\n{"iter": 1, "loss": 9.5}\n{"iter": 2, "lo')
-        return subprocess.CompletedProcess(cmd, -9, "", "")
-    monkeypatch.setattr(gpu_check, "within", crashed)
-    row = gpu_check.short_run("17_fineweb_hellaswag", tmp_path / "run", 40)
-    assert row["status"] == "failed" and row["losses"] == [10.9, 9.5] and row["peak_mb"] is None
-    cmd = asked[0]
-    assert "--no-compile" in cmd and cmd[cmd.index("--warmup-steps") + 1] == "1"
-    assert cmd[cmd.index("--total-batch-size") + 1] == str(64 * 1024)  # one micro-batch of the preset's B x T
-    assert not (tmp_path / "run").exists()  # its checkpoint and model are not kept
-
-
-def test_a_gpu_checks_short_run_with_no_time_left_is_skipped_and_says_why(tmp_path):
-    from shared import gpu_check
-
-    row = gpu_check.short_run("10_training", tmp_path / "run", 0)
-    assert row == {"check": "10_training --preset gpt2 --max-steps 5", "status": "skipped",
-                   "why": gpu_check.OUT_OF_TIME}
-
-
-def test_the_gpu_check_summary_names_what_failed_and_what_was_skipped_and_why():
-    from shared import gpu_check
-
-    rows = [{"check": "a", "status": "passed", "why": ""}, {"check": "b", "status": "failed", "why": "boom"},
-            {"check": "c", "status": "skipped", "why": "one GPU"}]
-    assert gpu_check.summary(rows).splitlines() == ["make gpu-check: 1 passed, 1 failed, 1 skipped",
-                                                    "  failed   b  (boom)", "  skipped  c  (one GPU)"]
