@@ -81,14 +81,12 @@ def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0():
 
 
 def test_gpu_check_without_a_gpu_writes_nothing_not_even_the_json_directory(tmp_path, monkeypatch):
-    from shared import gpu_check
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--json", str(tmp_path / "runs" / "gpu-check.json")]) == 0
     assert not (tmp_path / "runs").exists()
 
 
 def test_gpu_check_on_a_gpu_refuses_an_unwritable_json_before_any_check(tmp_path, monkeypatch, capsys):
-    from shared import gpu_check
     (tmp_path / "a_file").write_text("")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the --json check comes before any GPU call
     with pytest.raises(SystemExit) as e:
@@ -99,8 +97,6 @@ def test_gpu_check_on_a_gpu_refuses_an_unwritable_json_before_any_check(tmp_path
 
 
 def test_a_gpu_check_that_runs_out_of_time_kills_the_processes_its_command_started(tmp_path):
-    from shared import gpu_check
-
     child = tmp_path / "child.pid"  # a grandchild in a session of its own, as torchrun starts its ranks
     spawn = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
              f"time.sleep(60)'], start_new_session=True); open({str(child)!r}, 'w').write(str(p.pid)); "
@@ -122,8 +118,6 @@ def test_a_gpu_check_that_runs_out_of_time_kills_the_processes_its_command_start
 
 
 def test_a_gpu_checks_short_run_reports_the_losses_of_a_crashed_run_and_no_peak(tmp_path, monkeypatch):
-    from shared import gpu_check
-
     asked = []
 
     def crashed(cmd, seconds, capture=False):  # a run killed by a signal: no peak line, a line cut off
@@ -143,16 +137,12 @@ def test_a_gpu_checks_short_run_reports_the_losses_of_a_crashed_run_and_no_peak(
 
 
 def test_a_gpu_checks_short_run_with_no_time_left_is_skipped_and_says_why(tmp_path):
-    from shared import gpu_check
-
     row = gpu_check.short_run("10_training", tmp_path / "run", 0)
     assert row == {"check": "10_training --preset gpt2 --max-steps 5", "status": "skipped",
                    "why": gpu_check.OUT_OF_TIME}
 
 
 def test_the_gpu_check_summary_names_what_failed_and_what_was_skipped_and_why():
-    from shared import gpu_check
-
     rows = [{"check": "a", "status": "passed", "why": ""}, {"check": "b", "status": "failed", "why": "boom"},
             {"check": "c", "status": "skipped", "why": "one GPU"}]
     assert gpu_check.summary(rows).splitlines() == ["make gpu-check: 1 passed, 1 failed, 1 skipped",
