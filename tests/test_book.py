@@ -384,7 +384,7 @@ def test_a_metrics_file_of_nothing_but_bytes_is_not_said_to_be_a_log_cut_off(tmp
     assert "1 line that is not a row" in curve and "cut off" not in curve and "a curve needs two" in curve
 
 
-def test_a_run_of_one_loss_says_a_curve_needs_two_and_draws_no_dot(tmp_path):
+def test_a_run_of_one_loss_says_a_curve_needs_two_and_draws_no_picture(tmp_path):
     curve = book.curve_html("10_training", write_run(tmp_path, "10_training", [ROW.format(0, 3.0)]))
     assert "has 1 iteration with a loss: a curve needs two." in text_of(curve) and "<svg" not in curve
 

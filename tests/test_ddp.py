@@ -509,7 +509,7 @@ def test_each_rank_restores_its_gpus_generator_from_rank_0s_first_gpu(step, monk
 @pytest.mark.main_needs("restore_rng")
 @pytest.mark.parametrize("saved_gpus, device", [
     (0, CUDA1),  # saved on a CPU, resumed on a GPU: the GPU keeps its seeded generator
-    (1, CPU),  # saved on a GPU, resumed on a CPU: there is no GPU generator to restore
+    (1, CPU),  # saved on a GPU, resumed on a CPU: there is no GPU to restore it to
 ])
 def test_a_gpu_generator_is_restored_only_where_one_was_saved_and_one_is_used(step, monkeypatch, saved_gpus, device):
     restored = []

@@ -81,12 +81,15 @@ def test_adams_first_step_moves_every_weight_by_about_lr_whatever_the_size_of_it
     assert torch.all((moved[big] > 1e-3 * (1 - 1e-3) - ulp) & (moved[big] < 1e-3 + ulp))  # ... the same step
 
 
+SCHEDULE = SimpleNamespace(lr=1e-3, warmup_steps=2, max_steps=6)  # optimizer_steps' run
+
+
 @pytest.fixture(scope="session")
 def optimizer_steps(tmp_path_factory):
-    """optimizer_steps(step): a 6-iteration fp32 run (warmup 2, --lr 1e-3), made once a step and seen three ways.
+    """optimizer_steps(step): a 6-iteration fp32 run of SCHEDULE, made once a step and seen three ways.
     .steps: what each AdamW step was given, seen as it begins: the lr, betas and eps of every group and the norm of
     all the gradients. .clips: each clip_grad_norm_ call's max_norm and the norm it returned (the one before the
-    clip). .logged: the run's metrics rows."""
+    clip). .logged: the run's training rows of metrics.jsonl."""
     runs = {}
 
     def steps_of(step):
@@ -107,8 +110,9 @@ def optimizer_steps(tmp_path_factory):
             try:
                 with pytest.MonkeyPatch.context() as m:
                     m.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
-                    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps", "6",
-                                    "--warmup-steps", "2", "--lr", "1e-3", "--dtype", "fp32", "--out", str(out)])
+                    step.main.main(["--device", "cpu", "--seed", "0", *small_run_flags(step), "--max-steps",
+                                    str(SCHEDULE.max_steps), "--warmup-steps", str(SCHEDULE.warmup_steps), "--lr",
+                                    str(SCHEDULE.lr), "--dtype", "fp32", "--out", str(out)])
             finally:
                 hook.remove()
             runs[step.name] = SimpleNamespace(steps=seen, clips=clips, logged=[
@@ -116,9 +120,6 @@ def optimizer_steps(tmp_path_factory):
         return runs[step.name]
 
     return steps_of
-
-
-SCHEDULE = SimpleNamespace(lr=1e-3, warmup_steps=2, max_steps=6)  # optimizer_steps' run
 
 
 @pytest.mark.main_needs("lr_at")
@@ -137,7 +138,7 @@ def test_the_log_shows_the_scheduled_lr_of_each_iteration(step, optimizer_steps)
 @pytest.mark.main_needs("lr_at")
 @pytest.mark.usefixtures("first_twentieth_of_the_corpus")
 def test_every_optimizer_step_calls_the_clip_once_with_max_norm_1(step, optimizer_steps):
-    assert [max_norm for max_norm, _ in optimizer_steps(step).clips] == [step.main.CLIP] * 6  # step.main.CLIP: 1.0
+    assert [max_norm for max_norm, _ in optimizer_steps(step).clips] == [1.0] * 6
 
 
 @pytest.mark.main_needs("lr_at")

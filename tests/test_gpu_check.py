@@ -1,5 +1,5 @@
 """make gpu-check (shared/gpu_check.py): what it runs, what it counts as passed, failed or skipped, what it writes."""
-import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,22 +63,31 @@ def checks(monkeypatch, tests=(PASSED,), bench_exit=0) -> list[tuple[list[str], 
     return asked
 
 
-def a_run(monkeypatch, rows, returncode=0, stderr=""):
-    """within as a short run that logged these metrics.jsonl rows, printed its peak memory and exited returncode."""
+def a_run(monkeypatch, rows, returncode=0, stderr="") -> list[list[str]]:
+    """within as a short run that logged these metrics.jsonl rows, printed its peak memory and exited returncode;
+    returns the commands it was given."""
+    asked = []
+
     def within(cmd, seconds, capture=False):
+        asked.append(cmd)
         out = Path(cmd[cmd.index("--out") + 1])
         out.mkdir()
         (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         return subprocess.CompletedProcess(cmd, returncode, "iter 4 | loss 7.1000\npeak-mb 30720.4\n", stderr)
     monkeypatch.setattr(gpu_check, "within", within)
+    return asked
+
+
+FALLING = [{"iter": i, "loss": 10.9 - i} for i in range(5)]
 
 
 def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: make gpu-check runs the checks instead")
     r = subprocess.run(["make", "-s", "gpu-check", "ARGS="], capture_output=True, text=True, timeout=300)
+    mps = ", and the MPS device this has is not covered" if torch.backends.mps.is_available() else ""  # a Mac's
     assert r.returncode == 0 and r.stdout.strip().splitlines() == [
-        "make gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"]
+        f"make gpu-check: no CUDA device here (torch.cuda.is_available() is False){mps}: nothing to check"]
 
 
 def test_gpu_check_without_a_gpu_writes_nothing_not_even_the_json_directory(tmp_path, monkeypatch):
@@ -96,6 +106,7 @@ def test_gpu_check_on_a_gpu_refuses_an_unwritable_json_before_any_check(tmp_path
                                                        f"{tmp_path / 'a_file'} is a file, not a directory")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="gpu_check finds a command's processes in Linux's /proc")
 def test_a_gpu_check_that_runs_out_of_time_kills_the_processes_its_command_started(tmp_path):
     child = tmp_path / "child.pid"  # a grandchild in a session of its own, as torchrun starts its ranks
     spawn = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
@@ -110,18 +121,16 @@ def test_a_gpu_check_that_runs_out_of_time_kills_the_processes_its_command_start
             os.kill(pid, 0)
         except ProcessLookupError:
             break
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":  # ended, not yet reaped
-            break
+        with contextlib.suppress(FileNotFoundError):  # reaped since: the next look finds it gone
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":  # ended, not yet reaped
+                break
         time.sleep(0.05)
     else:
         pytest.fail(f"process {pid} outlived the check that started it")
 
 
 def test_a_gpu_checks_short_run_reports_the_losses_of_a_crashed_run_and_no_peak(tmp_path, monkeypatch):
-    asked = []
-
     def crashed(cmd, seconds, capture=False):  # a run killed by a signal: no peak line, a line cut off
-        asked.append(cmd)
         out = Path(cmd[cmd.index("--out") + 1])
         out.mkdir()
         (out / "metrics.jsonl").write_text('{"iter": 0, "loss": 10.9}\n{"iter": 1, "loss": 9.5}\n{"iter": 2, "lo')
@@ -129,11 +138,22 @@ def test_a_gpu_checks_short_run_reports_the_losses_of_a_crashed_run_and_no_peak(
     monkeypatch.setattr(gpu_check, "within", crashed)
     row = gpu_check.short_run("17_fineweb_hellaswag", tmp_path / "run", 40)
     assert row["status"] == "failed" and row["losses"] == [10.9, 9.5] and row["peak_mb"] is None
+
+
+def test_a_gpu_checks_short_run_is_eager_warms_up_1_step_evaluates_16_windows_and_takes_one_micro_batch(
+        tmp_path, monkeypatch):
+    asked = a_run(monkeypatch, FALLING)
+    gpu_check.short_run("17_fineweb_hellaswag", tmp_path / "run", 30)
     cmd = asked[0]
     assert "--no-compile" in cmd and cmd[cmd.index("--warmup-steps") + 1] == "1"
     assert cmd[cmd.index("--val-windows") + 1] == "16"  # not the preset's 1,280 at each evaluation
     assert cmd[cmd.index("--total-batch-size") + 1] == str(64 * 1024)  # one micro-batch of the preset's B x T
-    assert not (tmp_path / "run").exists()  # its checkpoint and model are not kept
+
+
+def test_a_gpu_checks_short_run_keeps_no_checkpoint_or_model(tmp_path, monkeypatch):
+    a_run(monkeypatch, FALLING)
+    gpu_check.short_run("10_training", tmp_path / "run", 30)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_gpu_checks_short_run_with_no_time_left_is_skipped_and_says_why(tmp_path):
@@ -182,11 +202,11 @@ def test_a_bench_that_exits_non_zero_failed_even_if_it_wrote_its_json(tmp_path, 
     assert written["ladder"] is None
 
 
-@pytest.mark.parametrize("spent, given", [(0, gpu_check.TESTS_S), (400, 80)])
+@pytest.mark.parametrize("spent, given", [(0, 150), (400, 80)])
 def test_the_tests_marked_gpu_get_150_s_at_most_and_no_more_than_the_8_minutes_have_left(tmp_path, monkeypatch, h100,
                                                                                        spent, given):
     clock = itertools.chain([0], itertools.repeat(spent))  # the start, then `spent` seconds later
-    monkeypatch.setattr(gpu_check, "time", argparse.Namespace(monotonic=lambda: next(clock), strftime=time.strftime))
+    monkeypatch.setattr(gpu_check, "time", SimpleNamespace(monotonic=lambda: next(clock), strftime=time.strftime))
     asked = checks(monkeypatch)
     gpu_check.main(["--json", str(tmp_path / "gpu-check.json"), "--tests-only"])
     assert asked[0][1] == given
@@ -211,8 +231,14 @@ def test_a_gpu_checks_short_run_reads_its_training_losses_past_the_validation_ro
     a_run(monkeypatch, [{"iter": 0, "loss": 10.9}, {"iter": 0, "val_loss": 10.8}, {"iter": 1, "loss": 9.5},
                         {"iter": 2, "loss": 8.8}, {"iter": 3, "loss": 7.9}, {"iter": 4, "loss": 7.1},
                         {"iter": 4, "val_loss": 7.3}])
+    assert gpu_check.short_run("10_training", tmp_path / "run", 30)["losses"] == [10.9, 9.5, 8.8, 7.9, 7.1]
+
+
+def test_a_gpu_checks_short_run_that_logged_5_falling_losses_passed_and_records_its_peak_memory(tmp_path,
+                                                                                                 monkeypatch):
+    a_run(monkeypatch, FALLING)  # its last line: peak-mb 30720.4
     row = gpu_check.short_run("10_training", tmp_path / "run", 30)
-    assert row["status"] == "passed" and row["losses"] == [10.9, 9.5, 8.8, 7.9, 7.1] and row["peak_mb"] == 30720
+    assert row["status"] == "passed" and row["peak_mb"] == 30720
 
 
 def test_a_gpu_checks_short_run_that_logged_3_losses_of_5_failed_and_says_its_losses(tmp_path, monkeypatch):
@@ -222,14 +248,14 @@ def test_a_gpu_checks_short_run_that_logged_3_losses_of_5_failed_and_says_its_lo
 
 
 def test_a_gpu_checks_short_run_that_exits_non_zero_says_the_last_line_of_its_errors(tmp_path, monkeypatch):
-    a_run(monkeypatch, [{"iter": i, "loss": 10.9 - i} for i in range(5)], returncode=1,  # its losses were fine
+    a_run(monkeypatch, FALLING, returncode=1,  # its losses were fine
           stderr="Traceback (most recent call last):\n  ...\ntorch.OutOfMemoryError: CUDA out of memory.\n")
     row = gpu_check.short_run("10_training", tmp_path / "run", 30)
     assert row["status"] == "failed" and row["why"] == "torch.OutOfMemoryError: CUDA out of memory."
 
 
 @pytest.mark.parametrize("seconds, status, why", [
-    (gpu_check.RUN_S, "failed", "not done in 30 s"),  # its own limit
+    (30, "failed", "not done in 30 s"),  # its own limit
     (12, "skipped", "not done in 12 s, all the 8 minutes had left")])  # the 8 minutes' end
 def test_a_gpu_checks_short_run_cut_off_at_its_limit_failed_and_at_the_budgets_end_is_skipped(tmp_path, monkeypatch,
                                                                                               seconds, status, why):

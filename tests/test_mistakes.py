@@ -194,11 +194,13 @@ def test_check_fails_a_mistake_whose_tests_could_not_run(monkeypatch, capsys):
 def test_check_fails_a_mistake_one_of_whose_tests_passed(monkeypatch, capsys):
     untied = mistakes.BY_ID["untied-head"]
     monkeypatch.setattr(mistakes, "MISTAKES", [untied])
+    monkeypatch.setattr(mistakes.Mistake, "steps", lambda self: ["08_gpt2"])  # the one step the results are of
     reporting(monkeypatch, [(untied.tests[0], "08_gpt2", "FAILED", "assert 163037184 == 124439808"),
                             (untied.tests[1], "08_gpt2", "passed", None)])
     assert mistakes.check() == 1
     out, err = capsys.readouterr()
-    assert f"error: untied-head on 08_gpt2: {untied.tests[1]} passed" in err and "1 not caught" in out
+    assert f"error: untied-head on 08_gpt2: {untied.tests[1]} passed" in err
+    assert out.splitlines()[-1] == "1 mistakes, 1 (mistake, step) pairs: 1 not caught"
 
 
 def test_check_fails_a_mistake_none_of_whose_tests_ran(monkeypatch, capsys):

@@ -5,6 +5,7 @@ import fcntl
 import http.client
 import importlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -17,6 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed.run
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from shared import checkpoint, cli, curves, data, device, launch, runlog, shapes
 from shared.steps import ROOT, all_steps, resolve
@@ -49,8 +52,10 @@ def test_the_step_registry_lists_every_pinned_dependency_for_make_to_install():
 
 
 def test_the_step_registry_lists_only_the_dependencies_it_is_asked_for():
-    # make's first install: torch alone, from PyTorch's CPU index (the default one would pull CUDA's packages)
-    assert sh(sys.executable, "-m", "shared.steps", "deps", "torch").stdout.split() == ["torch==2.13.0"]
+    # make setup CPU=1 installs torch alone first, from PyTorch's CPU index (PyPI's would pull CUDA's packages)
+    pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_pin = [d for d in pinned if d.startswith("torch==")]
+    assert len(torch_pin) == 1 and sh(sys.executable, "-m", "shared.steps", "deps", "torch").stdout.split() == torch_pin
 
 
 def test_what_a_step_brought_of_an_unknown_step_is_an_error():
@@ -418,7 +423,7 @@ def test_where_the_free_memory_is_not_known_the_model_check_lets_the_run_go_on(m
     device.refuse_a_model_too_big(gpt.GPT, config, torch.device("mps"))
 
 
-def test_the_processes_of_one_machine_share_its_free_memory_only_on_a_cpu(monkeypatch):
+def test_processes_on_gpus_each_check_their_own_gpus_free_memory(monkeypatch):
     gpt = importlib.import_module("steps.10_training.model")
     config = gpt.GPTConfig(block_size=16, vocab_size=100, n_layer=3, n_head=2, n_embd=16)
     n = sum(p.numel() for p in gpt.GPT(config).parameters())
@@ -488,54 +493,52 @@ def test_the_launcher_refuses_more_processes_than_the_free_memory_holds_before_i
                                     "free (NPROC=2 at most)")
 
 
-def test_the_launcher_starts_one_process_whatever_the_free_memory_as_a_run_without_nproc_would(monkeypatch):
-    import torch.distributed.run
-
+@pytest.fixture
+def torchrun(monkeypatch) -> list[tuple[list[str], dict]]:
+    """torchrun as the launcher calls it, stubbed: each call's argv and the environment it was started with. The
+    launcher's own changes to os.environ are undone after the test, and the free memory is not known (no check)."""
+    for name in ("OMP_NUM_THREADS", "LOGLEVEL"):  # launch.main sets them when they are not set
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(device, "free_memory", lambda d: None)
     started = []
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: started.append((argv, dict(os.environ))))
+    return started
+
+
+def test_the_launcher_starts_one_process_whatever_the_free_memory_as_a_run_without_nproc_would(monkeypatch,
+                                                                                              torchrun):
     monkeypatch.setattr(device, "free_memory", lambda d: 2**20)  # 1 MiB
-    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: started.append(argv))
-    assert launch.main(["1", "steps.16_ddp"]) == 0 and started[0][:2] == ["--standalone", "--nproc-per-node=1"]
+    assert launch.main(["1", "steps.16_ddp"]) == 0 and torchrun[0][0][:2] == ["--standalone", "--nproc-per-node=1"]
 
 
-def test_the_launcher_starts_as_many_processes_as_the_free_memory_holds_to_the_byte(monkeypatch):
-    import torch.distributed.run
-
-    started = []
+def test_the_launcher_starts_as_many_processes_as_the_free_memory_holds_to_the_byte(monkeypatch, torchrun):
+    monkeypatch.setattr(device, "free_memory", lambda d: 3 * launch.PROCESS_BYTES - 1)
+    with pytest.raises(SystemExit, match="error: NPROC=3"):
+        launch.main(["3", "steps.16_ddp"])
     monkeypatch.setattr(device, "free_memory", lambda d: 3 * launch.PROCESS_BYTES)
-    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: started.append(argv))
-    assert launch.main(["3", "steps.16_ddp"]) == 0 and "--nproc-per-node=3" in started[0]
+    assert launch.main(["3", "steps.16_ddp"]) == 0 and "--nproc-per-node=3" in torchrun[0][0]
 
 
-def test_the_launcher_gives_each_process_an_equal_share_of_the_cores(monkeypatch):
-    import torch.distributed.run
-
-    threads = []
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # put back as it was when the test ends
+def test_the_launcher_gives_each_process_an_equal_share_of_the_cores(monkeypatch, torchrun):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: threads.append(os.environ["OMP_NUM_THREADS"]))
     launch.main(["2", "steps.16_ddp"])
-    assert threads == ["4"]  # each rank's torch: 4 threads, 8 in all; 8 each would fight over the cores
+    assert torchrun[0][1]["OMP_NUM_THREADS"] == "4"  # each rank's torch: 4 threads, 8 in all; 8 each would fight
 
 
-def test_the_launcher_keeps_torchruns_agent_to_its_errors(monkeypatch):
-    import torch.distributed.run
+def test_the_launcher_keeps_torchruns_agent_to_its_errors():
+    # torch's elastic modules read LOGLEVEL once, as they are imported: in a fresh process, with torchrun for real
+    code = ("import logging; from shared import launch; launch.main(['1', 'no_such_module']); "
+            "print(logging.getLogger('torch.distributed.elastic.agent.server.api').level)")
+    env = {k: v for k, v in os.environ.items() if k != "LOGLEVEL"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split()[-1] == str(logging.ERROR), r.stderr  # a warning at Ctrl-C would bury rank 0's resume line
 
-    levels = []
-    monkeypatch.delenv("LOGLEVEL", raising=False)
-    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: levels.append(os.environ["LOGLEVEL"]))
-    launch.main(["2", "steps.16_ddp"])
-    assert levels == ["ERROR"]  # its warnings at a Ctrl-C would bury rank 0's resume command
 
-
-@pytest.mark.parametrize("stop", [KeyboardInterrupt, "SignalException"])
-def test_a_ctrl_c_that_reaches_the_launcher_exits_130_as_a_shell_reports_it(monkeypatch, stop):
-    import torch.distributed.run
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
-    error = SignalException("Process got signal: 2", signal.SIGINT) if stop == "SignalException" else stop()
-
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SignalException("Process got signal: 2", signal.SIGINT)],
+                         ids=["KeyboardInterrupt", "SignalException"])
+def test_a_ctrl_c_that_reaches_the_launcher_exits_130_as_a_shell_reports_it(monkeypatch, torchrun, stop):
     def interrupted(argv):
-        raise error
+        raise stop
     monkeypatch.setattr(torch.distributed.run, "main", interrupted)
     assert launch.main(["2", "steps.16_ddp"]) == 130
 

@@ -227,7 +227,7 @@ def interrupted(tmp_path_factory):
 
 
 @pytest.mark.main_needs("Loader")
-def test_ctrl_c_stops_after_the_iteration_it_came_in_and_says_how_to_resume(step, interrupted):
+def test_ctrl_c_stops_after_the_iteration_it_came_in_exits_130_and_says_how_to_resume(step, interrupted):
     stopped, code, said = interrupted(step)  # Ctrl-C as iteration 3 is logged
     assert code == 130  # 128 + SIGINT, as a shell reports Ctrl-C
     assert "interrupted: 4 iterations done" in said and f"--resume {stopped}" in said
@@ -659,7 +659,7 @@ def test_tokens_per_second_are_the_tokens_of_an_optimizer_step_over_its_time(ste
 
 
 @pytest.mark.main_needs("Loader")
-def test_a_finished_run_leaves_metrics_a_checkpoint_and_the_model(step, tmp_path, finished):
+def test_a_finished_run_leaves_metrics_a_checkpoint_the_model_and_a_curve_of_both_losses(step, tmp_path, finished):
     finished(step, tmp_path)
     written = {p.name for p in tmp_path.iterdir()}
     assert {"metrics.jsonl", "summary.json", "loss.svg", checkpoint.NAME, "model"} <= written
