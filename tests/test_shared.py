@@ -46,15 +46,18 @@ def test_an_unknown_step_and_no_step_at_all_are_told_apart(n, said):
     assert sh(sys.executable, "-m", "shared.steps", "resolve", n).stderr.startswith(said)
 
 
+def pinned() -> list[str]:
+    """pyproject.toml's dependencies, as written there (each pinned with ==)."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
 def test_the_step_registry_lists_every_pinned_dependency_for_make_to_install():
-    pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert sh(sys.executable, "-m", "shared.steps", "deps").stdout.split() == pinned
+    assert sh(sys.executable, "-m", "shared.steps", "deps").stdout.split() == pinned()
 
 
 def test_the_step_registry_lists_only_the_dependencies_it_is_asked_for():
     # make setup CPU=1 installs torch alone first, from PyTorch's CPU index (PyPI's would pull CUDA's packages)
-    pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    torch_pin = [d for d in pinned if d.startswith("torch==")]
+    torch_pin = [d for d in pinned() if d.startswith("torch==")]
     assert len(torch_pin) == 1 and sh(sys.executable, "-m", "shared.steps", "deps", "torch").stdout.split() == torch_pin
 
 
