@@ -78,10 +78,12 @@ step: $(STAMP)
 
 # The whole suite: one test process per CPU, at most 4 (pytest-xdist), each on one thread (tests/conftest.py); a
 # file's tests stay in one process, so the runs they share are made once. One stage's tests: one process, where
-# -s shows what a test prints (ARGS="-n 0 -s" for the whole suite).
+# -s shows what a test prints (ARGS="-n 0 -s" for the whole suite). Where the machine sets PYTHONDONTWRITEBYTECODE,
+# the suite writes compiled modules anyway (__pycache__/, ignored by git): each of the many processes it starts would
+# otherwise compile the project's modules, and pytest its test files, afresh (about a fifth of the suite's time).
 WORKERS = $(shell $(PYTHON) -c "import os; print(min(4, os.cpu_count() or 1))")  # each holds torch, some a 124M model
 test: $(STAMP)
-	@$(ARGV); if [ -n "$(N)" ]; then s=$$($(REGISTRY) resolve "$(N)") && $(PY) -m pytest --step $$s "$$@"; \
+	@$(ARGV); unset PYTHONDONTWRITEBYTECODE; if [ -n "$(N)" ]; then s=$$($(REGISTRY) resolve "$(N)") && $(PY) -m pytest --step $$s "$$@"; \
 	else $(PY) -m pytest -n $(WORKERS) --dist loadfile "$$@"; fi
 
 curves: $(STAMP)

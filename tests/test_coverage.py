@@ -1,7 +1,7 @@
 """Every step keeps the four shared checks. Tests pick their steps by the names a step defines, so a rename
 would quietly deselect a step's tests; these tests fail instead, naming the step and the missing kind, or the
-test that no step is left for. And the suite's own set-up: one thread in each of make test's processes, and the
-same random draws whatever ran before."""
+test that no step is left for. And the suite's own set-up: one thread in each of make test's processes, compiled
+modules kept where the machine says not to, and the same random draws whatever ran before."""
 import importlib
 import os
 import subprocess
@@ -131,6 +131,19 @@ def test_a_test_process_of_make_test_runs_on_one_thread_and_pytest_alone_on_torc
     assert r.returncode == 0, r.stderr
     default, threads, omp = r.stdout.split()
     assert (threads, omp) == (("1", "1") if worker else (default, "None"))
+
+
+def test_make_test_keeps_compiled_test_files_where_pythondontwritebytecode_is_set():
+    # set on some machines: then every process the suite starts would compile the project's modules, and pytest
+    # rewrite the test files, afresh; the Makefile unsets it for make test (about a quarter of the suite's time)
+    cache = ROOT / "tests" / "__pycache__"
+    for old in cache.glob("test_embedding.*.pyc"):
+        old.unlink()  # written by this suite's own collection, or an earlier one
+    r = subprocess.run(["make", "-s", "test", "N=01", "ARGS=--collect-only -q tests/test_embedding.py"], cwd=ROOT,
+                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tag = f"{sys.implementation.cache_tag}-pytest-{pytest.__version__}"  # pytest's name for a rewritten test file
+    assert [p.name for p in cache.glob("test_embedding.*.pyc")] == [f"test_embedding.{tag}.pyc"]
 
 
 def test_every_test_starts_from_torchs_generator_seeded_with_0():
