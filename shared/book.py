@@ -98,7 +98,7 @@ def facts(step: str) -> Facts:
 
 def collect_tests() -> subprocess.Popen:
     """pytest --collect-only over the whole suite, every test on every step it covers; started now, read later."""
-    env = {**os.environ, "GPT2STEPS_EVERY_STEP": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "GPT2STEPS_EVERY_STEP": "1"}
     return subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=",
                              "-p", "no:cacheprovider"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
