@@ -35,6 +35,7 @@ import torch
 from hypothesis import settings
 
 from shared.steps import STEPS_DIR, all_steps, resolve
+from tests import refs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never need the hub
 # `make test N=03` puts N (and MAKEFLAGS, which carries it) in the environment: a make a test starts must not see it
@@ -120,9 +121,11 @@ def small_run_flags(step: Step) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def same_draws_in_any_order():
-    """torch's global generator seeded before every test: a test's random inputs do not depend on which tests ran
-    before it in the same process (make test spreads the files over processes)."""
+    """torch's global generator and the reference weights' own (refs.DRAWS) seeded before every test: a test's random
+    inputs do not depend on which tests ran before it in the same process (make test spreads the files over processes,
+    and -k picks some)."""
     torch.manual_seed(0)
+    refs.DRAWS.manual_seed(0)
 
 
 @pytest.fixture

@@ -31,11 +31,12 @@ _MARIAN_ENCODER = [(r"norm2\.", "final_layer_norm.")]
 _MARIAN_DECODER = [(r"norm2\.", "encoder_attn_layer_norm."), (r"norm3\.", "final_layer_norm.")]
 
 
-_DRAWS = torch.Generator().manual_seed(0)  # goes on from one call to the next: each layer of a loop its own draws
+DRAWS = torch.Generator().manual_seed(0)  # goes on from one call to the next: each layer of a loop its own draws;
+# conftest reseeds it before every test
 
 
 @torch.no_grad()
-def distinct_layer_norms(model: nn.Module, gen: torch.Generator = _DRAWS) -> nn.Module:
+def distinct_layer_norms(model: nn.Module, gen: torch.Generator = DRAWS) -> nn.Module:
     """Every LayerNorm's weight drawn from N(1, 0.2) and bias from N(0, 0.2), each its own: as built (1 and 0), all
     LayerNorms compute the same, and a model that used one in another's place would still match its reference."""
     for m in model.modules():
@@ -46,7 +47,7 @@ def distinct_layer_norms(model: nn.Module, gen: torch.Generator = _DRAWS) -> nn.
 
 
 @torch.no_grad()
-def distinct_biases(model: nn.Module, gen: torch.Generator = _DRAWS) -> nn.Module:
+def distinct_biases(model: nn.Module, gen: torch.Generator = DRAWS) -> nn.Module:
     """Every bias but a LayerNorm's drawn from N(0, 0.2): GPT-2's init makes them all 0, and a model that left one out
     would still match its reference."""
     for m in model.modules():

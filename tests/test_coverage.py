@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shared.steps import ROOT, all_steps
-from tests import conftest
+from tests import conftest, refs
 from tests.conftest import CHECKS, run_on, steps_for
 
 
@@ -144,6 +144,14 @@ def test_make_test_keeps_compiled_test_files_where_pythondontwritebytecode_is_se
     assert r.returncode == 0, r.stdout + r.stderr
     tag = f"{sys.implementation.cache_tag}-pytest-{pytest.__version__}"  # pytest's name for a rewritten test file
     assert [p.name for p in cache.glob("test_embedding.*.pyc")] == [f"test_embedding.{tag}.pyc"]
+
+
+@pytest.mark.parametrize("turn", ["first", "second"])
+def test_every_test_starts_the_reference_weights_draws_from_seed_0(turn):
+    # conftest's autouse fixture reseeds refs.DRAWS too: without it the second turn would start where the first left
+    # off, and a reference test's weights would depend on which tests ran before it (-k, or make test's processes)
+    assert torch.equal(refs.DRAWS.get_state(), torch.Generator().manual_seed(0).get_state())
+    refs.distinct_layer_norms(torch.nn.LayerNorm(4))  # draws from it, as a reference test does
 
 
 def test_every_test_starts_from_torchs_generator_seeded_with_0():
