@@ -212,7 +212,7 @@ class RunLog:
         if timed := [r for r in self.rows[self.kept:] if "ms" in r]:  # this run's iterations, not the evaluations
             ms, tok = statistics.median(r["ms"] for r in timed), [r["tok_per_s"] for r in timed if "tok_per_s" in r]
             print(f"speed: median {ms:.2f} ms an iteration" + (f", {statistics.median(tok):,.0f} tok/s" if tok else "")
-                  + f" over this run's {len(timed)} iteration{'s' * (len(timed) > 1)}; "
+                  + f" over this run's {cli.plural(len(timed), 'iteration')}; "
                   f"{clock(time.perf_counter() - self.start)} since the first")  # building, compiling: before it
         drawn = len(curves["train"]) > 1  # a curve needs two points
         if drawn:

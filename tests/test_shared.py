@@ -1019,6 +1019,16 @@ def test_run_log_ends_with_the_median_speed_of_this_runs_iterations_only(tmp_pat
             in capsys.readouterr().out)
 
 
+def test_run_log_writes_a_thousand_iterations_in_its_speed_line_with_a_comma(tmp_path, capsys, monkeypatch):
+    now = iter(range(10**6))  # the clock: a second later at each reading
+    monkeypatch.setattr(runlog, "time", argparse.Namespace(perf_counter=lambda: float(next(now))))
+    log = runlog.RunLog(tmp_path, total=1000, every=1000)
+    for i in range(1000):  # step 04's default run
+        log.log(i, 1.0, 0.1, tokens=100)
+    log.close()
+    assert "over this run's 1,000 iterations;" in capsys.readouterr().out
+
+
 def test_run_log_times_the_iteration_after_an_evaluation_from_the_evaluations_end(tmp_path, monkeypatch):
     now = [0.0]  # the clock, in seconds
     monkeypatch.setattr(runlog, "time", argparse.Namespace(perf_counter=lambda: now[0]))
